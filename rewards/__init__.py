@@ -1,0 +1,1 @@
+"""Reward functions, registry and math verification. No torch here."""

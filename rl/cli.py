@@ -1,0 +1,44 @@
+"""`looprl` command line: one subcommand per job, each implemented in its own module.
+
+Subcommands are imported lazily so `looprl reward ...` does not pay for torch start-up.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# name -> ("module:function", one-line help). Each function takes argv (list[str]) and returns an exit code.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("rl.train:main", "GRPO/DAPO training at a fixed depth (no arguments: the embedded default job)"),
+    "eval": ("rl.evaluate:main", "accuracy / pass@k of a model at each depth"),
+    "plot": ("rl.plot:main", "reward curves of one or more run directories as a PNG"),
+    "reward": ("rl.reward_cli:main", "score completions with a reward function and show why"),
+    "make-tiny": ("rl.make_tiny:main", "rebuild the embedded tiny looped model from a seed"),
+}
+
+
+def _usage() -> str:
+    width = max(len(n) for n in COMMANDS)
+    lines = ["usage: looprl <command> [options]", "", "commands:"]
+    lines += [f"  {name.ljust(width)}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "`looprl <command> --help` shows the options of one command."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"looprl: unknown command {name!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    module_name, func_name = COMMANDS[name][0].split(":")
+    func = getattr(importlib.import_module(module_name), func_name)
+    return int(func(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

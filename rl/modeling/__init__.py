@@ -1,0 +1,1 @@
+"""Ouro-compatible looped causal LM (filled in by the modeling work)."""
