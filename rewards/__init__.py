@@ -1,1 +1,17 @@
-"""Reward functions, registry and math verification. No torch here."""
+"""Reward functions, registry and math verification. No torch here.
+
+    import rewards
+    fn = rewards.get("dapo_math")                      # or "package.module:function"
+    fn(prompts, completions, ground_truth=[...])       # TRL's convention -> list[float]
+    rewards.pop_counters()                             # {"rewards/timeouts": ..., "rewards/errors": ...}
+
+Built-ins: dapo_math (+1/-1), math_accuracy (1/0), overlong_penalty (DAPO soft punishment), format.
+"""
+
+from rewards import builtin  # noqa: F401  (registers the built-in reward functions)
+from rewards.builtin import completion_text
+from rewards.math import configure, counters, explain, extract_answer, is_equivalent, pop_counters, shutdown
+from rewards.registry import UnknownRewardError, available, get, register
+
+__all__ = ["get", "register", "available", "UnknownRewardError", "completion_text", "extract_answer",
+           "is_equivalent", "explain", "counters", "pop_counters", "configure", "shutdown"]

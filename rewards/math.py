@@ -1,0 +1,459 @@
+"""Math answer verification: extract the final answer of a response, then decide equivalence.
+
+Two halves, on purpose:
+- cheap and in-process (this module): extraction (DAPO's `Answer:` line, the last `\\boxed{}`, a bare
+  answer), normalisation, and an exact fast path (plain numbers compared as fractions, identical
+  strings, text and multiple-choice answers). The embedded `arith` task and most DAPO answers
+  (integers) are decided here in microseconds and never touch a worker process.
+- expensive and isolated (`rewards.symbolic`, run in `rewards.pool` workers with a hard time limit):
+  math-verify + sympy for everything else. A timeout or an exception scores as wrong and is counted
+  (`counters()` / `pop_counters()`, logged by the trainer as `rewards/timeouts`, `rewards/errors`).
+
+Policy (documented choices, each covered by a test): `%`, degrees, `\\text{}` units and thousands
+separators are dropped; `34.0 == 34`; `0.5 == \\frac12`; a decimal never equals an irrational value
+(`3.14159 != \\pi`); several candidate answers (`3 or 4`, `3, 4`, two numbers side by side) never match
+a single gold answer; a partially parsed answer is not trusted.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import os
+import re
+import threading
+from collections import Counter
+from dataclasses import dataclass
+from fractions import Fraction
+
+__all__ = ["Verdict", "extract_answer", "normalize_answer", "parse_literal", "is_equivalent", "explain",
+           "verify_batch", "counters", "pop_counters", "configure", "shutdown"]
+
+DEFAULT_TIMEOUT = float(os.environ.get("LOOPRL_VERIFY_TIMEOUT", "5"))
+DEFAULT_WORKERS = int(os.environ.get("LOOPRL_VERIFY_WORKERS", str(min(8, os.cpu_count() or 1))))
+MAX_ANSWER_CHARS = 300  # longer "answers" are prose or garbage; MATH-500's longest gold is 53 chars
+
+# ----------------------------------------------------------------------------------------- extraction
+
+_ANCHOR = re.compile(r"(?<![A-Za-z])answer\s*(?:\*\*|__|\*)?\s*[:：]", re.IGNORECASE)
+_BOX_START = re.compile(r"\\(?:boxed|fbox)\s*\{")
+_MATH_DELIMS = re.compile(r"\\\$|\$\$|\$|\\\(|\\\)|\\\[|\\\]")
+_LEADING_PROSE = re.compile(
+    r"^(?:(?:so|thus|therefore|hence)\b,?\s*)?(?:[A-Za-z][A-Za-z' ]*?\s+)?(?:is|are|equals|was|=)\s*:?\s+(.+)$",
+    re.IGNORECASE)
+_SENTENCE_END = re.compile(r"(?<=[^\s.])[.;!](?:\s+|$)")
+_CLAUSE = re.compile(r",\s+(?=(?:because|since|which|as|so|where|when|given|assuming)\b)", re.IGNORECASE)
+_PAREN_REMARK = re.compile(r"^(.*\S)\s*\(([^()]*)\)$")
+_NUMBER_THEN_WORDS = re.compile(r"^([+\-−]?\d[\d,]*(?:\.\d+)?(?:\\?%)?)\s+([A-Za-z][A-Za-z\s\-'.]*)$")
+# Words that turn "number + words" into several answers or a relation, so the words are not dropped.
+_BLOCKING_WORDS = frozenset(
+    "or and to through plus minus times but not nor except versus vs than over divided more less at least most "
+    "zero one two three four five six seven eight nine ten eleven twelve twenty thirty forty fifty sixty "
+    "seventy eighty ninety hundred thousand million billion half halves third thirds quarter quarters".split())
+
+
+def _balanced(text: str, open_index: int) -> int | None:
+    """Index just past the brace that closes the `{` at open_index, or None if never closed."""
+    depth = 0
+    for i in range(open_index, len(text)):
+        char = text[i]
+        if char == "{" and text[i - 1] != "\\":
+            depth += 1
+        elif char == "}" and text[i - 1] != "\\":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+    return None
+
+
+def _boxed_spans(text: str) -> list[tuple[int, int, str]]:
+    """(start, end, content) of every `\\boxed{...}` / `\\fbox{...}` with balanced braces."""
+    spans = []
+    for match in _BOX_START.finditer(text):
+        end = _balanced(text, match.end() - 1)
+        if end is not None:
+            spans.append((match.start(), end, text[match.end():end - 1]))
+    return spans
+
+
+def _unbox(text: str) -> str:
+    """Replace every boxed span by its content (innermost last)."""
+    for start, end, content in reversed(_boxed_spans(text)):
+        text = text[:start] + content + text[end:]
+    return text
+
+
+def _chunk_after_anchor(rest: str) -> str:
+    """The answer text after `Answer:`: rest of the line, or the next non-empty line when the line is
+    empty, extended when a box or display-math block opened there spans several lines."""
+    lines = rest.split("\n")
+    index = next((i for i, line in enumerate(lines) if line.strip(" \t*_>") != ""), None)
+    if index is None:
+        return ""
+    chunk = "\n".join(lines[index:])
+    stripped = chunk.lstrip(" \t*_>")
+    for opener, closer in (("$$", "$$"), ("\\[", "\\]")):
+        if stripped.startswith(opener):
+            close = stripped.find(closer, len(opener))
+            if 0 < close < 2000:
+                end_of_line = stripped.find("\n", close)
+                return stripped[: end_of_line if end_of_line != -1 else len(stripped)]
+    end = len(lines[index])
+    for start, span_end, _ in _boxed_spans(chunk):
+        if start < end < span_end:
+            end = span_end
+    end_of_line = chunk.find("\n", end)
+    return chunk[: end_of_line if end_of_line != -1 else len(chunk)]
+
+
+def _strip_trailing_prose(s: str) -> str:
+    """Drop explanations after the answer, but only when they contain no number (which might be a
+    second answer: `3. Actually 4` keeps both and then fails)."""
+    for pattern in (_SENTENCE_END, _CLAUSE):
+        parts = pattern.split(s, maxsplit=1)
+        if len(parts) == 2 and parts[0].strip() and not re.search(r"\d", parts[1]):
+            s = parts[0]
+    match = _PAREN_REMARK.match(s)
+    if match and not re.search(r"\d", match.group(2)) and re.search(r"(?<!\\)\b[A-Za-z]{3,}", match.group(2)):
+        s = match.group(1)
+    match = _NUMBER_THEN_WORDS.match(s.strip())
+    if match and not _BLOCKING_WORDS.intersection(re.findall(r"[a-z]+", match.group(2).lower())):
+        s = match.group(1)
+    return s
+
+
+def _clean_candidate(s: str) -> str:
+    s = s.replace("**", "").replace("`", "").strip().strip("*_").strip()
+    s = _unbox(s)
+    s = _MATH_DELIMS.sub(lambda m: "" if m.group(0) == "\\$" else " ", s)
+    s = re.sub(r"\s+([.,;!])(?=\s|$)", r"\1", " ".join(s.split()))
+    match = _LEADING_PROSE.match(s)
+    if match and not re.search(r"\d", s[: match.start(1)]):
+        s = match.group(1)
+    s = _strip_trailing_prose(s)
+    return s.strip().rstrip(".;,!").strip()
+
+
+def extract_answer(text: str) -> str | None:
+    """The final answer in a full model response, or None if there is none.
+
+    Order: the last `Answer:` line (DAPO's format; bold, `$..$`, `\\(..\\)`, boxed, trailing period and
+    trailing prose tolerated), else the last `\\boxed{}` (all boxes on that line if there are several),
+    else the whole response when it is one short line (a bare answer).
+    """
+    if not isinstance(text, str) or not text.strip():
+        return None
+    anchors = list(_ANCHOR.finditer(text))
+    if anchors:
+        candidate = _clean_candidate(_chunk_after_anchor(text[anchors[-1].end():]))
+        if candidate:
+            return candidate
+    spans = _boxed_spans(text)
+    if spans:
+        last_start = spans[-1][0]
+        line_start = text.rfind("\n", 0, last_start) + 1
+        same_line = [content.strip() for start, _, content in spans if start >= line_start]
+        distinct = list(dict.fromkeys(c for c in same_line if c))
+        candidate = _clean_candidate(", ".join(distinct)) if distinct else ""
+        return candidate or None
+    stripped = text.strip()
+    if "\n" not in stripped and len(stripped) <= 200:
+        return _clean_candidate(stripped) or None
+    return None
+
+
+# ------------------------------------------------------------------------------------- normalisation
+
+_UNITS = frozenset(
+    "square sq cubic ways way integers integer dollars dollar mph inches inch hours hour km units unit points "
+    "point feet foot ft minutes minute min digits digit cents cent degrees degree cm mm m gm g kg pounds pound "
+    "lbs lb meters meter metres metre seconds second sec s days day years year miles mile students people "
+    "percent liters liter ml grams gram ounces oz yards yard mm cm^2 cm^3 m^2 m^3 radians rad".split())
+_TEXT_COMMANDS = re.compile(r"\\(?:text|textbf|textrm|textit|mathrm|mathbf|mbox|operatorname)\s*\{")
+_SPACING = re.compile(r"\\[,;:! ]|\\q?quad\b|~")
+_DEGREES = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|\\circ|\\degree|°")
+_THOUSANDS = re.compile(r"^[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
+_ASSIGNMENT = re.compile(r"^\s*[A-Za-z](?:_\{?\w+\}?)?\s*=\s*([^=]+)$")
+_UNIT_POWER = re.compile(r"^\s*\^\s*\{?[23]\}?")
+
+
+def _strip_text_commands(s: str) -> str:
+    """`\\text{...}`: unit words vanish (with a following ^2), any other content is kept unwrapped."""
+    while match := _TEXT_COMMANDS.search(s):
+        end = _balanced(s, match.end() - 1)
+        if end is None:
+            break
+        inner = s[match.end(): end - 1].strip()
+        words = re.findall(r"[A-Za-z]+", inner.lower())
+        if not inner or inner in ("%", "\\%") or (words and all(w in _UNITS for w in words)
+                                                    and not re.search(r"\d", inner)):
+            rest = _UNIT_POWER.sub("", s[end:]) if words else s[end:]
+            s = s[: match.start()] + " " + rest
+        else:
+            s = s[: match.start()] + inner + s[end:]
+    return s
+
+
+@functools.lru_cache(maxsize=65536)
+def normalize_answer(answer: str) -> str:
+    """Canonical string form of an answer (no delimiters, units, %, degrees, thousands separators)."""
+    s = _unbox(answer.strip())
+    s = _MATH_DELIMS.sub(lambda m: "" if m.group(0) == "\\$" else " ", s)
+    s = s.replace("−", "-").replace("–", "-").replace("\u2009", "").replace("\u00a0", " ")
+    s = re.sub(r"\\[dtc]frac", r"\\frac", s)
+    s = re.sub(r"\\(?:left|right|big|Big|bigg|Bigg)(?![A-Za-z])", "", s)
+    s = re.sub(r"(?<=\d)(?:\\,|\{,\}|\\!)(?=\d{3})", "", s)  # 1\,000 and 1{,}000
+    s = _SPACING.sub(" ", s)
+    s = _DEGREES.sub("", s)
+    s = s.replace("\\%", "").replace("%", "")
+    s = _strip_text_commands(s)
+    s = " ".join(s.split()).strip().rstrip(".;,").strip()
+    words = s.split(" ")
+    while len(words) > 1 and words[-1].lower() in _UNITS and len(words[-1]) > 1:
+        words.pop()
+    s = " ".join(words)
+    if re.fullmatch(r"[+-]?\d{1,3}(?: \d{3})+", s):  # 1 000 000
+        s = s.replace(" ", "")
+    if _THOUSANDS.match(s):
+        s = s.replace(",", "")
+    if (match := _ASSIGNMENT.match(s)) and "\\" not in s[: s.index("=")]:
+        s = match.group(1).strip()
+    if re.fullmatch(r"\(\s*[A-Ea-e]\s*\)", s):  # multiple choice "(C)"
+        s = s.strip("() ")
+    return s
+
+
+_INT_OR_DECIMAL = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)")
+_SLASH_FRACTION = re.compile(r"([+-]?\d+)\s*/\s*([+-]?\d+)")
+_LATEX_FRACTION = re.compile(r"([+-]?)\\frac\s*(?:\{\s*([+-]?\d+)\s*\}|(\d))\s*(?:\{\s*([+-]?\d+)\s*\}|(\d))")
+
+
+def parse_literal(s: str) -> Fraction | None:
+    """Exact value of a plain number (`-12`, `007`, `34.0`, `.5`, `3/4`, `\\frac{3}{4}`, `\\frac34`)."""
+    s = s.strip()
+    if not s or len(s) > 60:
+        return None
+    try:
+        if _INT_OR_DECIMAL.fullmatch(s):
+            return Fraction(s)
+        if match := _SLASH_FRACTION.fullmatch(s):
+            return Fraction(int(match.group(1)), int(match.group(2)))
+        if match := _LATEX_FRACTION.fullmatch(s):
+            sign = -1 if match.group(1) == "-" else 1
+            return sign * Fraction(int(match.group(2) or match.group(3)), int(match.group(4) or match.group(5)))
+    except (ValueError, ZeroDivisionError):
+        return None
+    return None
+
+
+# ---------------------------------------------------------------------------------------- fast path
+
+_CHOICE = re.compile(r"[A-E]")
+_WORDS = re.compile(r"[A-Za-z][A-Za-z' \-]*[A-Za-z]")
+
+
+def _is_text(s: str) -> bool:
+    return bool(_WORDS.fullmatch(s)) and sum(c.isalpha() for c in s) >= 3
+
+
+_FUNCTION_WORDS = frozenset(
+    "sqrt frac sin cos tan cot sec csc arcsin arccos arctan sinh cosh tanh log ln exp lim max min gcd lcm "
+    "mod pmod infty infinity undefined none dne pmatrix bmatrix matrix cdot times".split())
+
+
+def _several_candidates(s: str) -> str | None:
+    """Why `s` holds more than one answer or prose around numbers (math-verify would quietly pick one
+    number out of `3. Actually 4`), else None."""
+    words = {w.lower() for w in re.findall(r"(?<![\\A-Za-z])[A-Za-z]{4,}", s)} - _FUNCTION_WORDS
+    if words and re.search(r"\d", s):
+        return f"answer mixes words ({', '.join(sorted(words)[:3])}) and numbers"
+    if re.search(r"\d\s+[+-]?\d", s):
+        return "several numbers side by side"
+    if re.search(r"(?<![A-Za-z\\])(?:or|and)(?![A-Za-z])", s) and len(re.findall(r"\d+", s)) >= 2:
+        return "several alternatives ('or' / 'and')"
+    return None
+
+
+def fast_compare(pred: str, gold: str) -> tuple[bool | None, str]:
+    """Decide cheaply when possible: (True/False, reason), or (None, reason) when sympy is needed."""
+    p, g = normalize_answer(pred), normalize_answer(gold)
+    if not g:
+        return False, "empty gold answer"
+    if not p:
+        return False, "empty answer"
+    if len(p) > MAX_ANSWER_CHARS:
+        return False, f"answer longer than {MAX_ANSWER_CHARS} characters"
+    if p == g:
+        return True, "identical after normalisation"
+    if _CHOICE.fullmatch(g):
+        return p.upper() == g, "multiple-choice letter"
+    if _is_text(g) or _is_text(p):
+        same = p.casefold().replace(" ", "") == g.casefold().replace(" ", "")
+        return same, "text comparison"
+    if "=" in p and "=" not in g and p.count("=") > 1:
+        return False, "several equations"
+    p_value, g_value = parse_literal(p), parse_literal(g)
+    if p_value is not None and g_value is not None:
+        return p_value == g_value, f"exact number comparison ({p_value} vs {g_value})"
+    reason = _several_candidates(p)
+    if reason and not _several_candidates(g):
+        return False, reason
+    return None, "needs symbolic check"
+
+
+# ------------------------------------------------------------------------------- pool and counters
+
+_POOL = None
+_POOL_PID: int | None = None
+_POOL_LOCK = threading.Lock()
+_SETTINGS = {"workers": DEFAULT_WORKERS, "timeout": DEFAULT_TIMEOUT, "start_method": None}
+_COUNTS: Counter = Counter()
+_SINCE_POP: Counter = Counter()
+_CACHE: dict[tuple[str, str], tuple[bool, str]] = {}  # decided symbolic results (not timeouts/errors)
+_CACHE_MAX = 100_000
+
+
+def configure(workers: int | None = None, timeout: float | None = None, start_method: str | None = None) -> None:
+    """Change the pool size / per-item limit / start method; the pool is rebuilt on next use."""
+    if workers is not None:
+        if workers < 1:
+            raise ValueError(f"rewards.math.configure: workers must be >= 1, got {workers}")
+        _SETTINGS["workers"] = workers
+    if timeout is not None:
+        if timeout <= 0:
+            raise ValueError(f"rewards.math.configure: timeout must be > 0, got {timeout}")
+        _SETTINGS["timeout"] = timeout
+    if start_method is not None:
+        _SETTINGS["start_method"] = start_method
+    shutdown()
+
+
+def get_pool():
+    """The process-wide verifier pool, created on first need and reused (rebuilt after a fork)."""
+    global _POOL, _POOL_PID
+    from rewards.pool import WorkerPool
+
+    if _POOL is None or _POOL_PID != os.getpid():
+        _POOL = WorkerPool(_SETTINGS["workers"], start_method=_SETTINGS["start_method"])
+        _POOL_PID = os.getpid()
+    return _POOL
+
+
+def shutdown() -> None:
+    """Stop the worker processes (a later call starts new ones)."""
+    global _POOL
+    if _POOL is not None and _POOL_PID == os.getpid():
+        _POOL.close()
+    _POOL = None
+
+
+atexit.register(shutdown)
+
+
+def _count(key: str, n: int = 1) -> None:
+    _COUNTS[key] += n
+    _SINCE_POP[key] += n
+
+
+def counters() -> dict[str, int]:
+    """Cumulative counts: items, fast, symbolic, cached, no_answer, timeouts, errors."""
+    return dict(_COUNTS)
+
+
+def pop_counters(prefix: str = "rewards/") -> dict[str, float]:
+    """Counts since the last pop, keyed for logging (`rewards/timeouts`, ...); then reset them."""
+    keys = ("items", "fast", "symbolic", "no_answer", "timeouts", "errors")
+    out = {f"{prefix}{k}": float(_SINCE_POP.get(k, 0)) for k in keys}
+    _SINCE_POP.clear()
+    return out
+
+
+# ------------------------------------------------------------------------------------------ verdicts
+
+
+@dataclass
+class Verdict:
+    """Why a response scored as it did: what was extracted, the decision and the path that made it."""
+
+    extracted: str | None
+    correct: bool
+    reason: str
+    path: str  # "none" (no answer) | "fast" | "symbolic" | "cached" | "timeout" | "error"
+
+
+def verify_batch(responses: list[str], ground_truths: list[str], *, timeout: float | None = None,
+                 inline: bool = False) -> list[Verdict]:
+    """Verdicts for many (response, gold) pairs. Undecided pairs go to the worker pool in one batch
+    (hard `timeout` seconds each); `inline=True` runs sympy in this process instead (no hard limit;
+    for benchmarks and debugging only)."""
+    if len(responses) != len(ground_truths):
+        raise ValueError(f"verify_batch: {len(responses)} responses but {len(ground_truths)} ground truths")
+    timeout = _SETTINGS["timeout"] if timeout is None else timeout
+    verdicts: list[Verdict | None] = [None] * len(responses)
+    slow: dict[tuple[str, str], list[int]] = {}
+    for i, (response, gold) in enumerate(zip(responses, ground_truths)):
+        extracted = extract_answer(response)
+        if extracted is None:
+            verdicts[i] = Verdict(None, False, "no answer found", "none")
+            continue
+        decided, reason = fast_compare(extracted, str(gold))
+        if decided is not None:
+            verdicts[i] = Verdict(extracted, decided, reason, "fast")
+            continue
+        key = (normalize_answer(extracted), normalize_answer(str(gold)))
+        if key in _CACHE:
+            equal, reason = _CACHE[key]
+            verdicts[i] = Verdict(extracted, equal, reason, "cached")
+        else:
+            slow.setdefault(key, []).append(i)
+    _count("items", len(responses))
+    _count("no_answer", sum(v is not None and v.path == "none" for v in verdicts))
+    _count("fast", sum(v is not None and v.path in ("fast", "cached") for v in verdicts))
+    if slow:
+        _run_symbolic(slow, responses, verdicts, timeout, inline)
+    return [v for v in verdicts if v is not None]
+
+
+def _run_symbolic(slow: dict[tuple[str, str], list[int]], responses: list[str], verdicts: list[Verdict | None],
+                  timeout: float, inline: bool) -> None:
+    from rewards.pool import TaskResult
+
+    keys = list(slow)
+    if inline:
+        from rewards.symbolic import symbolic_equal
+
+        results = []
+        for key in keys:
+            try:
+                results.append(TaskResult(True, value=symbolic_equal(*key)))
+            except Exception as exc:  # noqa: BLE001
+                results.append(TaskResult(False, error=f"{type(exc).__name__}: {exc}"))
+    else:
+        from rewards.symbolic import symbolic_equal
+
+        with _POOL_LOCK:
+            results = get_pool().map(symbolic_equal, keys, timeout=timeout)
+    for key, result in zip(keys, results):
+        indices = slow[key]
+        _count("symbolic", len(indices))
+        if result.ok:
+            equal, reason = result.value
+            if len(_CACHE) < _CACHE_MAX:
+                _CACHE[key] = (equal, reason)
+            path = "symbolic"
+        else:
+            equal, reason = False, result.error or "error"
+            path = "timeout" if result.timed_out else "error"
+            _count("timeouts" if result.timed_out else "errors", len(indices))
+        for i in indices:
+            verdicts[i] = Verdict(extract_answer(responses[i]), equal, reason, path)
+
+
+def explain(response: str, ground_truth: str, *, timeout: float | None = None) -> Verdict:
+    """One verdict with its reason (what `looprl reward` prints)."""
+    return verify_batch([response], [ground_truth], timeout=timeout)[0]
+
+
+def is_equivalent(response: str, ground_truth: str, *, timeout: float | None = None) -> bool:
+    """Does the final answer of `response` equal `ground_truth`? Timeouts and errors count as False."""
+    return explain(response, ground_truth, timeout=timeout).correct

@@ -1,0 +1,35 @@
+"""Group-relative advantages (GRPO): each completion's reward minus its group's mean, optionally scaled."""
+
+from __future__ import annotations
+
+import torch
+
+ZERO_STD_TOL = 1e-6  # a group whose rewards span less than this is "all equal" (fp32 noise is not signal)
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: str = "group",
+                     eps: float = 1e-4) -> torch.Tensor:
+    """rewards [N] in prompt-major order (N = groups * group_size) -> advantages [N].
+
+    scale_rewards: "group" divides by each group's std (GRPO), "batch" by the std of the whole batch
+    (more robust for small groups), "none" keeps the raw centred rewards (Dr. GRPO).
+    """
+    if rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    grouped = rewards.float().view(-1, group_size)
+    centred = grouped - grouped.mean(dim=1, keepdim=True)
+    if scale_rewards == "group":
+        std = grouped.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(grouped[:, :1])
+        centred = centred / (std + eps)
+    elif scale_rewards == "batch":
+        std = rewards.float().std() if rewards.numel() > 1 else torch.zeros(())
+        centred = centred / (std + eps)
+    elif scale_rewards != "none":
+        raise ValueError(f"config key 'scale_rewards': unknown value {scale_rewards!r}")
+    return centred.view(-1)
+
+
+def zero_std_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Bool [groups]: True where every reward of the group is equal (no learning signal)."""
+    grouped = rewards.float().view(-1, group_size)
+    return (grouped.max(dim=1).values - grouped.min(dim=1).values) <= ZERO_STD_TOL

@@ -1,0 +1,73 @@
+"""Checkpoints that are either complete or absent: written to a temp dir, then renamed.
+
+A checkpoint holds everything needed for a bit-identical continuation on CPU: model, optimizer,
+scheduler and every process's RNG states (through `accelerate`'s save_state, which also handles
+DeepSpeed/FSDP sharding) plus `trainer_state.json` (step, data position, counters), written last.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+STATE_FILE = "trainer_state.json"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def checkpoint_dir(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def save_checkpoint(accelerator, output_dir: str | Path, step: int, state: dict[str, Any]) -> Path:
+    """Write checkpoints/step-<step>/ atomically (all processes must call this)."""
+    root = checkpoint_dir(output_dir)
+    final = root / f"step-{step}"
+    tmp = root / f".tmp-step-{step}"
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=False)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)  # atomic on one filesystem: readers see no checkpoint or a complete one
+    accelerator.wait_for_everyone()
+    return final
+
+
+def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints, oldest first (temp dirs and dirs without trainer_state.json are ignored)."""
+    root = checkpoint_dir(output_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        match = _STEP_DIR.match(path.name)
+        if match and (path / STATE_FILE).is_file():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    found = list_checkpoints(output_dir)
+    return found[-1][1] if found else None
+
+
+def load_checkpoint(accelerator, path: str | Path) -> dict[str, Any]:
+    """Restore model/optimizer/scheduler/RNG in place; return the trainer state dict."""
+    accelerator.load_state(str(path))
+    return json.loads((Path(path) / STATE_FILE).read_text())
+
+
+def prune_checkpoints(output_dir: str | Path, keep: int) -> None:
+    """Keep the newest `keep` complete checkpoints (0 = keep all). Main process only."""
+    if keep <= 0:
+        return
+    for _, path in list_checkpoints(output_dir)[:-keep]:
+        shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,385 @@
+"""Training configuration: one flat dataclass, loaded from YAML plus `--key value` overrides.
+
+Flat keys keep the command line and the YAML file the same language (`--lr 1e-5` == `lr: 1e-5`).
+Everything is validated before any compute, and every error names the offending key, so a typo in
+a config file fails in a second instead of after the first rollout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "cispo")
+SCALE_REWARDS = ("group", "batch", "none")
+ENGINES = ("torch", "vllm")
+SCHEDULERS = ("constant", "linear", "cosine")
+TIS_MODES = ("auto", "token", "off")
+DTYPES = ("float32", "bfloat16", "float16")
+REPORT_TO = ("none", "tensorboard", "wandb")
+
+
+class ConfigError(ValueError):
+    """A user mistake in the configuration; the message names the key."""
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of `looprl train`. The defaults are the embedded job (tiny looped model on `arith`)."""
+
+    # --- model and depth: ONE depth drives rollout and update ---
+    model: str = "embedded"  # HF model dir / hub id, or "embedded" (the shipped tiny looped model)
+    depth: int | None = 4  # loops for rollout AND update; None = the model's total_ut_steps; 1 for HF LMs
+    update_depth: int | None = None  # experiment only: needs allow_depth_mismatch
+    allow_depth_mismatch: bool = False
+    engine: str = "torch"  # torch | vllm
+    dtype: str = "float32"
+    vllm_gpu_memory_utilization: float = 0.5
+
+    # --- data ---
+    data: str = "arith"  # a name known to rl.data.load_prompts or a local file
+    data_split: str = "train"
+    data_limit: int | None = None
+
+    # --- rewards: weighted list of registry names ("pkg.mod:fn" also works) ---
+    rewards: list[str] = field(default_factory=lambda: ["dapo_math"])
+    reward_weights: list[float] | None = None  # None = all 1.0
+    reward_kwargs: dict[str, Any] = field(default_factory=dict)  # {fn_name: {option: value}}
+    accuracy_reward: str = "math_accuracy"  # 1/0 function whose mean is logged as `accuracy`
+
+    # --- sampling ---
+    num_generations: int = 8  # n samples per prompt (the GRPO group)
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+    # --- algorithm ---
+    loss_type: str = "dapo"
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+    cispo_cap: float = 5.0  # upper truncation of the CISPO importance weight
+    beta: float = 0.0  # KL to a frozen reference (k3 estimator); 0 = no reference model loaded
+    num_iterations: int = 1  # passes over each step's batch
+    scale_rewards: str = "group"
+    dynamic_sampling: bool = True
+    max_rounds: int = 4  # rollout rounds per step when refilling dropped groups
+    mask_truncated: bool = False  # overlong filtering: no loss on completions cut at max_new_tokens
+    overlong_buffer_len: int = 0  # >0 adds DAPO's soft overlong penalty over the last N tokens
+    overlong_penalty: float = 1.0
+    tis_mode: str = "auto"  # truncated IS on rollout-vs-update logprobs: auto = on for vllm only
+    tis_cap: float = 2.0
+
+    # --- self-distillation of shallow exits (rl/self_distill.py) ---
+    self_distill_coef: float = 0.0
+    self_distill_exits: list[int] | str | None = None  # None = 2..T-1; "all" = 1..T-1
+    self_distill_weighting: str = "linear"  # uniform | linear (w_t proportional to t)
+    self_distill_temperature: float = 1.0
+    self_distill_top_k: int = 0  # 0 = full-vocabulary teacher
+    self_distill_variant: str = "kl"  # kl | mse (hidden states)
+    self_distill_chunk_size: int = 1024
+
+    # --- optimisation ---
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.99
+    warmup_steps: int = 0
+    lr_scheduler: str = "constant"
+    max_grad_norm: float = 1.0
+
+    # --- batch sizes (in samples = completions) ---
+    max_steps: int = 60
+    prompts_per_step: int = 16
+    mini_batch_size: int = 0  # samples per optimizer update; 0 = the whole step's batch (one update)
+    micro_batch_size: int = 64  # samples per forward/backward on one process
+
+    # --- run ---
+    seed: int = 0
+    output_dir: str = "runs/default"
+    save_every: int = 0  # 0 = only at the end / on interrupt
+    resume: bool = False
+    report_to: str = "none"
+    log_samples: int = 4  # rows per step in samples.jsonl
+    max_nan_steps: int = 3  # consecutive non-finite losses before aborting
+    mismatch_warn: float = 1e-2  # warn loudly when mismatch/logp_abs_max exceeds this
+    progress: bool = True
+
+    # --- eval during training (rl/evaluate.py) ---
+    eval_every: int = 0
+    eval_data: str | None = None
+    eval_depths: list[int] | None = None  # None = [depth]
+    eval_limit: int | None = 64
+    eval_max_new_tokens: int | None = None  # None = max_new_tokens
+
+    @property
+    def samples_per_step(self) -> int:
+        return self.prompts_per_step * self.num_generations
+
+    @property
+    def effective_update_depth(self) -> int | None:
+        return self.depth if self.update_depth is None else self.update_depth
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_HINTS = typing.get_type_hints(TrainConfig)
+
+
+# ----------------------------------------------------------------------------- type coercion
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Check `value` against the annotation `hint`; accept the lossless conversions a YAML/CLI user means."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in typing.get_args(hint):
+                return None
+        errors = []
+        for arg in args:
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if origin is list:
+        (item_hint,) = typing.get_args(hint)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+            value = [yaml.safe_load(v) if item_hint is not str else v for v in value]
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key {key!r}: expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(key, v, item_hint) for v in value]
+    if origin is dict:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {key!r}: expected a mapping, got {type(value).__name__} {value!r}")
+        return dict(value)
+    if hint is Any:
+        return value
+    if hint is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key {key!r}: expected true/false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, str):
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError:
+                pass
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key {key!r}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key {key!r}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return str(value)
+            raise ConfigError(f"config key {key!r}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"config key {key!r}: unsupported type {hint}")
+
+
+def _check_known(key: str, where: str) -> None:
+    if key not in FIELDS:
+        import difflib
+
+        close = difflib.get_close_matches(key, FIELDS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"unknown config key {key!r} in {where}{hint}")
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _choice(cfg: TrainConfig, key: str, choices: tuple[str, ...]) -> None:
+    if getattr(cfg, key) not in choices:
+        raise ConfigError(f"config key {key!r}: {getattr(cfg, key)!r} is not one of {', '.join(choices)}")
+
+
+def _positive(cfg: TrainConfig, *keys: str, allow_zero: bool = False) -> None:
+    for key in keys:
+        value = getattr(cfg, key)
+        if value is None:
+            continue
+        if value < 0 or (value == 0 and not allow_zero):
+            raise ConfigError(f"config key {key!r}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def validate(cfg: TrainConfig, max_depth: int | None = None, num_processes: int = 1) -> TrainConfig:
+    """Raise ConfigError naming the key for anything that cannot run. `max_depth` = the model's loops."""
+    for key in ("engine", "dtype", "loss_type", "scale_rewards", "lr_scheduler", "tis_mode", "report_to"):
+        _choice(cfg, key, {"engine": ENGINES, "dtype": DTYPES, "loss_type": LOSS_TYPES,
+                           "scale_rewards": SCALE_REWARDS, "lr_scheduler": SCHEDULERS, "tis_mode": TIS_MODES,
+                           "report_to": REPORT_TO}[key])
+    from rl.self_distill import validate_self_distill
+
+    try:  # the self-distillation module owns its keys' rules
+        validate_self_distill(cfg, depth=cfg.depth if cfg.self_distill_coef > 0 else None)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    _positive(cfg, "num_generations", "max_new_tokens", "temperature", "num_iterations", "max_rounds",
+              "lr", "max_steps", "prompts_per_step", "micro_batch_size", "max_nan_steps", "cispo_cap",
+              "tis_cap")
+    _positive(cfg, "beta", "warmup_steps", "save_every", "eval_every", "overlong_buffer_len", "weight_decay",
+              "max_grad_norm", "log_samples", "mini_batch_size", "top_k",
+              "eps_low", "eps_high", "overlong_penalty", allow_zero=True)
+    if not 0.0 < cfg.top_p <= 1.0:
+        raise ConfigError(f"config key 'top_p': must be in (0, 1], got {cfg.top_p}")
+    if cfg.eps_low >= 1.0:
+        raise ConfigError(f"config key 'eps_low': must be < 1, got {cfg.eps_low}")
+    if cfg.overlong_buffer_len >= cfg.max_new_tokens:
+        raise ConfigError(
+            f"config key 'overlong_buffer_len': {cfg.overlong_buffer_len} must be < max_new_tokens "
+            f"({cfg.max_new_tokens})")
+
+    # depth: one number for rollout and update
+    for key in ("depth", "update_depth"):
+        value = getattr(cfg, key)
+        if value is not None and (value < 1 or (max_depth is not None and value > max_depth)):
+            bound = f"1..{max_depth}" if max_depth is not None else ">= 1"
+            raise ConfigError(f"config key {key!r}: {value} is out of range ({bound} for this model)")
+    if cfg.update_depth is not None and cfg.update_depth != cfg.depth and not cfg.allow_depth_mismatch:
+        raise ConfigError(
+            f"config key 'update_depth': {cfg.update_depth} differs from depth {cfg.depth}; the update must "
+            "score at the rollout depth (set allow_depth_mismatch: true only for experiments)")
+
+    # rewards
+    if not cfg.rewards:
+        raise ConfigError("config key 'rewards': at least one reward function is needed")
+    if cfg.reward_weights is not None and len(cfg.reward_weights) != len(cfg.rewards):
+        raise ConfigError(
+            f"config key 'reward_weights': {len(cfg.reward_weights)} weights for {len(cfg.rewards)} rewards")
+    for name, opts in cfg.reward_kwargs.items():
+        if name not in cfg.rewards and name != "overlong_penalty":
+            raise ConfigError(f"config key 'reward_kwargs': {name!r} is not in rewards {cfg.rewards}")
+        if not isinstance(opts, dict):
+            raise ConfigError(f"config key 'reward_kwargs': options of {name!r} must be a mapping")
+
+    # batch sizes must divide
+    total = cfg.samples_per_step
+    mini = cfg.mini_batch_size or total
+    if total % mini:
+        raise ConfigError(
+            f"config key 'mini_batch_size': {mini} does not divide prompts_per_step * num_generations = {total}")
+    if mini % cfg.num_generations:
+        raise ConfigError(
+            f"config key 'mini_batch_size': {mini} is not a multiple of num_generations ({cfg.num_generations})")
+    if mini % num_processes:
+        raise ConfigError(f"config key 'mini_batch_size': {mini} does not split over {num_processes} processes")
+    if cfg.prompts_per_step % num_processes:
+        raise ConfigError(
+            f"config key 'prompts_per_step': {cfg.prompts_per_step} does not split over {num_processes} processes")
+    if cfg.eval_every and not cfg.eval_data:
+        raise ConfigError("config key 'eval_data': required when eval_every > 0")
+    if cfg.engine == "vllm" and cfg.dtype == "float32":
+        pass  # allowed: vLLM runs fp32 too, only slower
+    return cfg
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _read_yaml(path: str) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--config: file not found: {path}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config {path}: not valid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: top level must be a mapping of config keys")
+    return data
+
+
+def parse_overrides(argv: list[str]) -> tuple[str | None, dict[str, Any]]:
+    """`[--config FILE] --key value --flag ...` -> (config file, {key: raw value}). A bare boolean flag = true."""
+    config_file, raw, i = None, {}, 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}: options are --key value")
+        key, _, inline = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        has_value = bool(inline) or (i + 1 < len(argv) and not argv[i + 1].startswith("--"))
+        if inline:
+            value, i = inline, i + 1
+        elif has_value:
+            value, i = argv[i + 1], i + 2
+        else:
+            value, i = None, i + 1
+        if key == "config":
+            if value is None:
+                raise ConfigError("--config needs a file path")
+            config_file = value
+            continue
+        _check_known(key, "command line")
+        if value is None:
+            if _HINTS[key] is not bool:
+                raise ConfigError(f"config key {key!r}: --{key} needs a value")
+            value = "true"
+        raw[key] = value
+    return config_file, raw
+
+
+def build_config(values: dict[str, Any], where: str = "config") -> TrainConfig:
+    kwargs = {}
+    for key, value in values.items():
+        _check_known(key, where)
+        kwargs[key] = _coerce(key, value, _HINTS[key])
+    return TrainConfig(**kwargs)
+
+
+def load_config(argv: list[str] | None = None) -> TrainConfig:
+    """YAML file (if `--config`) then command-line overrides, then validation (without model facts)."""
+    config_file, overrides = parse_overrides(list(argv or []))
+    values: dict[str, Any] = {}
+    if config_file:
+        file_values = _read_yaml(config_file)
+        for key in file_values:
+            _check_known(key, config_file)
+        values.update({k: _coerce(k, v, _HINTS[k]) for k, v in file_values.items()})
+    values.update({k: _coerce(k, v, _HINTS[k]) for k, v in overrides.items()})
+    return validate(build_config(values))
+
+
+def save_config(cfg: TrainConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def help_text() -> str:
+    lines = ["usage: looprl train [--config FILE] [--key value ...]", "", "keys (default):"]
+    lines += [f"  --{name} ({_fmt_default(f)})" for name, f in FIELDS.items()]
+    return "\n".join(lines)
+
+
+def _fmt_default(f: dataclasses.Field) -> str:
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return repr(f.default_factory())  # type: ignore[misc]
+    return repr(f.default)

@@ -1,0 +1,309 @@
+"""Prompt data for training and evaluation: one loader, one output shape.
+
+`load_prompts(source)` returns a `datasets.Dataset` with the columns the trainer and evaluator use:
+`prompt` (chat messages, DAPO-Math-17K's schema), `ground_truth` (str), `data_source`, `index` and
+`problem` (the bare problem text, for logs). `source` is a registered name (the hub datasets of the
+reference job, or the embedded `arith` task) or a local .parquet / .jsonl / .json file in DAPO's
+schema or with plain `problem` + `answer` columns (wrapped in DAPO's prompt template).
+
+Rows are de-duplicated on `extra_info.index` (DAPO-Math-17K's raw file repeats every problem ~100x)
+and the counts are printed, so nobody trains on 1.79M rows believing they are 17k distinct ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+
+from rl import arith
+
+EMBEDDED_MODEL = str(Path(__file__).resolve().parent / "assets" / "tiny-ouro")
+
+# DAPO-Math-17K's user-message template (problem inserted between the two fixed parts).
+DAPO_PREFIX = (
+    "Solve the following math problem step by step. The last line of your response should be of the form "
+    "Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\n"
+)
+DAPO_SUFFIX = '\n\nRemember to put your answer on its own line after "Answer:".'
+LOCAL_SUFFIXES = (".parquet", ".jsonl", ".json")
+
+
+class DataError(ValueError):
+    """A user-facing problem with a data source: names the file/dataset, row and field."""
+
+
+@dataclass(frozen=True)
+class HubSource:
+    hub_id: str
+    split: str  # the hub split to read (eval sets have one)
+    config: str | None = None
+
+
+REGISTERED: dict[str, HubSource] = {
+    "dapo-math-17k": HubSource("BytedTsinghua-SIA/DAPO-Math-17k", "train"),
+    "aime24": HubSource("HuggingFaceH4/aime_2024", "train"),
+    "aime25": HubSource("yentinglin/aime_2025", "train"),
+    "math500": HubSource("HuggingFaceH4/MATH-500", "test"),
+}
+
+
+def dapo_prompt(problem: str) -> list[dict[str, str]]:
+    """Wrap a bare problem in DAPO-Math-17K's prompt template, as one user message."""
+    return [{"role": "user", "content": DAPO_PREFIX + problem + DAPO_SUFFIX}]
+
+
+def load_prompts(source: str, split: str = "train", limit: int | None = None) -> datasets.Dataset:
+    """Load prompts + gold answers from a registered name, `arith[:key=value,...]`, or a local file.
+
+    `split` selects the `arith` split; registered eval sets have a single split that is always used,
+    and local files are read whole. `limit` keeps the first rows after de-duplication.
+    """
+    if limit is not None and limit < 1:
+        raise DataError(f"limit must be >= 1 or None, got {limit!r}")
+    source = str(source)
+    name, _, spec = source.partition(":")
+    if name == "arith":
+        cfg = arith.ArithConfig.from_spec(spec)
+        rows = arith.generate(split, cfg, n=limit)
+        return _to_dataset([_normalize(r, i, "arith") for i, r in enumerate(rows)])
+    if source in REGISTERED:
+        table, where = _read_hub(source, REGISTERED[source]), f"{source} ({REGISTERED[source].hub_id})"
+    elif source.endswith(LOCAL_SUFFIXES) or os.sep in source or Path(source).exists():
+        table, where = _read_local(Path(source)), source
+    else:
+        names = ", ".join([*REGISTERED, "arith"])
+        raise DataError(f"unknown data source {source!r}: use one of {names} or a .parquet/.jsonl/.json file")
+    rows = _dedup(table, where)
+    if limit is not None:
+        rows = rows[:limit]
+    return _to_dataset([_normalize(row, i, where) for i, row in rows])
+
+
+# --- reading -------------------------------------------------------------------------------------
+
+
+def _read_hub(name: str, hub: HubSource) -> datasets.Dataset:
+    try:
+        return datasets.load_dataset(hub.hub_id, hub.config, split=hub.split)
+    except Exception as e:  # offline mode, no network, missing repo: all mean "get the file yourself"
+        raise DataError(
+            f"cannot load {name!r} from the Hugging Face hub ({hub.hub_id}, split {hub.split}): the hub is "
+            f"unreachable or the dataset is unavailable ({type(e).__name__}: {str(e)[:200]}). Download it "
+            f"where the hub is reachable and pass the local file instead, e.g. --data /path/to/{name}.parquet "
+            f"(DAPO schema or problem+answer columns; .parquet, .jsonl or .json)"
+        ) from e
+
+
+def _read_local(path: Path) -> datasets.Dataset | list[dict]:
+    """A parquet file as an Arrow-backed Dataset (lazy rows), json/jsonl as a list of dicts."""
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return datasets.Dataset(pq.read_table(path))
+        except Exception as e:
+            raise DataError(f"{path}: not a readable parquet file ({type(e).__name__}: {e})") from e
+    if suffix == ".jsonl":
+        rows = []
+        with path.open(encoding="utf-8") as f:
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}: line {line_no}: invalid JSON ({e.msg})") from None
+        return rows
+    if suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: invalid JSON at line {e.lineno} ({e.msg})") from None
+        if isinstance(data, dict):  # {"data": [...]} or any single list-valued key
+            lists = [v for v in data.values() if isinstance(v, list)]
+            if len(lists) != 1:
+                raise DataError(f"{path}: expected a JSON list of rows (or an object holding one list)")
+            data = lists[0]
+        if not isinstance(data, list):
+            raise DataError(f"{path}: expected a JSON list of rows, got {type(data).__name__}")
+        return data
+    raise DataError(f"{path}: unsupported file type {suffix!r}; use .parquet, .jsonl or .json")
+
+
+def _dedup_keys(table: datasets.Dataset | list[dict]) -> list:
+    """One key per row: extra_info.index when present, else an id column, else the prompt text."""
+    if isinstance(table, datasets.Dataset):
+        cols = table.column_names
+        if "extra_info" in cols:
+            keys = _struct_field(table, "extra_info", "index")
+        else:
+            id_col = next((c for c in ("index", "id", "unique_id") if c in cols), None)
+            keys = list(table[id_col]) if id_col else [None] * len(table)
+        if any(k is None for k in keys):
+            text_col = next((c for c in ("prompt", "problem", "question") if c in cols), None)
+            texts = table[text_col] if text_col else [None] * len(table)
+            keys = [k if k is not None else _text_key(t) for k, t in zip(keys, texts)]
+        return keys
+    keys = []
+    for row in table:
+        if not isinstance(row, dict):
+            keys.append(None)
+            continue
+        extra = row.get("extra_info")
+        key = extra.get("index") if isinstance(extra, dict) else None
+        for col in ("index", "id", "unique_id"):
+            key = row.get(col) if key is None else key
+        if key is None:
+            key = _text_key(row.get("prompt", row.get("problem", row.get("question"))))
+        keys.append(key)
+    return keys
+
+
+def _struct_field(table: datasets.Dataset, column: str, field: str) -> list:
+    """One field of a struct column straight from Arrow (fast even for DAPO's 1.79M raw rows)."""
+    import pyarrow as pa
+
+    col = table.data.table.column(column).combine_chunks()
+    if pa.types.is_struct(col.type):
+        if col.type.get_field_index(field) < 0:
+            return [None] * len(table)
+        valid = col.is_valid().to_pylist()
+        return [v if ok else None for v, ok in zip(col.field(field).to_pylist(), valid)]
+    return [e.get(field) if isinstance(e, dict) else None for e in col.to_pylist()]
+
+
+def _text_key(value) -> str | None:
+    return None if value is None else "text:" + json.dumps(value, sort_keys=True, ensure_ascii=False)
+
+
+def _dedup(table: datasets.Dataset | list[dict], where: str) -> list[tuple[int, dict]]:
+    """(original row number, row) of the first occurrence of each key; prints the counts."""
+    if len(table) == 0:
+        raise DataError(f"{where}: no rows")
+    keys = _dedup_keys(table)
+    first: dict = {}
+    for i, key in enumerate(keys):
+        hashable = key if isinstance(key, (str, int, float)) or key is None else json.dumps(key, default=str)
+        if hashable is None:  # unreadable row: keep it so that validation names it
+            hashable = ("row", i)
+        first.setdefault(hashable, i)
+    keep = sorted(first.values())
+    dropped = len(keys) - len(keep)
+    print(f"{where}: {len(keys)} rows read, {len(keep)} unique (on extra_info.index), {dropped} duplicates dropped")
+    if isinstance(table, datasets.Dataset):
+        subset = table.select(keep) if dropped else table
+        return list(zip(keep, subset))
+    return [(i, table[i]) for i in keep]
+
+
+# --- validation / normalisation ------------------------------------------------------------------
+
+
+def _normalize(row, i: int, where: str) -> dict:
+    """One raw row (DAPO schema or problem+answer) -> the loader's output columns, or a DataError."""
+
+    def fail(field: str, problem: str) -> DataError:
+        return DataError(f"{where}: row {i}: field {field!r} {problem}")
+
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: row {i}: expected an object with fields, got {type(row).__name__}")
+    if "prompt" in row:
+        prompt = _validate_prompt(row["prompt"], fail)
+        ground_truth, gt_field = _dapo_ground_truth(row, fail)
+        extra = row.get("extra_info") if isinstance(row.get("extra_info"), dict) else {}
+        problem = extra.get("problem") or extra.get("raw_problem") or _problem_text(prompt)
+    elif "problem" in row or "question" in row:
+        text_field = "problem" if "problem" in row else "question"
+        text = row[text_field]
+        if not isinstance(text, str) or not text.strip():
+            raise fail(text_field, f"must be a non-empty string, got {_show(text)}")
+        if "answer" not in row:
+            raise fail("answer", "is missing (a problem+answer file needs both columns)")
+        ground_truth, gt_field = row["answer"], "answer"
+        prompt, problem = dapo_prompt(text.strip()), text.strip()
+    else:
+        raise DataError(
+            f"{where}: row {i}: no field 'prompt' (DAPO schema) and no 'problem' + 'answer' fields; "
+            f"fields present: {', '.join(map(str, row)) or 'none'}"
+        )
+    if isinstance(ground_truth, bool) or not isinstance(ground_truth, (str, int, float)):
+        raise fail(gt_field, f"must be a string or number, got {_show(ground_truth)}")
+    ground_truth = str(ground_truth).strip()
+    if not ground_truth:
+        raise fail(gt_field, "is empty")
+    extra = row.get("extra_info")
+    index = extra.get("index") if isinstance(extra, dict) else None
+    for col in ("index", "id", "unique_id"):
+        index = row.get(col) if index is None else index
+    return {
+        "prompt": prompt,
+        "ground_truth": ground_truth,
+        "data_source": str(row.get("data_source") or where),
+        "index": str(index if index is not None else i),
+        "problem": problem,
+    }
+
+
+def _validate_prompt(prompt, fail) -> list[dict[str, str]]:
+    if isinstance(prompt, str):  # some mirrors store the templated text directly
+        if not prompt.strip():
+            raise fail("prompt", "is an empty string")
+        return [{"role": "user", "content": prompt}]
+    if not isinstance(prompt, (list, tuple)) or not prompt:
+        raise fail("prompt", f"must be a non-empty list of {{role, content}} messages, got {_show(prompt)}")
+    messages = []
+    for j, msg in enumerate(prompt):
+        if not isinstance(msg, dict):
+            raise fail(f"prompt[{j}]", f"must be a {{role, content}} message, got {_show(msg)}")
+        for key in ("role", "content"):
+            if not isinstance(msg.get(key), str):
+                raise fail(f"prompt[{j}].{key}", f"must be a string, got {_show(msg.get(key))}")
+        messages.append({"role": msg["role"], "content": msg["content"]})
+    return messages
+
+
+def _dapo_ground_truth(row: dict, fail):
+    reward_model = row.get("reward_model")
+    if isinstance(reward_model, dict) and reward_model.get("ground_truth") is not None:
+        return reward_model["ground_truth"], "reward_model.ground_truth"
+    for col in ("ground_truth", "answer", "solution"):
+        if row.get(col) is not None:
+            return row[col], col
+    if reward_model is None:
+        raise fail("reward_model.ground_truth", "is missing (no reward_model column)")
+    raise fail("reward_model.ground_truth", f"is missing; reward_model is {_show(reward_model)}")
+
+
+def _problem_text(prompt: list[dict[str, str]]) -> str:
+    """The last user message, without DAPO's fixed template parts when they are present."""
+    text = next((m["content"] for m in reversed(prompt) if m["role"] == "user"), prompt[-1]["content"])
+    if text.startswith(DAPO_PREFIX):
+        text = text[len(DAPO_PREFIX) :]
+    if text.endswith(DAPO_SUFFIX):
+        text = text[: -len(DAPO_SUFFIX)]
+    return text
+
+
+def _show(value) -> str:
+    text = repr(value)
+    return (text[:60] + "...") if len(text) > 63 else text
+
+
+def _to_dataset(rows: list[dict]) -> datasets.Dataset:
+    features = datasets.Features(
+        {
+            "prompt": [{"role": datasets.Value("string"), "content": datasets.Value("string")}],
+            "ground_truth": datasets.Value("string"),
+            "data_source": datasets.Value("string"),
+            "index": datasets.Value("string"),
+            "problem": datasets.Value("string"),
+        }
+    )
+    return datasets.Dataset.from_list(rows, features=features)

@@ -1,0 +1,471 @@
+"""`looprl eval`: accuracy, pass@k and maj@k of one checkpoint at each loop depth.
+
+A looped LM is several models in one (the same weights run 1..T loops), so evaluation is a table
+over depths, not a number. Generation goes through the same fixed-depth rollout worker the trainer
+uses, and scoring through the same reward registry, so eval numbers and training rewards agree.
+`--exit_threshold Q` instead decodes with the model's own exit gate (the adaptive-depth mode a
+deployed Ouro model runs in) and reports accuracy and the mean depth it used.
+
+`evaluate_depths(...)` is the library entry point; the trainer calls it every `eval_every` steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import random
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+# ----------------------------------------------------------------------------- estimators
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k (Chen et al. 2021): P(at least one of k samples drawn from n is correct).
+
+    1 - C(n-c, k) / C(n, k), computed as a running product so large n never overflows.
+    """
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:  # every k-subset contains a correct sample
+        return 1.0
+    prob_all_wrong = 1.0
+    for i in range(n - c + 1, n + 1):
+        prob_all_wrong *= 1.0 - k / i
+    return 1.0 - prob_all_wrong
+
+
+def normalize_answer(answer: str | None) -> str | None:
+    """Key that groups votes: whitespace-free, without a trailing period. None = no answer (no vote)."""
+    if answer is None:
+        return None
+    key = "".join(answer.split()).rstrip(".")
+    return key or None
+
+
+def _vote(answers: Sequence[str | None], correct: Sequence[bool]) -> float:
+    """1 if the most frequent answer is correct; ties are split evenly (expected value of a random tie-break)."""
+    counts = Counter(a for a in answers if a is not None)
+    if not counts:
+        return 0.0
+    top = max(counts.values())
+    winners = [a for a, c in counts.items() if c == top]
+    right = {a for a, ok in zip(answers, correct) if a is not None and ok}
+    return sum(a in right for a in winners) / len(winners)
+
+
+def maj_at_k(answers: Sequence[str | None], correct: Sequence[bool], k: int | None = None,
+             max_subsets: int = 20_000, seed: int = 0) -> float:
+    """Majority-vote accuracy over k samples, averaged over all k-subsets of the n samples drawn.
+
+    answers are the extracted final answers (None: nothing extractable, casts no vote); correct is
+    the per-sample verdict. Samples whose normalised answers match are one vote. With more than
+    `max_subsets` subsets the average is over that many random subsets (seeded).
+    """
+    n = len(answers)
+    if len(correct) != n:
+        raise ValueError(f"maj@k: {n} answers but {len(correct)} correctness flags")
+    k = n if k is None else k
+    if not 1 <= k <= n:
+        raise ValueError(f"maj@k needs 1 <= k <= n, got n={n}, k={k}")
+    keys = [normalize_answer(a) for a in answers]
+    if k == n:
+        return _vote(keys, correct)
+    if math.comb(n, k) <= max_subsets:
+        subsets: Any = itertools.combinations(range(n), k)
+    else:
+        rng = random.Random(seed)
+        subsets = (rng.sample(range(n), k) for _ in range(max_subsets))
+    scores = [_vote([keys[i] for i in s], [correct[i] for i in s]) for s in subsets]
+    return sum(scores) / len(scores)
+
+
+def summarize_depth(rewards: Sequence[float | None], lengths: Sequence[int], truncated: Sequence[bool],
+                    answers: Sequence[str | None], n: int) -> dict[str, float | int]:
+    """Per-depth metrics from prompt-major per-sample results (n samples per prompt).
+
+    A reward of None (verifier error/timeout) counts as wrong and is reported as `unscored_frac`.
+    """
+    total = len(rewards)
+    if total == 0 or total % n:
+        raise ValueError(f"expected a positive multiple of n={n} samples, got {total}")
+    correct = [r is not None and r > 0 for r in rewards]
+    groups = [range(i, i + n) for i in range(0, total, n)]
+    out: dict[str, float | int] = {
+        "accuracy": sum(correct) / total,  # = mean over prompts of the per-prompt pass@1
+        "num_prompts": len(groups),
+        "n": n,
+        "len_mean": sum(lengths) / total,
+        "len_max": max(lengths),
+        "truncated_frac": sum(truncated) / total,
+        "unscored_frac": sum(r is None for r in rewards) / total,
+    }
+    if n > 1:
+        out["k"] = n
+        out["pass@k"] = sum(pass_at_k(n, sum(correct[i] for i in g), n) for g in groups) / len(groups)
+        out["maj@k"] = sum(maj_at_k([answers[i] for i in g], [correct[i] for i in g], n)
+                           for g in groups) / len(groups)
+    return out
+
+
+def flat_metrics(depth_results: Mapping[str, Mapping[str, Any]], prefix: str = "eval/") -> dict[str, float]:
+    """{"1": {"accuracy": a, ...}} -> {"eval/accuracy_d1": a, ...}: the keys the trainer logs."""
+    flat = {}
+    for depth, metrics in depth_results.items():
+        for name, value in metrics.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                flat[f"{prefix}{name}_d{depth}"] = float(value)
+    return flat
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+def encode_prompts(tokenizer, prompts: Sequence[Any]) -> list[list[int]]:
+    """Chat-template token ids of each prompt (messages list or a plain string), as the trainer does."""
+    ids = []
+    for prompt in prompts:
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        if isinstance(out, Mapping):  # older/newer transformers may return a BatchEncoding
+            out = out["input_ids"]
+        ids.append([int(t) for t in out])
+    return ids
+
+
+def _batches(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="sample", disable=not enabled, leave=False, dynamic_ncols=True)
+
+
+def _extract_answer(text: str) -> str | None:
+    try:
+        from rewards.math import extract_answer
+    except ImportError:  # rewards package not there yet: maj@k falls back to the raw last line
+        lines = [line for line in text.strip().splitlines() if line.strip()]
+        return lines[-1] if lines else None
+    return extract_answer(text)
+
+
+def _score(reward_fn: Callable, prompts: list[Any], completions: list[str], completion_ids: list[list[int]],
+           ground_truth: list[str], truncated: list[bool], max_new_tokens: int) -> list[float | None]:
+    scores = reward_fn(prompts, completions, ground_truth=ground_truth, completion_ids=completion_ids,
+                       max_completion_length=max_new_tokens, truncated=truncated)
+    if len(scores) != len(completions):
+        raise ValueError(f"reward function returned {len(scores)} scores for {len(completions)} completions")
+    return list(scores)
+
+
+def _dataset_columns(dataset) -> tuple[list[Any], list[str]]:
+    columns = getattr(dataset, "column_names", None) or (list(dataset[0].keys()) if len(dataset) else [])
+    for col in ("prompt", "ground_truth"):
+        if col not in columns:
+            raise ValueError(f"eval dataset has no {col!r} column (columns: {columns})")
+    return list(dataset["prompt"]), [str(g) for g in dataset["ground_truth"]]
+
+
+def evaluate_depths(model, tokenizer, dataset, depths: Sequence[int], n: int = 1, temperature: float = 0.0,
+                    max_new_tokens: int = 256, reward_fn: str | Callable = "math_accuracy", batch_size: int = 16,
+                    *, top_p: float = 1.0, seed: int = 0, progress: bool = False,
+                    worker_factory: Callable[[int], Any] | None = None) -> dict[str, dict[str, Any]]:
+    """Generate n completions per prompt at each depth and score them.
+
+    Returns {str(depth): {"accuracy", "len_mean", "truncated_frac", ... (+ "pass@k", "maj@k", "k" if
+    n > 1)}}. `worker_factory(depth)` builds the rollout worker (default: the torch worker around
+    `model`); batch_size counts prompts per generate call (each with n samples).
+    """
+    import rewards
+    from rollout import SamplingParams
+
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if not depths or any(int(d) < 1 for d in depths):
+        raise ValueError(f"depths must be a non-empty list of integers >= 1, got {list(depths)}")
+    if n > 1 and temperature == 0:
+        raise ValueError("n > 1 with temperature 0 draws n identical greedy samples; set temperature > 0")
+    score_fn = rewards.get(reward_fn) if isinstance(reward_fn, str) else reward_fn
+    prompts, ground_truth = _dataset_columns(dataset)
+    if not prompts:
+        raise ValueError("eval dataset is empty")
+    prompt_ids = encode_prompts(tokenizer, prompts)
+    if worker_factory is None:
+        from rollout import TorchRolloutWorker
+
+        eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+        pad = eos if pad is None else pad
+
+        def worker_factory(depth: int):
+            return TorchRolloutWorker(model, depth, eos_token_id=eos, pad_token_id=pad)
+
+    was_training = getattr(model, "training", False)
+    if model is not None and hasattr(model, "eval"):
+        model.eval()
+    results: dict[str, dict[str, Any]] = {}
+    bar = _progress(len(depths) * len(prompts) * n, "eval", progress)
+    try:
+        for depth in depths:
+            depth = int(depth)
+            worker = worker_factory(depth)
+            rewards_d: list[float | None] = []
+            lengths: list[int] = []
+            truncated: list[bool] = []
+            answers: list[str | None] = []
+            start = time.perf_counter()
+            bar.set_description(f"eval depth {depth}")
+            for b, idx in enumerate(_batches(range(len(prompts)), batch_size)):
+                params = SamplingParams(n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                        seed=seed + 1000 * depth + b)
+                rollout = worker.generate([prompt_ids[i] for i in idx], params)
+                if len(rollout.completion_ids) != len(idx) * n:
+                    raise RuntimeError(f"worker returned {len(rollout.completion_ids)} samples for "
+                                       f"{len(idx)} prompts x n={n}")
+                texts = [tokenizer.decode(c, skip_special_tokens=True) for c in rollout.completion_ids]
+                trunc = [r == "length" for r in rollout.finish_reasons]
+                rewards_d += _score(score_fn, [prompts[i] for i in idx for _ in range(n)], texts,
+                                    [list(c) for c in rollout.completion_ids],
+                                    [ground_truth[i] for i in idx for _ in range(n)], trunc, max_new_tokens)
+                lengths += [len(c) for c in rollout.completion_ids]
+                truncated += trunc
+                answers += [_extract_answer(t) for t in texts] if n > 1 else [None] * len(texts)
+                bar.update(len(texts))
+            elapsed = time.perf_counter() - start
+            metrics = summarize_depth(rewards_d, lengths, truncated, answers, n)
+            metrics["time_s"] = elapsed
+            metrics["tokens_per_s"] = sum(lengths) / elapsed if elapsed > 0 else 0.0
+            results[str(depth)] = metrics
+    finally:
+        bar.close()
+        if was_training and hasattr(model, "train"):
+            model.train()
+    return results
+
+
+def evaluate_exit_threshold(model, tokenizer, dataset, exit_threshold: float, max_new_tokens: int = 256,
+                            reward_fn: str | Callable = "math_accuracy", batch_size: int = 16,
+                            progress: bool = False) -> dict[str, Any]:
+    """Greedy decoding with the model's exit gate (stop looping once the exit CDF reaches q).
+
+    Reports accuracy, lengths and, when the model reports per-token exit depths, the mean depth used.
+    """
+    import torch
+
+    import rewards
+
+    score_fn = rewards.get(reward_fn) if isinstance(reward_fn, str) else reward_fn
+    prompts, ground_truth = _dataset_columns(dataset)
+    prompt_ids = encode_prompts(tokenizer, prompts)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    pad = eos if pad is None else pad
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    scores: list[float | None] = []
+    lengths: list[int] = []
+    truncated: list[bool] = []
+    depth_sum, depth_count = 0.0, 0
+    bar = _progress(len(prompts), f"eval exit q={exit_threshold}", progress)
+    start = time.perf_counter()
+    try:
+        for idx in _batches(range(len(prompts)), batch_size):
+            batch = [prompt_ids[i] for i in idx]
+            width = max(len(p) for p in batch)
+            input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=device)
+            attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
+            with torch.no_grad():
+                out = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False,
+                                     max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad,
+                                     exit_threshold=exit_threshold, return_dict_in_generate=True)
+            sequences = out.sequences[:, width:].tolist()
+            completions = []
+            for seq in sequences:
+                stopped = eos is not None and eos in seq  # generate pads finished rows after their EOS
+                stop = seq.index(eos) + 1 if stopped else len(seq)
+                completions.append(seq[:stop])
+                truncated.append(not stopped)
+                lengths.append(stop)
+            exit_depths = getattr(out, "exit_depths", None)
+            if exit_depths is not None:  # [B, new_tokens] loop count used per generated token
+                for row, seq_len in zip(exit_depths.tolist(), (len(c) for c in completions)):
+                    depth_sum += sum(row[:seq_len])
+                    depth_count += seq_len
+            texts = [tokenizer.decode(c, skip_special_tokens=True) for c in completions]
+            scores += _score(score_fn, [prompts[i] for i in idx], texts, completions,
+                             [ground_truth[i] for i in idx], truncated[-len(idx):], max_new_tokens)
+            bar.update(len(idx))
+    finally:
+        bar.close()
+        if was_training:
+            model.train()
+    metrics: dict[str, Any] = summarize_depth(scores, lengths, truncated, [None] * len(scores), 1)
+    metrics["exit_threshold"] = exit_threshold
+    metrics["depth_mean"] = depth_sum / depth_count if depth_count else None
+    metrics["time_s"] = time.perf_counter() - start
+    return metrics
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def print_table(report: Mapping[str, Any], file=None) -> None:
+    """Rich table: one row per depth (and one for the exit-gate mode)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    rows = dict(report.get("depths", {}))
+    if "exit_threshold" in report:
+        rows[f"exit q={report['exit_threshold']['exit_threshold']}"] = report["exit_threshold"]
+    table = Table(title=f"{report.get('model')}  on  {report.get('data')}")
+    has_k = any("pass@k" in m for m in rows.values())
+    k = next((m["k"] for m in rows.values() if "k" in m), None)
+    has_depth = "exit_threshold" in report
+    table.add_column("depth", justify="right")
+    table.add_column("accuracy", justify="right")
+    if has_k:
+        table.add_column(f"pass@{k}", justify="right")
+        table.add_column(f"maj@{k}", justify="right")
+    if has_depth:
+        table.add_column("mean depth", justify="right")
+    table.add_column("len mean", justify="right")
+    table.add_column("truncated", justify="right")
+    table.add_column("time s", justify="right")
+    for name, m in rows.items():
+        cells = [name, f"{m['accuracy']:.3f}"]
+        if has_k:
+            cells += [f"{m['pass@k']:.3f}" if "pass@k" in m else "-", f"{m['maj@k']:.3f}" if "maj@k" in m else "-"]
+        if has_depth:
+            cells.append(f"{m['depth_mean']:.2f}" if m.get("depth_mean") is not None else "-")
+        cells += [f"{m['len_mean']:.1f}", f"{m['truncated_frac']:.1%}", f"{m.get('time_s', 0):.1f}"]
+        table.add_row(*cells)
+    Console(file=file).print(table)
+
+
+def parse_depths(text: str) -> list[int]:
+    try:
+        depths = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"--depths must be comma-separated integers like 1,2,3,4, got {text!r}") from None
+    if not depths or min(depths) < 1:
+        raise ValueError(f"--depths must list integers >= 1, got {text!r}")
+    return depths
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="looprl eval", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="model directory (default: the embedded tiny model)")
+    p.add_argument("--data", required=True, help="dataset name (arith, aime24, math500, ...) or local file")
+    p.add_argument("--split", default="test", help="dataset split (default: test)")
+    p.add_argument("--depths", default=None, help="comma-separated loop counts (default: 1..total_ut_steps)")
+    p.add_argument("--n", type=int, default=1, help="samples per prompt; n > 1 adds pass@n and maj@n")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="sampling temperature (default: 0 = greedy for n=1, 1.0 for n>1)")
+    p.add_argument("--top_p", type=float, default=1.0)
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N prompts")
+    p.add_argument("--engine", choices=["torch", "vllm"], default="torch")
+    p.add_argument("--max_new_tokens", type=int, default=256)
+    p.add_argument("--batch_size", type=int, default=16, help="prompts per generate call")
+    p.add_argument("--reward", default="math_accuracy", help="reward function deciding correctness")
+    p.add_argument("--exit_threshold", type=float, default=None,
+                   help="also decode greedily with the exit gate at this threshold q and report mean depth")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--out", default=None, help="write the results as JSON to this file")
+    p.add_argument("--no_progress", action="store_true", help="hide the progress bar")
+    return p
+
+
+def _load_model(path: str, device: str):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import rl  # noqa: F401  (registers the Ouro architecture with the Auto classes)
+
+    if not Path(path).is_dir():
+        raise ValueError(f"--model {path}: not a directory")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    model.eval()
+    return model, tokenizer
+
+
+def _vllm_factory(model_path: str, tokenizer) -> Callable[[int], Any]:
+    from rollout.vllm_worker import VLLMRolloutWorker
+
+    def factory(depth: int):
+        return VLLMRolloutWorker(model_path, depth, eos_token_id=tokenizer.eos_token_id)
+
+    return factory
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    try:
+        import torch
+
+        from rl.data import EMBEDDED_MODEL, load_prompts
+
+        model_path = str(args.model or EMBEDDED_MODEL)
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        temperature = args.temperature if args.temperature is not None else (0.0 if args.n == 1 else 1.0)
+        for name in ("n", "max_new_tokens", "batch_size"):
+            if getattr(args, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+        if args.limit is not None and args.limit < 1:
+            raise ValueError(f"--limit must be >= 1, got {args.limit}")
+        dataset = load_prompts(args.data, split=args.split, limit=args.limit)
+        model, tokenizer = _load_model(model_path, device)
+        if args.depths:
+            depths = parse_depths(args.depths)
+        else:
+            depths = list(range(1, int(getattr(model.config, "total_ut_steps", 1) or 1) + 1))
+        factory = _vllm_factory(model_path, tokenizer) if args.engine == "vllm" else None
+        if factory is not None:
+            del model  # vLLM loads its own copy; free the torch one
+            model = None
+        progress = not args.no_progress and sys.stderr.isatty()
+        report: dict[str, Any] = {
+            "model": model_path,
+            "data": args.data,
+            "split": args.split,
+            "num_prompts": len(dataset),
+            "n": args.n,
+            "temperature": temperature,
+            "max_new_tokens": args.max_new_tokens,
+            "engine": args.engine,
+            "seed": args.seed,
+        }
+        report["depths"] = evaluate_depths(model, tokenizer, dataset, depths, n=args.n, temperature=temperature,
+                                           max_new_tokens=args.max_new_tokens, reward_fn=args.reward,
+                                           batch_size=args.batch_size, top_p=args.top_p, seed=args.seed,
+                                           progress=progress, worker_factory=factory)
+        if args.exit_threshold is not None:
+            if model is None:
+                model, tokenizer = _load_model(model_path, device)
+            report["exit_threshold"] = evaluate_exit_threshold(
+                model, tokenizer, dataset, args.exit_threshold, max_new_tokens=args.max_new_tokens,
+                reward_fn=args.reward, batch_size=args.batch_size, progress=progress)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"looprl eval: {e}", file=sys.stderr)
+        return 2
+    print_table(report)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

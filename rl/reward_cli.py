@@ -1,0 +1,132 @@
+"""`looprl reward`: score completions with a reward function and show why — how a user debugs a reward.
+
+    looprl reward --fn dapo_math --completion "... Answer: 42" --answer 42
+    looprl reward --fn math_accuracy --jsonl rows.jsonl          # fields: completion, answer (or ground_truth)
+    looprl reward --fn overlong_penalty --completion "..." --option max_completion_length=20 --option buffer_len=5
+
+Prints, per completion, the extracted answer, the score and the verifier's reason. `completion_ids`
+are one id per character here (no tokenizer is loaded), which only matters for length-based rewards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+
+class RewardCliError(ValueError):
+    """A user mistake in the command line or the JSONL file, reported on one line."""
+
+
+def _parse_option(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise RewardCliError(f"--option {text!r}: expected key=value")
+    try:
+        parsed: Any = json.loads(value)
+    except json.JSONDecodeError:
+        parsed = value
+    return key.strip(), parsed
+
+
+def _read_jsonl(path: str) -> list[tuple[Any, str]]:
+    rows = []
+    try:
+        handle = open(path, encoding="utf-8")
+    except OSError as exc:
+        raise RewardCliError(f"{path}: cannot open ({exc.strerror})") from exc
+    with handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise RewardCliError(f"{path}: row {number}: not valid JSON ({exc.msg})") from exc
+            if not isinstance(row, dict):
+                raise RewardCliError(f"{path}: row {number}: expected a JSON object, got {type(row).__name__}")
+            if "completion" not in row:
+                raise RewardCliError(f"{path}: row {number}: missing field 'completion'")
+            gold = row.get("answer", row.get("ground_truth"))
+            if gold is None:
+                raise RewardCliError(f"{path}: row {number}: missing field 'answer' (or 'ground_truth')")
+            completion = row["completion"]
+            if not isinstance(completion, (str, list)):
+                raise RewardCliError(f"{path}: row {number}: field 'completion' must be a string or a list of "
+                                     f"messages, got {type(completion).__name__}")
+            rows.append((completion, str(gold)))
+    if not rows:
+        raise RewardCliError(f"{path}: no rows")
+    return rows
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="looprl reward", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--fn", default="dapo_math",
+                        help="registered reward name or package.module:function (default: dapo_math)")
+    parser.add_argument("--completion", help="one completion text")
+    parser.add_argument("--answer", help="its gold answer")
+    parser.add_argument("--jsonl", help="file of rows with 'completion' and 'answer' (or 'ground_truth')")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra keyword for the reward function (JSON values), repeatable")
+    parser.add_argument("--timeout", type=float, default=None, help="per-item verification limit in seconds")
+    parser.add_argument("--list", action="store_true", help="list the registered reward functions and exit")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    import rewards
+    from rewards.builtin import completion_text
+    from rewards.math import explain
+
+    if args.list:
+        print("\n".join(rewards.available()))
+        return 0
+    if args.jsonl:
+        if args.completion is not None or args.answer is not None:
+            raise RewardCliError("give either --jsonl or --completion/--answer, not both")
+        rows = _read_jsonl(args.jsonl)
+    elif args.completion is None or args.answer is None:
+        raise RewardCliError("give --completion TEXT and --answer GOLD, or --jsonl FILE")
+    else:
+        rows = [(args.completion, args.answer)]
+    options = dict(_parse_option(o) for o in args.option)
+    fn = rewards.get(args.fn, **options)
+    completions = [c for c, _ in rows]
+    golds = [g for _, g in rows]
+    texts = [completion_text(c) for c in completions]
+    kwargs: dict[str, Any] = {"ground_truth": golds, "completion_ids": [[ord(ch) for ch in t] for t in texts],
+                              "truncated": [False] * len(rows)}
+    if args.timeout is not None:
+        rewards.configure(timeout=args.timeout)
+    try:
+        scores = fn([None] * len(rows), completions, **kwargs)
+    except TypeError as exc:
+        raise RewardCliError(f"reward {args.fn!r} rejected its arguments: {exc}") from exc
+    if len(scores) != len(rows):
+        raise RewardCliError(f"reward {args.fn!r} returned {len(scores)} scores for {len(rows)} completions")
+    for index, (text, gold, score) in enumerate(zip(texts, golds, scores), start=1):
+        verdict = explain(text, gold)
+        prefix = f"[{index}] " if len(rows) > 1 else ""
+        print(f"{prefix}extracted: {verdict.extracted!r}  gold: {gold!r}  score: {score}  "
+              f"reason: {verdict.reason} ({verdict.path})")
+    if len(rows) > 1:
+        valid = [s for s in scores if s is not None]
+        mean = sum(valid) / len(valid) if valid else float("nan")
+        print(f"{len(rows)} rows, mean score {mean:.4f}, {rewards.counters()}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except ValueError as exc:  # RewardCliError, UnknownRewardError, bad reward options
+        print(f"looprl reward: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

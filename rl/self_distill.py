@@ -1,0 +1,405 @@
+"""Self-distillation of shallow exits toward the deep exit of a looped LM, plus exit-alignment metrics.
+
+Fixed-depth RL trains only the deep exit T; the shallow exits share the weights and drift, which
+breaks early exit. The remedy (see docs/self_distillation research notes) is an extra loss on the
+rollout tokens of the update forward:
+
+    sum_{t in exits} w_t * mean_tokens KL( stopgrad(p_T) || p_t ),   p_t = softmax(lm_head(h_t) / tau)
+
+* teacher = the current policy's deep exit from the SAME forward pass, stop-gradient (no grad reaches
+  p_T, not even through the shared lm_head), so the term never pulls the deep policy toward the
+  shallow ones;
+* forward KL (soft cross-entropy with teacher probabilities); no tau**2 rescaling (the coefficient
+  is the trainer's `self_distill_coef`, applied by the caller: this module returns the coef-free sum);
+* exits default to 2..T-1: exit 1 is excluded because one loop cannot do what the deep exit does and
+  its large KL would dominate the gradient; when T == 2 the only shallow exit, 1, is used instead;
+* weights w_t uniform or proportional to t, normalised to sum to 1;
+* computed over token chunks, each under activation checkpointing, so neither the forward nor the
+  backward ever holds more than `chunk_size` tokens x vocabulary x (|exits|+1) logits
+  (a 49k vocabulary at 8k tokens would be ~1.6 GB per exit unchunked).
+
+Variants: `top_k` (the teacher keeps its k most likely tokens plus one tail bucket holding the rest
+of the mass; the student is compared on the same k+1 bins) and `variant="mse"` (LoopFormer-style
+mean squared error between normed hidden states, stop-gradient on the deep state).
+
+The trainer's flat config keys are defined and validated here (`SELF_DISTILL_DEFAULTS`,
+`validate_self_distill`); rl/config.py only has to carry them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+WEIGHTINGS = ("uniform", "linear")
+VARIANTS = ("kl", "mse")
+DEFAULT_CHUNK_SIZE = 1024
+
+# Flat trainer config keys -> defaults. `self_distill_coef` 0 turns the loss off (metrics still run).
+SELF_DISTILL_DEFAULTS: dict[str, object] = {
+    "self_distill_coef": 0.0,
+    "self_distill_exits": None,  # None / "default" -> 2..T-1; or a list like [2, 3] / "2,3" / "all"
+    "self_distill_weighting": "linear",  # "uniform" | "linear" (w_t proportional to t)
+    "self_distill_temperature": 1.0,
+    "self_distill_top_k": 0,  # 0 = full-vocabulary teacher
+    "self_distill_variant": "kl",  # "kl" | "mse" (hidden-state MSE)
+    "self_distill_chunk_size": DEFAULT_CHUNK_SIZE,
+}
+
+
+@dataclass
+class SelfDistillConfig:
+    """Validated self-distillation settings (built from the trainer's flat keys by validate_self_distill)."""
+
+    coef: float = 0.0
+    exits: list[int] | str | None = None
+    weighting: str = "linear"
+    temperature: float = 1.0
+    top_k: int = 0
+    variant: str = "kl"
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+
+    @property
+    def enabled(self) -> bool:
+        return self.coef > 0
+
+    def loss(self, exit_hidden_states, lm_head, mask, normalizer=None):
+        """self_distill_loss with these settings (coef NOT applied)."""
+        return self_distill_loss(
+            exit_hidden_states, lm_head, mask, exits=self.exits, weighting=self.weighting,
+            temperature=self.temperature, top_k=self.top_k or None, chunk_size=self.chunk_size,
+            variant=self.variant, normalizer=normalizer,
+        )
+
+
+def _parse_exits(value, key: str = "self_distill_exits") -> list[int] | str | None:
+    """None / "default" -> None (2..T-1 at call time), "all" -> "all" (1..T-1), else a sorted list of ints."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "default", "none")):
+        return None
+    if isinstance(value, str) and value.strip().lower() == "all":
+        return "all"
+    if isinstance(value, str):
+        parts = [p for p in value.replace(" ", "").split(",") if p]
+    elif isinstance(value, int) and not isinstance(value, bool):
+        parts = [value]
+    elif isinstance(value, Sequence):
+        parts = list(value)
+    else:
+        raise ValueError(f"config key {key}: expected a list of exit numbers like [2, 3], got {value!r}")
+    exits = []
+    for p in parts:
+        try:
+            t = int(p)
+        except (TypeError, ValueError):
+            raise ValueError(f"config key {key}: {p!r} is not an exit number (integers >= 1)") from None
+        if isinstance(p, bool) or t < 1 or (isinstance(p, float) and p != t):
+            raise ValueError(f"config key {key}: {p!r} is not an exit number (integers >= 1)")
+        exits.append(t)
+    if not exits:
+        raise ValueError(f"config key {key}: empty list of exits (leave it unset for the default 2..T-1)")
+    if len(set(exits)) != len(exits):
+        raise ValueError(f"config key {key}: exit listed twice in {value!r}")
+    return sorted(exits)
+
+
+def validate_self_distill(values: Mapping[str, object] | object, depth: int | None = None) -> SelfDistillConfig:
+    """Check the self_distill_* keys of a config (a mapping or an object with those attributes).
+
+    Missing keys take SELF_DISTILL_DEFAULTS. With `depth` (the training depth T) the exits are also
+    checked against 1..T-1. Raises ValueError naming the config key on bad input.
+    """
+    def get(key):
+        if isinstance(values, Mapping):
+            return values.get(key, SELF_DISTILL_DEFAULTS[key])
+        return getattr(values, key, SELF_DISTILL_DEFAULTS[key])
+
+    def number(key, kind):
+        v = get(key)
+        if isinstance(v, bool):
+            raise ValueError(f"config key {key}: expected a number, got {v!r}")
+        try:
+            return kind(v)
+        except (TypeError, ValueError):
+            raise ValueError(f"config key {key}: expected a number, got {v!r}") from None
+
+    coef = number("self_distill_coef", float)
+    if coef < 0:
+        raise ValueError(f"config key self_distill_coef: must be >= 0 (0 = off), got {coef}")
+    temperature = number("self_distill_temperature", float)
+    if not temperature > 0:
+        raise ValueError(f"config key self_distill_temperature: must be > 0, got {temperature}")
+    top_k = number("self_distill_top_k", int)
+    if top_k < 0:
+        raise ValueError(f"config key self_distill_top_k: must be >= 0 (0 = full vocabulary), got {top_k}")
+    chunk_size = number("self_distill_chunk_size", int)
+    if chunk_size < 1:
+        raise ValueError(f"config key self_distill_chunk_size: must be >= 1, got {chunk_size}")
+    weighting = str(get("self_distill_weighting")).lower()
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"config key self_distill_weighting: {weighting!r} is not one of {WEIGHTINGS}")
+    variant = str(get("self_distill_variant")).lower()
+    if variant not in VARIANTS:
+        raise ValueError(f"config key self_distill_variant: {variant!r} is not one of {VARIANTS}")
+    exits = _parse_exits(get("self_distill_exits"))
+    if depth is not None:
+        resolve_exits(exits, depth)
+    return SelfDistillConfig(coef=coef, exits=exits, weighting=weighting, temperature=temperature,
+                             top_k=top_k, variant=variant, chunk_size=chunk_size)
+
+
+def resolve_exits(exits, depth: int) -> list[int]:
+    """The shallow exits to distil for a forward of `depth` loops (see module docstring for the default)."""
+    if depth < 2:
+        raise ValueError(f"self-distillation needs depth >= 2 (a shallow and a deep exit), got depth {depth}")
+    exits = _parse_exits(exits) if not isinstance(exits, list) else exits
+    if exits is None:
+        return list(range(2, depth)) if depth > 2 else [1]
+    if exits == "all":
+        return list(range(1, depth))
+    bad = [t for t in exits if not 1 <= t < depth]
+    if bad:
+        raise ValueError(f"config key self_distill_exits: exits {bad} are outside 1..{depth - 1} "
+                         f"(the deep exit {depth} is the teacher)")
+    return list(exits)
+
+
+def exit_weights(exits: Sequence[int], weighting: str) -> list[float]:
+    """Normalised weights over the exits: uniform, or proportional to the exit number ("linear")."""
+    if weighting == "uniform":
+        raw = [1.0] * len(exits)
+    elif weighting == "linear":
+        raw = [float(t) for t in exits]
+    else:
+        raise ValueError(f"config key self_distill_weighting: {weighting!r} is not one of {WEIGHTINGS}")
+    total = sum(raw)
+    return [r / total for r in raw]
+
+
+def _kl_full(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """Per-token KL(p_teacher || p_student) over the full vocabulary (fp32)."""
+    t_logp = F.log_softmax(teacher_logits, dim=-1)
+    s_logp = F.log_softmax(student_logits, dim=-1)
+    return F.kl_div(s_logp, t_logp, log_target=True, reduction="none").sum(-1)
+
+
+def _log_topk_plus_tail(logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities of the k bins `idx` plus one tail bin holding all the other tokens: [..., k+1]."""
+    log_z = torch.logsumexp(logits, dim=-1, keepdim=True)
+    top = logits.gather(-1, idx) - log_z
+    rest = logits.scatter(-1, idx, float("-inf"))
+    tail = torch.logsumexp(rest, dim=-1, keepdim=True) - log_z
+    return torch.cat([top, tail], dim=-1)
+
+
+def _kl_topk(teacher_logits: torch.Tensor, student_logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Per-token KL on the teacher's top-k tokens + a tail bucket (a lower bound of the full KL)."""
+    idx = teacher_logits.topk(k, dim=-1).indices
+    t_logp = _log_topk_plus_tail(teacher_logits, idx)
+    s_logp = _log_topk_plus_tail(student_logits, idx)
+    t_p = t_logp.exp()
+    terms = torch.where(t_p > 0, t_p * (t_logp - s_logp), torch.zeros_like(t_p))
+    return terms.sum(-1)
+
+
+def _chunk_kl_sums(lm_head, temperature: float, top_k: int | None, teacher_h: torch.Tensor,
+                   *student_hs: torch.Tensor) -> torch.Tensor:
+    """Sum over this chunk's tokens of KL(sg p_T || p_t), one entry per student exit: [len(student_hs)]."""
+    with torch.no_grad():
+        teacher_logits = lm_head(teacher_h).float() / temperature
+    sums = []
+    for h in student_hs:
+        student_logits = lm_head(h).float() / temperature
+        if top_k is not None and top_k < teacher_logits.shape[-1]:
+            kl = _kl_topk(teacher_logits, student_logits, top_k)
+        else:
+            kl = _kl_full(teacher_logits, student_logits)
+        sums.append(kl.sum())
+    return torch.stack(sums)
+
+
+def _masked_rows(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B,S,H] -> [N,H] rows where mask is set (prompt / padding positions are never projected)."""
+    return hidden[mask]
+
+
+def self_distill_loss(
+    exit_hidden_states: Sequence[torch.Tensor],
+    lm_head: Callable[[torch.Tensor], torch.Tensor],
+    mask: torch.Tensor,
+    *,
+    exits=None,
+    weighting: str = "linear",
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    variant: str = "kl",
+    normalizer: float | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Coef-free self-distillation loss sum_t w_t * mean_tokens KL(sg p_T || p_t), and its metrics.
+
+    exit_hidden_states: one normed [B,S,H] state per loop run (model(..., output_exits=True)); the
+      last one is the teacher. lm_head: the model's output projection (model.lm_head).
+    mask: [B,S] bool/0-1, set where the prediction made AT that position is trained (for completion
+      tokens that is the completion mask shifted left by one, as for the policy loss).
+    normalizer: divide the token sum by this instead of mask.sum() (e.g. the token count of the whole
+      global batch when micro-batches are accumulated).
+    Returns (loss, {"loss/self_distill": ..., "self_distill/kl_t{t}" or "self_distill/mse_t{t}": ...}),
+    where the per-exit entries are token means (unweighted).
+    """
+    depth = len(exit_hidden_states)
+    chosen = resolve_exits(exits, depth)
+    weights = exit_weights(chosen, weighting)
+    if variant not in VARIANTS:
+        raise ValueError(f"config key self_distill_variant: {variant!r} is not one of {VARIANTS}")
+    if not temperature > 0:
+        raise ValueError(f"config key self_distill_temperature: must be > 0, got {temperature}")
+    if chunk_size < 1:
+        raise ValueError(f"config key self_distill_chunk_size: must be >= 1, got {chunk_size}")
+    deep = exit_hidden_states[-1]
+    if mask.shape != deep.shape[:2]:
+        raise ValueError(f"self-distillation mask has shape {tuple(mask.shape)}, expected {tuple(deep.shape[:2])}")
+    mask = mask.bool()
+    n_tokens = int(mask.sum())
+    denom = float(n_tokens) if normalizer is None else normalizer
+    students = [exit_hidden_states[t - 1] for t in chosen]
+    w = torch.tensor(weights, dtype=torch.float32, device=deep.device)
+
+    if n_tokens == 0:  # keep the graph connected (DDP) but contribute nothing
+        zero = sum(h.sum() for h in students) * 0.0
+        return zero.float(), {"loss/self_distill": 0.0}
+
+    teacher_rows = _masked_rows(deep, mask).detach()
+    student_rows = [_masked_rows(h, mask) for h in students]
+    name = "kl" if variant == "kl" else "mse"
+    if variant == "mse":  # LoopFormer-style: hidden states are small, no chunking needed
+        teacher_rows = teacher_rows.float()
+        per_exit = torch.stack([((h.float() - teacher_rows) ** 2).mean(-1).sum() for h in student_rows])
+    else:
+        per_exit = torch.zeros(len(chosen), dtype=torch.float32, device=deep.device)
+        need_grad = torch.is_grad_enabled() and any(h.requires_grad for h in student_rows)
+        for start in range(0, n_tokens, chunk_size):
+            chunk = [h[start:start + chunk_size] for h in student_rows]
+            t_chunk = teacher_rows[start:start + chunk_size]
+            if need_grad:  # recompute the vocab-sized logits per chunk in backward instead of storing them
+                sums = checkpoint(_chunk_kl_sums, lm_head, temperature, top_k, t_chunk, *chunk,
+                                  use_reentrant=False)
+            else:
+                sums = _chunk_kl_sums(lm_head, temperature, top_k, t_chunk, *chunk)
+            per_exit = per_exit + sums
+    loss = (w * per_exit).sum() / denom
+    metrics = {"loss/self_distill": float(loss.detach())}
+    for t, s in zip(chosen, per_exit.detach()):
+        metrics[f"self_distill/{name}_t{t}"] = float(s) / n_tokens
+    return loss, metrics
+
+
+@torch.no_grad()
+def exit_metrics(
+    exit_hidden_states: Sequence[torch.Tensor],
+    lm_head: Callable[[torch.Tensor], torch.Tensor],
+    mask: torch.Tensor,
+    exit_probs: torch.Tensor | None = None,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> dict[str, float]:
+    """Token-mean alignment of every shallow exit t < T with the deep exit T (temperature 1).
+
+    exit/kl_t{t}: KL(p_T || p_t); exit/top1_agree_t{t}: argmax p_t == argmax p_T (greedy
+    self-speculative acceptance); exit/accept_t{t}: sum_v min(p_t, p_T) = 1 - TV (sampling
+    acceptance); exit/p_mean_t{t} (t = 1..T): mean exit-gate probability from the model's exit_probs.
+    """
+    depth = len(exit_hidden_states)
+    mask = mask.bool()
+    n_tokens = int(mask.sum())
+    out: dict[str, float] = {}
+    if n_tokens == 0:
+        return out
+    if exit_probs is not None:
+        gate = exit_probs[mask].float()  # [N, depth]
+        for t in range(1, gate.shape[-1] + 1):
+            out[f"exit/p_mean_t{t}"] = float(gate[:, t - 1].mean())
+    if depth < 2:
+        return out
+    rows = [_masked_rows(h, mask) for h in exit_hidden_states]
+    sums = {(k, t): 0.0 for k in ("kl", "top1_agree", "accept") for t in range(1, depth)}
+    for start in range(0, n_tokens, chunk_size):
+        teacher_logits = lm_head(rows[-1][start:start + chunk_size]).float()
+        t_logp = F.log_softmax(teacher_logits, dim=-1)
+        t_top1 = teacher_logits.argmax(-1)
+        for t in range(1, depth):
+            s_logits = lm_head(rows[t - 1][start:start + chunk_size]).float()
+            s_logp = F.log_softmax(s_logits, dim=-1)
+            sums[("kl", t)] += float(F.kl_div(s_logp, t_logp, log_target=True, reduction="sum"))
+            sums[("top1_agree", t)] += float((s_logits.argmax(-1) == t_top1).sum())
+            sums[("accept", t)] += float(torch.minimum(s_logp.exp(), t_logp.exp()).sum())
+    for (k, t), s in sums.items():
+        out[f"exit/{k}_t{t}"] = s / n_tokens
+    return out
+
+
+# ----------------------------------------------------------------------------- early exit (evaluation)
+
+EXIT_RULES = ("maxprob", "gate")
+
+
+@torch.no_grad()
+def early_exit_generate(
+    model,
+    prompt_ids: Sequence[Sequence[int]],
+    *,
+    threshold: float,
+    rule: str = "maxprob",
+    max_new_tokens: int = 32,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+    depth: int | None = None,
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Greedy decoding where each token is read from the first exit that is confident enough.
+
+    rule "maxprob": the first loop t whose max softmax probability is >= threshold (else loop T).
+    rule "gate": the first loop whose exit-gate CDF (model exit_probs) reaches threshold (Ouro's q).
+    All T loops are computed for every token ("compute, then select", like Ouro's released code), so
+    deeper KV slots of an early-exited token exist for later tokens; the token itself only depends on
+    loops 1..t (loop t attends to loop-t keys only), so "depth used" counts the loops a true early-exit
+    decoder would run for that token. Returns (completions incl. EOS, exit depth per completion token).
+    """
+    if rule not in EXIT_RULES:
+        raise ValueError(f"early exit rule {rule!r} is not one of {EXIT_RULES}")
+    depth = int(depth or model.config.total_ut_steps)
+    device = next(model.parameters()).device
+    pad = pad_token_id if pad_token_id is not None else (eos_token_id if eos_token_id is not None else 0)
+    width = max(len(p) for p in prompt_ids)
+    input_ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompt_ids], device=device)
+    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids], device=device)
+    batch = len(prompt_ids)
+    completions: list[list[int]] = [[] for _ in range(batch)]
+    depths: list[list[int]] = [[] for _ in range(batch)]
+    done = [False] * batch
+    past = None
+    step_ids = input_ids
+    for _ in range(max_new_tokens):
+        out = model(input_ids=step_ids, attention_mask=attention_mask, past_key_values=past, use_cache=True,
+                    depth=depth, output_exits=True, logits_to_keep=1)
+        past = out.past_key_values
+        logits = torch.stack([model.lm_head(h[:, -1]).float() for h in out.exit_hidden_states], 1)  # [B,T,V]
+        if rule == "maxprob":
+            confident = logits.softmax(-1).amax(-1) >= threshold  # [B,T]
+        else:
+            confident = out.exit_probs[:, -1].float().cumsum(-1) >= threshold
+        confident[:, -1] = True
+        chosen = confident.int().argmax(-1)  # first confident exit (0-based)
+        tokens = logits[torch.arange(batch, device=device), chosen].argmax(-1)
+        for b in range(batch):
+            if not done[b]:
+                completions[b].append(int(tokens[b]))
+                depths[b].append(int(chosen[b]) + 1)
+                done[b] = eos_token_id is not None and int(tokens[b]) == eos_token_id
+        if all(done):
+            break
+        step_ids = torch.where(torch.tensor(done, device=device), torch.full_like(tokens, pad), tokens)[:, None]
+        attention_mask = torch.cat([attention_mask, torch.ones(batch, 1, dtype=attention_mask.dtype, device=device)], 1)
+    return completions, depths

@@ -1,0 +1,79 @@
+"""Engine-independent rollout types: what to sample (SamplingParams), what came back (Rollout),
+and the protocol every engine implements (RolloutWorker).
+
+The trainer only talks to these types, so the torch and vLLM engines are interchangeable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+
+@dataclass
+class SamplingParams:
+    """How to sample completions.
+
+    temperature 0 means greedy (argmax). top_k 0 and top_p 1.0 disable truncation.
+    stop_token_ids None means "stop at the model/tokenizer EOS"; [] means never stop early
+    (every sample runs to max_new_tokens).
+    """
+
+    n: int = 1
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop_token_ids: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.n, int) or self.n < 1:
+            raise ValueError(f"SamplingParams.n must be an integer >= 1, got {self.n!r}")
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"SamplingParams.max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if self.temperature < 0:
+            raise ValueError(f"SamplingParams.temperature must be >= 0, got {self.temperature!r}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"SamplingParams.top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if self.stop_token_ids is not None:
+            self.stop_token_ids = [int(t) for t in self.stop_token_ids]
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
+class Rollout:
+    """Sampled completions, one entry per sample, prompt-major (n samples of prompt 0 first).
+
+    completion_ids include the stop token when finish_reason == "stop", and logprobs has one fp32
+    value per completion token (the stop token's included).
+    """
+
+    prompt_ids: list[list[int]] = field(default_factory=list)
+    completion_ids: list[list[int]] = field(default_factory=list)
+    logprobs: list[list[float]] = field(default_factory=list)
+    finish_reasons: list[str] = field(default_factory=list)
+    depth: int = 1
+
+    def __len__(self) -> int:
+        return len(self.completion_ids)
+
+    @property
+    def num_completion_tokens(self) -> int:
+        return sum(len(c) for c in self.completion_ids)
+
+
+@runtime_checkable
+class RolloutWorker(Protocol):
+    """A generation engine pinned to one depth (number of loops per token)."""
+
+    depth: int
+
+    def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> Rollout: ...
+
+    def sync_weights(self, model) -> None: ...

@@ -1,0 +1,257 @@
+"""TorchRolloutWorker: our own batched decode loop at a fixed depth (CPU and GPU).
+
+Why not `model.generate`: the update must score the very policy that sampled, so every token is
+produced with exactly `depth` loops and its fp32 logprob is returned; and rollouts dominate RL wall
+time, so the loop avoids generate's per-step machinery (logits processors, stopping criteria,
+growing caches).
+
+One generate() call:
+  1. prefill each distinct prompt once (left-padded batch, explicit position ids, last-position
+     logits only) into a preallocated static KV cache (one slot per loop and layer for looped
+     models via `model.make_static_cache`, transformers' StaticCache otherwise);
+  2. fan the cache out to the n samples of each prompt (prompt-major) with `reorder_cache`;
+  3. decode one token per step for all live rows; rows stop on their own stop token; when enough
+     rows have finished, the cache and the row state are compacted so finished rows cost nothing.
+Logprob convention: see rollout/sampling.py (untruncated log softmax(logits / T), fp32).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from rollout.base import Rollout, SamplingParams
+from rollout.sampling import sample_next
+
+
+def _as_id_list(value) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, int):
+        return [value]
+    return [int(v) for v in value]
+
+
+class TorchRolloutWorker:
+    """Fixed-depth sampler over a model object (an Ouro looped LM or any HF causal LM at depth 1).
+
+    Args:
+        model: the rollout model. Looped models expose `make_static_cache(...)` and take `depth=`.
+        depth: loops per token; None means the model's `config.total_ut_steps` (1 if not looped).
+        eos_token_id: stop token(s) used when `SamplingParams.stop_token_ids` is None; defaults to
+            the model's generation_config / config EOS.
+        pad_token_id: filler for left padding; defaults to the model's pad, else the first EOS, else 0.
+    """
+
+    # Compact the batch when live rows fall to this fraction of the rows being computed. The copy
+    # costs about one decode step's KV read, so it pays after a few steps.
+    compact_below: float = 0.75
+
+    def __init__(self, model, depth: int | None = None, eos_token_id=None, pad_token_id=None):
+        self.model = model
+        self.looped = callable(getattr(model, "make_static_cache", None))
+        config = model.config
+        if depth is None:
+            depth = int(getattr(config, "total_ut_steps", 1)) if self.looped else 1
+        if not isinstance(depth, int) or depth < 1:
+            raise ValueError(f"TorchRolloutWorker: depth must be an integer >= 1, got {depth!r}")
+        if not self.looped and depth != 1:
+            raise ValueError(
+                f"TorchRolloutWorker: depth={depth} but {type(model).__name__} is not a looped model "
+                "(no make_static_cache); use depth=1"
+            )
+        self.depth = depth
+        gen_config = getattr(model, "generation_config", None)
+        if eos_token_id is None:
+            eos_token_id = getattr(gen_config, "eos_token_id", None)
+            if eos_token_id is None:
+                eos_token_id = getattr(config, "eos_token_id", None)
+        self.eos_token_ids = _as_id_list(eos_token_id)
+        if pad_token_id is None:
+            pad_token_id = getattr(gen_config, "pad_token_id", None)
+            if pad_token_id is None:
+                pad_token_id = getattr(config, "pad_token_id", None)
+            if pad_token_id is None:
+                pad_token_id = self.eos_token_ids[0] if self.eos_token_ids else 0
+        self.pad_token_id = int(_as_id_list(pad_token_id)[0])
+        self.vocab_size = model.get_input_embeddings().num_embeddings
+
+    # ------------------------------------------------------------------ weights
+    @torch.no_grad()
+    def sync_weights(self, model) -> None:
+        """Copy `model`'s parameters and buffers into the rollout model in place (no reallocation).
+
+        Accepts a model wrapped by DDP / torch.compile (`module.` / `_orig_mod.` prefixes are ignored).
+        """
+        if model is self.model:
+            return
+        targets = dict(self.model.named_parameters())
+        targets.update(dict(self.model.named_buffers()))
+        seen = set()
+        sources = list(model.named_parameters()) + list(model.named_buffers())
+        for name, tensor in sources:
+            clean = name
+            for prefix in ("module.", "_orig_mod."):
+                while clean.startswith(prefix):
+                    clean = clean[len(prefix) :]
+            target = targets.get(clean)
+            if target is None:
+                raise ValueError(f"sync_weights: source tensor {name!r} has no counterpart in the rollout model")
+            if target.shape != tensor.shape:
+                raise ValueError(
+                    f"sync_weights: shape mismatch for {clean!r}: rollout {tuple(target.shape)} "
+                    f"vs source {tuple(tensor.shape)}"
+                )
+            target.copy_(tensor.detach())
+            seen.add(clean)
+        missing = [name for name, _ in self.model.named_parameters() if name not in seen]
+        if missing:
+            raise ValueError(f"sync_weights: source model lacks parameters {missing[:5]} (of {len(missing)})")
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams) -> Rollout:
+        prompts = self._check_prompts(prompt_ids)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.inference_mode():
+                tokens, logprobs, lengths, stopped = self._decode(prompts, params)
+        finally:
+            self.model.train(was_training)
+        n = params.n
+        rollout = Rollout(depth=self.depth)
+        for row, (toks, lps, length, hit) in enumerate(zip(tokens, logprobs, lengths, stopped)):
+            rollout.prompt_ids.append(list(prompts[row // n]))
+            rollout.completion_ids.append(toks[:length])
+            rollout.logprobs.append(lps[:length])
+            rollout.finish_reasons.append("stop" if hit else "length")
+        return rollout
+
+    def _check_prompts(self, prompt_ids) -> list[list[int]]:
+        if isinstance(prompt_ids, torch.Tensor) or not isinstance(prompt_ids, Sequence) or not prompt_ids:
+            raise ValueError("generate: prompt_ids must be a non-empty list of token-id lists")
+        prompts = []
+        for i, prompt in enumerate(prompt_ids):
+            if isinstance(prompt, (str, bytes)) or not isinstance(prompt, Sequence) or len(prompt) == 0:
+                raise ValueError(f"generate: prompt_ids[{i}] must be a non-empty list of token ids")
+            ids = [int(t) for t in prompt]
+            bad = [t for t in ids if not 0 <= t < self.vocab_size]
+            if bad:
+                raise ValueError(f"generate: prompt_ids[{i}] has token id {bad[0]} outside [0, {self.vocab_size})")
+            prompts.append(ids)
+        return prompts
+
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _new_cache(self, batch_size: int, max_len: int, device: torch.device):
+        if self.looped:
+            return self.model.make_static_cache(batch_size, max_len, depth=self.depth, device=device)
+        from transformers import StaticCache
+
+        return StaticCache(config=self.model.config, max_cache_len=max_len)
+
+    def _forward(self, input_ids, attention_mask, position_ids, cache, start: int):
+        kwargs = {}
+        if self.looped:
+            kwargs["depth"] = self.depth
+            kwargs["cache_position"] = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+            **kwargs,
+        )
+        return out.logits[:, -1]
+
+    def _decode(self, prompts: list[list[int]], params: SamplingParams):
+        """Run prefill + decode. Returns python lists (tokens, logprobs, lengths, stopped) per sample row."""
+        device = self._device()
+        n, max_new = params.n, params.max_new_tokens
+        num_prompts, batch = len(prompts), len(prompts) * n
+        prompt_lens = torch.tensor([len(p) for p in prompts], device=device)
+        width = int(max(len(p) for p in prompts))
+        max_len = width + max_new
+
+        # Left-padded prompts; the mask buffer covers prompt + every future token (ones), sliced per step.
+        input_ids = torch.tensor(
+            [[self.pad_token_id] * (width - len(p)) + p for p in prompts], dtype=torch.long, device=device
+        )
+        columns = torch.arange(max_len, device=device)
+        pad_cols = (width - prompt_lens).unsqueeze(1)
+        mask = (columns.unsqueeze(0) >= pad_cols).long()
+        position_ids = (columns[:width].unsqueeze(0) - pad_cols).clamp_min(0)
+
+        # Prefill every distinct prompt once, then fan the cache out to n samples per prompt.
+        cache = self._new_cache(num_prompts, max_len, device)
+        fan_out = n > 1 and callable(getattr(cache, "reorder_cache", None))
+        expand = torch.arange(num_prompts, device=device).repeat_interleave(n)
+        if n > 1 and not fan_out:
+            cache = self._new_cache(batch, max_len, device)
+            input_ids, mask, position_ids = input_ids[expand], mask[expand], position_ids[expand]
+        logits = self._forward(input_ids, mask[:, :width], position_ids, cache, start=0)
+        if n > 1:
+            if fan_out:
+                cache.reorder_cache(expand)
+                logits, mask = logits[expand], mask[expand]
+        next_pos = prompt_lens[expand]
+
+        generator = torch.Generator(device=device)
+        if params.seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(int(params.seed))
+
+        stop_ids = self.eos_token_ids if params.stop_token_ids is None else params.stop_token_ids
+        stop = torch.tensor(stop_ids, dtype=torch.long, device=device) if stop_ids else None
+        can_compact = callable(getattr(cache, "reorder_cache", None))
+        sync_every = 1 if device.type == "cpu" else 8  # host syncs stall GPU kernel queues; CPU has none
+
+        out_tokens = torch.full((batch, max_new), self.pad_token_id, dtype=torch.long, device=device)
+        out_logprobs = torch.zeros((batch, max_new), dtype=torch.float32, device=device)
+        lengths = torch.full((batch,), max_new, dtype=torch.long, device=device)
+        stopped = torch.zeros(batch, dtype=torch.bool, device=device)
+        rows = torch.arange(batch, device=device)  # original row of each computed row
+        done = torch.zeros(batch, dtype=torch.bool, device=device)  # per computed row
+        compacted = False
+
+        for step in range(max_new):
+            token, logprob = sample_next(logits, params.temperature, params.top_k, params.top_p, generator)
+            if compacted:
+                out_tokens[rows, step] = token
+                out_logprobs[rows, step] = logprob
+            else:
+                out_tokens[:, step] = token
+                out_logprobs[:, step] = logprob
+            if step == max_new - 1:
+                break
+            if stop is not None:
+                first = torch.isin(token, stop) & ~done
+                lengths[rows] = torch.where(first, step + 1, lengths[rows])
+                stopped[rows] |= first
+                done |= first
+                if step % sync_every == 0:
+                    live = int((~done).sum())
+                    if live == 0:
+                        break
+                    if can_compact and live <= self.compact_below * done.numel():
+                        keep = (~done).nonzero().squeeze(1)
+                        cache.reorder_cache(keep)
+                        rows, mask, next_pos = rows[keep], mask[keep], next_pos[keep]
+                        token, done = token[keep], done[keep]
+                        compacted = True
+            # Feed the token just drawn: cache index width + step, sequence position prompt_len + step.
+            logits = self._forward(
+                token.unsqueeze(1), mask[:, : width + step + 1], (next_pos + step).unsqueeze(1), cache,
+                start=width + step,
+            )
+        if stop is not None and max_new >= 1:
+            # A stop token drawn at the very last step still counts as "stop".
+            last = torch.isin(out_tokens[:, max_new - 1], stop) & ~stopped & (lengths == max_new)
+            stopped |= last
+        del cache
+        return out_tokens.tolist(), out_logprobs.tolist(), lengths.tolist(), stopped.tolist()

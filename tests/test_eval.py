@@ -1,0 +1,219 @@
+"""`looprl eval`: pass@k / maj@k estimators, per-depth summaries, the eval loop and its JSON report."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import pytest
+
+from rl.evaluate import (
+    evaluate_depths,
+    flat_metrics,
+    maj_at_k,
+    parse_depths,
+    pass_at_k,
+    summarize_depth,
+)
+
+# ----------------------------------------------------------------------------- pass@k
+
+
+def brute_pass_at_k(n: int, c: int, k: int) -> float:
+    """Fraction of k-subsets of n samples (the first c correct) containing a correct one."""
+    subsets = list(itertools.combinations(range(n), k))
+    return sum(any(i < c for i in s) for s in subsets) / len(subsets)
+
+
+def test_pass_at_k_known_values():
+    assert pass_at_k(5, 2, 1) == pytest.approx(0.4)
+    assert pass_at_k(10, 3, 1) == pytest.approx(0.3)
+    assert pass_at_k(4, 1, 2) == pytest.approx(0.5)  # 1 - C(3,2)/C(4,2) = 1 - 3/6
+    assert pass_at_k(5, 0, 3) == 0.0
+    for n in range(1, 8):
+        for c in range(1, n + 1):
+            assert pass_at_k(n, c, n) == 1.0
+
+
+@pytest.mark.parametrize("n", range(1, 9))
+def test_pass_at_k_matches_subset_enumeration(n):
+    for c in range(n + 1):
+        for k in range(1, n + 1):
+            assert pass_at_k(n, c, k) == pytest.approx(brute_pass_at_k(n, c, k), abs=1e-12), (n, c, k)
+
+
+def test_pass_at_k_large_n_is_stable_and_matches_closed_form():
+    n, c, k = 1000, 37, 100
+    expected = 1 - math.comb(n - c, k) / math.comb(n, k)
+    assert pass_at_k(n, c, k) == pytest.approx(expected, rel=1e-10)
+
+
+def test_pass_at_k_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="n=3, c=4"):
+        pass_at_k(3, 4, 1)
+    with pytest.raises(ValueError, match="k=0"):
+        pass_at_k(3, 1, 0)
+
+
+# ----------------------------------------------------------------------------- maj@k
+
+
+def test_maj_at_k_majority_and_ties():
+    # 3 votes for the right answer vs 2 for a wrong one.
+    assert maj_at_k(["4", "4", "5", "4", "5"], [True, True, False, True, False]) == 1.0
+    assert maj_at_k(["5", "5", "4", "5", "4"], [False, False, True, False, True]) == 0.0
+    # 2-2 tie: half credit (expected value of a random tie-break).
+    assert maj_at_k(["4", "4", "5", "5"], [True, True, False, False]) == 0.5
+    # No extractable answers cast no vote; all-None is wrong.
+    assert maj_at_k([None, None, "4"], [False, False, True]) == 1.0
+    assert maj_at_k([None, None], [False, False]) == 0.0
+    # Whitespace / trailing period do not split the vote.
+    assert maj_at_k(["x + 1", "x+1", "2"], [True, True, False]) == 1.0
+    with pytest.raises(ValueError, match="2 answers but 3"):
+        maj_at_k(["1", "2"], [True, False, False])
+
+
+def test_maj_at_k_subset_average_matches_enumeration():
+    answers = ["4", "5", "4", "6", "5", "4"]
+    correct = [a == "4" for a in answers]
+    for k in range(1, len(answers) + 1):
+        wins = []
+        for s in itertools.combinations(range(len(answers)), k):
+            votes = [answers[i] for i in s]
+            counts = {a: votes.count(a) for a in set(votes)}
+            top = max(counts.values())
+            winners = [a for a in counts if counts[a] == top]
+            wins.append(("4" in winners) / len(winners))
+        assert maj_at_k(answers, correct, k) == pytest.approx(sum(wins) / len(wins)), k
+    # k=1 majority vote is just accuracy.
+    assert maj_at_k(answers, correct, 1) == pytest.approx(sum(correct) / len(correct))
+
+
+# ----------------------------------------------------------------------------- summaries
+
+
+def test_summarize_depth_per_prompt_groups():
+    # 2 prompts x n=3: prompt 0 has 1/3 correct, prompt 1 has 0/3 (one unscored).
+    rewards = [1.0, 0.0, 0.0, 0.0, None, 0.0]
+    m = summarize_depth(rewards, lengths=[4, 6, 8, 10, 12, 14], truncated=[False] * 5 + [True],
+                        answers=["4", "5", "5", "1", None, "2"], n=3)
+    assert m["accuracy"] == pytest.approx(1 / 6)
+    assert m["pass@k"] == pytest.approx(0.5) and m["k"] == 3
+    assert m["maj@k"] == 0.0  # prompt 0 votes "5" (wrong), prompt 1 has no right answer
+    assert m["len_mean"] == pytest.approx(9.0) and m["len_max"] == 14
+    assert m["truncated_frac"] == pytest.approx(1 / 6)
+    assert m["unscored_frac"] == pytest.approx(1 / 6)
+    assert m["num_prompts"] == 2
+    single = summarize_depth([1.0, 0.0], [3, 3], [False, False], [None, None], n=1)
+    assert "pass@k" not in single and single["accuracy"] == 0.5
+    with pytest.raises(ValueError, match="multiple of n=3"):
+        summarize_depth([1.0, 0.0], [1, 1], [False, False], [None, None], n=3)
+
+
+def test_flat_metrics_names_match_the_trainer_keys():
+    flat = flat_metrics({"1": {"accuracy": 0.25, "len_mean": 3.0}, "4": {"accuracy": 0.5}})
+    assert flat == {"eval/accuracy_d1": 0.25, "eval/len_mean_d1": 3.0, "eval/accuracy_d4": 0.5}
+
+
+def test_parse_depths():
+    assert parse_depths("1,2, 4") == [1, 2, 4]
+    with pytest.raises(ValueError, match="--depths"):
+        parse_depths("1,x")
+    with pytest.raises(ValueError, match="--depths"):
+        parse_depths("0,1")
+
+
+# ----------------------------------------------------------------------------- eval loop with fakes
+
+
+class FakeTokenizer:
+    """Chars <-> ids; the chat template is just the user content."""
+
+    eos_token_id = 0
+    pad_token_id = 0
+
+    def apply_chat_template(self, messages, add_generation_prompt, tokenize, return_dict=True):
+        assert add_generation_prompt and tokenize
+        return [ord(ch) for ch in messages[-1]["content"]]
+
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join(chr(i) for i in ids if not (skip_special_tokens and i == self.eos_token_id))
+
+
+class FakeWorker:
+    """Answers 'a+b' prompts; correct only when depth >= the number of digits in the sum (deeper = better)."""
+
+    def __init__(self, depth):
+        self.depth = depth
+        self.calls = 0
+
+    def generate(self, prompt_ids, params):
+        from rollout import Rollout
+
+        self.calls += 1
+        out = Rollout(depth=self.depth)
+        for p in prompt_ids:
+            a, b = "".join(chr(i) for i in p).split("+")
+            answer = str(int(a) + int(b)) if self.depth >= len(str(int(a) + int(b))) else "0"
+            for j in range(params.n):
+                text = answer if j % 2 == 0 or params.n == 1 else "7"
+                ids = [ord(ch) for ch in text]
+                truncated = len(ids) >= params.max_new_tokens
+                ids = ids[: params.max_new_tokens] + ([] if truncated else [0])
+                out.prompt_ids.append(list(p))
+                out.completion_ids.append(ids)
+                out.logprobs.append([0.0] * len(ids))
+                out.finish_reasons.append("length" if truncated else "stop")
+        return out
+
+
+def exact_match(prompts, completions, ground_truth, **kwargs):
+    assert {"completion_ids", "max_completion_length", "truncated"} <= set(kwargs)
+    return [float(c.strip() == g) for c, g in zip(completions, ground_truth)]
+
+
+def fake_dataset():
+    from datasets import Dataset
+
+    rows = [("3+4", "7"), ("5+6", "11"), ("40+2", "42"), ("2+2", "4")]
+    return Dataset.from_dict({"prompt": [[{"role": "user", "content": p}] for p, _ in rows],
+                              "ground_truth": [g for _, g in rows]})
+
+
+def test_evaluate_depths_with_fake_worker():
+    workers = {}
+
+    def factory(depth):
+        workers[depth] = FakeWorker(depth)
+        return workers[depth]
+
+    res = evaluate_depths(None, FakeTokenizer(), fake_dataset(), depths=[1, 2], n=1, max_new_tokens=8,
+                          reward_fn=exact_match, batch_size=3, worker_factory=factory)
+    assert set(res) == {"1", "2"}
+    assert res["1"]["accuracy"] == pytest.approx(0.5)  # only the 1-digit sums
+    assert res["2"]["accuracy"] == pytest.approx(1.0)
+    assert res["1"]["num_prompts"] == 4 and "pass@k" not in res["1"]
+    assert workers[1].calls == 2  # 4 prompts in batches of 3
+    json.dumps(res)  # serialisable as is
+
+    res = evaluate_depths(None, FakeTokenizer(), fake_dataset(), depths=[2], n=4, temperature=1.0,
+                          max_new_tokens=2, reward_fn=exact_match, worker_factory=FakeWorker)
+    m = res["2"]
+    # Even samples give the sum, odd ones "7": prompt "3+4" is always right, the others half the time.
+    assert m["accuracy"] == pytest.approx(10 / 16)
+    assert m["pass@k"] == 1.0 and m["k"] == 4
+    assert m["maj@k"] == pytest.approx((1 + 0.5 * 3) / 4)  # 2-2 ties score half
+    # Two-digit sums fill max_new_tokens=2 with no room for EOS: 4 of 16 samples truncated.
+    assert m["truncated_frac"] == pytest.approx(0.25)
+
+
+def test_evaluate_depths_rejects_greedy_n_gt_1_and_missing_columns():
+    from datasets import Dataset
+
+    with pytest.raises(ValueError, match="temperature"):
+        evaluate_depths(None, FakeTokenizer(), fake_dataset(), [1], n=2, temperature=0.0,
+                        reward_fn=exact_match, worker_factory=FakeWorker)
+    with pytest.raises(ValueError, match="ground_truth"):
+        evaluate_depths(None, FakeTokenizer(), Dataset.from_dict({"prompt": ["1+1"]}), [1],
+                        reward_fn=exact_match, worker_factory=FakeWorker)
