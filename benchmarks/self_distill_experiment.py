@@ -29,13 +29,14 @@ import torch
 THRESHOLDS = (0.5, 0.7, 0.9)
 
 
-def train(run_dir: Path, seed: int, steps: int, coef: float, extra: list[str]) -> float:
+def train(run_dir: Path, seed: int, steps: int, coef: float, extra: list[str], threads: int) -> float:
     """One `looprl train` run in a subprocess (isolated memory, same code path as a user)."""
     cmd = [sys.executable, "-m", "rl", "train", "--output_dir", str(run_dir), "--seed", str(seed),
            "--max_steps", str(steps), "--self_distill_coef", str(coef), *extra]
     print("+", " ".join(cmd), flush=True)
     start = time.perf_counter()
-    subprocess.run(cmd, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads)}
+    subprocess.run(cmd, check=True, env=env)
     return time.perf_counter() - start
 
 
@@ -117,6 +118,8 @@ def evaluate(model_dir: str, limit: int, thresholds=THRESHOLDS, max_new_tokens: 
 
 
 def mean_sd(values: list[float]) -> str:
+    if any(v != v for v in values):  # NaN: e.g. no deep-exit gain to retain
+        return "n/a"
     if len(values) == 1:
         return f"{values[0]:.3f}"
     return f"{statistics.mean(values):.3f}±{statistics.stdev(values):.3f}"
@@ -165,9 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=200, help="arith test prompts to evaluate")
     p.add_argument("--thresholds", default=",".join(str(t) for t in THRESHOLDS))
     p.add_argument("--eval_only", action="store_true", help="skip training; evaluate existing run dirs")
+    p.add_argument("--threads", type=int, default=1, help="torch threads for eval and training")
     p.add_argument("--train_args", default="", help="extra `looprl train` overrides, e.g. '--lr 1e-4'")
     args = p.parse_args(argv)
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    torch.set_num_threads(args.threads)  # the 2-core box is shared: oversubscribed threads crawl
     from rl.data import EMBEDDED_MODEL
 
     out = Path(args.out)
@@ -189,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             run_dir = out / f"{arm}_s{seed}"
             key = f"{arm}/{seed}"
             if not args.eval_only:
-                elapsed = train(run_dir, seed, args.steps, coefs[arm], args.train_args.split())
+                elapsed = train(run_dir, seed, args.steps, coefs[arm], args.train_args.split(), args.threads)
                 report.setdefault("train_s", {})[key] = elapsed
             report["runs"][key] = evaluate(str(run_dir / "final"), args.limit, thresholds)
             report_path.write_text(json.dumps(report, indent=2, default=str) + "\n")

@@ -41,6 +41,7 @@ _MATH_DELIMS = re.compile(r"\\\$|\$\$|\$|\\\(|\\\)|\\\[|\\\]")
 _LEADING_PROSE = re.compile(
     r"^(?:(?:so|thus|therefore|hence)\b,?\s*)?(?:[A-Za-z][A-Za-z' ]*?\s+)?(?:is|are|equals|was|=)\s*:?\s+(.+)$",
     re.IGNORECASE)
+_SPECIAL_TOKENS = re.compile(r"<\|[^|<>\s]{1,40}\|>|</s>|<eos>|<end_of_turn>")
 _SENTENCE_END = re.compile(r"(?<=[^\s.])[.;!](?:\s+|$)")
 _CLAUSE = re.compile(r",\s+(?=(?:because|since|which|as|so|where|when|given|assuming)\b)", re.IGNORECASE)
 _PAREN_REMARK = re.compile(r"^(.*\S)\s*\(([^()]*)\)$")
@@ -52,25 +53,36 @@ _BLOCKING_WORDS = frozenset(
     "seventy eighty ninety hundred thousand million billion half halves third thirds quarter quarters".split())
 
 
+_BRACE = re.compile(r"(?<!\\)[{}]")
+
+
+def _brace_pairs(text: str) -> dict[int, int]:
+    """Index of every `{` -> index just past its matching `}` (escaped braces ignored). One linear
+    pass: scanning from each opening brace instead is quadratic on `\\boxed{\\boxed{...` junk."""
+    stack: list[int] = []
+    pairs: dict[int, int] = {}
+    for match in _BRACE.finditer(text):
+        if match.group() == "{":
+            stack.append(match.start())
+        elif stack:
+            pairs[stack.pop()] = match.end()
+    return pairs
+
+
 def _balanced(text: str, open_index: int) -> int | None:
     """Index just past the brace that closes the `{` at open_index, or None if never closed."""
-    depth = 0
-    for i in range(open_index, len(text)):
-        char = text[i]
-        if char == "{" and text[i - 1] != "\\":
-            depth += 1
-        elif char == "}" and text[i - 1] != "\\":
-            depth -= 1
-            if depth == 0:
-                return i + 1
-    return None
+    return _brace_pairs(text).get(open_index)
 
 
 def _boxed_spans(text: str) -> list[tuple[int, int, str]]:
     """(start, end, content) of every `\\boxed{...}` / `\\fbox{...}` with balanced braces."""
+    starts = list(_BOX_START.finditer(text))
+    if not starts:
+        return []
+    pairs = _brace_pairs(text)
     spans = []
-    for match in _BOX_START.finditer(text):
-        end = _balanced(text, match.end() - 1)
+    for match in starts:
+        end = pairs.get(match.end() - 1)
         if end is not None:
             spans.append((match.start(), end, text[match.end():end - 1]))
     return spans
@@ -123,6 +135,9 @@ def _strip_trailing_prose(s: str) -> str:
 
 
 def _clean_candidate(s: str) -> str:
+    if len(s) > 4 * MAX_ANSWER_CHARS:  # far too long to be an answer: skip the prose heuristics
+        return s.strip()
+    s = _SPECIAL_TOKENS.sub(" ", s)  # when a caller decoded without skip_special_tokens
     s = s.replace("**", "").replace("`", "").strip().strip("*_").strip()
     s = _unbox(s)
     s = _MATH_DELIMS.sub(lambda m: "" if m.group(0) == "\\$" else " ", s)
@@ -138,17 +153,20 @@ def extract_answer(text: str) -> str | None:
     """The final answer in a full model response, or None if there is none.
 
     Order: the last `Answer:` line (DAPO's format; bold, `$..$`, `\\(..\\)`, boxed, trailing period and
-    trailing prose tolerated), else the last `\\boxed{}` (all boxes on that line if there are several),
-    else the whole response when it is one short line (a bare answer).
+    trailing prose tolerated) unless a `\\boxed{}` comes after it; else the last `\\boxed{}` (all boxes
+    on that line if there are several); else the whole response when it is one short line (a bare answer).
     """
     if not isinstance(text, str) or not text.strip():
         return None
     anchors = list(_ANCHOR.finditer(text))
-    if anchors:
-        candidate = _clean_candidate(_chunk_after_anchor(text[anchors[-1].end():]))
-        if candidate:
-            return candidate
     spans = _boxed_spans(text)
+    if anchors:
+        rest = text[anchors[-1].end():]
+        chunk = _chunk_after_anchor(rest)
+        chunk_end = anchors[-1].end() + rest.find(chunk) + len(chunk) if chunk else anchors[-1].end()
+        candidate = _clean_candidate(chunk)
+        if candidate and not (spans and spans[-1][0] >= chunk_end):  # a later box is the final answer
+            return candidate
     if spans:
         last_start = spans[-1][0]
         line_start = text.rfind("\n", 0, last_start) + 1
@@ -157,7 +175,7 @@ def extract_answer(text: str) -> str | None:
         candidate = _clean_candidate(", ".join(distinct)) if distinct else ""
         return candidate or None
     stripped = text.strip()
-    if "\n" not in stripped and len(stripped) <= 200:
+    if not anchors and "\n" not in stripped and len(stripped) <= 200:
         return _clean_candidate(stripped) or None
     return None
 
@@ -170,7 +188,7 @@ _UNITS = frozenset(
     "lbs lb meters meter metres metre seconds second sec s days day years year miles mile students people "
     "percent liters liter ml grams gram ounces oz yards yard mm cm^2 cm^3 m^2 m^3 radians rad".split())
 _TEXT_COMMANDS = re.compile(r"\\(?:text|textbf|textrm|textit|mathrm|mathbf|mbox|operatorname)\s*\{")
-_SPACING = re.compile(r"\\[,;:! ]|\\q?quad\b|~")
+_SPACING = re.compile(r"(?<!\\)\\[,;:! ]|\\q?quad\b|~")  # not the `\\` of matrix rows
 _DEGREES = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|\\circ|\\degree|°")
 _THOUSANDS = re.compile(r"^[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
 _ASSIGNMENT = re.compile(r"^\s*[A-Za-z](?:_\{?\w+\}?)?\s*=\s*([^=]+)$")
@@ -197,6 +215,8 @@ def _strip_text_commands(s: str) -> str:
 @functools.lru_cache(maxsize=65536)
 def normalize_answer(answer: str) -> str:
     """Canonical string form of an answer (no delimiters, units, %, degrees, thousands separators)."""
+    if len(answer) > 4 * MAX_ANSWER_CHARS:  # garbage; rejected as too long by the caller anyway
+        return answer.strip()
     s = _unbox(answer.strip())
     s = _MATH_DELIMS.sub(lambda m: "" if m.group(0) == "\\$" else " ", s)
     s = s.replace("−", "-").replace("–", "-").replace("\u2009", "").replace("\u00a0", " ")
@@ -225,11 +245,13 @@ def normalize_answer(answer: str) -> str:
 
 _INT_OR_DECIMAL = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)")
 _SLASH_FRACTION = re.compile(r"([+-]?\d+)\s*/\s*([+-]?\d+)")
+_REPEATING = re.compile(r"([+-]?)(\d*)\.(\d*)\\overline\{(\d+)\}")
 _LATEX_FRACTION = re.compile(r"([+-]?)\\frac\s*(?:\{\s*([+-]?\d+)\s*\}|(\d))\s*(?:\{\s*([+-]?\d+)\s*\}|(\d))")
 
 
 def parse_literal(s: str) -> Fraction | None:
-    """Exact value of a plain number (`-12`, `007`, `34.0`, `.5`, `3/4`, `\\frac{3}{4}`, `\\frac34`)."""
+    """Exact value of a plain number (`-12`, `007`, `34.0`, `.5`, `3/4`, `\\frac{3}{4}`, `\\frac34`,
+    `0.\\overline{3}`)."""
     s = s.strip()
     if not s or len(s) > 60:
         return None
@@ -238,6 +260,11 @@ def parse_literal(s: str) -> Fraction | None:
             return Fraction(s)
         if match := _SLASH_FRACTION.fullmatch(s):
             return Fraction(int(match.group(1)), int(match.group(2)))
+        if match := _REPEATING.fullmatch(s):  # 0.1\overline{6} = 1/6
+            sign, whole, fixed, repeat = match.groups()
+            value = int(whole or 0) + (Fraction(int(fixed or 0)) + Fraction(int(repeat), 10 ** len(repeat) - 1)) \
+                / 10 ** len(fixed)
+            return -value if sign == "-" else value
         if match := _LATEX_FRACTION.fullmatch(s):
             sign = -1 if match.group(1) == "-" else 1
             return sign * Fraction(int(match.group(2) or match.group(3)), int(match.group(4) or match.group(5)))
@@ -269,6 +296,8 @@ def _several_candidates(s: str) -> str | None:
         return f"answer mixes words ({', '.join(sorted(words)[:3])}) and numbers"
     if re.search(r"\d\s+[+-]?\d", s):
         return "several numbers side by side"
+    if re.search(r"\d\s*\(\s*[+-]?[\d.]+\s*\)", s):
+        return "a number next to a parenthesised number (math-verify reads 2(3) as a mixed number)"
     if re.search(r"(?<![A-Za-z\\])(?:or|and)(?![A-Za-z])", s) and len(re.findall(r"\d+", s)) >= 2:
         return "several alternatives ('or' / 'and')"
     return None
@@ -296,7 +325,7 @@ def fast_compare(pred: str, gold: str) -> tuple[bool | None, str]:
     if p_value is not None and g_value is not None:
         return p_value == g_value, f"exact number comparison ({p_value} vs {g_value})"
     reason = _several_candidates(p)
-    if reason and not _several_candidates(g):
+    if reason and not _several_candidates(g) and "," not in g:  # a listed gold makes `3 and 5` fair
         return False, reason
     return None, "needs symbolic check"
 
@@ -390,9 +419,9 @@ def verify_batch(responses: list[str], ground_truths: list[str], *, timeout: flo
         raise ValueError(f"verify_batch: {len(responses)} responses but {len(ground_truths)} ground truths")
     timeout = _SETTINGS["timeout"] if timeout is None else timeout
     verdicts: list[Verdict | None] = [None] * len(responses)
+    extracted_all = [extract_answer(response) for response in responses]
     slow: dict[tuple[str, str], list[int]] = {}
-    for i, (response, gold) in enumerate(zip(responses, ground_truths)):
-        extracted = extract_answer(response)
+    for i, (extracted, gold) in enumerate(zip(extracted_all, ground_truths)):
         if extracted is None:
             verdicts[i] = Verdict(None, False, "no answer found", "none")
             continue
@@ -410,11 +439,11 @@ def verify_batch(responses: list[str], ground_truths: list[str], *, timeout: flo
     _count("no_answer", sum(v is not None and v.path == "none" for v in verdicts))
     _count("fast", sum(v is not None and v.path in ("fast", "cached") for v in verdicts))
     if slow:
-        _run_symbolic(slow, responses, verdicts, timeout, inline)
+        _run_symbolic(slow, extracted_all, verdicts, timeout, inline)
     return [v for v in verdicts if v is not None]
 
 
-def _run_symbolic(slow: dict[tuple[str, str], list[int]], responses: list[str], verdicts: list[Verdict | None],
+def _run_symbolic(slow: dict[tuple[str, str], list[int]], extracted: list[str | None], verdicts: list[Verdict | None],
                   timeout: float, inline: bool) -> None:
     from rewards.pool import TaskResult
 
@@ -426,13 +455,11 @@ def _run_symbolic(slow: dict[tuple[str, str], list[int]], responses: list[str], 
         for key in keys:
             try:
                 results.append(TaskResult(True, value=symbolic_equal(*key)))
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:  # noqa: BLE001  (same contract as the pool: an error scores as wrong)
                 results.append(TaskResult(False, error=f"{type(exc).__name__}: {exc}"))
-    else:
-        from rewards.symbolic import symbolic_equal
-
+    else:  # by name, so this process never imports sympy / math-verify
         with _POOL_LOCK:
-            results = get_pool().map(symbolic_equal, keys, timeout=timeout)
+            results = get_pool().map("rewards.symbolic:symbolic_equal", keys, timeout=timeout)
     for key, result in zip(keys, results):
         indices = slow[key]
         _count("symbolic", len(indices))
@@ -446,7 +473,7 @@ def _run_symbolic(slow: dict[tuple[str, str], list[int]], responses: list[str], 
             path = "timeout" if result.timed_out else "error"
             _count("timeouts" if result.timed_out else "errors", len(indices))
         for i in indices:
-            verdicts[i] = Verdict(extract_answer(responses[i]), equal, reason, path)
+            verdicts[i] = Verdict(extracted[i], equal, reason, path)
 
 
 def explain(response: str, ground_truth: str, *, timeout: float | None = None) -> Verdict:

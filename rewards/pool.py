@@ -42,8 +42,12 @@ class TaskResult:
 def _worker_main(conn: Connection, preload: Sequence[str], parent_pid: int) -> None:
     """Worker loop: receive (fn, args), send back ("ok", value) or ("err", message). Never raises.
     Exits when the parent is gone (a forked child may hold copies of the parent's pipe ends)."""
-    for module in preload:
-        importlib.import_module(module)
+    try:
+        for module in preload:
+            importlib.import_module(module)
+    except Exception as exc:  # noqa: BLE001  (a setup problem, e.g. math-verify missing: tell the parent)
+        conn.send(("fatal", f"{type(exc).__name__}: {exc}"))
+        return
     conn.send(_READY)
     while True:
         try:
@@ -58,6 +62,9 @@ def _worker_main(conn: Connection, preload: Sequence[str], parent_pid: int) -> N
             return
         fn, args = task
         try:
+            if isinstance(fn, str):  # "module:function", resolved here so the parent needn't import it
+                module_name, _, name = fn.partition(":")
+                fn = getattr(importlib.import_module(module_name), name)
             conn.send(("ok", fn(*args)))
         except BaseException as exc:  # noqa: BLE001  (anything a verifier throws scores as an error)
             conn.send(("err", f"{type(exc).__name__}: {exc}"[:500]))
@@ -82,9 +89,9 @@ class _Worker:
 class WorkerPool:
     """`num_workers` long-lived processes; `map(fn, args_list, timeout)` keeps all of them busy.
 
-    `fn` must be picklable (a module-level function). A task that exceeds `timeout` seconds, or whose
-    worker dies, yields a failed TaskResult instead of an exception; the pool replaces the worker and
-    carries on. The pool is meant to be created once and reused (see `rewards.math.get_pool`).
+    `fn` must be picklable (a module-level function) or a "module:function" name. A task that exceeds
+    `timeout` seconds, or whose worker dies, yields a failed TaskResult instead of an exception; the
+    pool replaces the worker and carries on. The pool is meant to be created once and reused (see `rewards.math.get_pool`).
     """
 
     def __init__(self, num_workers: int = 2, start_method: str | None = None,
@@ -107,8 +114,9 @@ class WorkerPool:
         self._workers[self._workers.index(worker)] = fresh
         return fresh
 
-    def map(self, fn: Callable[..., Any], args_list: Sequence[tuple], timeout: float) -> list[TaskResult]:
-        """Run fn(*args) for every args tuple; at most `timeout` seconds each, counted from dispatch."""
+    def map(self, fn: Callable[..., Any] | str, args_list: Sequence[tuple], timeout: float) -> list[TaskResult]:
+        """Run fn(*args) for every args tuple; at most `timeout` seconds each, counted from dispatch.
+        `fn` is a picklable callable or a "module:function" name that the workers import."""
         if self._workers is None:
             raise RuntimeError("WorkerPool.map called after close()")
         results: list[TaskResult | None] = [None] * len(args_list)
@@ -156,6 +164,8 @@ class WorkerPool:
         if message == _READY:
             worker.ready = True
             return
+        if message[0] == "fatal":  # restarting would fail the same way: a setup error, not a bad item
+            raise RuntimeError(f"verifier worker could not start: {message[1]}")
         if worker.task is None:
             return
         index = worker.task[0]

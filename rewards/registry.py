@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 from collections.abc import Callable
 
 RewardFn = Callable[..., list]
@@ -78,3 +79,25 @@ def get(name: str | RewardFn, **options) -> RewardFn:
     bound = functools.partial(fn, **options)
     functools.update_wrapper(bound, fn)
     return bound
+
+
+def _accepts(fn: RewardFn, name: str) -> bool:
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def call(fn: RewardFn, prompts: list, completions: list, **columns) -> list[float | None]:
+    """Call any reward function as TRL's GRPOTrainer does: everything by keyword, because TRL's own
+    functions do not take `prompts` positionally (`accuracy_reward(completions, solution, **kw)`).
+    When the function has a `solution` parameter (TRL / open-r1) and only `ground_truth` is given,
+    the gold answers are passed under both names. Checks one score per completion."""
+    kwargs = dict(columns)
+    if "ground_truth" in kwargs and "solution" not in kwargs and _accepts(fn, "solution"):
+        kwargs["solution"] = kwargs["ground_truth"]
+    scores = list(fn(prompts=prompts, completions=completions, **kwargs))
+    if len(scores) != len(completions):
+        name = getattr(fn, "__name__", type(fn).__name__)
+        raise ValueError(f"reward {name!r} returned {len(scores)} scores for {len(completions)} completions")
+    return scores

@@ -28,7 +28,8 @@ def _parse(answer: str) -> list:
 
 def _covers_all_numbers(answer: str, parsed_text: str) -> bool:
     """math-verify may parse only a prefix (`3 apples 5` -> 3); every number must survive."""
-    return _DIGITS.findall(answer.replace(",", "")) == _DIGITS.findall(parsed_text.replace(",", ""))
+    # Digit characters in order: math-verify rewrites `\\frac12` as `\\frac{1}{2}`, never reorders digits.
+    return "".join(_DIGITS.findall(answer)) == "".join(_DIGITS.findall(parsed_text))
 
 
 def _exact_vs_literal(literal: Fraction, expr: sympy.Basic) -> tuple[bool, str] | None:

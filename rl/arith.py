@@ -27,9 +27,10 @@ SPLITS = ("train", "test")
 
 @dataclass(frozen=True)
 class ArithConfig:
-    """Difficulty knob and sizes. Each operand has 1..digits digits (digit count drawn uniformly)."""
+    """Difficulty knob and sizes. Every operand has exactly `digits` digits (fixed digit positions
+    keep the task learnable by a tiny char-level model; the carries are what make it deep)."""
 
-    digits: int = 2  # most digits of one operand
+    digits: int = 2  # digits of every operand
     operands: int = 3  # numbers per problem
     ops: str = "+"  # operator alphabet, any of "+-*" (evaluated with the usual precedence)
     seed: int = 0
@@ -91,12 +92,11 @@ def split_of(problem: str) -> str:
 
 def _random_problem(rng: random.Random, cfg: ArithConfig) -> str:
     parts = []
+    low = 0 if cfg.digits == 1 else 10 ** (cfg.digits - 1)
     for i in range(cfg.operands):
-        n_digits = rng.randint(1, cfg.digits)
-        low = 0 if n_digits == 1 else 10 ** (n_digits - 1)
         if i:
             parts.append(rng.choice(cfg.ops))
-        parts.append(str(rng.randint(low, 10**n_digits - 1)))
+        parts.append(str(rng.randint(low, 10**cfg.digits - 1)))
     return "".join(parts)
 
 
@@ -112,30 +112,51 @@ def make_row(problem: str, split: str) -> dict:
     }
 
 
+def _all_problems(cfg: ArithConfig) -> list[str]:
+    low = 0 if cfg.digits == 1 else 10 ** (cfg.digits - 1)
+    numbers = [str(v) for v in range(low, 10**cfg.digits)]
+    ops = sorted(set(cfg.ops))
+    problems = numbers
+    for _ in range(cfg.operands - 1):
+        problems = [p + op + x for p in problems for op in ops for x in numbers]
+    return problems
+
+
+def space_size(cfg: ArithConfig) -> int:
+    """Number of distinct problems (both splits) for this difficulty."""
+    count = 10**cfg.digits - (0 if cfg.digits == 1 else 10 ** (cfg.digits - 1))
+    return count**cfg.operands * len(set(cfg.ops)) ** (cfg.operands - 1)
+
+
 def generate(split: str = "train", cfg: ArithConfig | None = None, n: int | None = None) -> list[dict]:
-    """`n` distinct problems of `split` (default cfg.n_train / cfg.n_test), deterministic in cfg.seed."""
+    """`n` distinct problems of `split`, deterministic in cfg.seed. Without `n`: cfg.n_train / cfg.n_test,
+    or every problem of the split when the problem space is smaller than that."""
     cfg = cfg or ArithConfig()
     if split not in SPLITS:
         raise ValueError(f"arith: unknown split {split!r}; choose one of {', '.join(SPLITS)}")
-    n = n if n is not None else (cfg.n_train if split == "train" else cfg.n_test)
+    wanted = n if n is not None else (cfg.n_train if split == "train" else cfg.n_test)
     rng = random.Random(f"arith/{cfg.seed}/{split}/{cfg.digits}/{cfg.operands}/{cfg.ops}")
-    seen: set[str] = set()
-    rows: list[dict] = []
-    max_draws = 50 * n + 10_000
-    for _ in range(max_draws):
-        if len(rows) == n:
-            break
-        problem = _random_problem(rng, cfg)
-        if problem in seen or split_of(problem) != split:
-            continue
-        seen.add(problem)
-        rows.append(make_row(problem, split))
-    if len(rows) < n:
+    if space_size(cfg) <= 200_000:  # small space: enumerate it, so a split is never silently short
+        problems = [p for p in _all_problems(cfg) if split_of(p) == split]
+        rng.shuffle(problems)
+        if n is None:
+            wanted = min(wanted, len(problems))
+    else:
+        seen: set[str] = set()
+        problems = []
+        for _ in range(50 * wanted + 10_000):
+            if len(problems) == wanted:
+                break
+            problem = _random_problem(rng, cfg)
+            if problem not in seen and split_of(problem) == split:
+                seen.add(problem)
+                problems.append(problem)
+    if len(problems) < wanted:
         raise ValueError(
-            f"arith: found only {len(rows)} distinct {split} problems for {asdict(cfg)}; "
-            f"ask for fewer (n={n}) or raise digits/operands"
+            f"arith: found only {len(problems)} distinct {split} problems for {asdict(cfg)}; "
+            f"ask for fewer (n={wanted}) or raise digits/operands"
         )
-    return rows
+    return [make_row(p, split) for p in problems[:wanted]]
 
 
 def completion(answer: str) -> str:

@@ -39,13 +39,18 @@ class TrainConfig:
     update_depth: int | None = None  # experiment only: needs allow_depth_mismatch
     allow_depth_mismatch: bool = False
     engine: str = "torch"  # torch | vllm
-    dtype: str = "float32"
+    dtype: str = "float32"  # trainer weights (fp32 master weights recommended)
+    gradient_checkpointing: bool = False  # recompute activations in backward (long completions)
+    vllm_dtype: str = "bfloat16"  # rollout engine weights (vllm only)
     vllm_gpu_memory_utilization: float = 0.5
+    vllm_tensor_parallel_size: int = 1
+    vllm_max_model_len: int | None = None  # None = max_prompt_length + max_new_tokens
 
     # --- data ---
     data: str = "arith"  # a name known to rl.data.load_prompts or a local file
     data_split: str = "train"
     data_limit: int | None = None
+    max_prompt_length: int = 2048  # longer prompts are left-truncated (with a warning)
 
     # --- rewards: weighted list of registry names ("pkg.mod:fn" also works) ---
     rewards: list[str] = field(default_factory=lambda: ["dapo_math"])
@@ -102,6 +107,7 @@ class TrainConfig:
 
     # --- run ---
     seed: int = 0
+    torch_threads: int = 0  # CPU threads for torch; 0 = auto (1 for a tiny model on CPU, else torch's default)
     output_dir: str = "runs/default"
     save_every: int = 0  # 0 = only at the end / on interrupt
     resume: bool = False
@@ -233,6 +239,7 @@ def _positive(cfg: TrainConfig, *keys: str, allow_zero: bool = False) -> None:
 
 def validate(cfg: TrainConfig, max_depth: int | None = None, num_processes: int = 1) -> TrainConfig:
     """Raise ConfigError naming the key for anything that cannot run. `max_depth` = the model's loops."""
+    _choice(cfg, "vllm_dtype", DTYPES)
     for key in ("engine", "dtype", "loss_type", "scale_rewards", "lr_scheduler", "tis_mode", "report_to"):
         _choice(cfg, key, {"engine": ENGINES, "dtype": DTYPES, "loss_type": LOSS_TYPES,
                            "scale_rewards": SCALE_REWARDS, "lr_scheduler": SCHEDULERS, "tis_mode": TIS_MODES,
@@ -243,11 +250,11 @@ def validate(cfg: TrainConfig, max_depth: int | None = None, num_processes: int 
         validate_self_distill(cfg, depth=cfg.depth if cfg.self_distill_coef > 0 else None)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    _positive(cfg, "num_generations", "max_new_tokens", "temperature", "num_iterations", "max_rounds",
+    _positive(cfg, "num_generations", "max_new_tokens", "max_prompt_length", "vllm_tensor_parallel_size", "temperature", "num_iterations", "max_rounds",
               "lr", "max_steps", "prompts_per_step", "micro_batch_size", "max_nan_steps", "cispo_cap",
               "tis_cap")
     _positive(cfg, "beta", "warmup_steps", "save_every", "eval_every", "overlong_buffer_len", "weight_decay",
-              "max_grad_norm", "log_samples", "mini_batch_size", "top_k",
+              "max_grad_norm", "log_samples", "torch_threads", "mini_batch_size", "top_k",
               "eps_low", "eps_high", "overlong_penalty", allow_zero=True)
     if not 0.0 < cfg.top_p <= 1.0:
         raise ConfigError(f"config key 'top_p': must be in (0, 1], got {cfg.top_p}")
@@ -297,8 +304,9 @@ def validate(cfg: TrainConfig, max_depth: int | None = None, num_processes: int 
             f"config key 'prompts_per_step': {cfg.prompts_per_step} does not split over {num_processes} processes")
     if cfg.eval_every and not cfg.eval_data:
         raise ConfigError("config key 'eval_data': required when eval_every > 0")
-    if cfg.engine == "vllm" and cfg.dtype == "float32":
-        pass  # allowed: vLLM runs fp32 too, only slower
+    if not 0.0 < cfg.vllm_gpu_memory_utilization <= 1.0:
+        raise ConfigError(f"config key 'vllm_gpu_memory_utilization': must be in (0, 1], got "
+                          f"{cfg.vllm_gpu_memory_utilization}")
     return cfg
 
 

@@ -149,30 +149,40 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="sample", disable=not enabled, leave=False, dynamic_ncols=True)
 
 
-def _extract_answer(text: str) -> str | None:
-    try:
-        from rewards.math import extract_answer
-    except ImportError:  # rewards package not there yet: maj@k falls back to the raw last line
-        lines = [line for line in text.strip().splitlines() if line.strip()]
-        return lines[-1] if lines else None
-    return extract_answer(text)
+def _score(reward_fn: Callable, prompts: list[Any], rows: list[int], columns: Mapping[str, list[Any]],
+           texts: list[str], completion_ids: list[list[int]], truncated: list[bool],
+           max_new_tokens: int) -> list[float | None]:
+    """Score samples as the trainer does: TRL's convention, everything by keyword, dataset columns as
+    keyword lists, and completions as assistant messages when the prompts are chat messages."""
+    import rewards
+
+    sample_prompts = [prompts[i] for i in rows]
+    completions: list[Any] = [
+        [{"role": "assistant", "content": t}] if isinstance(p, list) else t for p, t in zip(sample_prompts, texts)
+    ]
+    return rewards.call(reward_fn, sample_prompts, completions,
+                        **{name: [values[i] for i in rows] for name, values in columns.items()},
+                        completion_ids=completion_ids, max_completion_length=max_new_tokens, truncated=truncated)
 
 
-def _score(reward_fn: Callable, prompts: list[Any], completions: list[str], completion_ids: list[list[int]],
-           ground_truth: list[str], truncated: list[bool], max_new_tokens: int) -> list[float | None]:
-    scores = reward_fn(prompts, completions, ground_truth=ground_truth, completion_ids=completion_ids,
-                       max_completion_length=max_new_tokens, truncated=truncated)
-    if len(scores) != len(completions):
-        raise ValueError(f"reward function returned {len(scores)} scores for {len(completions)} completions")
-    return list(scores)
-
-
-def _dataset_columns(dataset) -> tuple[list[Any], list[str]]:
-    columns = getattr(dataset, "column_names", None) or (list(dataset[0].keys()) if len(dataset) else [])
+def _dataset_columns(dataset) -> tuple[list[Any], dict[str, list[Any]]]:
+    """(prompts, other columns as lists) of an eval set; it needs `prompt` and `ground_truth`."""
+    names = list(getattr(dataset, "column_names", None) or (dataset[0].keys() if len(dataset) else []))
     for col in ("prompt", "ground_truth"):
-        if col not in columns:
-            raise ValueError(f"eval dataset has no {col!r} column (columns: {columns})")
-    return list(dataset["prompt"]), [str(g) for g in dataset["ground_truth"]]
+        if col not in names:
+            raise ValueError(f"eval dataset has no {col!r} column (columns: {names})")
+    columns = {name: list(dataset[name]) for name in names if name not in ("prompt", "completion")}
+    columns["ground_truth"] = [str(g) for g in columns["ground_truth"]]
+    return list(dataset["prompt"]), columns
+
+
+def _release_memory() -> None:
+    import gc
+
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def evaluate_depths(model, tokenizer, dataset, depths: Sequence[int], n: int = 1, temperature: float = 0.0,
@@ -186,6 +196,7 @@ def evaluate_depths(model, tokenizer, dataset, depths: Sequence[int], n: int = 1
     `model`); batch_size counts prompts per generate call (each with n samples).
     """
     import rewards
+    from rewards.math import extract_answer
     from rollout import SamplingParams
 
     if n < 1:
@@ -195,7 +206,7 @@ def evaluate_depths(model, tokenizer, dataset, depths: Sequence[int], n: int = 1
     if n > 1 and temperature == 0:
         raise ValueError("n > 1 with temperature 0 draws n identical greedy samples; set temperature > 0")
     score_fn = rewards.get(reward_fn) if isinstance(reward_fn, str) else reward_fn
-    prompts, ground_truth = _dataset_columns(dataset)
+    prompts, columns = _dataset_columns(dataset)
     if not prompts:
         raise ValueError("eval dataset is empty")
     prompt_ids = encode_prompts(tokenizer, prompts)
@@ -221,29 +232,33 @@ def evaluate_depths(model, tokenizer, dataset, depths: Sequence[int], n: int = 1
             lengths: list[int] = []
             truncated: list[bool] = []
             answers: list[str | None] = []
-            start = time.perf_counter()
+            start, gen_time = time.perf_counter(), 0.0
             bar.set_description(f"eval depth {depth}")
             for b, idx in enumerate(_batches(range(len(prompts)), batch_size)):
                 params = SamplingParams(n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                         seed=seed + 1000 * depth + b)
+                t0 = time.perf_counter()
                 rollout = worker.generate([prompt_ids[i] for i in idx], params)
+                gen_time += time.perf_counter() - t0
                 if len(rollout.completion_ids) != len(idx) * n:
                     raise RuntimeError(f"worker returned {len(rollout.completion_ids)} samples for "
                                        f"{len(idx)} prompts x n={n}")
                 texts = [tokenizer.decode(c, skip_special_tokens=True) for c in rollout.completion_ids]
                 trunc = [r == "length" for r in rollout.finish_reasons]
-                rewards_d += _score(score_fn, [prompts[i] for i in idx for _ in range(n)], texts,
-                                    [list(c) for c in rollout.completion_ids],
-                                    [ground_truth[i] for i in idx for _ in range(n)], trunc, max_new_tokens)
+                rewards_d += _score(score_fn, prompts, [i for i in idx for _ in range(n)], columns, texts,
+                                    [list(c) for c in rollout.completion_ids], trunc, max_new_tokens)
                 lengths += [len(c) for c in rollout.completion_ids]
                 truncated += trunc
-                answers += [_extract_answer(t) for t in texts] if n > 1 else [None] * len(texts)
+                answers += [extract_answer(t) for t in texts] if n > 1 else [None] * len(texts)
                 bar.update(len(texts))
             elapsed = time.perf_counter() - start
             metrics = summarize_depth(rewards_d, lengths, truncated, answers, n)
             metrics["time_s"] = elapsed
-            metrics["tokens_per_s"] = sum(lengths) / elapsed if elapsed > 0 else 0.0
+            metrics["time_generate_s"] = gen_time
+            metrics["tokens_per_s"] = sum(lengths) / gen_time if gen_time > 0 else 0.0  # generation only
             results[str(depth)] = metrics
+            del worker, rollout  # a vLLM engine holds GPU memory until collected
+            _release_memory()
     finally:
         bar.close()
         if was_training and hasattr(model, "train"):
@@ -254,16 +269,26 @@ def evaluate_depths(model, tokenizer, dataset, depths: Sequence[int], n: int = 1
 def evaluate_exit_threshold(model, tokenizer, dataset, exit_threshold: float, max_new_tokens: int = 256,
                             reward_fn: str | Callable = "math_accuracy", batch_size: int = 16,
                             progress: bool = False) -> dict[str, Any]:
-    """Greedy decoding with the model's exit gate (stop looping once the exit CDF reaches q).
+    """Greedy decoding with the model's exit gate: each token is read from the first loop whose
+    cumulative exit probability reaches q (HF generate with `exit_threshold=q`).
 
-    Reports accuracy, lengths and, when the model reports per-token exit depths, the mean depth used.
+    Reports accuracy, lengths and `depth_mean`, the mean loop count the gate picked per generated
+    token. The Ouro forward runs every loop even when it reads an earlier exit (so the cache stays
+    complete), hence one teacher-forced forward over the finished sequences reproduces the gate's
+    per-token choices exactly; that is how the depths are recovered.
     """
     import torch
 
     import rewards
+    from rl.modeling.modeling_ouro import threshold_exit_index
 
+    if not hasattr(model.config, "total_ut_steps"):
+        raise ValueError(f"--exit_threshold needs a looped (Ouro) model with an exit gate, got "
+                         f"{type(model).__name__}")
+    if not 0.0 <= exit_threshold:
+        raise ValueError(f"--exit_threshold must be >= 0, got {exit_threshold}")
     score_fn = rewards.get(reward_fn) if isinstance(reward_fn, str) else reward_fn
-    prompts, ground_truth = _dataset_columns(dataset)
+    prompts, columns = _dataset_columns(dataset)
     prompt_ids = encode_prompts(tokenizer, prompts)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     pad = eos if pad is None else pad
@@ -273,7 +298,7 @@ def evaluate_exit_threshold(model, tokenizer, dataset, exit_threshold: float, ma
     scores: list[float | None] = []
     lengths: list[int] = []
     truncated: list[bool] = []
-    depth_sum, depth_count = 0.0, 0
+    depth_sum, depth_count = 0, 0
     bar = _progress(len(prompts), f"eval exit q={exit_threshold}", progress)
     start = time.perf_counter()
     try:
@@ -283,25 +308,30 @@ def evaluate_exit_threshold(model, tokenizer, dataset, exit_threshold: float, ma
             input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=device)
             attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
             with torch.no_grad():
-                out = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False,
-                                     max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad,
-                                     exit_threshold=exit_threshold, return_dict_in_generate=True)
-            sequences = out.sequences[:, width:].tolist()
+                sequences = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False,
+                                           max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad,
+                                           exit_threshold=exit_threshold)
             completions = []
-            for seq in sequences:
+            for seq in sequences[:, width:].tolist():
                 stopped = eos is not None and eos in seq  # generate pads finished rows after their EOS
-                stop = seq.index(eos) + 1 if stopped else len(seq)
-                completions.append(seq[:stop])
+                completions.append(seq[: seq.index(eos) + 1] if stopped else seq)
                 truncated.append(not stopped)
-                lengths.append(stop)
-            exit_depths = getattr(out, "exit_depths", None)
-            if exit_depths is not None:  # [B, new_tokens] loop count used per generated token
-                for row, seq_len in zip(exit_depths.tolist(), (len(c) for c in completions)):
-                    depth_sum += sum(row[:seq_len])
-                    depth_count += seq_len
+                lengths.append(len(completions[-1]))
+            # Re-read the gate: token j of a completion was predicted at position width - 1 + j.
+            new_len = max(len(c) for c in completions)
+            if new_len:
+                full_mask = torch.cat([attention_mask, torch.tensor(
+                    [[1] * len(c) + [0] * (new_len - len(c)) for c in completions], device=device)], dim=1)
+                with torch.no_grad():
+                    out = model(input_ids=sequences[:, : width + new_len], attention_mask=full_mask,
+                                use_cache=False, output_exits=True)
+                chosen = threshold_exit_index(out.exit_probs[:, width - 1: width - 1 + new_len], exit_threshold)
+                for row, c in zip((chosen + 1).tolist(), completions):
+                    depth_sum += sum(row[: len(c)])
+                    depth_count += len(c)
             texts = [tokenizer.decode(c, skip_special_tokens=True) for c in completions]
-            scores += _score(score_fn, [prompts[i] for i in idx], texts, completions,
-                             [ground_truth[i] for i in idx], truncated[-len(idx):], max_new_tokens)
+            scores += _score(score_fn, prompts, list(idx), columns, texts, completions, truncated[-len(idx):],
+                             max_new_tokens)
             bar.update(len(idx))
     finally:
         bar.close()
@@ -310,6 +340,7 @@ def evaluate_exit_threshold(model, tokenizer, dataset, exit_threshold: float, ma
     metrics: dict[str, Any] = summarize_depth(scores, lengths, truncated, [None] * len(scores), 1)
     metrics["exit_threshold"] = exit_threshold
     metrics["depth_mean"] = depth_sum / depth_count if depth_count else None
+    metrics["max_depth"] = int(model.config.total_ut_steps)
     metrics["time_s"] = time.perf_counter() - start
     return metrics
 
@@ -347,7 +378,10 @@ def print_table(report: Mapping[str, Any], file=None) -> None:
             cells.append(f"{m['depth_mean']:.2f}" if m.get("depth_mean") is not None else "-")
         cells += [f"{m['len_mean']:.1f}", f"{m['truncated_frac']:.1%}", f"{m.get('time_s', 0):.1f}"]
         table.add_row(*cells)
-    Console(file=file).print(table)
+    console = Console(file=file)
+    if not console.is_terminal:  # pipes/logs default to 80 columns, which would truncate the headers
+        console = Console(file=file, width=160)
+    console.print(table)
 
 
 def parse_depths(text: str) -> list[int]:
@@ -384,26 +418,36 @@ def _build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _load_model(path: str, device: str):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _load_tokenizer_and_config(path: str):
+    from transformers import AutoConfig, AutoTokenizer
 
     import rl  # noqa: F401  (registers the Ouro architecture with the Auto classes)
 
     if not Path(path).is_dir():
         raise ValueError(f"--model {path}: not a directory")
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    if not (Path(path) / "config.json").is_file():
+        raise ValueError(f"--model {path}: no config.json (not a saved model directory)")
+    return AutoTokenizer.from_pretrained(path), AutoConfig.from_pretrained(path)
+
+
+def _load_model(path: str, device: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
-    model.eval()
-    return model, tokenizer
+    return model.eval()
 
 
-def _vllm_factory(model_path: str, tokenizer) -> Callable[[int], Any]:
+def _vllm_factory(model_path: str, tokenizer, max_model_len: int, seed: int,
+                  gpu_memory_utilization: float) -> Callable[[int], Any]:
+    """One vLLM engine per depth (vLLM fixes the loop count at load time via hf_overrides)."""
     from rollout.vllm_worker import VLLMRolloutWorker
 
     def factory(depth: int):
-        return VLLMRolloutWorker(model_path, depth, eos_token_id=tokenizer.eos_token_id)
+        return VLLMRolloutWorker(model_path, depth, eos_token_id=tokenizer.eos_token_id,
+                                 max_model_len=max_model_len, seed=seed,
+                                 gpu_memory_utilization=gpu_memory_utilization)
 
     return factory
 
@@ -424,15 +468,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.limit is not None and args.limit < 1:
             raise ValueError(f"--limit must be >= 1, got {args.limit}")
         dataset = load_prompts(args.data, split=args.split, limit=args.limit)
-        model, tokenizer = _load_model(model_path, device)
+        tokenizer, config = _load_tokenizer_and_config(model_path)
         if args.depths:
             depths = parse_depths(args.depths)
         else:
-            depths = list(range(1, int(getattr(model.config, "total_ut_steps", 1) or 1) + 1))
-        factory = _vllm_factory(model_path, tokenizer) if args.engine == "vllm" else None
-        if factory is not None:
-            del model  # vLLM loads its own copy; free the torch one
-            model = None
+            depths = list(range(1, int(getattr(config, "total_ut_steps", 1) or 1) + 1))
+        model, factory = None, None
+        if args.engine == "vllm":
+            longest = max(len(p) for p in encode_prompts(tokenizer, list(dataset["prompt"])))
+            # Engines of finished depths are released, but vLLM does not always hand memory back:
+            # size each engine so that all of them would fit at once.
+            factory = _vllm_factory(model_path, tokenizer, longest + args.max_new_tokens, args.seed,
+                                    gpu_memory_utilization=min(0.5, 0.85 / len(depths)))
+        else:
+            model = _load_model(model_path, device)
         progress = not args.no_progress and sys.stderr.isatty()
         report: dict[str, Any] = {
             "model": model_path,
@@ -451,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
                                            progress=progress, worker_factory=factory)
         if args.exit_threshold is not None:
             if model is None:
-                model, tokenizer = _load_model(model_path, device)
+                model = _load_model(model_path, device)
             report["exit_threshold"] = evaluate_exit_threshold(
                 model, tokenizer, dataset, args.exit_threshold, max_new_tokens=args.max_new_tokens,
                 reward_fn=args.reward, batch_size=args.batch_size, progress=progress)

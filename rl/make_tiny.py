@@ -157,8 +157,19 @@ def sft_loss(model, ids, mask, labels, weights: list[float]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def greedy_answers(model, tokenizer, prompts: list[list[int]], depth: int, max_new_tokens: int, batch_size: int = 256):
-    """Greedy completions (text) at a fixed depth; a plain full-forward loop, no cache (sequences are tiny)."""
+def decode(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    depth: int,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    seed: int = 0,
+    batch_size: int = 256,
+) -> list[str]:
+    """Completions (text) at a fixed depth, greedy when temperature is 0; a plain full-forward loop
+    without a cache (sequences are a dozen tokens), so it depends on nothing but the forward."""
+    gen = torch.Generator().manual_seed(seed)
     model.eval()
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     texts: list[str] = []
@@ -170,8 +181,13 @@ def greedy_answers(model, tokenizer, prompts: list[list[int]], depth: int, max_n
         done = torch.zeros(len(chunk), dtype=torch.bool)
         new: list[torch.Tensor] = []
         for _ in range(max_new_tokens):
-            logits = model(input_ids=ids, attention_mask=mask, depth=depth, use_cache=False).logits[:, -1]
-            nxt = torch.where(done, torch.full_like(done, pad, dtype=torch.long), logits.argmax(-1))
+            logits = model(input_ids=ids, attention_mask=mask, depth=depth, use_cache=False).logits[:, -1].float()
+            if temperature > 0:
+                probs = torch.softmax(logits / temperature, -1)
+                picked = torch.multinomial(probs, 1, generator=gen)[:, 0]
+            else:
+                picked = logits.argmax(-1)
+            nxt = torch.where(done, torch.full_like(done, pad, dtype=torch.long), picked)
             new.append(nxt)
             done |= nxt == eos
             ids = torch.cat([ids, nxt[:, None]], 1)
@@ -195,15 +211,27 @@ def accuracy_by_depth(model, tokenizer, dataset, depths, max_new_tokens: int) ->
     golds = dataset["ground_truth"]
     result = {}
     for depth in depths:
-        texts = greedy_answers(model, tokenizer, prompts, depth, max_new_tokens)
+        texts = decode(model, tokenizer, prompts, depth, max_new_tokens)
         result[depth] = sum(is_correct(t, g) for t, g in zip(texts, golds)) / len(golds)
     return result
+
+
+def sampled_accuracy(model, tokenizer, dataset, depth: int, max_new_tokens: int, n: int = 8, seed: int = 0):
+    """(mean accuracy, pass@n) of n temperature-1 samples per prompt: what RL starts from."""
+    prompts = [prompt_ids(tokenizer, p) for p in dataset["prompt"]]
+    golds = dataset["ground_truth"]
+    hits = torch.zeros(len(prompts), n)
+    for k in range(n):
+        texts = decode(model, tokenizer, prompts, depth, max_new_tokens, temperature=1.0, seed=seed + k)
+        hits[:, k] = torch.tensor([float(is_correct(t, g)) for t, g in zip(texts, golds)])
+    return hits.mean().item(), hits.amax(1).mean().item()
 
 
 def train(cfg: TinyConfig) -> dict:
     from rl.data import load_prompts
 
     t0 = time.time()
+    torch.set_num_threads(1)  # tiny matrices: extra threads only add contention (10x slower on a shared CPU)
     torch.manual_seed(cfg.seed)
     tokenizer = build_tokenizer()
     model = build_model(cfg, tokenizer)
@@ -239,10 +267,12 @@ def train(cfg: TinyConfig) -> dict:
         scheduler.step()
         step += 1
         if step % cfg.eval_every == 0 or step == cfg.max_steps:
-            acc = accuracy_by_depth(model, tokenizer, val_rows, [cfg.total_ut_steps], max_new)[cfg.total_ut_steps]
+            accs = accuracy_by_depth(model, tokenizer, val_rows, range(1, cfg.total_ut_steps + 1), max_new)
+            acc = accs[cfg.total_ut_steps]
             elapsed = time.time() - t0
-            history.append({"step": step, "loss": round(loss.item(), 4), "val_acc": acc, "seconds": round(elapsed)})
-            print(f"make-tiny: step {step} loss {loss.item():.3f} val acc d{cfg.total_ut_steps} {acc:.3f} ({elapsed:.0f}s)")
+            history.append({"step": step, "loss": round(loss.item(), 4), "val_acc": accs, "seconds": round(elapsed)})
+            shown = " ".join(f"d{d} {a:.3f}" for d, a in accs.items())
+            print(f"make-tiny: step {step} loss {loss.item():.3f} val acc {shown} ({elapsed:.0f}s)")
             if acc >= cfg.target_acc:
                 stop_reason = f"val acc {acc:.3f} >= target {cfg.target_acc}"
                 break

@@ -66,7 +66,7 @@ class RunLogger:
                           stacklevel=2)
             return False
         flat = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in config.items()}
-        self.accelerator.init_trackers(self.dir.name or "looprl", config=flat)
+        self.accelerator.init_trackers("looprl", config=flat)  # tensorboard: <output_dir>/looprl/
         return True
 
     def log(self, step: int, metrics: dict[str, Any]) -> dict[str, Any]:

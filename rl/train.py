@@ -32,6 +32,9 @@ import torch
 from rl.config import ConfigError, TrainConfig, help_text, load_config, save_config, validate
 
 LOG_PREFIX = "looprl train:"
+# Below this many parameters, CPU matmuls are too small for intra-op threads to pay; on a busy
+# machine the threads' spin-waits made a 120k-parameter step 10x slower (measured, docs/EXPERIMENTS.md).
+TINY_PARAMS = 5_000_000
 
 
 def log(msg: str) -> None:
@@ -129,6 +132,17 @@ def _lr_lambda(kind: str, warmup: int, total: int):
     return fn
 
 
+def _disable_dropout(model) -> None:
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):  # HF attention modules copy it
+            module.attention_dropout = 0.0
+    for key in ("attention_dropout", "hidden_dropout", "dropout"):
+        if isinstance(getattr(model.config, key, None), float):
+            setattr(model.config, key, 0.0)
+
+
 class StopTraining(RuntimeError):
     """Raised to abort the run (e.g. too many non-finite losses in a row)."""
 
@@ -150,6 +164,7 @@ class Trainer:
 
         self.cfg = cfg
         self.accelerator = Accelerator(
+            cpu=not torch.cuda.is_available(),  # CPU processes then join one gloo group (MULTI_CPU)
             log_with=None if cfg.report_to == "none" else cfg.report_to,
             project_dir=cfg.output_dir,
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
@@ -176,7 +191,17 @@ class Trainer:
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype)
         model.to(acc.device)
-        model.eval()  # no dropout: the update must score the policy that sampled
+        threads = cfg.torch_threads or (1 if acc.device.type == "cpu" and model.num_parameters() < TINY_PARAMS else 0)
+        if threads:
+            torch.set_num_threads(threads)
+        if cfg.gradient_checkpointing:
+            if not getattr(model, "supports_gradient_checkpointing", False):
+                raise ConfigError(f"config key 'gradient_checkpointing': {type(model).__name__} does not support it")
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+        _disable_dropout(model)  # the update must score the very policy that sampled
+        # transformers only checkpoints layers in train mode; without checkpointing eval mode is the safe one
+        model.train(cfg.gradient_checkpointing)
         self.looped = _is_looped(model)
         if self.looped is False and self.depth != 1:
             raise ConfigError(f"config key 'depth': {self.depth} but {self.model_path} is not a looped model")
@@ -209,9 +234,13 @@ class Trainer:
         else:
             from rollout.vllm_worker import VLLMRolloutWorker
 
-            self.worker = VLLMRolloutWorker(self.model_path, self.depth, dtype=cfg.dtype, seed=cfg.seed,
-                                            gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
-                                            eos_token_id=eos, enable_sleep_mode=True)
+            self.worker = VLLMRolloutWorker(
+                self.model_path, self.depth, dtype=cfg.vllm_dtype, seed=cfg.seed,
+                gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+                tensor_parallel_size=cfg.vllm_tensor_parallel_size,
+                max_model_len=cfg.vllm_max_model_len or cfg.max_prompt_length + cfg.max_new_tokens,
+                eos_token_id=eos, enable_sleep_mode=True)
+            self.worker.sync_weights(self.policy)  # the engine loaded the hub files; train from our weights
         self.pad_id = int(pad if pad is not None else 0)
         self.use_tis = cfg.tis_mode == "token" or (cfg.tis_mode == "auto" and cfg.engine != "torch")
 
@@ -220,6 +249,7 @@ class Trainer:
         self.columns = [c for c in self.dataset.column_names if c != "prompt"]
         self.sampler = PromptSampler(len(self.dataset), cfg.seed)
         self._prompt_cache: dict[int, list[int]] = {}
+        self._warned_long = False
         self.reward_fns = self._build_rewards(rewards)
         self.accuracy_fn = None
         if cfg.accuracy_reward:
@@ -261,13 +291,22 @@ class Trainer:
         if index not in self._prompt_cache:
             from rl.evaluate import encode_prompts
 
-            self._prompt_cache[index] = encode_prompts(self.tokenizer, [self.dataset[index]["prompt"]])[0]
+            ids = encode_prompts(self.tokenizer, [self.dataset[index]["prompt"]])[0]
+            if len(ids) > self.cfg.max_prompt_length:
+                if not self._warned_long:
+                    log(f"WARNING: prompt {index} has {len(ids)} tokens > max_prompt_length "
+                        f"{self.cfg.max_prompt_length}; keeping the last ones (warned once)")
+                    self._warned_long = True
+                ids = ids[-self.cfg.max_prompt_length:]
+            self._prompt_cache[index] = ids
         return self._prompt_cache[index]
 
     # ------------------------------------------------------------------ rollout + rewards
 
     def _score(self, indices: list[int], rollout) -> tuple[list[Sample], float]:
         """Rewards of one local rollout (prompt-major); returns samples and seconds spent."""
+        import rewards
+
         cfg, n = self.cfg, self.cfg.num_generations
         start = time.perf_counter()
         rows = [self.dataset[i] for i in indices]
@@ -277,14 +316,13 @@ class Trainer:
         kwargs = {col: [row[col] for row in rows for _ in range(n)] for col in self.columns}
         kwargs.update(completion_ids=[list(c) for c in rollout.completion_ids],
                       max_completion_length=cfg.max_new_tokens, truncated=truncated)
-        per_fn: dict[str, list[float | None]] = {}
-        for name, fn, _ in self.reward_fns:
-            scores = list(fn(prompts, texts, **kwargs))
-            if len(scores) != len(texts):
-                raise RuntimeError(f"reward {name!r} returned {len(scores)} scores for {len(texts)} completions")
-            per_fn[name] = scores
+        # by keyword, as TRL does (rewards.call also maps ground_truth -> solution for TRL's functions)
+        # TRL's convention: chat prompts get their completions as assistant messages
+        completions = [[{"role": "assistant", "content": t}] if isinstance(p, list) else t
+                       for p, t in zip(prompts, texts)]
+        per_fn = {name: rewards.call(fn, prompts, completions, **kwargs) for name, fn, _ in self.reward_fns}
         if self.accuracy_fn is not None:
-            correct = list(self.accuracy_fn(prompts, texts, **kwargs))
+            correct = rewards.call(self.accuracy_fn, prompts, completions, **kwargs)
         elif cfg.accuracy_reward:
             correct = per_fn[cfg.accuracy_reward.split(":")[-1]]
         else:
@@ -404,14 +442,13 @@ class Trainer:
         return old
 
     def _mismatch_update(self, logp: torch.Tensor, batch) -> None:
-        mask = (torch.arange(logp.shape[1], device=logp.device)[None] < batch["real_len"][:, None]).float()
-        diff = (logp.detach() - batch["rollout_logprobs"]) * mask
+        mask = (torch.arange(logp.shape[1], device=logp.device)[None] < batch["real_len"][:, None]).double()
+        diff = (logp.detach().double() - batch["rollout_logprobs"].double()) * mask
         acc = self._mismatch
         acc["abs_max"] = max(acc["abs_max"], float(diff.abs().max()) if mask.any() else 0.0)
         acc["abs_sum"] += float(diff.abs().sum())
         # k3 estimate of KL(rollout || update) from tokens drawn by the rollout policy
-        ratio_log = (logp.detach() - batch["rollout_logprobs"]) * mask
-        acc["kl_sum"] += float(((torch.exp(ratio_log) - ratio_log - 1.0) * mask).sum())
+        acc["kl_sum"] += float(((torch.exp(diff) - diff - 1.0) * mask).sum())
         acc["tokens"] += float(mask.sum())
 
     def _update(self, samples: list[Sample]) -> dict[str, float]:
@@ -473,7 +510,7 @@ class Trainer:
                                 sd_loss, _ = self.sd.loss(out.exit_hidden_states, self.policy.lm_head, exit_mask,
                                                           normalizer=sd_norm)
                                 loss = loss + self.sd.coef * sd_loss
-                                sums["sd"] += 0.0 if dummy else float(sd_loss.detach()) * self.world
+                                sums["sd"] += 0.0 if dummy else float(sd_loss.detach())
                         if dummy:
                             loss = loss * 0.0
                         if not torch.isfinite(loss):
@@ -481,7 +518,7 @@ class Trainer:
                         acc.backward(loss)
                     if dummy:
                         continue
-                    sums["loss"] += float(out_l.loss.detach()) * self.world
+                    sums["loss"] += float(out_l.loss.detach())
                     sums["clip_low"] += float(out_l.clip_low)
                     sums["clip_high"] += float(out_l.clip_high)
                     sums["kl"] += float(out_l.kl_sum)
@@ -556,6 +593,7 @@ class Trainer:
         kept = [s for g in result.kept for s in g.data]
         metrics: dict[str, float] = {}
         metrics.update(self._reward_metrics(every))
+        metrics.update(self._reward_counters())
         metrics.update({
             "groups/zero_std_frac": result.zero_std_first_round,
             "groups/zero_std_frac_all": result.zero_std_all,
@@ -563,6 +601,9 @@ class Trainer:
             "sampling/groups_sampled": result.groups_sampled,
             "sampling/groups_kept": len(result.kept),
         })
+        if callable(getattr(self.worker, "sleep", None)):
+            self.worker.sleep(level=1)  # vLLM: free the KV cache and offload weights while the update runs
+        metrics["lr"] = self.scheduler.get_last_lr()[0]  # the rate this step's first update uses
         t_update = time.perf_counter()
         if kept:
             adv = group_advantages(torch.tensor([s.reward for s in kept]), n, cfg.scale_rewards)
@@ -574,7 +615,6 @@ class Trainer:
         else:
             warnings.warn(f"step {self.step}: every group had equal rewards after {result.rounds} rounds; "
                           "no update", RuntimeWarning, stacklevel=2)
-        metrics["lr"] = self.scheduler.get_last_lr()[0]
         metrics["time/rollout"] = timers["rollout"]
         metrics["time/reward"] = timers["reward"]
         metrics["time/update"] = time.perf_counter() - t_update
@@ -583,6 +623,14 @@ class Trainer:
         metrics["tokens_per_s"] = gen_tokens / max(metrics["time/step"], 1e-9)
         self._last_samples = kept or every
         return metrics
+
+    def _reward_counters(self) -> dict[str, float]:
+        """Verifier counts since the last step (timeouts, errors, ...), summed over processes."""
+        import rewards
+
+        pop = getattr(rewards, "pop_counters", None)
+        counts = {k: float(v) for k, v in (pop() if pop else {}).items()}
+        return self._reduce_sum(counts) if counts else {}
 
     def _reward_metrics(self, samples: list[Sample]) -> dict[str, float]:
         def mean(xs):
@@ -675,13 +723,7 @@ class Trainer:
             while self.step < cfg.max_steps:
                 metrics = self.train_step()
                 self.step += 1
-                if metrics.get("updates/skipped", 0):
-                    self.nan_streak += 1
-                    if self.nan_streak >= cfg.max_nan_steps:
-                        raise StopTraining(f"{self.nan_streak} steps in a row with a non-finite loss or gradient "
-                                           f"(last at step {self.step}); aborting. Lower lr or check the data.")
-                else:
-                    self.nan_streak = 0
+                self.nan_streak = self.nan_streak + 1 if metrics.get("updates/skipped", 0) else 0
                 if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.max_steps):
                     t0 = time.perf_counter()
                     eval_m = self._evaluate() if acc.is_main_process else {}
@@ -697,6 +739,9 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", acc=f"{metrics['accuracy']:.3f}",
                                 refresh=False)
+                if self.nan_streak >= cfg.max_nan_steps:
+                    raise StopTraining(f"{self.nan_streak} steps in a row with a non-finite loss or gradient "
+                                       f"(last at step {self.step}); aborting. Lower lr or check the data.")
                 if self._stop_requested():
                     self.save()
                     log(f"interrupted: checkpoint written at step {self.step}; continue with --resume")
@@ -704,6 +749,8 @@ class Trainer:
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
                     self.save()
             self._save_final()
+            if acc.is_main_process:
+                log(summarize(logger.metrics_path) + f"; final model in {out / 'final'}")
         except StopTraining as e:
             log(f"error: {e}")
             code = 1
@@ -736,6 +783,19 @@ class Trainer:
         if self.cfg.save_every:
             self.save()
         acc.wait_for_everyone()
+
+
+def summarize(metrics_path: str | Path, key: str = "accuracy") -> str:
+    """'accuracy: first tenth of steps X -> last tenth Y (+Z points)', the embedded job's success check."""
+    from rl.metrics import read_jsonl
+
+    values = [r[key] for r in read_jsonl(metrics_path) if isinstance(r.get(key), (int, float))]
+    if not values:
+        return f"no {key} logged"
+    tenth = max(1, len(values) // 10)
+    first, last = sum(values[:tenth]) / tenth, sum(values[-tenth:]) / tenth
+    return (f"{key}: first tenth of steps {first:.3f} -> last tenth {last:.3f} "
+            f"({100 * (last - first):+.1f} points over {len(values)} steps)")
 
 
 def main(argv: list[str] | None = None) -> int:

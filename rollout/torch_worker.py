@@ -12,16 +12,23 @@ One generate() call:
   2. fan the cache out to the n samples of each prompt (prompt-major) with `reorder_cache`;
   3. decode one token per step for all live rows; rows stop on their own stop token; when enough
      rows have finished, the cache and the row state are compacted so finished rows cost nothing.
+     For Ouro-layout models each step is the fused OuroDecodeStep (rollout/fast_decode.py, checked
+     against the model's forward on first use); otherwise the model's own forward with
+     `depth=`, the 2-D mask, explicit position ids and `logits_to_keep=1`.
+The cache is allocated once per generate() call (never per step); sampling uses the worker's own
+torch.Generator seeded from SamplingParams.seed.
 Logprob convention: see rollout/sampling.py (untruncated log softmax(logits / T), fp32).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
 
 from rollout.base import Rollout, SamplingParams
+from rollout.fast_decode import OuroDecodeStep
 from rollout.sampling import sample_next
 
 
@@ -42,13 +49,17 @@ class TorchRolloutWorker:
         eos_token_id: stop token(s) used when `SamplingParams.stop_token_ids` is None; defaults to
             the model's generation_config / config EOS.
         pad_token_id: filler for left padding; defaults to the model's pad, else the first EOS, else 0.
+        fast_decode: use the fused Ouro decode step when the model has the Ouro layout (same outputs,
+            fewer ops); False always decodes through the model's own forward.
     """
 
     # Compact the batch when live rows fall to this fraction of the rows being computed. The copy
     # costs about one decode step's KV read, so it pays after a few steps.
     compact_below: float = 0.75
 
-    def __init__(self, model, depth: int | None = None, eos_token_id=None, pad_token_id=None):
+    def __init__(
+        self, model, depth: int | None = None, eos_token_id=None, pad_token_id=None, fast_decode: bool = True
+    ):
         self.model = model
         self.looped = callable(getattr(model, "make_static_cache", None))
         config = model.config
@@ -76,6 +87,13 @@ class TorchRolloutWorker:
                 pad_token_id = self.eos_token_ids[0] if self.eos_token_ids else 0
         self.pad_token_id = int(_as_id_list(pad_token_id)[0])
         self.vocab_size = model.get_input_embeddings().num_embeddings
+        # Fused decode step for Ouro-layout models; verified against the model's forward on first use.
+        self._fast = OuroDecodeStep(model, depth) if fast_decode and OuroDecodeStep.supports(model) else None
+        self._fast_verified = False
+
+    @property
+    def uses_fast_decode(self) -> bool:
+        return self._fast is not None
 
     # ------------------------------------------------------------------ weights
     @torch.no_grad()
@@ -116,6 +134,8 @@ class TorchRolloutWorker:
         self.model.eval()
         try:
             with torch.inference_mode():
+                if self._fast is not None and not self._fast_verified:
+                    self._verify_fast_decode()
                 tokens, logprobs, lengths, stopped = self._decode(prompts, params)
         finally:
             self.model.train(was_training)
@@ -168,6 +188,33 @@ class TorchRolloutWorker:
         )
         return out.logits[:, -1]
 
+    def _verify_fast_decode(self) -> None:
+        """Compare one fused decode step with the model's own cached forward (left-padded batch of 2);
+        on disagreement warn and use the model's forward from now on."""
+        device = self._device()
+        fast = self._fast
+        fast.refresh()
+        ids = torch.tensor([[1, 2, 3], [self.pad_token_id, 4, 5]], device=device) % self.vocab_size
+        mask = torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1]], device=device)
+        positions = torch.tensor([[0, 1, 2], [0, 0, 1]], device=device)
+        caches = [self._new_cache(2, 4, device) for _ in range(2)]
+        token = self._forward(ids, mask[:, :3], positions, caches[0], start=0).argmax(-1)
+        self._forward(ids, mask[:, :3], positions, caches[1], start=0)
+        next_pos = torch.tensor([3, 2], device=device)
+        expected = self._forward(token[:, None], mask, next_pos[:, None], caches[0], start=3).float()
+        fast.bind(caches[1])
+        bias = torch.zeros(mask.shape, device=device).masked_fill(mask == 0, float("-inf"))
+        got = fast(token, next_pos, 3, bias).float()
+        tol = (1e-3 if expected.dtype == self.model.dtype == torch.float32 else 5e-2) * (1 + expected.abs().max())
+        if not (got - expected).abs().max() <= tol:
+            warnings.warn(
+                f"TorchRolloutWorker: the fused Ouro decode step disagrees with {type(self.model).__name__}'s "
+                "forward; falling back to the model's forward for decoding",
+                stacklevel=3,
+            )
+            self._fast = None
+        self._fast_verified = True
+
     def _decode(self, prompts: list[list[int]], params: SamplingParams):
         """Run prefill + decode. Returns python lists (tokens, logprobs, lengths, stopped) per sample row."""
         device = self._device()
@@ -199,6 +246,11 @@ class TorchRolloutWorker:
                 cache.reorder_cache(expand)
                 logits, mask = logits[expand], mask[expand]
         next_pos = prompt_lens[expand]
+        fast = self._fast
+        if fast is not None:
+            fast.refresh()
+            fast.bind(cache)
+            bias = torch.zeros(mask.shape, device=device).masked_fill(mask == 0, float("-inf"))
 
         generator = torch.Generator(device=device)
         if params.seed is None:
@@ -244,11 +296,17 @@ class TorchRolloutWorker:
                         rows, mask, next_pos = rows[keep], mask[keep], next_pos[keep]
                         token, done = token[keep], done[keep]
                         compacted = True
+                        if fast is not None:
+                            fast.bind(cache)
+                            bias = bias[keep]
             # Feed the token just drawn: cache index width + step, sequence position prompt_len + step.
-            logits = self._forward(
-                token.unsqueeze(1), mask[:, : width + step + 1], (next_pos + step).unsqueeze(1), cache,
-                start=width + step,
-            )
+            if fast is not None:
+                logits = fast(token, next_pos + step, width + step, bias)
+            else:
+                logits = self._forward(
+                    token.unsqueeze(1), mask[:, : width + step + 1], (next_pos + step).unsqueeze(1), cache,
+                    start=width + step,
+                )
         if stop is not None and max_new >= 1:
             # A stop token drawn at the very last step still counts as "stop".
             last = torch.isin(out_tokens[:, max_new - 1], stop) & ~stopped & (lengths == max_new)

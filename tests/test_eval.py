@@ -169,8 +169,9 @@ class FakeWorker:
 
 
 def exact_match(prompts, completions, ground_truth, **kwargs):
+    """Completions arrive as assistant messages (the prompts are chat messages), as in TRL."""
     assert {"completion_ids", "max_completion_length", "truncated"} <= set(kwargs)
-    return [float(c.strip() == g) for c, g in zip(completions, ground_truth)]
+    return [float(c[0]["content"].strip() == g) for c, g in zip(completions, ground_truth)]
 
 
 def fake_dataset():
@@ -217,3 +218,86 @@ def test_evaluate_depths_rejects_greedy_n_gt_1_and_missing_columns():
     with pytest.raises(ValueError, match="ground_truth"):
         evaluate_depths(None, FakeTokenizer(), Dataset.from_dict({"prompt": ["1+1"]}), [1],
                         reward_fn=exact_match, worker_factory=FakeWorker)
+
+
+# ----------------------------------------------------------------------------- end to end on a tiny model
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny tensors gain nothing from threads, and on a busy machine OMP spin-waits make them 10x slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A random tiny Ouro model (T=4) with the embedded model's char-level tokenizer, saved to disk."""
+    from rl.make_tiny import TinyConfig, build_model, build_tokenizer
+
+    tokenizer = build_tokenizer()
+    model = build_model(TinyConfig(hidden_size=32, intermediate_size=64, num_attention_heads=2), tokenizer)
+    path = tmp_path_factory.mktemp("tiny")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_eval_cli_writes_the_json_schema(tiny_model_dir, tmp_path, capsys):
+    from rl.evaluate import main
+
+    out = tmp_path / "eval.json"
+    argv = ["--model", str(tiny_model_dir), "--data", "arith", "--limit", "4", "--depths", "1,4",
+            "--n", "2", "--temperature", "1.0", "--max_new_tokens", "6", "--exit_threshold", "0.5",
+            "--out", str(out)]
+    assert main(argv) == 0
+    report = json.loads(out.read_text())
+    assert report["model"] == str(tiny_model_dir) and report["data"] == "arith"
+    assert set(report["depths"]) == {"1", "4"}
+    for m in report["depths"].values():
+        assert {"accuracy", "pass@k", "maj@k", "len_mean", "truncated_frac"} <= set(m)
+        assert m["k"] == 2 and m["num_prompts"] == 4
+        assert 0.0 <= m["accuracy"] <= m["pass@k"] <= 1.0
+        assert 1.0 <= m["len_mean"] <= 6.0 and 0.0 <= m["truncated_frac"] <= 1.0
+    exit_mode = report["exit_threshold"]
+    assert exit_mode["exit_threshold"] == 0.5 and 1.0 <= exit_mode["depth_mean"] <= 4.0
+    table = capsys.readouterr().out
+    assert "pass@2" in table and "mean depth" in table
+
+
+def test_exit_threshold_extremes_match_fixed_depth_decoding(tiny_model_dir):
+    """q >= 1 reads the last loop and q = 0 the first, so greedy exit-gate decoding (HF generate) must
+    produce the very completions the fixed-depth rollout worker produces at depth T and at depth 1."""
+    from rl.data import load_prompts
+    from rl.evaluate import _load_model, _load_tokenizer_and_config, evaluate_exit_threshold
+
+    tokenizer, _ = _load_tokenizer_and_config(str(tiny_model_dir))
+    model = _load_model(str(tiny_model_dir), "cpu")
+    data = load_prompts("arith", split="test", limit=8)
+    for q, depth in ((1.0, 4), (0.0, 1)):
+        seen: dict[str, list[str]] = {"fixed": [], "gate": []}
+
+        def record(prompts, completions, ground_truth, _into, **kwargs):
+            seen[_into] += [c[0]["content"] for c in completions]
+            return [0.0] * len(completions)
+
+        fixed = evaluate_depths(model, tokenizer, data, [depth], max_new_tokens=12,
+                                reward_fn=lambda *a, **k: record(*a, _into="fixed", **k))[str(depth)]
+        gate = evaluate_exit_threshold(model, tokenizer, data, q, max_new_tokens=12,
+                                       reward_fn=lambda *a, **k: record(*a, _into="gate", **k))
+        assert gate["depth_mean"] == float(depth)
+        assert seen["gate"] == seen["fixed"] and len(seen["gate"]) == 8
+        assert gate["len_mean"] == fixed["len_mean"] and gate["truncated_frac"] == fixed["truncated_frac"]
+
+
+def test_eval_cli_bad_input_is_one_line(tmp_path, capsys):
+    from rl.evaluate import main
+
+    assert main(["--model", str(tmp_path), "--data", "arith"]) == 2
+    assert "no config.json" in capsys.readouterr().err
+    assert main(["--model", str(tmp_path), "--data", "arith", "--n", "0"]) == 2
+    assert "--n must be >= 1" in capsys.readouterr().err

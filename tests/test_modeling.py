@@ -15,6 +15,15 @@ T = 4
 VOCAB = 100
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: on a shared, loaded 2-core machine intra-op threads only fight each other (10x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny_config(**overrides) -> OuroConfig:
     kwargs = dict(
         vocab_size=VOCAB,
@@ -273,6 +282,18 @@ def test_left_padded_rows_equal_unpadded_rows():
         torch.testing.assert_close(batched[1, 3:], model(b[None]).logits[0], atol=1e-5, rtol=0)
 
 
+def test_packed_sequences_do_not_attend_across_boundaries():
+    """Trainer packing: no attention_mask, position_ids restarting at 0 for each packed sequence."""
+    model = tiny_model()
+    a, b = torch.randint(1, VOCAB, (6,)), torch.randint(1, VOCAB, (4,))
+    packed = torch.cat([a, b])[None]
+    positions = torch.cat([torch.arange(6), torch.arange(4)])[None]
+    with torch.no_grad():
+        out = model(packed, position_ids=positions).logits[0]
+        torch.testing.assert_close(out[:6], model(a[None]).logits[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(out[6:], model(b[None]).logits[0], atol=1e-5, rtol=0)
+
+
 def test_cache_depth_and_size_errors():
     model = tiny_model()
     ids = torch.randint(1, VOCAB, (1, 4))
@@ -356,7 +377,8 @@ def _grads(model, ids) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def test_gradients_reach_all_weights_with_and_without_checkpointing():
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradients_reach_all_weights_with_and_without_checkpointing(reentrant):
     model = tiny_model()
     model.train()
     ids = torch.randint(1, VOCAB, (2, 6))
@@ -364,9 +386,26 @@ def test_gradients_reach_all_weights_with_and_without_checkpointing():
     names = {n for n, _ in model.named_parameters()}
     assert plain.keys() == names
     assert all(g.abs().sum() > 0 for g in plain.values())
-    model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable({"use_reentrant": reentrant})
     assert all(layer.gradient_checkpointing for layer in model.model.layers)
     checkpointed = _grads(model, ids)
     assert checkpointed.keys() == names
     for n in names:
         torch.testing.assert_close(checkpointed[n], plain[n], atol=1e-6, rtol=1e-5)
+
+
+def test_generate_exit_threshold_reads_the_early_loop():
+    model = tiny_model(seed=1, initializer_range=0.3)
+    with torch.no_grad():
+        model.model.early_exit_gate.weight.zero_()
+        model.model.early_exit_gate.bias.fill_(10.0)  # lambda ~ 1: the CDF reaches 0.5 at loop 1
+    prompt = torch.randint(1, VOCAB, (2, 5))
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
+    depth1 = model.generate(prompt, depth=1, **kwargs)
+    last = model.generate(prompt, **kwargs)
+    assert not torch.equal(depth1, last)
+    assert torch.equal(model.generate(prompt, exit_threshold=0.5, **kwargs), depth1)
+    model.config.early_exit_threshold = 0.5  # the config's q is generate()'s default
+    assert torch.equal(model.generate(prompt, **kwargs), depth1)
+    model.config.early_exit_threshold = 1.0
+    assert torch.equal(model.generate(prompt, **kwargs), last)

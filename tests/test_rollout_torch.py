@@ -3,6 +3,8 @@ prompt-major ordering, batch compaction and weight sync, on a tiny Llama (depth 
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -13,8 +15,6 @@ from rollout.sampling import sample_next, truncate_logits
 EOS = 5
 PAD = 0
 PROMPTS = [[3, 4, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16, 17, 18, 19, 20], [21]]
-# A wide stop set so that, on these tiny random models, some rows stop early and others run to length.
-STOPS = list(range(40, 52))
 
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
@@ -38,6 +38,15 @@ def tiny_ouro(seed: int = 0):
     return modeling.OuroForCausalLM(config).eval()
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models on a shared 2-core box: OpenMP spin-waits make 2 threads ~10x slower than 1."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # (model factory, depth): a generic HF causal LM at depth 1 and the looped model at several depths.
 CASES = [(tiny_llama, 1), (tiny_ouro, 1), (tiny_ouro, 2), (tiny_ouro, 4)]
 CASE_IDS = ["llama-d1", "ouro-d1", "ouro-d2", "ouro-d4"]
@@ -54,6 +63,13 @@ def reference_logprobs(model, prompt: list[int], completion: list[int], depth: i
     logits = forward_logits(model, prompt + completion, depth)[len(prompt) - 1 : -1]
     scale = temperature if temperature > 0 else 1.0
     return (logits / scale).log_softmax(-1).gather(-1, torch.tensor(completion)[:, None]).squeeze(-1)
+
+
+def rare_early_tokens(unstopped: Rollout) -> list[int]:
+    """Stop set that makes sample 0 stop within 5 tokens while most rows run on: the rarest of its
+    tokens 1..4. Sampling is identical up to the first stop, so sample 0 is certain to stop."""
+    counts = Counter(t for c in unstopped.completion_ids for t in c)
+    return [min(unstopped.completion_ids[0][1:5], key=lambda t: counts[t])]
 
 
 def hf_greedy(model, prompts, max_new_tokens: int, depth: int, eos) -> list[list[int]]:
@@ -79,8 +95,10 @@ def test_logprobs_match_full_forward(make, depth, temperature, top_k, top_p):
     model = make()
     worker = TorchRolloutWorker(model, depth)
     params = SamplingParams(
-        n=3, max_new_tokens=12, temperature=temperature, top_k=top_k, top_p=top_p, seed=3, stop_token_ids=STOPS
+        n=3, max_new_tokens=12, temperature=temperature, top_k=top_k, top_p=top_p, seed=3, stop_token_ids=[]
     )
+    stops = rare_early_tokens(worker.generate(PROMPTS, params))
+    params.stop_token_ids = stops
     rollout = worker.generate(PROMPTS, params)
     assert rollout.depth == depth and len(rollout) == len(PROMPTS) * 3
     assert "stop" in rollout.finish_reasons and "length" in rollout.finish_reasons  # rows stopped early
@@ -90,9 +108,9 @@ def test_logprobs_match_full_forward(make, depth, temperature, top_k, top_p):
         assert len(logprobs) == len(completion) >= 1
         assert all(isinstance(v, float) for v in logprobs)
         if reason == "stop":
-            assert completion[-1] in STOPS and not set(completion[:-1]) & set(STOPS)
+            assert completion[-1] in stops and not set(completion[:-1]) & set(stops)
         else:
-            assert len(completion) == 12 and not set(completion) & set(STOPS)
+            assert len(completion) == 12 and not set(completion) & set(stops)
         ref = reference_logprobs(model, prompt, completion, depth, temperature)
         torch.testing.assert_close(torch.tensor(logprobs), ref, atol=1e-4, rtol=0)
 
@@ -110,6 +128,32 @@ def test_greedy_matches_hf_generate(make, depth):
             torch.testing.assert_close(torch.tensor(logprobs), ref, atol=1e-4, rtol=0)
 
 
+def test_fused_ouro_step_equals_model_forward():
+    model = tiny_ouro()
+    fast, generic = TorchRolloutWorker(model, 3), TorchRolloutWorker(model, 3, fast_decode=False)
+    params = SamplingParams(n=2, max_new_tokens=10, temperature=0.9, seed=5, stop_token_ids=[])
+    params.stop_token_ids = rare_early_tokens(generic.generate(PROMPTS, params))
+    a, b = fast.generate(PROMPTS, params), generic.generate(PROMPTS, params)
+    assert fast.uses_fast_decode and not generic.uses_fast_decode
+    assert a.completion_ids == b.completion_ids and a.finish_reasons == b.finish_reasons
+    torch.testing.assert_close(
+        torch.tensor(sum(a.logprobs, [])), torch.tensor(sum(b.logprobs, [])), atol=1e-5, rtol=0
+    )
+
+
+def test_fused_step_falls_back_when_it_disagrees(monkeypatch):
+    from rollout.fast_decode import OuroDecodeStep
+
+    model = tiny_ouro()
+    monkeypatch.setattr(OuroDecodeStep, "_norm", lambda self, x, w: x)  # a broken fused step
+    worker = TorchRolloutWorker(model, 2)
+    params = SamplingParams(max_new_tokens=6, temperature=0, stop_token_ids=[])
+    with pytest.warns(UserWarning, match="falling back"):
+        rollout = worker.generate(PROMPTS, params)
+    assert not worker.uses_fast_decode
+    assert rollout.completion_ids == hf_greedy(model, PROMPTS, 6, 2, None)
+
+
 def test_depth_changes_the_policy():
     model = tiny_ouro()
     params = SamplingParams(max_new_tokens=8, temperature=0, stop_token_ids=[])
@@ -120,7 +164,7 @@ def test_depth_changes_the_policy():
 
 def test_same_seed_same_samples():
     worker = TorchRolloutWorker(tiny_ouro(), 2)
-    params = SamplingParams(n=2, max_new_tokens=10, temperature=1.0, seed=7, stop_token_ids=STOPS)
+    params = SamplingParams(n=2, max_new_tokens=10, temperature=1.0, seed=7, stop_token_ids=[6, 44])
     first, again = worker.generate(PROMPTS, params), worker.generate(PROMPTS, params)
     assert first.completion_ids == again.completion_ids and first.logprobs == again.logprobs
     other = worker.generate(PROMPTS, SamplingParams(n=2, max_new_tokens=10, temperature=1.0, seed=8))
@@ -141,10 +185,9 @@ def test_n_samples_prompt_major():
 
 def test_stop_token_ids_semantics():
     model = tiny_llama()
-    greedy = TorchRolloutWorker(model, 1).generate(PROMPTS, SamplingParams(max_new_tokens=10, temperature=0))
-    # Pick a token greedy decoding emits mid-way, and make it the model's EOS.
-    first_tokens = [c[2] for c in greedy.completion_ids]
-    eos = first_tokens[0]
+    unstopped = SamplingParams(max_new_tokens=10, temperature=0, stop_token_ids=[])
+    greedy = TorchRolloutWorker(model, 1).generate(PROMPTS, unstopped)
+    eos = greedy.completion_ids[0][2]  # a token greedy decoding emits early: make it the model's EOS
     worker = TorchRolloutWorker(model, 1, eos_token_id=eos)
     default = worker.generate(PROMPTS, SamplingParams(max_new_tokens=10, temperature=0))  # None -> EOS
     assert default.finish_reasons[0] == "stop" and default.completion_ids[0][-1] == eos
@@ -152,17 +195,22 @@ def test_stop_token_ids_semantics():
     never = worker.generate(PROMPTS, SamplingParams(max_new_tokens=10, temperature=0, stop_token_ids=[]))
     assert never.finish_reasons == ["length"] * len(PROMPTS)
     assert never.completion_ids == greedy.completion_ids
+    # A stop token drawn at the last allowed step still counts as "stop".
+    first = TorchRolloutWorker(model, 1, eos_token_id=greedy.completion_ids[0][0])
+    one = first.generate(PROMPTS[:1], SamplingParams(max_new_tokens=1, temperature=0))
+    assert one.finish_reasons == ["stop"] and one.completion_ids == [greedy.completion_ids[0][:1]]
     # EOS defaults to the model config's eos_token_id.
     assert TorchRolloutWorker(model, 1).eos_token_ids == [EOS]
 
 
 def test_compaction_does_not_change_results():
     model = tiny_ouro()
-    params = SamplingParams(n=2, max_new_tokens=12, temperature=0, stop_token_ids=STOPS)
+    params = SamplingParams(n=2, max_new_tokens=12, temperature=0, stop_token_ids=[])
     always, never = TorchRolloutWorker(model, 3), TorchRolloutWorker(model, 3)
+    params.stop_token_ids = rare_early_tokens(never.generate(PROMPTS, params))
     always.compact_below, never.compact_below = 1.0, 0.0
     a, b = always.generate(PROMPTS, params), never.generate(PROMPTS, params)
-    assert "stop" in a.finish_reasons
+    assert "stop" in a.finish_reasons and "length" in a.finish_reasons
     assert a.completion_ids == b.completion_ids and a.finish_reasons == b.finish_reasons
     torch.testing.assert_close(
         torch.tensor(sum(a.logprobs, [])), torch.tensor(sum(b.logprobs, [])), atol=1e-5, rtol=0

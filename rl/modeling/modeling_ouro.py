@@ -373,8 +373,9 @@ class OuroModel(OuroPreTrainedModel):
         return_exits: bool = False,
         **kwargs,
     ) -> OuroModelOutput:
-        """Run `depth` loops. A new cache is allocated only when `use_cache=True` is passed explicitly
-        (and not while training), so scoring/training forwards never build an L*T-slot cache.
+        """Run `depth` loops. A new cache is allocated only when `use_cache=True` is passed explicitly:
+        `use_cache=None` does NOT fall back to `config.use_cache` (unlike most HF models), so
+        scoring/training forwards never build an L*T-slot cache for the whole sequence (spec §5.1).
 
         `cache_position` is accepted for API compatibility; caches track their own length, so it must
         equal arange(cache_len, cache_len + seq_len).
@@ -386,10 +387,10 @@ class OuroModel(OuroPreTrainedModel):
             inputs_embeds = self.embed_tokens(input_ids)
         batch_size, seq_len = inputs_embeds.shape[:2]
 
-        if use_cache and past_key_values is None and not (self.training and self.gradient_checkpointing):
-            past_key_values = DynamicCache()
-        if not use_cache and use_cache is not None:
+        if use_cache is False:
             past_key_values = None
+        elif use_cache and past_key_values is None:
+            past_key_values = DynamicCache()  # grows to one slot per (loop, layer) on demand
         num_layers = self.config.num_hidden_layers
         if past_key_values is not None:
             _ensure_loop_slots(past_key_values, num_layers * depth, depth)

@@ -1,0 +1,126 @@
+"""Fused one-token decode step for Ouro-architecture looped models (model_type "ouro").
+
+Why: a decode step of a small looped model is dominated by per-op overhead, not FLOPs: the generic
+forward runs depth x layers decoder layers, each with ~100 small ops (mask building, fp32 casts,
+four RMSNorms, separate q/k/v and gate/up matmuls, attention over the whole static buffer). This
+step computes the same function with far fewer ops:
+  * q/k/v and gate/up weights concatenated once per generate() call (one matmul each),
+  * RoPE tables computed once per step by the model's own rotary module and shared by all loops,
+  * attention over the filled part of the preallocated cache only, with a precomputed additive
+    padding bias (no per-layer mask construction),
+  * the K/V buffers are the very tensors of the model's static cache (prefill is the model's own
+    forward), so prefill and decode share one preallocated cache.
+It reads the model's parameters by reference (except the two concatenations), so it follows
+in-place weight updates. The worker checks it against the model's forward once (`matches_model`)
+and falls back to the model's forward if they disagree, so a model change cannot silently change
+the rollout policy.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class OuroDecodeStep:
+    """Decode one token for every row at a fixed depth, writing K/V into a bound static cache."""
+
+    def __init__(self, model, depth: int):
+        self.model = model
+        self.depth = depth
+        config = model.config
+        self.num_layers = config.num_hidden_layers
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.eps = config.rms_norm_eps
+        self.backbone = model.model
+        self.layers = list(self.backbone.layers)
+        self.scaling = self.layers[0].self_attn.scaling
+        self.fused: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+
+    @staticmethod
+    def supports(model) -> bool:
+        """True for the Ouro layout this step re-implements (sandwich-norm layers, no biases)."""
+        config = getattr(model, "config", None)
+        if getattr(config, "model_type", None) != "ouro" or not hasattr(model, "model"):
+            return False
+        try:
+            layer = model.model.layers[0]
+            attn, mlp = layer.self_attn, layer.mlp
+            projections = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj)
+            norms = (layer.input_layernorm, layer.input_layernorm_2, layer.post_attention_layernorm,
+                     layer.post_attention_layernorm_2, model.model.norm)
+        except AttributeError:
+            return False
+        return (
+            all(p.bias is None for p in projections)
+            and all(hasattr(n, "weight") for n in norms)
+            and getattr(config, "hidden_act", "silu") == "silu"
+        )
+
+    def refresh(self) -> None:
+        """Rebuild the concatenated q|k|v and gate|up weights from the current parameters."""
+        with torch.no_grad():
+            self.fused = [
+                (
+                    torch.cat([layer.self_attn.q_proj.weight, layer.self_attn.k_proj.weight,
+                               layer.self_attn.v_proj.weight]),
+                    torch.cat([layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight]),
+                )
+                for layer in self.layers
+            ]
+
+    def bind(self, cache) -> None:
+        """Use the K/V tensors of `cache` (one slot per loop and layer, [B, kv_heads, max_len, D])."""
+        slots = self.depth * self.num_layers
+        self.keys = [cache.layers[s].keys for s in range(slots)]
+        self.values = [cache.layers[s].values for s in range(slots)]
+
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), weight, self.eps)
+        # Reduced precision: round exactly where the model's RMSNorm does (fp32 normalise, cast, scale).
+        xf = x.float()
+        return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+    def __call__(self, token: torch.Tensor, position: torch.Tensor, index: int, bias: torch.Tensor) -> torch.Tensor:
+        """token, position: [B] int64; index: cache column of this token (same for all rows);
+        bias: [B, >= index + 1] additive attention bias (0 attend, -inf padding). Returns [B, V] logits."""
+        batch = token.shape[0]
+        heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
+        groups = heads // kv_heads
+        q_size, kv_size = heads * dim, kv_heads * dim
+        half = dim // 2
+        hidden = self.backbone.embed_tokens(token)
+        cos, sin = self.backbone.rotary_emb(hidden, position.unsqueeze(1))  # [B, 1, D], shared by all loops
+        length = index + 1
+        attn_bias = bias[:, None, None, :length]
+
+        def rope(x: torch.Tensor) -> torch.Tensor:  # x: [B, heads, D]
+            return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+        for loop in range(self.depth):
+            for layer_idx, layer in enumerate(self.layers):
+                slot = loop * self.num_layers + layer_idx
+                wqkv, wgu = self.fused[layer_idx]
+                attn = layer.self_attn
+                qkv = F.linear(self._norm(hidden, layer.input_layernorm.weight), wqkv)
+                q = rope(qkv[:, :q_size].view(batch, heads, dim))
+                k = rope(qkv[:, q_size : q_size + kv_size].view(batch, kv_heads, dim))
+                keys, values = self.keys[slot], self.values[slot]
+                keys[:, :, index] = k
+                values[:, :, index] = qkv[:, q_size + kv_size :].view(batch, kv_heads, dim)
+                # [B, kv, groups, D] x [B, kv, D, n] -> [B, kv, groups, n]; softmax in fp32 like the model.
+                scores = torch.matmul(q.view(batch, kv_heads, groups, dim), keys[:, :, :length].transpose(-1, -2))
+                weights = torch.softmax(scores.float() * self.scaling + attn_bias, dim=-1).to(q.dtype)
+                out = torch.matmul(weights, values[:, :, :length]).reshape(batch, q_size)
+                hidden = hidden + self._norm(attn.o_proj(out), layer.input_layernorm_2.weight)
+                gate_up = F.linear(self._norm(hidden, layer.post_attention_layernorm.weight), wgu)
+                gate, up = gate_up.chunk(2, dim=-1)
+                mlp = layer.mlp.down_proj(F.silu(gate) * up)
+                hidden = hidden + self._norm(mlp, layer.post_attention_layernorm_2.weight)
+            hidden = self._norm(hidden, self.backbone.norm.weight)
+        return self.model.lm_head(hidden)

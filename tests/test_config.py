@@ -1,0 +1,82 @@
+"""Config loading: YAML + --key value overrides, validation errors that name the key, checkpoint picking."""
+
+import pytest
+import yaml
+
+from rl.checkpoint import STATE_FILE, latest_checkpoint, list_checkpoints, prune_checkpoints
+from rl.config import ConfigError, TrainConfig, load_config, save_config, validate
+
+
+def test_defaults_are_valid_and_embedded_dapo():
+    cfg = load_config([])
+    assert cfg.model == "embedded" and cfg.data == "arith"
+    assert cfg.loss_type == "dapo" and cfg.dynamic_sampling and (cfg.eps_low, cfg.eps_high) == (0.2, 0.28)
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("max_steps: 8\nlr: 1.0e-5\nrewards: [dapo_math, format]\nreward_weights: [1, 0.5]\n"
+                    "reward_kwargs: {format: {strict: true}}\n")
+    cfg = load_config(["--config", str(path), "--max_steps", "3", "--seed", "7", "--loss_type=grpo",
+                       "--dynamic_sampling", "false", "--mask_truncated", "--eval_depths", "1,2,4"])
+    assert cfg.max_steps == 3 and cfg.lr == 1e-5 and cfg.seed == 7 and cfg.loss_type == "grpo"
+    assert cfg.rewards == ["dapo_math", "format"] and cfg.reward_weights == [1.0, 0.5]
+    assert cfg.reward_kwargs == {"format": {"strict": True}}
+    assert cfg.dynamic_sampling is False and cfg.mask_truncated is True and cfg.eval_depths == [1, 2, 4]
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config(["--depth", "2", "--self_distill_exits", "1"])
+    save_config(cfg, tmp_path / "config.yaml")
+    again = load_config(["--config", str(tmp_path / "config.yaml")])
+    assert again == cfg and yaml.safe_load((tmp_path / "config.yaml").read_text())["depth"] == 2
+
+
+@pytest.mark.parametrize("argv,key", [
+    (["--max_stepz", "3"], "max_stepz"),  # unknown key (with a suggestion)
+    (["--lr", "fast"], "'lr'"),  # wrong type
+    (["--max_steps", "2.5"], "'max_steps'"),
+    (["--dynamic_sampling", "maybe"], "'dynamic_sampling'"),
+    (["--depth", "0"], "'depth'"),  # out of range
+    (["--update_depth", "2"], "'update_depth'"),  # differs from depth without the experiment flag
+    (["--mini_batch_size", "24"], "'mini_batch_size'"),  # 24 does not divide 16 * 8
+    (["--mini_batch_size", "4"], "'mini_batch_size'"),  # not a multiple of num_generations
+    (["--loss_type", "ppo"], "'loss_type'"),
+    (["--scale_rewards", "all"], "'scale_rewards'"),
+    (["--reward_weights", "1,2"], "'reward_weights'"),  # 2 weights for 1 reward
+    (["--overlong_buffer_len", "16"], "'overlong_buffer_len'"),  # must be < max_new_tokens
+    (["--eval_every", "5"], "'eval_data'"),
+    (["--top_p", "0"], "'top_p'"),
+    (["--self_distill_coef", "0.1", "--self_distill_exits", "4"], "self_distill_exits"),  # T = 4 is the teacher
+])
+def test_errors_name_the_key(argv, key):
+    with pytest.raises(ConfigError, match=key):
+        load_config(argv)
+
+
+def test_unknown_key_in_yaml_names_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("max_steps: 3\nlearning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match=r"'learning_rate' in .*bad.yaml"):
+        load_config(["--config", str(path)])
+
+
+def test_depth_mismatch_needs_flag_and_model_bounds():
+    assert load_config(["--update_depth", "2", "--allow_depth_mismatch"]).effective_update_depth == 2
+    with pytest.raises(ConfigError, match="out of range .*1..3"):
+        validate(TrainConfig(depth=4), max_depth=3)
+    with pytest.raises(ConfigError, match="'prompts_per_step'.*3 processes"):
+        validate(TrainConfig(prompts_per_step=16, num_generations=6, mini_batch_size=0), num_processes=3)
+
+
+def test_latest_checkpoint_ignores_incomplete(tmp_path):
+    root = tmp_path / "checkpoints"
+    for name, complete in (("step-2", True), ("step-10", True), ("step-12", False), (".tmp-step-14", True)):
+        (root / name).mkdir(parents=True)
+        if complete:
+            (root / name / STATE_FILE).write_text("{}")
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [2, 10]  # numeric order, not lexical
+    assert latest_checkpoint(tmp_path).name == "step-10"
+    prune_checkpoints(tmp_path, keep=1)
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [10]
+    assert latest_checkpoint(tmp_path / "nowhere") is None

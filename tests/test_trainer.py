@@ -1,0 +1,236 @@
+"""End-to-end trainer runs on a tiny random looped model: run layout, metrics, depth-matched mismatch,
+resume after kill -9, signals, non-finite losses, a standard HF model and two CPU processes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+TIMING = ("time/", "tokens_per_s")
+
+REWARD_MODULE = '''
+import os, signal
+
+def _text(c):  # chat prompts get completions as [{"role": "assistant", "content": ...}] (TRL)
+    return c if isinstance(c, str) else c[0]["content"]
+
+def digit_sum(prompts, completions, **kw):
+    """A reward with variance on random text: (sum of character codes) mod 3."""
+    return [float(sum(map(ord, _text(c))) % 3) for c in completions]
+
+def is_zero(prompts, completions, **kw):
+    return [float(sum(map(ord, _text(c))) % 3 == 0) for c in completions]
+
+def nan_reward(prompts, completions, **kw):
+    return [float("nan") if i % 2 else 1.0 for i in range(len(completions))]
+
+CALLS = [0]
+
+def sigterm_on_second_call(prompts, completions, **kw):
+    CALLS[0] += 1
+    if CALLS[0] == 2:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return digit_sum(prompts, completions)
+'''
+
+
+def _tokenizer():
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1}
+    for ch in "0123456789+-*=?: Answerabcdfghijklmopqtuvxyz\n":
+        vocab.setdefault(ch, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
+    fast.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    return fast
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A 1-layer, 3-loop random Ouro model + char tokenizer + a reward module on sys.path."""
+    import rl  # noqa: F401
+    from rl.modeling import OuroConfig, OuroForCausalLM
+
+    root = tmp_path_factory.mktemp("tiny")
+    tok = _tokenizer()
+    torch.manual_seed(0)
+    cfg = OuroConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                     num_attention_heads=4, total_ut_steps=3, pad_token_id=0, eos_token_id=1,
+                     max_position_embeddings=128)
+    OuroForCausalLM(cfg).save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    (root / "tinyreward.py").write_text(REWARD_MODULE)
+    sys.path.insert(0, str(root))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: threads only contend on a shared 2-core machine
+    yield root
+    torch.set_num_threads(threads)
+    sys.path.remove(str(root))
+
+
+def _args(tiny, out, *extra):
+    return ["--model", str(tiny / "model"), "--depth", "3", "--data", "arith", "--data_limit", "64",
+            "--rewards", "tinyreward:digit_sum", "--accuracy_reward", "tinyreward:is_zero",
+            "--prompts_per_step", "2", "--num_generations", "4", "--max_new_tokens", "5",
+            "--micro_batch_size", "4", "--lr", "1e-2", "--progress", "false", "--output_dir", str(out),
+            "--seed", "3", *extra]
+
+
+def _train(argv) -> int:
+    from rl.train import main
+
+    return main(argv)
+
+
+def _rows(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def _strip(row):
+    return {k: v for k, v in row.items() if not k.startswith(TIMING)}
+
+
+def _assert_same_metrics(a, b):
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        ra, rb = _strip(ra), _strip(rb)
+        assert ra.keys() == rb.keys()
+        for k in ra:
+            assert ra[k] == pytest.approx(rb[k], rel=1e-5, abs=1e-6), (ra["step"], k)
+
+
+def test_run_layout_metrics_and_depth_matched_scores(tiny, tmp_path):
+    out = tmp_path / "run"
+    assert _train(_args(tiny, out, "--max_steps", "2", "--save_every", "1", "--num_iterations", "2",
+                        "--loss_type", "dapo", "--eval_every", "2", "--eval_data", "arith", "--eval_depths", "1,3",
+                        "--eval_limit", "4")) == 0
+    rows = _rows(out)
+    assert [r["step"] for r in rows] == [1, 2]
+    required = ["reward/mean", "reward/digit_sum/mean", "accuracy", "groups/zero_std_frac", "sampling/rounds",
+                "completion/len_mean", "completion/truncated_frac", "loss/policy", "clip/frac_low",
+                "clip/frac_high", "entropy", "mismatch/logp_abs_max", "mismatch/logp_abs_mean", "mismatch/kl",
+                "grad_norm", "lr", "time/rollout", "time/reward", "time/update", "tokens_per_s",
+                "exit/p_mean_t1", "exit/p_mean_t3", "exit/kl_t2"]
+    for key in required:
+        assert key in rows[0], key
+    for r in rows:  # torch engine, CPU fp32: the update scores exactly what the worker sampled
+        assert r["mismatch/logp_abs_max"] <= 1e-4
+        assert r["mismatch/kl"] <= 1e-8
+    assert "eval/accuracy_d1" not in rows[0] and {"eval/accuracy_d1", "eval/accuracy_d3"} <= rows[1].keys()
+    # num_iterations 2: the second pass sees ratios != 1 after the first update, so clipping can engage
+    assert rows[0]["grad_norm"] > 0
+    cfg_text = (out / "config.yaml").read_text()
+    assert "depth: 3" in cfg_text and "num_iterations: 2" in cfg_text
+    assert (out / "checkpoints" / "step-1" / "trainer_state.json").is_file()
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert samples and {"prompt", "completion", "reward", "advantage"} <= samples[0].keys()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    assert AutoTokenizer.from_pretrained(out / "final").eos_token == "<eos>"
+    initial = AutoModelForCausalLM.from_pretrained(tiny / "model")
+    moved = [not torch.equal(a, b) for a, b in zip(model.parameters(), initial.parameters())]
+    assert any(moved)
+
+
+def test_kill9_then_resume_matches_uninterrupted(tiny, tmp_path):
+    """A run killed with SIGKILL after a checkpoint, then --resume: every step once, same metrics."""
+    common = ["--max_steps", "4", "--save_every", "1", "--loss_type", "grpo", "--scale_rewards", "batch"]
+    ref = tmp_path / "ref"
+    assert _train(_args(tiny, ref, *common)) == 0
+
+    out = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": f"{tiny}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "rl", "train", *_args(tiny, out, *common)], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = out / "checkpoints" / "step-2"
+    deadline = time.time() + 120
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert ckpt.exists(), "the subprocess never wrote checkpoints/step-2"
+    assert not (out / "final").exists(), "killed too late: the run had already finished"
+
+    assert _train(_args(tiny, out, *common, "--resume")) == 0
+    _assert_same_metrics(_rows(ref), _rows(out))
+
+
+def test_sigterm_checkpoints_and_exits_cleanly(tiny, tmp_path):
+    out = tmp_path / "term"
+    before = signal.getsignal(signal.SIGTERM)
+    args = _args(tiny, out, "--max_steps", "5", "--rewards", "tinyreward:sigterm_on_second_call",
+                 "--dynamic_sampling", "false")
+    assert _train(args) == 0
+    rows = _rows(out)
+    assert [r["step"] for r in rows] == [1, 2]  # the signal came during step 2: it finished, then stopped
+    assert (out / "checkpoints" / "step-2" / "trainer_state.json").is_file()
+    assert not (out / "final").exists()
+    assert signal.getsignal(signal.SIGTERM) is before  # the trainer's handler is uninstalled
+
+
+def test_non_finite_loss_skips_then_aborts(tiny, tmp_path, capsys):
+    out = tmp_path / "nan"
+    args = _args(tiny, out, "--max_steps", "6", "--rewards", "tinyreward:nan_reward", "--max_nan_steps", "2",
+                 "--dynamic_sampling", "false")
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        code = _train(args)
+    assert code == 1
+    assert "aborting" in capsys.readouterr().err
+    assert [r["step"] for r in _rows(out)] == [1, 2]
+    assert all(r["updates/skipped"] == 1 for r in _rows(out))
+
+
+def test_config_errors_name_the_key(tiny, tmp_path, capsys):
+    assert _train(_args(tiny, tmp_path / "x", "--depth", "5")) == 2
+    assert "'depth'" in capsys.readouterr().err  # the tiny model has 3 loops
+    assert _train(_args(tiny, tmp_path / "x", "--update_depth", "2")) == 2
+    assert "update_depth" in capsys.readouterr().err
+
+
+def test_standard_hf_causal_lm_trains_at_depth_1(tiny, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = _tokenizer()
+    path = tmp_path / "llama"
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                 pad_token_id=0, eos_token_id=1)).save_pretrained(path)
+    tok.save_pretrained(path)
+    args = _args(tiny, tmp_path / "run", "--max_steps", "1")
+    args[args.index("--model") + 1] = str(path)
+    args[args.index("--depth") + 1] = "1"
+    assert _train(args) == 0
+    (row,) = _rows(tmp_path / "run")
+    assert row["mismatch/logp_abs_max"] <= 1e-4
+    assert not any(k.startswith("exit/") for k in row)
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_with_accelerate(tiny, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "PYTHONPATH": f"{tiny}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(REPO / "configs/accelerate/cpu-2proc.yaml"), "--main_process_port", "29531", "-m", "rl", "train",
+           *_args(tiny, out, "--max_steps", "2", "--save_every", "1", "--mini_batch_size", "4")]
+    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = _rows(out)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert rows[0]["sampling/groups_sampled"] >= 2 and rows[0]["mismatch/logp_abs_max"] <= 1e-4
+    assert (out / "final" / "config.json").is_file()
+    assert (out / "checkpoints" / "step-1" / "random_states_1.pkl").is_file()  # one RNG state per process
