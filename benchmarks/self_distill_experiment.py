@@ -26,6 +26,10 @@ from pathlib import Path
 
 import torch
 
+# Run as a script, benchmarks/ is sys.path[0] and its benchmark files (e.g. rollout.py) would shadow
+# the packages of the same name.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
 THRESHOLDS = (0.5, 0.7, 0.9)
 
 

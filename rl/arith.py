@@ -31,7 +31,7 @@ class ArithConfig:
     keep the task learnable by a tiny char-level model; the carries are what make it deep)."""
 
     digits: int = 2  # digits of every operand
-    operands: int = 3  # numbers per problem
+    operands: int = 2  # numbers per problem
     ops: str = "+"  # operator alphabet, any of "+-*" (evaluated with the usual precedence)
     seed: int = 0
     n_train: int = 20000

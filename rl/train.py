@@ -203,8 +203,6 @@ class Trainer:
         # transformers only checkpoints layers in train mode; without checkpointing eval mode is the safe one
         model.train(cfg.gradient_checkpointing)
         self.looped = _is_looped(model)
-        if self.looped is False and self.depth != 1:
-            raise ConfigError(f"config key 'depth': {self.depth} but {self.model_path} is not a looped model")
 
         self.ref_model = None
         if cfg.beta > 0:
@@ -245,7 +243,12 @@ class Trainer:
         self.use_tis = cfg.tis_mode == "token" or (cfg.tis_mode == "auto" and cfg.engine != "torch")
 
         # --- data and rewards ---
-        self.dataset = load_prompts(cfg.data, split=cfg.data_split, limit=cfg.data_limit)
+        try:
+            self.dataset = load_prompts(cfg.data, split=cfg.data_split, limit=cfg.data_limit)
+            self.eval_dataset = load_prompts(cfg.eval_data, split="test", limit=cfg.eval_limit) \
+                if cfg.eval_every else None
+        except ValueError as e:  # rl.data.DataError names the file, row and field
+            raise ConfigError(f"config key 'data' / 'eval_data': {e}") from None
         self.columns = [c for c in self.dataset.column_names if c != "prompt"]
         self.sampler = PromptSampler(len(self.dataset), cfg.seed)
         self._prompt_cache: dict[int, list[int]] = {}
@@ -255,9 +258,6 @@ class Trainer:
         if cfg.accuracy_reward:
             names = [name for name, _, _ in self.reward_fns]
             self.accuracy_fn = None if cfg.accuracy_reward in names else rewards.get(cfg.accuracy_reward)
-        self.eval_dataset = None
-        if cfg.eval_every:
-            self.eval_dataset = load_prompts(cfg.eval_data, split="test", limit=cfg.eval_limit)
 
         self.step = 0
         self.nan_streak = 0
@@ -420,12 +420,15 @@ class Trainer:
         return mask
 
     def _shards(self, samples: list[Sample]) -> list[list[Sample]]:
-        """This process's micro-batches of a mini-batch; equal counts on every process (DDP needs it)."""
-        local = samples[self.rank::self.world]
+        """This process's micro-batches of a mini-batch; equal counts on every process (DDP needs it).
+
+        Samples are sorted by length first so each micro-batch pads to similar lengths (the loss does
+        not depend on the grouping: its normaliser is the mini-batch's).
+        """
+        local = sorted(samples[self.rank::self.world], key=lambda s: len(s.prompt_ids) + len(s.completion_ids))
         mb = self.cfg.micro_batch_size
         count = math.ceil(math.ceil(len(samples) / self.world) / mb)
-        chunks = [local[i * mb:(i + 1) * mb] for i in range(count)]
-        return chunks
+        return [local[i * mb:(i + 1) * mb] for i in range(count)]
 
     @torch.no_grad()
     def _score_old(self, samples: list[Sample]) -> list[list[float]]:

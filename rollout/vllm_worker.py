@@ -36,6 +36,10 @@ stripped here (DDP `module.`, `torch.compile` `_orig_mod.`, activation checkpoin
 of q/k/v into `qkv_proj` and gate/up into `gate_up_proj`, and the tensor-parallel sharding, happen
 inside vLLM's `load_weights` (its stacked-params mapping), so nothing is fused on our side.
 
+Colocated tensor parallelism (`in_process=True`, `tensor_parallel_size=k > 1`): k consecutive
+training ranks share one engine and must submit identical requests, so the worker gathers the
+group's prompts, samples them with the first member's params, and hands each rank its own share.
+
 The module imports without vllm; constructing the worker without vllm raises one clear ImportError.
 """
 
@@ -303,6 +307,21 @@ def _gathered(param):
         yield
 
 
+def tp_groups(world_size: int, tensor_parallel_size: int) -> list[list[int]]:
+    """Consecutive ranks form a tensor-parallel group, as vLLM's external_launcher arranges them."""
+    if world_size % tensor_parallel_size:
+        raise ValueError(
+            f"tensor_parallel_size {tensor_parallel_size} must divide the number of processes {world_size}"
+        )
+    return [list(range(start, start + tensor_parallel_size)) for start in range(0, world_size, tensor_parallel_size)]
+
+
+def gathered_slice(counts: Sequence[int], member: int, n: int) -> slice:
+    """Where one group member's samples sit in the prompt-major rollout of the gathered prompts."""
+    start = sum(counts[:member]) * n
+    return slice(start, start + counts[member] * n)
+
+
 def _load_weights_on_worker(worker, weights: list[tuple[str, Any]]) -> int:
     """Runs inside each vLLM worker (collective_rpc); `worker` is vLLM's worker object."""
     worker.model_runner.model.load_weights(weights=weights)
@@ -353,10 +372,12 @@ class VLLMRolloutWorker:
             in_process=in_process,
             **engine_kwargs,
         )
+        eos = as_id_list(eos_token_id) if eos_token_id is not None else read_eos_token_ids(model_name_or_path)
+        tp_in_process = tensor_parallel_size if in_process else 1
+        tp = _make_tp_group(tp_in_process)  # before the engine: fail fast without a process group
         if in_process:
             _ensure_launcher_env()
-        eos = as_id_list(eos_token_id) if eos_token_id is not None else read_eos_token_ids(model_name_or_path)
-        self._init_state(vllm.LLM(**kwargs), depth, eos, enable_sleep_mode, weight_sync_chunk)
+        self._init_state(vllm.LLM(**kwargs), depth, eos, enable_sleep_mode, weight_sync_chunk, tp_in_process, tp)
 
     @classmethod
     def from_llm(
@@ -367,13 +388,18 @@ class VLLMRolloutWorker:
         eos_token_id: int | Sequence[int] | None = None,
         enable_sleep_mode: bool = False,
         weight_sync_chunk: int = 64,
+        tensor_parallel_size: int = 1,
     ) -> VLLMRolloutWorker:
         """Wrap an engine built elsewhere (it must pin the same depth and use processed logprobs)."""
         worker = cls.__new__(cls)
-        worker._init_state(llm, depth, as_id_list(eos_token_id), enable_sleep_mode, weight_sync_chunk)
+        worker._init_state(llm, depth, as_id_list(eos_token_id), enable_sleep_mode, weight_sync_chunk,
+                           tensor_parallel_size)
         return worker
 
-    def _init_state(self, llm, depth, eos_token_ids, enable_sleep_mode, weight_sync_chunk) -> None:
+    def _init_state(self, llm, depth, eos_token_ids, enable_sleep_mode, weight_sync_chunk,
+                    tensor_parallel_size=1, tp=None) -> None:
+        self.tp_group, self.tp_rank = tp if tp is not None else _make_tp_group(tensor_parallel_size)
+        self.tensor_parallel_size = tensor_parallel_size
         self.llm = llm
         self.depth = depth
         self.eos_token_ids = list(eos_token_ids)
@@ -387,6 +413,28 @@ class VLLMRolloutWorker:
     # -- RolloutWorker protocol ----------------------------------------------------------------
 
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> Rollout:
+        if self.tp_group is not None:
+            return self._generate_tp(prompt_ids, params)
+        return self._generate_local(prompt_ids, params)
+
+    def _generate_tp(self, prompt_ids: list[list[int]], params: SamplingParams) -> Rollout:
+        """Colocated tensor parallelism: the ranks of a TP group drive ONE engine together, so they
+        must submit identical requests. Gather every member's prompts, sample them all with the
+        first member's params (one seed stream), and keep this rank's share."""
+        import torch.distributed as dist
+
+        gathered: list = [None] * self.tensor_parallel_size
+        dist.all_gather_object(gathered, ([list(p) for p in prompt_ids], params), group=self.tp_group)
+        all_prompts = [p for prompts, _ in gathered for p in prompts]
+        lead_params = gathered[0][1]
+        if any(member_params.n != lead_params.n for _, member_params in gathered):
+            raise ValueError("ranks of one tensor-parallel group asked for different n samples per prompt")
+        full = self._generate_local(all_prompts, lead_params)
+        share = gathered_slice([len(prompts) for prompts, _ in gathered], self.tp_rank, lead_params.n)
+        return Rollout(prompt_ids=full.prompt_ids[share], completion_ids=full.completion_ids[share],
+                       logprobs=full.logprobs[share], finish_reasons=full.finish_reasons[share], depth=self.depth)
+
+    def _generate_local(self, prompt_ids: list[list[int]], params: SamplingParams) -> Rollout:
         if not prompt_ids:
             return Rollout(depth=self.depth)
         for i, ids in enumerate(prompt_ids):
@@ -466,6 +514,24 @@ class VLLMRolloutWorker:
         with contextlib.suppress(AttributeError):
             return self.llm.llm_engine.model_executor.driver_worker.model_runner.model
         return None
+
+
+def _make_tp_group(tensor_parallel_size: int):
+    """(process group, rank within it) for colocated TP across training ranks, or (None, 0).
+
+    Collective: every training rank must construct its worker (as `looprl train` does)."""
+    if tensor_parallel_size == 1:
+        return None, 0
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            "colocated tensor_parallel_size > 1 needs the training processes' torch.distributed group "
+            "(launch with accelerate/torchrun, one process per GPU of the TP group)"
+        )
+    rank = dist.get_rank()
+    group, _ = dist.new_subgroups_by_enumeration(tp_groups(dist.get_world_size(), tensor_parallel_size))
+    return group, rank % tensor_parallel_size
 
 
 def _ensure_launcher_env() -> None:

@@ -7,6 +7,7 @@ import importlib.util
 import json
 import sys
 import types
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -19,12 +20,14 @@ from rollout.vllm_worker import (
     VLLMRolloutWorker,
     build_engine_kwargs,
     depth_overrides,
+    gathered_slice,
     iter_vllm_weights,
     map_finish_reason,
     outputs_to_rollout,
     read_eos_token_ids,
     sampled_logprobs,
     to_vllm_sampling_kwargs,
+    tp_groups,
     vllm_weight_name,
 )
 
@@ -327,6 +330,9 @@ def test_worker_builds_engine_from_model_dir(fake_vllm, ouro_dir):
     assert kw["max_model_len"] == 512 and kw["enforce_eager"] is True
     assert worker.eos_token_ids == [2, 5]
     assert VLLMRolloutWorker(str(ouro_dir), 3, eos_token_id=2).eos_token_ids == [2]
+    with pytest.raises(RuntimeError, match="torch.distributed"):  # colocated TP needs the training group
+        VLLMRolloutWorker(str(ouro_dir), 3, tensor_parallel_size=2)
+    assert VLLMRolloutWorker(str(ouro_dir), 3, tensor_parallel_size=2, in_process=False).tp_group is None
 
 
 def test_worker_generate_translates_and_converts(fake_vllm, ouro_dir):
@@ -390,6 +396,64 @@ def test_sleep_and_wake_cycle_for_colocation(fake_vllm):
     plain = VLLMRolloutWorker.from_llm(FakeLLM(), 4, eos_token_id=2)
     with pytest.raises(RuntimeError, match="enable_sleep_mode"):
         plain.sleep()
+
+
+# ------------------------------------------------------------------------------------------------
+# colocated tensor parallelism: ranks of a TP group gather their prompts and share one engine
+# ------------------------------------------------------------------------------------------------
+
+
+def test_tp_groups_and_slices():
+    assert tp_groups(8, 2) == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert tp_groups(4, 4) == [[0, 1, 2, 3]]
+    with pytest.raises(ValueError, match="must divide"):
+        tp_groups(6, 4)
+    assert gathered_slice([1, 2], 0, n=3) == slice(0, 3)
+    assert gathered_slice([1, 2], 1, n=3) == slice(3, 9)
+    assert gathered_slice([0, 2], 0, n=3) == slice(0, 0)
+
+
+TP_PROMPTS = {0: [[1, 2]], 1: [[3], [4, 5, 6]]}
+
+
+def _tp_rank_main(rank: int, port: int, out_dir: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    module = types.ModuleType("vllm")
+    module.SamplingParams = lambda **kw: SimpleNamespace(**{"seed": None, **kw})
+    sys.modules["vllm"] = module
+    llm = FakeLLM()
+    worker = VLLMRolloutWorker.from_llm(llm, 4, eos_token_id=7, tensor_parallel_size=2)
+    # each rank brings its own seed, as the trainer does; the group must sample with the first one's
+    rollout = worker.generate(TP_PROMPTS[rank], SamplingParams(n=2, max_new_tokens=4, seed=10 + 90 * rank))
+    seen = {"seeds": [sp.seed for sp in llm.last_sampling], "calls": llm.calls,
+            "rollout": [rollout.prompt_ids, rollout.completion_ids, rollout.logprobs, rollout.finish_reasons]}
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(seen))
+    dist.destroy_process_group()
+
+
+def test_colocated_tp_group_gathers_prompts_and_keeps_each_ranks_share(tmp_path, fake_vllm):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_tp_rank_main, args=(port, str(tmp_path)), nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    # one engine request per rank, identical across the group: all 3 prompts, the first rank's seed stream
+    assert ranks[0]["seeds"] == ranks[1]["seeds"] == [10, 12, 14]
+    assert ranks[0]["calls"] == ranks[1]["calls"] == [["generate", 3]]
+    reference = VLLMRolloutWorker.from_llm(FakeLLM(), 4, eos_token_id=7).generate(
+        TP_PROMPTS[0] + TP_PROMPTS[1], SamplingParams(n=2, max_new_tokens=4, seed=10))
+    full = [reference.prompt_ids, reference.completion_ids, reference.logprobs, reference.finish_reasons]
+    assert ranks[0]["rollout"] == [field[:2] for field in full]
+    assert ranks[1]["rollout"] == [field[2:] for field in full]
 
 
 # ------------------------------------------------------------------------------------------------

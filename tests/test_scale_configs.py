@@ -4,6 +4,8 @@ configs parse, and the CPU two-process config really starts two ranks in one glo
 from __future__ import annotations
 
 import os
+import re
+import socket
 import subprocess
 import sys
 import textwrap
@@ -64,6 +66,12 @@ def test_accelerate_configs_parse_and_match_the_trainer_clip():
         assert ds["gradient_clipping"] == dapo["max_grad_norm"]  # DeepSpeed clips inside its own step
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.mark.slow
 def test_cpu_two_process_config_starts_one_gloo_group(tmp_path):
     probe = tmp_path / "probe.py"
@@ -72,14 +80,15 @@ def test_cpu_two_process_config_starts_one_gloo_group(tmp_path):
         from accelerate import Accelerator
         acc = Accelerator(cpu=not torch.cuda.is_available())
         total = acc.reduce(torch.tensor([acc.process_index + 1.0]), "sum").item()
-        print(f"RANK {acc.process_index} WORLD {acc.num_processes} TYPE {acc.distributed_type} SUM {total}")
+        print(f"<RANK {acc.process_index} WORLD {acc.num_processes} TYPE {acc.distributed_type} SUM {total}>",
+              flush=True)
     """))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(ACCELERATE_DIR / "cpu-2proc.yaml"), "--main_process_port", "29533", str(probe)]
+           str(ACCELERATE_DIR / "cpu-2proc.yaml"), "--main_process_port", str(_free_port()), str(probe)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
-    lines = sorted(line for line in out.stdout.splitlines() if line.startswith("RANK"))
+    lines = sorted(re.findall(r"<(RANK [^>]*)>", out.stdout))  # the two ranks share one stdout pipe
     assert lines == [
         "RANK 0 WORLD 2 TYPE DistributedType.MULTI_CPU SUM 3.0",
         "RANK 1 WORLD 2 TYPE DistributedType.MULTI_CPU SUM 3.0",
