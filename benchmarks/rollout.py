@@ -5,7 +5,7 @@
 
 Workloads (64 sample rows, 64 new tokens each, sampling at temperature 1):
   decode  64 distinct prompts (16-32 tokens), n=1, no stop tokens: pure decode-engine comparison.
-  rl      8 prompts (~128 tokens) x n=8 samples, two stop tokens (rows end at different lengths):
+  rl      8 prompts (~128 tokens) x n=8 samples, vocab/32 stop tokens (rows end at varied lengths):
           the GRPO shape, where prefilling each prompt once and dropping finished rows pay off.
 Engines: `worker` (TorchRolloutWorker, fused Ouro decode step), `worker-generic` (same loop through
 the model's own forward, fast_decode=False), `worker-nocompact` (rl only: finished rows are not
@@ -52,7 +52,11 @@ SIZES = {
     "small": Size("small", hidden=256, layers=4, heads=4, kv_heads=4, intermediate=768, vocab=512),
     "medium": Size("medium", hidden=512, layers=6, heads=8, kv_heads=8, intermediate=1536, vocab=2048),
 }
-STOP_IDS = [2, 3]
+
+
+def stop_ids_for(vocab: int) -> list[int]:
+    """vocab/32 stop tokens: about 1/32 chance per step on a fresh model, so rows end at varied lengths."""
+    return list(range(2, 2 + max(1, vocab // 32)))
 
 
 def build_model(size: Size):
@@ -68,12 +72,13 @@ def build_model(size: Size):
     return OuroForCausalLM(config).eval()
 
 
-def make_prompts(workload: str, vocab: int, seed: int = 0) -> tuple[list[list[int]], int]:
+def make_prompts(workload: str, vocab: int, batch: int = 64, seed: int = 0) -> tuple[list[list[int]], int]:
+    """`batch` sample rows: distinct short prompts (decode) or batch/8 long prompts x 8 samples (rl)."""
     g = torch.Generator().manual_seed(seed)
     if workload == "decode":
-        lens, n = torch.randint(16, 33, (64,), generator=g), 1
+        lens, n = torch.randint(16, 33, (batch,), generator=g), 1
     else:
-        lens, n = torch.randint(112, 145, (8,), generator=g), 8
+        lens, n = torch.randint(112, 145, (max(1, batch // 8),), generator=g), 8
     return [torch.randint(4, vocab, (int(n_),), generator=g).tolist() for n_ in lens], n
 
 
@@ -138,7 +143,7 @@ def run_engine(name, model, workers, prompts, n, stop_ids, max_new, depth, seed)
     return workers[name].generate(prompts, params).num_completion_tokens
 
 
-def run_size(size: Size, workloads: list[str], repeats: int, max_new: int) -> list[dict]:
+def run_size(size: Size, workloads: list[str], repeats: int, max_new: int, batch: int) -> list[dict]:
     from rollout import SamplingParams, TorchRolloutWorker
 
     model = build_model(size)
@@ -152,8 +157,8 @@ def run_size(size: Size, workloads: list[str], repeats: int, max_new: int) -> li
     }
     rows = []
     for workload in workloads:
-        prompts, n = make_prompts(workload, size.vocab)
-        stop_ids = STOP_IDS if workload == "rl" else []
+        prompts, n = make_prompts(workload, size.vocab, batch)
+        stop_ids = stop_ids_for(size.vocab) if workload == "rl" else []
 
         with torch.inference_mode():
             fast.generate(prompts[:2], SamplingParams(max_new_tokens=2))  # warm-up (+ fused-step check)
@@ -181,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workloads", default="decode,rl")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=64, help="sample rows per rollout")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared box)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -188,10 +194,11 @@ def main(argv: list[str] | None = None) -> int:
     workloads = args.workloads.split(",")
 
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
-          f"{torch.__version__}, threads {args.threads}, load avg {os.getloadavg()[0]:.1f}")
+          f"{torch.__version__}, threads {args.threads}, batch {args.batch}, {args.max_new_tokens} new tokens, "
+          f"load avg {os.getloadavg()[0]:.1f}")
     results = []
     for size in sizes:
-        results += run_size(size, workloads, args.repeats, args.max_new_tokens)
+        results += run_size(size, workloads, args.repeats, args.max_new_tokens, args.batch)
 
     print("\n| size | workload | engine | tokens | wall s | tok/s | CPU tok/s | vs hf (wall) | vs hf (CPU) |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -57,7 +57,9 @@ class ArithConfig:
             key, sep, value = item.partition("=")
             key = key.strip()
             if not sep or key not in types:
-                raise ValueError(f"arith: bad option {item!r}; expected key=value with key in {', '.join(types)}")
+                raise ValueError(
+                    f"arith: bad option {item!r}; expected key=value with key in {', '.join(types)}"
+                )
             try:
                 kwargs[key] = value.strip() if key == "ops" else int(value)
             except ValueError:

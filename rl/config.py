@@ -91,7 +91,7 @@ class TrainConfig:
     self_distill_chunk_size: int = 1024
 
     # --- optimisation ---
-    lr: float = 2e-4
+    lr: float = 5e-4  # tuned for the embedded 120k-parameter model; ~1e-6 for Ouro-1.4B
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.99
@@ -100,10 +100,10 @@ class TrainConfig:
     max_grad_norm: float = 1.0
 
     # --- batch sizes (in samples = completions) ---
-    max_steps: int = 60
-    prompts_per_step: int = 16
+    max_steps: int = 300
+    prompts_per_step: int = 32
     mini_batch_size: int = 0  # samples per optimizer update; 0 = the whole step's batch (one update)
-    micro_batch_size: int = 64  # samples per forward/backward on one process
+    micro_batch_size: int = 256  # samples per forward/backward on one process
 
     # --- run ---
     seed: int = 0

@@ -137,33 +137,38 @@ def _read_local(path: Path) -> datasets.Dataset | list[dict]:
     raise DataError(f"{path}: unsupported file type {suffix!r}; use .parquet, .jsonl or .json")
 
 
-def _dedup_keys(table: datasets.Dataset | list[dict]) -> list:
-    """One key per row: extra_info.index when present, else an id column, else the prompt text."""
+def _dedup_keys(table: datasets.Dataset | list[dict]) -> tuple[list, str]:
+    """One key per row and what it is: extra_info.index when present, else an id column, else the
+    prompt/problem text (rows without any of these are never dropped)."""
     if isinstance(table, datasets.Dataset):
         cols = table.column_names
+        id_col = next((c for c in ("index", "id", "unique_id") if c in cols), None)
         if "extra_info" in cols:
-            keys = _struct_field(table, "extra_info", "index")
+            keys, what = _struct_field(table, "extra_info", "index"), "extra_info.index"
+        elif id_col:
+            keys, what = list(table[id_col]), id_col
         else:
-            id_col = next((c for c in ("index", "id", "unique_id") if c in cols), None)
-            keys = list(table[id_col]) if id_col else [None] * len(table)
+            keys, what = [None] * len(table), "prompt text"
         if any(k is None for k in keys):
             text_col = next((c for c in ("prompt", "problem", "question") if c in cols), None)
             texts = table[text_col] if text_col else [None] * len(table)
             keys = [k if k is not None else _text_key(t) for k, t in zip(keys, texts)]
-        return keys
-    keys = []
+        return keys, what
+    keys, kinds = [], set()
     for row in table:
-        if not isinstance(row, dict):
-            keys.append(None)
-            continue
-        extra = row.get("extra_info")
-        key = extra.get("index") if isinstance(extra, dict) else None
-        for col in ("index", "id", "unique_id"):
-            key = row.get(col) if key is None else key
-        if key is None:
-            key = _text_key(row.get("prompt", row.get("problem", row.get("question"))))
+        key, kind = None, "prompt text"
+        if isinstance(row, dict):
+            extra = row.get("extra_info")
+            if isinstance(extra, dict) and extra.get("index") is not None:
+                key, kind = extra["index"], "extra_info.index"
+            for col in ("index", "id", "unique_id"):
+                if key is None and row.get(col) is not None:
+                    key, kind = row[col], col
+            if key is None:
+                key = _text_key(row.get("prompt", row.get("problem", row.get("question"))))
         keys.append(key)
-    return keys
+        kinds.add(kind)
+    return keys, " / ".join(sorted(kinds))
 
 
 def _struct_field(table: datasets.Dataset, column: str, field: str) -> list:
@@ -187,7 +192,7 @@ def _dedup(table: datasets.Dataset | list[dict], where: str) -> list[tuple[int, 
     """(original row number, row) of the first occurrence of each key; prints the counts."""
     if len(table) == 0:
         raise DataError(f"{where}: no rows")
-    keys = _dedup_keys(table)
+    keys, what = _dedup_keys(table)
     first: dict = {}
     for i, key in enumerate(keys):
         hashable = key if isinstance(key, (str, int, float)) or key is None else json.dumps(key, default=str)
@@ -196,7 +201,7 @@ def _dedup(table: datasets.Dataset | list[dict], where: str) -> list[tuple[int, 
         first.setdefault(hashable, i)
     keep = sorted(first.values())
     dropped = len(keys) - len(keep)
-    print(f"{where}: {len(keys)} rows read, {len(keep)} unique (on extra_info.index), {dropped} duplicates dropped")
+    print(f"{where}: {len(keys)} rows read, {len(keep)} unique (on {what}), {dropped} duplicates dropped")
     if isinstance(table, datasets.Dataset):
         subset = table.select(keep) if dropped else table
         return list(zip(keep, subset))

@@ -110,19 +110,26 @@ def build_model(cfg: TinyConfig, tokenizer: PreTrainedTokenizerFast) -> OuroForC
 
 
 def prompt_ids(tokenizer, prompt: list[dict]) -> list[int]:
-    return list(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False))
+    return list(
+        tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False)
+    )
 
 
 def encode_examples(tokenizer, dataset) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, completion ids incl. eos) for each row."""
     eos = tokenizer.eos_token_id
     return [
-        (prompt_ids(tokenizer, row["prompt"]), tokenizer(arith.completion(row["ground_truth"]))["input_ids"] + [eos])
+        (
+            prompt_ids(tokenizer, row["prompt"]),
+            tokenizer(arith.completion(row["ground_truth"]))["input_ids"] + [eos],
+        )
         for row in dataset
     ]
 
 
-def collate(batch: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def collate(
+    batch: list[tuple[list[int], list[int]]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded input ids, attention mask, and labels (-100 outside the completion)."""
     width = max(len(p) + len(c) for p, c in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
@@ -137,7 +144,11 @@ def collate(batch: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torc
 
 
 def exit_weights(kind: str, depth: int) -> list[float]:
-    raw = {"linear": [t + 1.0 for t in range(depth)], "uniform": [1.0] * depth, "last": [0.0] * (depth - 1) + [1.0]}
+    raw = {
+        "linear": [t + 1.0 for t in range(depth)],
+        "uniform": [1.0] * depth,
+        "last": [0.0] * (depth - 1) + [1.0],
+    }
     if kind not in raw:
         raise ValueError(f"exit_weighting must be one of {', '.join(raw)}, got {kind!r}")
     return [w / sum(raw[kind]) for w in raw[kind]]
@@ -181,7 +192,9 @@ def decode(
         done = torch.zeros(len(chunk), dtype=torch.bool)
         new: list[torch.Tensor] = []
         for _ in range(max_new_tokens):
-            logits = model(input_ids=ids, attention_mask=mask, depth=depth, use_cache=False).logits[:, -1].float()
+            logits = (
+                model(input_ids=ids, attention_mask=mask, depth=depth, use_cache=False).logits[:, -1].float()
+            )
             if temperature > 0:
                 probs = torch.softmax(logits / temperature, -1)
                 picked = torch.multinomial(probs, 1, generator=gen)[:, 0]
@@ -243,7 +256,9 @@ def train(cfg: TinyConfig) -> dict:
     weights = exit_weights(cfg.exit_weighting, cfg.total_ut_steps)
     print(f"make-tiny: {n_params:,} parameters, {len(train_examples)} train examples, exit weights {weights}")
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98)
+    )
 
     def lr_at(step: int) -> float:  # linear warmup, cosine decay to 10 %
         if step < cfg.warmup_steps:
@@ -267,10 +282,16 @@ def train(cfg: TinyConfig) -> dict:
         scheduler.step()
         step += 1
         if step % cfg.eval_every == 0 or step == cfg.max_steps:
-            acc = accuracy_by_depth(model, tokenizer, val_rows, [cfg.total_ut_steps], max_new)[cfg.total_ut_steps]
+            acc = accuracy_by_depth(model, tokenizer, val_rows, [cfg.total_ut_steps], max_new)[
+                cfg.total_ut_steps
+            ]
             elapsed = time.time() - t0
-            history.append({"step": step, "loss": round(loss.item(), 4), "val_acc": acc, "seconds": round(elapsed)})
-            print(f"make-tiny: step {step} loss {loss.item():.3f} val acc d{cfg.total_ut_steps} {acc:.3f} ({elapsed:.0f}s)")
+            history.append(
+                {"step": step, "loss": round(loss.item(), 4), "val_acc": acc, "seconds": round(elapsed)}
+            )
+            print(
+                f"make-tiny: step {step} loss {loss.item():.3f} val acc d{cfg.total_ut_steps} {acc:.3f} ({elapsed:.0f}s)"
+            )
             if acc >= cfg.target_acc:
                 stop_reason = f"val acc {acc:.3f} >= target {cfg.target_acc}"
                 break
@@ -318,7 +339,9 @@ def main(argv: list[str] | None = None) -> int:
     exit_weights(cfg.exit_weighting, cfg.total_ut_steps)  # validate before any compute
     info = train(cfg)
     accs = ", ".join(f"{k} {v:.3f}" for k, v in info["test_accuracy_by_depth"].items())
-    print(f"make-tiny: saved {cfg.out} after {info['steps']} steps ({info['stop_reason']}), {info['seconds']}s")
+    print(
+        f"make-tiny: saved {cfg.out} after {info['steps']} steps ({info['stop_reason']}), {info['seconds']}s"
+    )
     print(f"make-tiny: greedy accuracy on {cfg.data} test by depth: {accs}")
     sampled = info["test_sampled_t1"]
     print(

@@ -98,6 +98,7 @@ class Panel:
     select: Callable[[Sequence[str]], list[tuple[str, str]]]
     smooth: bool = False  # draw raw faintly + EMA boldly
     markers: bool = False  # sparse metrics (eval) read better as points
+    log: bool = False  # log y axis (when every value is > 0): mismatch is judged by its order of magnitude
 
 
 def _fixed(*keys_labels: tuple[str, str]) -> Callable[[Sequence[str]], list[tuple[str, str]]]:
@@ -120,8 +121,9 @@ PANELS: list[Panel] = [
     Panel("accuracy", "fraction correct", _fixed(("accuracy", "accuracy")), smooth=True),
     Panel("zero-variance groups", "fraction of groups", _fixed(("zero std", "groups/zero_std_frac")), smooth=True),
     Panel("completion length", "tokens", _fixed(("mean", "completion/len_mean")), smooth=True),
-    Panel("rollout/update mismatch: max |Δlogp|", "nats", _fixed(("max |Δlogp|", "mismatch/logp_abs_max"))),
-    Panel("rollout/update mismatch: KL", "nats / token", _fixed(("KL", "mismatch/kl"))),
+    Panel("rollout/update mismatch: max |Δlogp|", "nats", _fixed(("max |Δlogp|", "mismatch/logp_abs_max")),
+          log=True),
+    Panel("rollout/update mismatch: KL", "nats / token", _fixed(("KL", "mismatch/kl")), log=True),
     Panel("per-exit KL to the last exit", "nats / token", _numbered(r"exit/kl_t(\d+)(?:_\w+)?", "t={t}")),
     Panel("eval accuracy per depth", "fraction correct", _numbered(r"eval/accuracy_d(\d+)", "depth {t}"),
           markers=True),
@@ -172,6 +174,9 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, title: str | None
                 else:
                     ax.plot(steps, values, color=color, linestyle=style, linewidth=1.5,
                             marker="o" if panel.markers or len(values) == 1 else None, markersize=3, label=name)
+        drawn = [v for run, series in zip(runs, picks) for _, key in series for v in run.series[key][1]]
+        if panel.log and drawn and min(drawn) > 0:
+            ax.set_yscale("log")
         ax.set_title(panel.title, fontsize=10)
         ax.set_xlabel("step")
         ax.set_ylabel(panel.ylabel)

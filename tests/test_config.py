@@ -80,3 +80,11 @@ def test_latest_checkpoint_ignores_incomplete(tmp_path):
     prune_checkpoints(tmp_path, keep=1)
     assert [s for s, _ in list_checkpoints(tmp_path)] == [10]
     assert latest_checkpoint(tmp_path / "nowhere") is None
+
+
+def test_configs_default_yaml_mirrors_the_embedded_default():
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+    assert load_config(["--config", str(path)]) == TrainConfig()
+    assert set(yaml.safe_load(path.read_text())) == set(TrainConfig().to_dict())

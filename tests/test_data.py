@@ -65,7 +65,10 @@ def test_jsonl_json_and_problem_answer(tmp_path: Path):
     ds = load_prompts(str(jsonl))
     assert ds["index"] == ["a", "b"] and ds["ground_truth"] == ["2", "4"]
 
-    simple = [{"id": 7, "problem": "Find x if x+1=3.", "answer": 2}, {"id": 8, "problem": "3*3?", "answer": "9"}]
+    simple = [
+        {"id": 7, "problem": "Find x if x+1=3.", "answer": 2},
+        {"id": 8, "problem": "3*3?", "answer": "9"},
+    ]
     js = tmp_path / "aime.json"
     js.write_text(json.dumps(simple))
     ds = load_prompts(str(js))
@@ -81,7 +84,10 @@ def test_jsonl_json_and_problem_answer(tmp_path: Path):
 @pytest.mark.parametrize(
     "row, field",
     [
-        ({"prompt": [{"role": "user", "content": "hi"}], "extra_info": {"index": "x"}}, "reward_model.ground_truth"),
+        (
+            {"prompt": [{"role": "user", "content": "hi"}], "extra_info": {"index": "x"}},
+            "reward_model.ground_truth",
+        ),
         ({"prompt": [{"role": "user"}], "reward_model": {"ground_truth": "1"}}, "prompt[0].content"),
         ({"prompt": [], "reward_model": {"ground_truth": "1"}}, "prompt"),
         ({"prompt": "q", "reward_model": {"ground_truth": ""}}, "reward_model.ground_truth"),
@@ -146,7 +152,9 @@ def test_arith_deterministic_disjoint_and_checkable():
     test_p = {r["extra_info"]["problem"] for r in test}
     assert len(train_p) == 3000 and len(test_p) == 300 and not train_p & test_p
     # A different seed's train split still never contains a test problem.
-    assert not {r["extra_info"]["problem"] for r in arith.generate("train", arith.ArithConfig(seed=5))} & test_p
+    assert (
+        not {r["extra_info"]["problem"] for r in arith.generate("train", arith.ArithConfig(seed=5))} & test_p
+    )
     for r in train[:200]:
         assert r["reward_model"]["ground_truth"] == str(eval(r["extra_info"]["problem"]))  # noqa: S307
         assert set(r) == {"data_source", "prompt", "ability", "reward_model", "extra_info"}
@@ -162,7 +170,9 @@ def test_arith_difficulty_knob_and_loader():
         assert r["reward_model"]["ground_truth"] == str(eval(p))  # noqa: S307
     ds = load_prompts("arith:digits=3,operands=4,ops=+-*,seed=2", split="test", limit=50)
     assert ds["problem"] == [r["extra_info"]["problem"] for r in rows]
-    assert ds[0]["prompt"] == [{"role": "user", "content": arith.PROMPT_TEMPLATE.format(problem=ds["problem"][0])}]
+    assert ds[0]["prompt"] == [
+        {"role": "user", "content": arith.PROMPT_TEMPLATE.format(problem=ds["problem"][0])}
+    ]
     with pytest.raises(ValueError, match="digits"):
         arith.ArithConfig.from_spec("digits=0")
     with pytest.raises(ValueError, match="bad option"):
@@ -181,7 +191,9 @@ def test_embedded_model_and_tokenizer_load():
     tok = AutoTokenizer.from_pretrained(EMBEDDED_MODEL)
     model = AutoModelForCausalLM.from_pretrained(EMBEDDED_MODEL)
     assert type(model).__name__ == "OuroForCausalLM" and model.config.total_ut_steps == 4
-    assert tok.eos_token_id is not None and tok.pad_token_id is not None and tok.eos_token_id != tok.pad_token_id
+    assert (
+        tok.eos_token_id is not None and tok.pad_token_id is not None and tok.eos_token_id != tok.pad_token_id
+    )
     prompt = load_prompts("arith", split="test", limit=1)[0]["prompt"]
     ids = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False)
     assert tok.decode(ids) == tok.bos_token + prompt[0]["content"] + "\n"
@@ -192,3 +204,23 @@ def test_embedded_model_and_tokenizer_load():
     with torch.no_grad():
         out = model(torch.tensor([ids]), depth=2)
     assert out.logits.shape == (1, len(ids), model.config.vocab_size)
+
+
+def test_make_tiny_smoke(tmp_path: Path):
+    """The rebuild command end to end at toy size: trains, measures every depth, saves a loadable dir."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rl import make_tiny
+
+    out = tmp_path / "tiny"
+    sizes = (
+        "--hidden_size 16 --intermediate_size 32 --total_ut_steps 2 --batch_size 8 --val_size 8 --test_size 8"
+    )
+    argv = ["--out", str(out), *sizes.split(), "--max_steps", "3", "--eval_every", "2"]
+    assert make_tiny.main(argv) == 0
+    info = json.loads((out / "make_tiny.json").read_text())
+    assert info["steps"] == 3 and set(info["test_accuracy_by_depth"]) == {"d1", "d2"}
+    assert AutoModelForCausalLM.from_pretrained(out).config.total_ut_steps == 2
+    assert AutoTokenizer.from_pretrained(out).chat_template == make_tiny.CHAT_TEMPLATE
+    with pytest.raises(ValueError, match="exit_weighting"):
+        make_tiny.main(["--out", str(out), "--exit_weighting", "deepest"])

@@ -278,12 +278,14 @@ def test_exit_threshold_extremes_match_fixed_depth_decoding(tiny_model_dir):
     tokenizer, _ = _load_tokenizer_and_config(str(tiny_model_dir))
     model = _load_model(str(tiny_model_dir), "cpu")
     data = load_prompts("arith", split="test", limit=8)
-    for q, depth in ((1.0, 4), (0.0, 1)):
-        seen: dict[str, list[str]] = {"fixed": [], "gate": []}
+    seen: dict[str, list[str]] = {}
 
-        def record(prompts, completions, ground_truth, _into, **kwargs):
-            seen[_into] += [c[0]["content"] for c in completions]
-            return [0.0] * len(completions)
+    def record(prompts, completions, ground_truth, _into, **kwargs):
+        seen[_into] += [c[0]["content"] for c in completions]
+        return [0.0] * len(completions)
+
+    for q, depth in ((1.0, 4), (0.0, 1)):
+        seen.update(fixed=[], gate=[])
 
         fixed = evaluate_depths(model, tokenizer, data, [depth], max_new_tokens=12,
                                 reward_fn=lambda *a, **k: record(*a, _into="fixed", **k))[str(depth)]
