@@ -180,6 +180,33 @@ def run_size(size: Size, workloads: list[str], repeats: int, max_new: int, batch
     return rows
 
 
+def run_trainer_shape(repeats: int) -> None:
+    """The default `looprl train` rollout: shipped tiny Ouro, arith prompts, 32 prompts x 8, 8 new tokens."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rl.data import EMBEDDED_MODEL, load_prompts
+    from rollout import SamplingParams, TorchRolloutWorker
+
+    tokenizer = AutoTokenizer.from_pretrained(EMBEDDED_MODEL)
+    model = AutoModelForCausalLM.from_pretrained(EMBEDDED_MODEL).eval()
+    depth, eos, pad = model.config.total_ut_steps, tokenizer.eos_token_id, tokenizer.pad_token_id
+    prompts = [
+        tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=False)
+        for p in load_prompts("arith", split="test", limit=32)["prompt"]
+    ]
+    worker = TorchRolloutWorker(model, depth, eos_token_id=eos, pad_token_id=pad)
+    best = {"worker": float("inf"), "hf": float("inf")}
+    with torch.inference_mode():
+        for rep in range(repeats):
+            params = SamplingParams(n=8, max_new_tokens=8, temperature=1.0, seed=rep)
+            best["worker"] = min(best["worker"], timed(worker.generate, prompts, params)[0])
+            torch.manual_seed(rep)
+            best["hf"] = min(best["hf"], timed(hf_generate, model, prompts, 8, 8, [eos], depth)[0])
+    print(f"\ntrainer shape (shipped tiny Ouro, depth {depth}, 32 arith prompts x 8, 8 new tokens): "
+          f"worker {best['worker'] * 1000:.0f} ms, hf generate {best['hf'] * 1000:.0f} ms per rollout, "
+          f"{best['hf'] / best['worker']:.2f}x")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="tiny,small", help=f"comma list of {sorted(SIZES)}")
@@ -188,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch", type=int, default=64, help="sample rows per rollout")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared box)")
+    parser.add_argument("--trainer-shape", action="store_true", help="also time the default trainer's rollout")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     sizes = [SIZES[s] for s in args.sizes.split(",")]
@@ -223,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{fpt / 1e6:.1f}M | {gflops:.0f} | {gflops * 1e9 / fpt:.0f} | {best:.0f} | "
               f"{kv_bytes_per_token(size.depth, size.layers, size.kv_heads, head_dim, 4)} |")
     ouro14 = kv_bytes_per_token(4, 24, 16, 128, 2)
+    if args.trainer_shape:
+        run_trainer_shape(args.repeats)
     print(f"\nKV bytes/token, Ouro-1.4B (T4 x L24 x 2 x 16 kv heads x 128 x bf16): {ouro14} = {ouro14 / 1024:.0f} KiB")
     return 0
 

@@ -118,10 +118,10 @@ class TrainConfig:
     progress: bool = True
 
     # --- eval during training (rl/evaluate.py) ---
-    eval_every: int = 0
-    eval_data: str | None = None
-    eval_depths: list[int] | None = None  # None = [depth]
-    eval_limit: int | None = 64
+    eval_every: int = 50  # greedy accuracy on eval_data at each depth, logged as eval/accuracy_d{t}
+    eval_data: str | None = "arith"  # its "test" split
+    eval_depths: list[int] | None = None  # None = every depth 1..depth
+    eval_limit: int | None = 200
     eval_max_new_tokens: int | None = None  # None = max_new_tokens
 
     @property
@@ -302,6 +302,9 @@ def validate(cfg: TrainConfig, max_depth: int | None = None, num_processes: int 
     if cfg.prompts_per_step % num_processes:
         raise ConfigError(
             f"config key 'prompts_per_step': {cfg.prompts_per_step} does not split over {num_processes} processes")
+    bad = [d for d in cfg.eval_depths or [] if d < 1 or (max_depth is not None and d > max_depth)]
+    if bad:
+        raise ConfigError(f"config key 'eval_depths': {bad} out of range (1..{max_depth or 'model depth'})")
     if cfg.eval_every and not cfg.eval_data:
         raise ConfigError("config key 'eval_data': required when eval_every > 0")
     if not 0.0 < cfg.vllm_gpu_memory_utilization <= 1.0:

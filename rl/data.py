@@ -67,8 +67,10 @@ def load_prompts(source: str, split: str = "train", limit: int | None = None) ->
     source = str(source)
     name, _, spec = source.partition(":")
     if name == "arith":
-        cfg = arith.ArithConfig.from_spec(spec)
-        rows = arith.generate(split, cfg, n=limit)
+        try:
+            rows = arith.generate(split, arith.ArithConfig.from_spec(spec), n=limit)
+        except ValueError as e:
+            raise DataError(f"{source}: {e}") from None
         return _to_dataset([_normalize(r, i, "arith") for i, r in enumerate(rows)])
     if source in REGISTERED:
         table, where = _read_hub(source, REGISTERED[source]), f"{source} ({REGISTERED[source].hub_id})"
@@ -77,9 +79,7 @@ def load_prompts(source: str, split: str = "train", limit: int | None = None) ->
     else:
         names = ", ".join([*REGISTERED, "arith"])
         raise DataError(f"unknown data source {source!r}: use one of {names} or a .parquet/.jsonl/.json file")
-    rows = _dedup(table, where)
-    if limit is not None:
-        rows = rows[:limit]
+    rows = _dedup(table, where, limit)
     return _to_dataset([_normalize(row, i, where) for i, row in rows])
 
 
@@ -188,8 +188,9 @@ def _text_key(value) -> str | None:
     return None if value is None else "text:" + json.dumps(value, sort_keys=True, ensure_ascii=False)
 
 
-def _dedup(table: datasets.Dataset | list[dict], where: str) -> list[tuple[int, dict]]:
-    """(original row number, row) of the first occurrence of each key; prints the counts."""
+def _dedup(table: datasets.Dataset | list[dict], where: str, limit: int | None) -> list[tuple[int, dict]]:
+    """(original row number, row) of the first occurrence of each key, at most `limit` of them;
+    prints the counts."""
     if len(table) == 0:
         raise DataError(f"{where}: no rows")
     keys, what = _dedup_keys(table)
@@ -202,8 +203,9 @@ def _dedup(table: datasets.Dataset | list[dict], where: str) -> list[tuple[int, 
     keep = sorted(first.values())
     dropped = len(keys) - len(keep)
     print(f"{where}: {len(keys)} rows read, {len(keep)} unique (on {what}), {dropped} duplicates dropped")
+    keep = keep[:limit] if limit is not None else keep
     if isinstance(table, datasets.Dataset):
-        subset = table.select(keep) if dropped else table
+        subset = table.select(keep) if len(keep) < len(table) else table
         return list(zip(keep, subset))
     return [(i, table[i]) for i in keep]
 

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from rl.config import ConfigError, TrainConfig, help_text, load_config, save_config, validate
+from rl.losses import loss_normaliser, token_logprobs
 
 LOG_PREFIX = "looprl train:"
 # Below this many parameters, CPU matmuls are too small for intra-op threads to pay; on a busy
@@ -316,8 +317,7 @@ class Trainer:
         kwargs = {col: [row[col] for row in rows for _ in range(n)] for col in self.columns}
         kwargs.update(completion_ids=[list(c) for c in rollout.completion_ids],
                       max_completion_length=cfg.max_new_tokens, truncated=truncated)
-        # by keyword, as TRL does (rewards.call also maps ground_truth -> solution for TRL's functions)
-        # TRL's convention: chat prompts get their completions as assistant messages
+        # TRL's convention: by keyword (rewards.call), chat prompts get assistant-message completions
         completions = [[{"role": "assistant", "content": t}] if isinstance(p, list) else t
                        for p, t in zip(prompts, texts)]
         per_fn = {name: rewards.call(fn, prompts, completions, **kwargs) for name, fn, _ in self.reward_fns}
@@ -407,8 +407,6 @@ class Trainer:
         out = model(input_ids=ids, attention_mask=attn, position_ids=position_ids, use_cache=False,
                     logits_to_keep=c_len + 1, **kwargs)
         logits = out.logits[:, -(c_len + 1):-1]
-        from rl.losses import token_logprobs
-
         logp, entropy = token_logprobs(logits, ids[:, p_len:], self.cfg.temperature, with_entropy=with_entropy)
         return logp, entropy, out
 
@@ -455,99 +453,122 @@ class Trainer:
         acc["tokens"] += float(mask.sum())
 
     def _update(self, samples: list[Sample]) -> dict[str, float]:
-        """num_iterations passes over mini-batches; returns update metrics (global)."""
-        from rl.losses import loss_normaliser, policy_loss, truncated_is_weights
-        from rl.self_distill import exit_metrics
-
-        cfg, acc = self.cfg, self.accelerator
+        """num_iterations passes over mini-batches, one optimizer step each; returns global metrics."""
+        cfg = self.cfg
         mini = cfg.mini_batch_size or len(samples)
         mini_batches = [samples[i:i + mini] for i in range(0, len(samples), mini)]
         single_update = cfg.num_iterations == 1 and len(mini_batches) == 1
         self._mismatch = {"abs_max": 0.0, "abs_sum": 0.0, "kl_sum": 0.0, "tokens": 0.0}
+        # One update: the update forward itself is "before the first update" and old = current.
+        # Several: score the whole batch first (old logprobs for the ratio, and the mismatch).
         old_by_id = None if single_update else self._score_old(samples)
-        sums = {"loss": 0.0, "clip_low": 0.0, "clip_high": 0.0, "kl": 0.0, "tis": 0.0, "tokens": 0.0,
-                "entropy": 0.0, "entropy_tokens": 0.0, "sd": 0.0}
+        sums = dict.fromkeys(("loss", "clip_low", "clip_high", "kl", "tis", "tokens", "entropy",
+                              "entropy_tokens", "sd"), 0.0)
         grad_norms, skipped, exit_m = [], 0, {}
         for it in range(cfg.num_iterations):
             for mb in mini_batches:
                 tokens = sum(0 if (cfg.mask_truncated and s.truncated) else len(s.completion_ids) for s in mb)
-                norm = loss_normaliser(cfg.loss_type, len(mb), tokens, cfg.max_new_tokens) / self.world
-                sd_norm = max(tokens, 1) / self.world
+                norms = (loss_normaliser(cfg.loss_type, len(mb), tokens, cfg.max_new_tokens) / self.world,
+                         max(tokens, 1) / self.world)
                 shards = self._shards(mb)
                 finite = True
                 for k, chunk in enumerate(shards):
-                    dummy = not chunk  # this process has no samples left: a zero-weight forward keeps DDP in step
-                    chunk = chunk or mb[:1]
-                    old = [old_by_id[id(s)] for s in chunk] if old_by_id is not None else None
-                    batch = self._collate(chunk, old)
-                    want_exits = self.looped and (self.sd.enabled or (it == 0 and k == 0 and not exit_m))
-                    sync = k == len(shards) - 1
-                    ctx = acc.no_sync(self.model) if not sync else contextlib.nullcontext()
-                    with ctx:
-                        logp, entropy, out = self._forward(self.model, batch, self.update_depth,
-                                                           output_exits=want_exits, with_entropy=(it == 0))
-                        if single_update:
-                            old_lp = logp.detach()
-                            if not dummy:
-                                self._mismatch_update(logp, batch)
-                        else:
-                            old_lp = batch["old_logprobs"]
-                        ref_lp = None
-                        if self.ref_model is not None:
-                            with torch.no_grad():
-                                ref_lp, _, _ = self._forward(self.ref_model, batch, self.update_depth)
-                        is_w = truncated_is_weights(old_lp, batch["rollout_logprobs"], cfg.tis_cap) \
-                            if self.use_tis else None
-                        cmask = batch["completion_mask"]
-                        out_l = policy_loss(cfg.loss_type, logp, old_lp, batch["advantages"], cmask, norm,
-                                            eps_low=cfg.eps_low, eps_high=cfg.eps_high, cispo_cap=cfg.cispo_cap,
-                                            ref_logp=ref_lp, beta=cfg.beta, is_weights=is_w)
-                        loss = out_l.loss
-                        if want_exits and out is not None and getattr(out, "exit_hidden_states", None):
-                            exit_mask = self._exit_mask(batch)
-                            if it == 0 and k == 0 and not exit_m and not dummy:
-                                exit_m = exit_metrics([h.detach() for h in out.exit_hidden_states],
-                                                      self.policy.lm_head, exit_mask,
-                                                      getattr(out, "exit_probs", None))
-                            if self.sd.enabled:
-                                sd_loss, _ = self.sd.loss(out.exit_hidden_states, self.policy.lm_head, exit_mask,
-                                                          normalizer=sd_norm)
-                                loss = loss + self.sd.coef * sd_loss
-                                sums["sd"] += 0.0 if dummy else float(sd_loss.detach())
-                        if dummy:
-                            loss = loss * 0.0
-                        if not torch.isfinite(loss):
-                            finite = False
-                        acc.backward(loss)
-                    if dummy:
-                        continue
-                    sums["loss"] += float(out_l.loss.detach())
-                    sums["clip_low"] += float(out_l.clip_low)
-                    sums["clip_high"] += float(out_l.clip_high)
-                    sums["kl"] += float(out_l.kl_sum)
-                    sums["tis"] += float(out_l.tis_sum)
-                    sums["tokens"] += float(cmask.sum())
-                    if entropy is not None:
-                        sums["entropy"] += float((entropy * cmask).sum())
-                        sums["entropy_tokens"] += float(cmask.sum())
-                grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm or float("inf"))
-                grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-                if not finite or not math.isfinite(grad_norm):
+                    want_exit_metrics = it == 0 and k == 0 and not exit_m
+                    sync = k == len(shards) - 1  # DDP all-reduces on the last micro-batch only
+                    with contextlib.nullcontext() if sync else self.accelerator.no_sync(self.model):
+                        ok, exit_m_new = self._micro_batch(chunk or mb[:1], not chunk, it, norms, old_by_id,
+                                                           single_update, want_exit_metrics, sums)
+                    finite &= ok
+                    exit_m = exit_m or exit_m_new
+                grad_norm = self._optimizer_step(finite)
+                if grad_norm is None:
                     skipped += 1
-                    self.optimizer.zero_grad(set_to_none=True)
-                    warnings.warn(f"step {self.step}: non-finite loss or gradient (grad_norm={grad_norm}); "
-                                  "update skipped", RuntimeWarning, stacklevel=2)
-                    continue
-                self.optimizer.step()
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                grad_norms.append(grad_norm)
+                else:
+                    grad_norms.append(grad_norm)
+        return self._update_metrics(sums, grad_norms, skipped, cfg.num_iterations * len(mini_batches), exit_m)
+
+    def _micro_batch(self, chunk: list[Sample], dummy: bool, it: int, norms: tuple[float, float],
+                     old_by_id, single_update: bool, want_exit_metrics: bool,
+                     sums: dict[str, float]) -> tuple[bool, dict[str, float]]:
+        """Forward at the update depth, loss, backward; adds to `sums`. Returns (loss finite, exit metrics).
+
+        `dummy`: this process ran out of samples; it runs a zero-weight forward/backward so that
+        every process makes the same number of backward calls (DDP).
+        """
+        from rl.losses import policy_loss, truncated_is_weights
+        from rl.self_distill import exit_metrics
+
+        cfg = self.cfg
+        norm, sd_norm = norms
+        old = [old_by_id[id(s)] for s in chunk] if old_by_id is not None else None
+        batch = self._collate(chunk, old)
+        want_exits = self.looped and (self.sd.enabled or (want_exit_metrics and not dummy))
+        logp, entropy, out = self._forward(self.model, batch, self.update_depth, output_exits=want_exits,
+                                           with_entropy=(it == 0))
+        if single_update:
+            old_lp = logp.detach()
+            if not dummy:
+                self._mismatch_update(logp, batch)
+        else:
+            old_lp = batch["old_logprobs"]
+        ref_lp = None
+        if self.ref_model is not None:
+            with torch.no_grad():
+                ref_lp, _, _ = self._forward(self.ref_model, batch, self.update_depth)
+        is_w = truncated_is_weights(old_lp, batch["rollout_logprobs"], cfg.tis_cap) if self.use_tis else None
+        cmask = batch["completion_mask"]
+        out_l = policy_loss(cfg.loss_type, logp, old_lp, batch["advantages"], cmask, norm, eps_low=cfg.eps_low,
+                            eps_high=cfg.eps_high, cispo_cap=cfg.cispo_cap, ref_logp=ref_lp, beta=cfg.beta,
+                            is_weights=is_w)
+        loss, exit_m = out_l.loss, {}
+        if want_exits:
+            exit_mask = self._exit_mask(batch)
+            if want_exit_metrics and not dummy:
+                exit_m = exit_metrics([h.detach() for h in out.exit_hidden_states], self.policy.lm_head,
+                                      exit_mask, getattr(out, "exit_probs", None))
+            if self.sd.enabled:
+                sd_loss, _ = self.sd.loss(out.exit_hidden_states, self.policy.lm_head, exit_mask, normalizer=sd_norm)
+                loss = loss + self.sd.coef * sd_loss
+                sums["sd"] += 0.0 if dummy else float(sd_loss.detach())
+        if dummy:
+            loss = loss * 0.0
+        finite = bool(torch.isfinite(loss))
+        self.accelerator.backward(loss)
+        if not dummy:
+            sums["loss"] += float(out_l.loss.detach())
+            sums["clip_low"] += float(out_l.clip_low)
+            sums["clip_high"] += float(out_l.clip_high)
+            sums["kl"] += float(out_l.kl_sum)
+            sums["tis"] += float(out_l.tis_sum)
+            sums["tokens"] += float(cmask.sum())
+            if entropy is not None:
+                sums["entropy"] += float((entropy * cmask).sum())
+                sums["entropy_tokens"] += float(cmask.sum())
+        return finite, exit_m
+
+    def _optimizer_step(self, finite: bool) -> float | None:
+        """Clip, step, zero. A non-finite loss or gradient skips the step (returns None)."""
+        grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm or float("inf"))
+        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        if not finite or not math.isfinite(grad_norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            warnings.warn(f"step {self.step}: non-finite loss or gradient (grad_norm={grad_norm}); update skipped",
+                          RuntimeWarning, stacklevel=3)
+            return None
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def _update_metrics(self, sums: dict[str, float], grad_norms: list[float], skipped: int, n_updates: int,
+                        exit_m: dict[str, float]) -> dict[str, float]:
         totals = self._reduce_sum(sums)
         mm = self._reduce_sum({k: v for k, v in self._mismatch.items() if k != "abs_max"})
         mm_max = self._reduce_max(self._mismatch["abs_max"])
         tokens = max(totals["tokens"], 1.0)
         metrics = {
-            "loss/policy": totals["loss"] / self.world / max(self.updates_per_step, 1),
+            # each process's loss is (its token sum) * world / normaliser: sum over processes / world
+            "loss/policy": totals["loss"] / self.world / n_updates,
             "clip/frac_low": totals["clip_low"] / tokens,
             "clip/frac_high": totals["clip_high"] / tokens,
             "clip/frac": (totals["clip_low"] + totals["clip_high"]) / tokens,
@@ -563,7 +584,7 @@ class Trainer:
         if self.use_tis:
             metrics["tis/weight_mean"] = totals["tis"] / tokens
         if self.sd.enabled:
-            metrics["loss/self_distill"] = totals["sd"] / self.world / max(self.updates_per_step, 1)
+            metrics["loss/self_distill"] = totals["sd"] / self.world / n_updates
         metrics.update(exit_m)
         return metrics
 
@@ -703,13 +724,14 @@ class Trainer:
         from rl.evaluate import evaluate_depths, flat_metrics
 
         cfg = self.cfg
-        depths = cfg.eval_depths or [self.depth]
+        depths = cfg.eval_depths or list(range(1, self.depth + 1))
         results = evaluate_depths(self.policy, self.tokenizer, self.eval_dataset, depths, n=1, temperature=0.0,
                                   max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens,
                                   reward_fn=cfg.accuracy_reward or "math_accuracy", seed=cfg.seed)
         return {k: v for k, v in flat_metrics(results).items() if k.startswith("eval/accuracy_d")}
 
     def train(self) -> int:
+        import rewards
         from rl.metrics import RunLogger, progress_bar
 
         cfg, acc = self.cfg, self.accelerator
@@ -720,6 +742,11 @@ class Trainer:
             save_config(cfg, out / "config.yaml")
         logger = RunLogger(out, acc, cfg.report_to, cfg.to_dict(), resume_step=resumed)
         previous = self._install_signals()
+        if acc.is_main_process:
+            log(f"{self.world} process(es) on {acc.device} ({acc.distributed_type}), model {self.model_path}, "
+                f"depth {self.depth}, {cfg.loss_type}, dynamic sampling {cfg.dynamic_sampling}, "
+                f"{cfg.prompts_per_step} prompts x {cfg.num_generations} per step, steps {self.step}->{cfg.max_steps}, "
+                f"output {out}")
         bar = progress_bar(cfg.max_steps, self.step, enabled=cfg.progress and acc.is_main_process)
         code = 0
         try:
@@ -730,6 +757,8 @@ class Trainer:
                 if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.max_steps):
                     t0 = time.perf_counter()
                     eval_m = self._evaluate() if acc.is_main_process else {}
+                    if acc.is_main_process and hasattr(rewards, "pop_counters"):
+                        rewards.pop_counters()  # drop eval's verifier counts: rewards/* count training rollouts
                     metrics.update(eval_m)
                     metrics["time/eval"] = time.perf_counter() - t0
                 mm = metrics.get("mismatch/logp_abs_max", 0.0)

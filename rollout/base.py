@@ -52,6 +52,11 @@ class Rollout:
 
     completion_ids include the stop token when finish_reason == "stop", and logprobs has one fp32
     value per completion token (the stop token's included).
+
+    Torch engine logprobs: log softmax(logits / temperature) over the full vocabulary at the
+    rollout depth (temperature 0: log softmax(logits)). top-k / top-p only restrict which tokens can
+    be drawn; the reported value is NOT renormalised over the kept set, so it is exactly what the
+    update recomputes. With top_p=1, top_k=0 it is also the sampling distribution's logprob.
     """
 
     prompt_ids: list[list[int]] = field(default_factory=list)

@@ -79,6 +79,10 @@ class OuroDecodeStep:
         self.keys = [cache.layers[s].keys for s in range(slots)]
         self.values = [cache.layers[s].values for s in range(slots)]
 
+    def release(self) -> None:
+        """Drop the cache tensors and the concatenated weights between generate() calls (memory)."""
+        self.keys, self.values, self.fused = [], [], []
+
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32:
             return F.rms_norm(x, (x.shape[-1],), weight, self.eps)
@@ -98,6 +102,7 @@ class OuroDecodeStep:
         cos, sin = self.backbone.rotary_emb(hidden, position.unsqueeze(1))  # [B, 1, D], shared by all loops
         length = index + 1
         attn_bias = bias[:, None, None, :length]
+        attn_keep = attn_bias == 0  # boolean form for SDPA
 
         def rope(x: torch.Tensor) -> torch.Tensor:  # x: [B, heads, D]
             return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
@@ -113,10 +118,18 @@ class OuroDecodeStep:
                 keys, values = self.keys[slot], self.values[slot]
                 keys[:, :, index] = k
                 values[:, :, index] = qkv[:, q_size + kv_size :].view(batch, kv_heads, dim)
-                # [B, kv, groups, D] x [B, kv, D, n] -> [B, kv, groups, n]; softmax in fp32 like the model.
-                scores = torch.matmul(q.view(batch, kv_heads, groups, dim), keys[:, :, :length].transpose(-1, -2))
-                weights = torch.softmax(scores.float() * self.scaling + attn_bias, dim=-1).to(q.dtype)
-                out = torch.matmul(weights, values[:, :, :length]).reshape(batch, q_size)
+                if hidden.dtype == torch.float32:
+                    # [B, kv, groups, D] x [B, kv, D, n] -> [B, kv, groups, n]: plain batched matmuls are
+                    # the cheapest single-query attention on CPU.
+                    scores = torch.matmul(q.view(batch, kv_heads, groups, dim), keys[:, :, :length].transpose(-1, -2))
+                    weights = torch.softmax(scores * self.scaling + attn_bias, dim=-1)
+                    out = torch.matmul(weights, values[:, :, :length]).reshape(batch, q_size)
+                else:
+                    # Reduced precision: SDPA accumulates in fp32 like the model's attention kernel does.
+                    out = F.scaled_dot_product_attention(
+                        q.unsqueeze(2), keys[:, :, :length], values[:, :, :length], attn_mask=attn_keep,
+                        scale=self.scaling, enable_gqa=groups > 1,
+                    ).reshape(batch, q_size)
                 hidden = hidden + self._norm(attn.o_proj(out), layer.input_layernorm_2.weight)
                 gate_up = F.linear(self._norm(hidden, layer.post_attention_layernorm.weight), wgu)
                 gate, up = gate_up.chunk(2, dim=-1)

@@ -22,6 +22,7 @@ Logprob convention: see rollout/sampling.py (untruncated log softmax(logits / T)
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Sequence
 
@@ -87,6 +88,8 @@ class TorchRolloutWorker:
                 pad_token_id = self.eos_token_ids[0] if self.eos_token_ids else 0
         self.pad_token_id = int(_as_id_list(pad_token_id)[0])
         self.vocab_size = model.get_input_embeddings().num_embeddings
+        # Older HF architectures lack `logits_to_keep`; then the full logits are computed and sliced.
+        self._keep_last = "logits_to_keep" in inspect.signature(model.forward).parameters
         # Fused decode step for Ouro-layout models; verified against the model's forward on first use.
         self._fast = OuroDecodeStep(model, depth) if fast_decode and OuroDecodeStep.supports(model) else None
         self._fast_verified = False
@@ -173,7 +176,7 @@ class TorchRolloutWorker:
         return StaticCache(config=self.model.config, max_cache_len=max_len)
 
     def _forward(self, input_ids, attention_mask, position_ids, cache, start: int):
-        kwargs = {}
+        kwargs = {"logits_to_keep": 1} if self._keep_last else {}
         if self.looped:
             kwargs["depth"] = self.depth
             kwargs["cache_position"] = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
@@ -183,7 +186,6 @@ class TorchRolloutWorker:
             position_ids=position_ids,
             past_key_values=cache,
             use_cache=True,
-            logits_to_keep=1,
             **kwargs,
         )
         return out.logits[:, -1]
@@ -205,7 +207,8 @@ class TorchRolloutWorker:
         fast.bind(caches[1])
         bias = torch.zeros(mask.shape, device=device).masked_fill(mask == 0, float("-inf"))
         got = fast(token, next_pos, 3, bias).float()
-        tol = (1e-3 if expected.dtype == self.model.dtype == torch.float32 else 5e-2) * (1 + expected.abs().max())
+        fast.release()
+        tol = (1e-3 if self.model.dtype == torch.float32 else 5e-2) * (1 + expected.abs().max())
         if not (got - expected).abs().max() <= tol:
             warnings.warn(
                 f"TorchRolloutWorker: the fused Ouro decode step disagrees with {type(self.model).__name__}'s "
@@ -215,16 +218,16 @@ class TorchRolloutWorker:
             self._fast = None
         self._fast_verified = True
 
-    def _decode(self, prompts: list[list[int]], params: SamplingParams):
-        """Run prefill + decode. Returns python lists (tokens, logprobs, lengths, stopped) per sample row."""
-        device = self._device()
-        n, max_new = params.n, params.max_new_tokens
-        num_prompts, batch = len(prompts), len(prompts) * n
+    def _prefill(self, prompts: list[list[int]], n: int, max_new: int, device: torch.device):
+        """Prefill each distinct prompt once (left-padded) and fan the cache out to its n samples.
+
+        Returns (cache, last-position logits [B, V], mask [B, width + max_new], prompt lengths [B], width)
+        with rows in prompt-major order. The mask is 1 on real prompt tokens and on every future column.
+        """
+        num_prompts = len(prompts)
         prompt_lens = torch.tensor([len(p) for p in prompts], device=device)
         width = int(max(len(p) for p in prompts))
         max_len = width + max_new
-
-        # Left-padded prompts; the mask buffer covers prompt + every future token (ones), sliced per step.
         input_ids = torch.tensor(
             [[self.pad_token_id] * (width - len(p)) + p for p in prompts], dtype=torch.long, device=device
         )
@@ -232,20 +235,27 @@ class TorchRolloutWorker:
         pad_cols = (width - prompt_lens).unsqueeze(1)
         mask = (columns.unsqueeze(0) >= pad_cols).long()
         position_ids = (columns[:width].unsqueeze(0) - pad_cols).clamp_min(0)
-
-        # Prefill every distinct prompt once, then fan the cache out to n samples per prompt.
-        cache = self._new_cache(num_prompts, max_len, device)
-        fan_out = n > 1 and callable(getattr(cache, "reorder_cache", None))
         expand = torch.arange(num_prompts, device=device).repeat_interleave(n)
-        if n > 1 and not fan_out:
-            cache = self._new_cache(batch, max_len, device)
+
+        cache = self._new_cache(num_prompts, max_len, device)
+        can_fan_out = callable(getattr(cache, "reorder_cache", None))
+        if n > 1 and not can_fan_out:  # a cache without row selection: prefill every sample row
+            cache = self._new_cache(len(expand), max_len, device)
             input_ids, mask, position_ids = input_ids[expand], mask[expand], position_ids[expand]
         logits = self._forward(input_ids, mask[:, :width], position_ids, cache, start=0)
-        if n > 1:
-            if fan_out:
-                cache.reorder_cache(expand)
-                logits, mask = logits[expand], mask[expand]
-        next_pos = prompt_lens[expand]
+        if n > 1 and can_fan_out:
+            cache.reorder_cache(expand)
+            logits, mask = logits[expand], mask[expand]
+        return cache, logits, mask, prompt_lens[expand], width
+
+    def _decode(self, prompts: list[list[int]], params: SamplingParams):
+        """Prefill, then sample one token per step for every live row until max_new_tokens or all stopped.
+
+        Returns python lists (tokens, logprobs, lengths, stopped) per sample row (prompt-major)."""
+        device = self._device()
+        n, max_new = params.n, params.max_new_tokens
+        batch = len(prompts) * n
+        cache, logits, mask, next_pos, width = self._prefill(prompts, n, max_new, device)
         fast = self._fast
         if fast is not None:
             fast.refresh()
@@ -311,5 +321,7 @@ class TorchRolloutWorker:
             # A stop token drawn at the very last step still counts as "stop".
             last = torch.isin(out_tokens[:, max_new - 1], stop) & ~stopped & (lengths == max_new)
             stopped |= last
+        if fast is not None:
+            fast.release()
         del cache
         return out_tokens.tolist(), out_logprobs.tolist(), lengths.tolist(), stopped.tolist()

@@ -45,7 +45,8 @@ def test_saved_config_round_trips(tmp_path):
     (["--scale_rewards", "all"], "'scale_rewards'"),
     (["--reward_weights", "1,2"], "'reward_weights'"),  # 2 weights for 1 reward
     (["--overlong_buffer_len", "16"], "'overlong_buffer_len'"),  # must be < max_new_tokens
-    (["--eval_every", "5"], "'eval_data'"),
+    (["--eval_every", "5", "--eval_data", "none"], "'eval_data'"),
+    (["--eval_depths", "0,2"], "'eval_depths'"),
     (["--top_p", "0"], "'top_p'"),
     (["--self_distill_coef", "0.1", "--self_distill_exits", "4"], "self_distill_exits"),  # T = 4 is the teacher
 ])

@@ -58,6 +58,18 @@ def test_dapo_parquet_dedup_and_columns(dapo_parquet: Path, capsys):
     assert load_prompts(str(dapo_parquet), limit=2)["index"] == ["uuid-0", "uuid-1"]
 
 
+def test_dapo_eval_parquet_int_index_raw_problem(tmp_path: Path):
+    """DAPO's AIME eval parquet: int index, raw_problem, every problem repeated (32x there)."""
+    rows = [
+        {**dapo_row("", f"P{k}", str(k)), "extra_info": {"index": k, "raw_problem": f"P{k}", "split": None}}
+        for k in range(2)
+    ] * 3
+    path = tmp_path / "aime-2024.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    ds = load_prompts(str(path))
+    assert ds["index"] == ["0", "1"] and ds["problem"] == ["P0", "P1"] and ds["ground_truth"] == ["0", "1"]
+
+
 def test_jsonl_json_and_problem_answer(tmp_path: Path):
     rows = [dapo_row("a", "1+1", "2"), dapo_row("b", "2+2", "4"), dapo_row("a", "1+1", "2")]
     jsonl = tmp_path / "d.jsonl"

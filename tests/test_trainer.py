@@ -84,7 +84,7 @@ def _args(tiny, out, *extra):
             "--rewards", "tinyreward:digit_sum", "--accuracy_reward", "tinyreward:is_zero",
             "--prompts_per_step", "2", "--num_generations", "4", "--max_new_tokens", "5",
             "--micro_batch_size", "4", "--lr", "1e-2", "--progress", "false", "--output_dir", str(out),
-            "--seed", "3", *extra]
+            "--seed", "3", "--eval_every", "0", *extra]
 
 
 def _train(argv) -> int:
