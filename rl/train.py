@@ -666,7 +666,9 @@ class Trainer:
              "reward/std": float(torch.tensor(rewards).std()) if len(rewards) > 1 else 0.0,
              "accuracy": mean([s.correct for s in samples])}
         for name, _, _ in self.reward_fns:
-            m[f"reward/{name}/mean"] = mean([s.fn_rewards[name] for s in samples])
+            scores = [float(s.fn_rewards[name]) for s in samples if s.fn_rewards[name] is not None]
+            m[f"reward/{name}/mean"] = mean(scores)
+            m[f"reward/{name}/std"] = float(torch.tensor(scores).std()) if len(scores) > 1 else 0.0
         lengths = [len(s.completion_ids) for s in samples]
         m["completion/len_mean"] = mean(lengths)
         m["completion/len_max"] = float(max(lengths)) if lengths else 0.0

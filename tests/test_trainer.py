@@ -42,18 +42,9 @@ def sigterm_on_second_call(prompts, completions, **kw):
 
 
 def _tokenizer():
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from rl.make_tiny import build_tokenizer  # the embedded model's char-level tokenizer (100 ids)
 
-    vocab = {"<pad>": 0, "<eos>": 1}
-    for ch in "0123456789+-*=?: Answerabcdfghijklmopqtuvxyz\n":
-        vocab.setdefault(ch, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
-    fast.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
-    return fast
+    return build_tokenizer()
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +57,8 @@ def tiny(tmp_path_factory):
     tok = _tokenizer()
     torch.manual_seed(0)
     cfg = OuroConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                     num_attention_heads=4, total_ut_steps=3, pad_token_id=0, eos_token_id=1,
-                     max_position_embeddings=128)
+                     num_attention_heads=4, total_ut_steps=3, pad_token_id=tok.pad_token_id,
+                     eos_token_id=tok.eos_token_id, max_position_embeddings=128)
     OuroForCausalLM(cfg).save_pretrained(root / "model")
     tok.save_pretrained(root / "model")
     (root / "tinyreward.py").write_text(REWARD_MODULE)
@@ -114,10 +105,10 @@ def test_run_layout_metrics_and_depth_matched_scores(tiny, tmp_path):
     out = tmp_path / "run"
     assert _train(_args(tiny, out, "--max_steps", "2", "--save_every", "1", "--num_iterations", "2",
                         "--loss_type", "dapo", "--eval_every", "2", "--eval_data", "arith", "--eval_depths", "1,3",
-                        "--eval_limit", "4")) == 0
+                        "--eval_limit", "4", "--report_to", "tensorboard")) == 0
     rows = _rows(out)
     assert [r["step"] for r in rows] == [1, 2]
-    required = ["reward/mean", "reward/digit_sum/mean", "accuracy", "groups/zero_std_frac", "sampling/rounds",
+    required = ["reward/mean", "reward/digit_sum/mean", "reward/digit_sum/std", "accuracy", "groups/zero_std_frac", "sampling/rounds",
                 "completion/len_mean", "completion/truncated_frac", "loss/policy", "clip/frac_low",
                 "clip/frac_high", "entropy", "mismatch/logp_abs_max", "mismatch/logp_abs_mean", "mismatch/kl",
                 "grad_norm", "lr", "time/rollout", "time/reward", "time/update", "tokens_per_s",
@@ -127,6 +118,7 @@ def test_run_layout_metrics_and_depth_matched_scores(tiny, tmp_path):
     for r in rows:  # torch engine, CPU fp32: the update scores exactly what the worker sampled
         assert r["mismatch/logp_abs_max"] <= 1e-4
         assert r["mismatch/kl"] <= 1e-8
+    assert list((out / "looprl").glob("events.out.tfevents.*")), "no tensorboard event file"
     assert "eval/accuracy_d1" not in rows[0] and {"eval/accuracy_d1", "eval/accuracy_d3"} <= rows[1].keys()
     # num_iterations 2: the second pass sees ratios != 1 after the first update, so clipping can engage
     assert rows[0]["grad_norm"] > 0
@@ -208,7 +200,7 @@ def test_standard_hf_causal_lm_trains_at_depth_1(tiny, tmp_path):
     torch.manual_seed(0)
     LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                 pad_token_id=0, eos_token_id=1)).save_pretrained(path)
+                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)).save_pretrained(path)
     tok.save_pretrained(path)
     args = _args(tiny, tmp_path / "run", "--max_steps", "1")
     args[args.index("--model") + 1] = str(path)
