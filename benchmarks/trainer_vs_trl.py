@@ -127,11 +127,24 @@ def run_trl(model_dir: Path, args, out_dir: Path) -> dict:
         model=str(model_dir), reward_funcs=digit_fraction, args=config, train_dataset=dataset,
         processing_class=AutoTokenizer.from_pretrained(model_dir), callbacks=[timer],
     )
+    # TRL's rollout phase (HF generate + rewards + advantages), timed around its own method, so the
+    # table can say where each trainer's step goes; the update is the rest of the step.
+    gen_s: list[float] = []
+    generate_and_score = trainer._generate_and_score_completions
+
+    def timed_generate_and_score(*a, **kw):
+        t0 = time.perf_counter()
+        out = generate_and_score(*a, **kw)
+        gen_s.append(time.perf_counter() - t0)
+        return out
+
+    trainer._generate_and_score_completions = timed_generate_and_score
     timer.marks = [time.perf_counter()]
     trainer.train()
     steps = [b - a for a, b in zip(timer.marks, timer.marks[1:])]
     lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
-    return {"step_s": steps, "len_mean": statistics.mean(lengths) if lengths else float("nan")}
+    return {"step_s": steps, "len_mean": statistics.mean(lengths) if lengths else float("nan"),
+            "rollout_s": gen_s[:len(steps)], "update_s": [s - g for s, g in zip(steps, gen_s)]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,6 +195,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'looprl (torch engine)':<26}{ours_s:>9.2f}{statistics.mean(ours['len_mean']):>22.1f}{ours_s / trl_s:>9.2f}")
     parts = {k: statistics.median(ours[f"{k}_s"]) for k in ("rollout", "reward", "update")}
     print("looprl step parts (median s): " + ", ".join(f"{k} {v:.2f}" for k, v in parts.items()))
+    if theirs.get("rollout_s"):
+        trl_parts = {k: statistics.median(theirs[f"{k}_s"]) for k in ("rollout", "update")}
+        print("TRL step parts (median s): rollout (generate + rewards) "
+              f"{trl_parts['rollout']:.2f}, update {trl_parts['update']:.2f}")
     print(f"all steps (s): looprl {[round(s, 2) for s in ours['step_s']]}  TRL {[round(s, 2) for s in theirs['step_s']]}")
     return 0
 

@@ -35,6 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"looprl: unknown command {name!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
+    # transformers' own per-file load/save bars would interleave with ours and say nothing for small models
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     module_name, func_name = COMMANDS[name][0].split(":")
     func = getattr(importlib.import_module(module_name), func_name)
     return int(func(rest) or 0)

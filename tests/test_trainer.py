@@ -106,8 +106,11 @@ def test_run_layout_metrics_and_depth_matched_scores(tiny, tmp_path):
     assert _train(_args(tiny, out, "--max_steps", "2", "--save_every", "1", "--num_iterations", "2",
                         "--loss_type", "dapo", "--eval_every", "2", "--eval_data", "arith", "--eval_depths", "1,3",
                         "--eval_limit", "4", "--report_to", "tensorboard")) == 0
-    rows = _rows(out)
-    assert [r["step"] for r in rows] == [1, 2]
+    all_rows = _rows(out)
+    assert [r["step"] for r in all_rows] == [0, 1, 2]
+    # step 0 is the eval baseline before any update: eval keys only
+    baseline, rows = all_rows[0], all_rows[1:]
+    assert {"eval/accuracy_d1", "eval/accuracy_d3"} <= baseline.keys() and "loss/policy" not in baseline
     required = ["reward/mean", "reward/digit_sum/mean", "reward/digit_sum/std", "accuracy", "groups/zero_std_frac", "sampling/rounds",
                 "completion/len_mean", "completion/truncated_frac", "loss/policy", "clip/frac_low",
                 "clip/frac_high", "entropy", "mismatch/logp_abs_max", "mismatch/logp_abs_mean", "mismatch/kl",
