@@ -20,6 +20,7 @@ from pathlib import Path
 import datasets
 
 from rl import arith
+from rl.jsonl import iter_jsonl
 
 EMBEDDED_MODEL = str(Path(__file__).resolve().parent / "assets" / "tiny-ouro")
 
@@ -111,16 +112,7 @@ def _read_local(path: Path) -> datasets.Dataset | list[dict]:
         except Exception as e:
             raise DataError(f"{path}: not a readable parquet file ({type(e).__name__}: {e})") from e
     if suffix == ".jsonl":
-        rows = []
-        with path.open(encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}: line {line_no}: invalid JSON ({e.msg})") from None
-        return rows
+        return [row for _, row in iter_jsonl(path, DataError)]
     if suffix == ".json":
         try:
             data = json.loads(path.read_text(encoding="utf-8"))

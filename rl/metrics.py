@@ -8,6 +8,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from rl.jsonl import iter_jsonl
+
 
 def _clean(value: Any) -> Any:
     """JSON-safe scalar: tensors -> float, NaN/inf -> None (JSON has no NaN)."""
@@ -22,7 +24,7 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [row for _, row in iter_jsonl(path)]
 
 
 def truncate_after(path: str | Path, step: int) -> None:

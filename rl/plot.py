@@ -11,13 +11,14 @@ on/off can be compared at a glance. A metric no run logged simply has no panel.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from rl.jsonl import iter_jsonl
 
 METRICS_FILE = "metrics.jsonl"
 SMOOTHING = 0.9  # EMA weight of the past, as TensorBoard's smoothing slider.
@@ -57,25 +58,16 @@ def load_metrics(run_dir: str | Path, name: str | None = None) -> Run:
     path = _metrics_path(run_dir)
     run = Run(name=name or (path.parent.name if path.name == METRICS_FILE else path.stem), path=path)
     n_rows = 0
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PlotError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise PlotError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            n_rows += 1
-            step = row.get("step", n_rows)
-            if not _is_number(step):
-                raise PlotError(f"{path}:{lineno}: field 'step' is not a number ({step!r})")
-            for key, value in row.items():
-                if key != "step" and _is_number(value):
-                    steps, values = run.series.setdefault(key, ([], []))
-                    steps.append(float(step))
-                    values.append(float(value))
+    for lineno, row in iter_jsonl(path, PlotError):
+        n_rows += 1
+        step = row.get("step", n_rows)
+        if not _is_number(step):
+            raise PlotError(f"{path}: line {lineno}: field 'step' is not a number ({step!r})")
+        for key, value in row.items():
+            if key != "step" and _is_number(value):
+                steps, values = run.series.setdefault(key, ([], []))
+                steps.append(float(step))
+                values.append(float(value))
     if n_rows == 0:
         raise PlotError(f"{path}: empty (no metric rows yet)")
     return run

@@ -15,6 +15,8 @@ import json
 import sys
 from typing import Any
 
+from rl.jsonl import iter_jsonl
+
 
 class RewardCliError(ValueError):
     """A user mistake in the command line or the JSONL file, reported on one line."""
@@ -33,30 +35,17 @@ def _parse_option(text: str) -> tuple[str, Any]:
 
 def _read_jsonl(path: str) -> list[tuple[Any, str]]:
     rows = []
-    try:
-        handle = open(path, encoding="utf-8")
-    except OSError as exc:
-        raise RewardCliError(f"{path}: cannot open ({exc.strerror})") from exc
-    with handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise RewardCliError(f"{path}: row {number}: not valid JSON ({exc.msg})") from exc
-            if not isinstance(row, dict):
-                raise RewardCliError(f"{path}: row {number}: expected a JSON object, got {type(row).__name__}")
-            if "completion" not in row:
-                raise RewardCliError(f"{path}: row {number}: missing field 'completion'")
-            gold = row.get("answer", row.get("ground_truth"))
-            if gold is None:
-                raise RewardCliError(f"{path}: row {number}: missing field 'answer' (or 'ground_truth')")
-            completion = row["completion"]
-            if not isinstance(completion, (str, list)):
-                raise RewardCliError(f"{path}: row {number}: field 'completion' must be a string or a list of "
-                                     f"messages, got {type(completion).__name__}")
-            rows.append((completion, str(gold)))
+    for number, row in iter_jsonl(path, RewardCliError, unit="row"):
+        if "completion" not in row:
+            raise RewardCliError(f"{path}: row {number}: missing field 'completion'")
+        gold = row.get("answer", row.get("ground_truth"))
+        if gold is None:
+            raise RewardCliError(f"{path}: row {number}: missing field 'answer' (or 'ground_truth')")
+        completion = row["completion"]
+        if not isinstance(completion, (str, list)):
+            raise RewardCliError(f"{path}: row {number}: field 'completion' must be a string or a list of "
+                                 f"messages, got {type(completion).__name__}")
+        rows.append((completion, str(gold)))
     if not rows:
         raise RewardCliError(f"{path}: no rows")
     return rows

@@ -128,7 +128,7 @@ def test_schema_error_in_parquet_and_unknown_layout(tmp_path: Path):
     with pytest.raises(DataError, match=r"other\.jsonl: row 0: no field 'prompt'.*text"):
         load_prompts(str(path))
     path.write_text("{not json\n")
-    with pytest.raises(DataError, match=r"other\.jsonl: line 1: invalid JSON"):
+    with pytest.raises(DataError, match=r"other\.jsonl: line 1: not valid JSON"):
         load_prompts(str(path))
 
 

@@ -88,9 +88,9 @@ def test_missing_metrics_skip_their_panels(tmp_path):
 @pytest.mark.parametrize("content, expected", [
     ("", "empty"),
     ("\n\n", "empty"),
-    ('{"step": 1, "accuracy": 0.5}\n{"step": 2, "accur', "metrics.jsonl:2: not valid JSON"),
-    ('{"step": 1}\n[1, 2]\n', "metrics.jsonl:2: expected a JSON object"),
-    ('{"step": "one", "accuracy": 1}\n', "metrics.jsonl:1: field 'step'"),
+    ('{"step": 1, "accuracy": 0.5}\n{"step": 2, "accur', "metrics.jsonl: line 2: not valid JSON"),
+    ('{"step": 1}\n[1, 2]\n', "metrics.jsonl: line 2: expected a JSON object"),
+    ('{"step": "one", "accuracy": 1}\n', "metrics.jsonl: line 1: field 'step'"),
     ('{"step": 1, "lr": 0.1}\n', "no plottable metrics"),
 ])
 def test_bad_metrics_file_is_a_one_line_error(tmp_path, capsys, content, expected):
