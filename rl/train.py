@@ -23,6 +23,7 @@ import signal
 import sys
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -885,12 +886,25 @@ def summarize(metrics_path: str | Path, key: str = "accuracy") -> str:
             f"({100 * (last - first):+.1f} points over {len(values)} steps)")
 
 
+def lone_cpu_launch(env: Mapping[str, str]) -> bool:
+    """True when accelerate's simple CPU launcher was asked for several processes but started one:
+    it then sets MASTER_ADDR (only done for num_processes > 1) without any rank variables."""
+    rank_vars = ("WORLD_SIZE", "RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK")
+    return (env.get("ACCELERATE_USE_CPU", "").lower() == "true" and "MASTER_ADDR" in env
+            and not any(v in env for v in rank_vars))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("-h", "--help"):
         print(help_text())
         return 0
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if lone_cpu_launch(os.environ):
+        log("WARNING: `accelerate launch --cpu --num_processes N` started ONE process (accelerate's CPU "
+            "launcher fans out only through mpirun). For N gloo processes use `accelerate launch "
+            "--config_file configs/accelerate/cpu-2proc.yaml -m rl train ...` or `torchrun --nproc_per_node N "
+            "-m rl train ...`.")
     try:
         cfg = load_config(argv)
         trainer = Trainer(cfg)

@@ -229,3 +229,15 @@ def test_two_cpu_processes_with_accelerate(tiny, tmp_path):
     assert rows[0]["sampling/groups_sampled"] >= 2 and rows[0]["mismatch/logp_abs_max"] <= 1e-4
     assert (out / "final" / "config.json").is_file()
     assert (out / "checkpoints" / "step-1" / "random_states_1.pkl").is_file()  # one RNG state per process
+
+
+def test_lone_cpu_launch_is_detected():
+    """`accelerate launch --cpu --num_processes 2` (no mpirun) starts one process with MASTER_ADDR but no
+    rank variables: the trainer warns instead of silently training as one process."""
+    from rl.train import lone_cpu_launch
+
+    simple = {"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+    assert lone_cpu_launch(simple)
+    assert not lone_cpu_launch({**simple, "WORLD_SIZE": "2", "RANK": "0"})  # torchrun / cpu-2proc.yaml
+    assert not lone_cpu_launch({"ACCELERATE_USE_CPU": "True"})  # --cpu with one process: nothing asked
+    assert not lone_cpu_launch({})
