@@ -304,7 +304,7 @@ def train(cfg: TinyConfig) -> dict:
     test_acc = accuracy_by_depth(model, tokenizer, test_rows, depths, max_new)
     sampled_mean, pass_at_8 = sampled_accuracy(model, tokenizer, test_rows, cfg.total_ut_steps, max_new, n=8)
     info = {
-        "config": asdict(cfg),
+        "config": {k: v for k, v in asdict(cfg).items() if k != "out"},  # where it was written is not a recipe
         "parameters": n_params,
         "steps": step,
         "stop_reason": stop_reason,
