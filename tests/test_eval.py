@@ -223,17 +223,6 @@ def test_evaluate_depths_rejects_greedy_n_gt_1_and_missing_columns():
 # ----------------------------------------------------------------------------- end to end on a tiny model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny tensors gain nothing from threads, and on a busy machine OMP spin-waits make them 10x slower."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
     """A random tiny Ouro model (T=4) with the embedded model's char-level tokenizer, saved to disk."""

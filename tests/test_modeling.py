@@ -15,15 +15,6 @@ T = 4
 VOCAB = 100
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: on a shared, loaded 2-core machine intra-op threads only fight each other (10x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_config(**overrides) -> OuroConfig:
     kwargs = dict(
         vocab_size=VOCAB,

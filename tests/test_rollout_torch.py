@@ -49,15 +49,6 @@ def tiny_ouro(seed: int = 0):
     return modeling.OuroForCausalLM(config).eval()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on a shared 2-core box: OpenMP spin-waits make 2 threads ~10x slower than 1."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # (model factory, depth): a generic HF causal LM at depth 1 and the looped model at several depths.
 CASES = [(tiny_llama, 1), (tiny_ouro, 1), (tiny_ouro, 2), (tiny_ouro, 4)]
 CASE_IDS = ["llama-d1", "ouro-d1", "ouro-d2", "ouro-d4"]
