@@ -90,12 +90,15 @@ def run(args: argparse.Namespace) -> int:
                               "truncated": [False] * len(rows)}
     if args.timeout is not None:
         rewards.configure(timeout=args.timeout)
+    # as TRL calls reward functions (by keyword, completions as assistant messages), so TRL's own
+    # functions work here too; ours accept strings and messages alike
+    messages = [c if isinstance(c, list) else [{"role": "assistant", "content": c}] for c in completions]
     try:
-        scores = fn([None] * len(rows), completions, **kwargs)
+        scores = rewards.call(fn, [None] * len(rows), messages, **kwargs)
     except TypeError as exc:
         raise RewardCliError(f"reward {args.fn!r} rejected its arguments: {exc}") from exc
-    if len(scores) != len(rows):
-        raise RewardCliError(f"reward {args.fn!r} returned {len(scores)} scores for {len(rows)} completions")
+    except ValueError as exc:  # wrong number of scores
+        raise RewardCliError(str(exc)) from exc
     for index, (text, gold, score) in enumerate(zip(texts, golds, scores), start=1):
         verdict = explain(text, gold)
         prefix = f"[{index}] " if len(rows) > 1 else ""

@@ -313,3 +313,14 @@ def test_cli_jsonl_and_errors(tmp_path, capsys) -> None:
     assert main(["--fn", "overlong_penalty", "--completion", "x" * 9, "--answer", "1",
                  "--option", "max_completion_length=10", "--option", "buffer_len=4"]) == 0
     assert "score: -0.75" in capsys.readouterr().out
+
+
+def test_cli_runs_trl_reward_functions(capsys) -> None:
+    """`looprl reward` calls functions as TRL does (keywords, assistant messages), so TRL's own work."""
+    pytest.importorskip("trl")
+    from rl.reward_cli import main
+
+    assert main(["--fn", "trl.rewards:accuracy_reward", "--completion", "so \\boxed{1}", "--answer", "1"]) == 0
+    assert "score: 1.0" in capsys.readouterr().out
+    assert main(["--fn", "trl.rewards:accuracy_reward", "--completion", "so \\boxed{2}", "--answer", "1"]) == 0
+    assert "score: 0.0" in capsys.readouterr().out
