@@ -6,6 +6,7 @@ The trainer only talks to these types, so the torch and vLLM engines are interch
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -82,3 +83,22 @@ class RolloutWorker(Protocol):
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> Rollout: ...
 
     def sync_weights(self, model) -> None: ...
+
+
+# Path parts that training wrappers (DDP, torch.compile, activation checkpointing, FSDP) insert into
+# parameter names; the checkpoint / rollout model knows the bare names.
+WRAPPER_PARTS = frozenset({"module", "_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module"})
+
+
+def checkpoint_name(name: str) -> str:
+    """A training model's parameter name without wrapper parts: `module.model.norm.weight` -> `model.norm.weight`."""
+    return ".".join(part for part in name.split(".") if part not in WRAPPER_PARTS)
+
+
+def as_id_list(ids: int | Sequence[int] | None) -> list[int]:
+    """One token id, several, or None -> a list of ints."""
+    if ids is None:
+        return []
+    if isinstance(ids, int):
+        return [ids]
+    return [int(i) for i in ids]

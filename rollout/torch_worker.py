@@ -28,17 +28,9 @@ from collections.abc import Sequence
 
 import torch
 
-from rollout.base import Rollout, SamplingParams
+from rollout.base import Rollout, SamplingParams, as_id_list, checkpoint_name
 from rollout.fast_decode import OuroDecodeStep
 from rollout.sampling import sample_next
-
-
-def _as_id_list(value) -> list[int]:
-    if value is None:
-        return []
-    if isinstance(value, int):
-        return [value]
-    return [int(v) for v in value]
 
 
 class TorchRolloutWorker:
@@ -79,14 +71,14 @@ class TorchRolloutWorker:
             eos_token_id = getattr(gen_config, "eos_token_id", None)
             if eos_token_id is None:
                 eos_token_id = getattr(config, "eos_token_id", None)
-        self.eos_token_ids = _as_id_list(eos_token_id)
+        self.eos_token_ids = as_id_list(eos_token_id)
         if pad_token_id is None:
             pad_token_id = getattr(gen_config, "pad_token_id", None)
             if pad_token_id is None:
                 pad_token_id = getattr(config, "pad_token_id", None)
             if pad_token_id is None:
                 pad_token_id = self.eos_token_ids[0] if self.eos_token_ids else 0
-        self.pad_token_id = int(_as_id_list(pad_token_id)[0])
+        self.pad_token_id = int(as_id_list(pad_token_id)[0])
         self.vocab_size = model.get_input_embeddings().num_embeddings
         # Older HF architectures lack `logits_to_keep`; then the full logits are computed and sliced.
         self._keep_last = "logits_to_keep" in inspect.signature(model.forward).parameters
@@ -103,7 +95,7 @@ class TorchRolloutWorker:
     def sync_weights(self, model) -> None:
         """Copy `model`'s parameters and buffers into the rollout model in place (no reallocation).
 
-        Accepts a model wrapped by DDP / torch.compile (`module.` / `_orig_mod.` prefixes are ignored).
+        Accepts a model wrapped by DDP / torch.compile / checkpointing (wrapper name parts are ignored).
         """
         if model is self.model:
             return
@@ -112,10 +104,7 @@ class TorchRolloutWorker:
         seen = set()
         sources = list(model.named_parameters()) + list(model.named_buffers())
         for name, tensor in sources:
-            clean = name
-            for prefix in ("module.", "_orig_mod."):
-                while clean.startswith(prefix):
-                    clean = clean[len(prefix) :]
+            clean = checkpoint_name(name)
             target = targets.get(clean)
             if target is None:
                 raise ValueError(f"sync_weights: source tensor {name!r} has no counterpart in the rollout model")

@@ -54,15 +54,12 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from rollout.base import Rollout, SamplingParams
+from rollout.base import Rollout, SamplingParams, as_id_list, checkpoint_name
 
 INSTALL_HINT = "vLLM is not installed; the 'vllm' engine needs it (CUDA GPU): pip install looprl[vllm]"
 
 # Loop-count override key of Ouro's HF config, read by vLLM's native Ouro model at construction.
 LOOPED_MODEL_TYPES = {"ouro": "total_ut_steps"}
-
-# Prefixes that training wrappers add to parameter names; vLLM knows the bare checkpoint names.
-WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
 
 # vLLM clamps 0 < temperature < 0.01 up to 0.01, which would silently change the sampled policy.
 VLLM_MIN_TEMPERATURE = 0.01
@@ -111,14 +108,6 @@ def read_eos_token_ids(model_name_or_path: str) -> list[int]:
         if eos is not None:
             return as_id_list(eos)
     return []
-
-
-def as_id_list(ids: int | Sequence[int] | None) -> list[int]:
-    if ids is None:
-        return []
-    if isinstance(ids, int):
-        return [ids]
-    return [int(i) for i in ids]
 
 
 def depth_overrides(model_type: str | None, depth: int) -> dict:
@@ -279,10 +268,8 @@ def outputs_to_rollout(
 
 
 def vllm_weight_name(name: str) -> str:
-    """Strip training-wrapper prefixes so the name is the HF checkpoint name vLLM's loader expects."""
-    for prefix in WRAPPER_PREFIXES:
-        name = name.replace(prefix, "")
-    return name
+    """The HF checkpoint name vLLM's loader expects (training-wrapper parts removed)."""
+    return checkpoint_name(name)
 
 
 def iter_vllm_weights(model) -> Iterator[tuple[str, Any]]:

@@ -509,3 +509,11 @@ def test_real_engine_sync_weights_changes_the_policy(tiny_ouro_checkpoint):
     with torch.no_grad():
         expected = model(full, depth=4).logits[0, 2:-1].argmax(-1).tolist()
     assert after.completion_ids[0] == expected
+
+
+def test_weight_names_drop_wrapper_parts_anywhere():
+    """Activation-checkpointing / FSDP wrappers insert parts mid-name; only whole wrapper parts go."""
+    assert vllm_weight_name("model.layers.0._checkpoint_wrapped_module.self_attn.q_proj.weight") == (
+        "model.layers.0.self_attn.q_proj.weight")
+    assert vllm_weight_name("_fsdp_wrapped_module.model.norm.weight") == "model.norm.weight"
+    assert vllm_weight_name("model.layers.0.mlp.gate_proj.weight") == "model.layers.0.mlp.gate_proj.weight"
