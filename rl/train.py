@@ -297,8 +297,6 @@ class Trainer:
     # ------------------------------------------------------------------ setup helpers
 
     def _build_rewards(self, rewards_mod) -> list[tuple[str, Any, float]]:
-        import functools
-
         cfg = self.cfg
         names = list(cfg.rewards)
         weights = list(cfg.reward_weights) if cfg.reward_weights is not None else [1.0] * len(names)
@@ -307,15 +305,15 @@ class Trainer:
             weights.append(1.0)
         fns = []
         for name, weight in zip(names, weights):
-            try:
-                fn = rewards_mod.get(name)
-            except (KeyError, ValueError, ImportError, AttributeError) as e:
-                raise ConfigError(f"config key 'rewards': {e}") from None
             opts = dict(cfg.reward_kwargs.get(name, {}))
             if name == "overlong_penalty":
                 opts.setdefault("buffer_len", cfg.overlong_buffer_len)
                 opts.setdefault("penalty_factor", cfg.overlong_penalty)
-            fns.append((name.split(":")[-1], functools.partial(fn, **opts) if opts else fn, float(weight)))
+            try:  # the registry binds the options (functools.partial, keeping the name)
+                fn = rewards_mod.get(name, **opts)
+            except (KeyError, ValueError, ImportError, AttributeError) as e:
+                raise ConfigError(f"config key 'rewards': {e}") from None
+            fns.append((name.split(":")[-1], fn, float(weight)))
         return fns
 
     def _prompt_ids(self, index: int) -> list[int]:
@@ -698,9 +696,7 @@ class Trainer:
         """Verifier counts since the last step (timeouts, errors, ...), summed over processes."""
         import rewards
 
-        pop = getattr(rewards, "pop_counters", None)
-        counts = {k: float(v) for k, v in (pop() if pop else {}).items()}
-        return self._reduce_sum(counts) if counts else {}
+        return self._reduce_sum({k: float(v) for k, v in rewards.pop_counters().items()})
 
     def _reward_metrics(self, samples: list[Sample]) -> dict[str, float]:
         def mean(xs):
@@ -776,10 +772,12 @@ class Trainer:
         results = evaluate_depths(self.policy, self.tokenizer, self.eval_dataset, depths, n=1, temperature=0.0,
                                   max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens,
                                   reward_fn=cfg.accuracy_reward or "math_accuracy", seed=cfg.seed)
+        import rewards
+
+        rewards.pop_counters()  # drop eval's verifier counts: rewards/* count training rollouts only
         return {k: v for k, v in flat_metrics(results).items() if k.startswith("eval/accuracy_d")}
 
     def train(self) -> int:
-        import rewards
         from rl.metrics import RunLogger, progress_bar
 
         cfg, acc = self.cfg, self.accelerator
@@ -802,8 +800,6 @@ class Trainer:
                 # the baseline row (step 0) that the eval-per-depth curves start from
                 t0 = time.perf_counter()
                 baseline = self._evaluate()
-                if hasattr(rewards, "pop_counters"):
-                    rewards.pop_counters()
                 logger.log(0, {**baseline, "time/eval": time.perf_counter() - t0})
             while self.step < cfg.max_steps:
                 metrics = self.train_step()
@@ -812,8 +808,6 @@ class Trainer:
                 if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.max_steps):
                     t0 = time.perf_counter()
                     eval_m = self._evaluate() if acc.is_main_process else {}
-                    if acc.is_main_process and hasattr(rewards, "pop_counters"):
-                        rewards.pop_counters()  # drop eval's verifier counts: rewards/* count training rollouts
                     metrics.update(eval_m)
                     metrics["time/eval"] = time.perf_counter() - t0
                 mm = metrics.get("mismatch/logp_abs_max", 0.0)
