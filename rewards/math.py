@@ -385,7 +385,7 @@ def _count(key: str, n: int = 1) -> None:
 
 
 def counters() -> dict[str, int]:
-    """Cumulative counts: items, fast, symbolic, cached, no_answer, timeouts, errors."""
+    """Cumulative counts: items, fast (cache hits included), symbolic, no_answer, timeouts, errors."""
     return dict(_COUNTS)
 
 

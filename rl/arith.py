@@ -92,13 +92,18 @@ def split_of(problem: str) -> str:
     return "test" if bucket < TEST_PERCENT else "train"
 
 
+def _operands(cfg: ArithConfig) -> range:
+    """The numbers with exactly `cfg.digits` digits (0-9 for one digit)."""
+    return range(0 if cfg.digits == 1 else 10 ** (cfg.digits - 1), 10**cfg.digits)
+
+
 def _random_problem(rng: random.Random, cfg: ArithConfig) -> str:
     parts = []
-    low = 0 if cfg.digits == 1 else 10 ** (cfg.digits - 1)
+    numbers = _operands(cfg)
     for i in range(cfg.operands):
         if i:
             parts.append(rng.choice(cfg.ops))
-        parts.append(str(rng.randint(low, 10**cfg.digits - 1)))
+        parts.append(str(rng.randint(numbers.start, numbers.stop - 1)))
     return "".join(parts)
 
 
@@ -115,8 +120,7 @@ def make_row(problem: str, split: str) -> dict:
 
 
 def _all_problems(cfg: ArithConfig) -> list[str]:
-    low = 0 if cfg.digits == 1 else 10 ** (cfg.digits - 1)
-    numbers = [str(v) for v in range(low, 10**cfg.digits)]
+    numbers = [str(v) for v in _operands(cfg)]
     ops = sorted(set(cfg.ops))
     problems = numbers
     for _ in range(cfg.operands - 1):
@@ -126,8 +130,7 @@ def _all_problems(cfg: ArithConfig) -> list[str]:
 
 def space_size(cfg: ArithConfig) -> int:
     """Number of distinct problems (both splits) for this difficulty."""
-    count = 10**cfg.digits - (0 if cfg.digits == 1 else 10 ** (cfg.digits - 1))
-    return count**cfg.operands * len(set(cfg.ops)) ** (cfg.operands - 1)
+    return len(_operands(cfg)) ** cfg.operands * len(set(cfg.ops)) ** (cfg.operands - 1)
 
 
 def generate(split: str = "train", cfg: ArithConfig | None = None, n: int | None = None) -> list[dict]:

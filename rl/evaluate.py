@@ -205,7 +205,7 @@ def evaluate_depths(model, tokenizer, dataset, depths: Sequence[int], n: int = 1
         raise ValueError(f"depths must be a non-empty list of integers >= 1, got {list(depths)}")
     if n > 1 and temperature == 0:
         raise ValueError("n > 1 with temperature 0 draws n identical greedy samples; set temperature > 0")
-    score_fn = rewards.get(reward_fn) if isinstance(reward_fn, str) else reward_fn
+    score_fn = rewards.get(reward_fn)  # a name, 'pkg.mod:fn', or a callable (passed through)
     prompts, columns = _dataset_columns(dataset)
     if not prompts:
         raise ValueError("eval dataset is empty")
@@ -287,7 +287,7 @@ def evaluate_exit_threshold(model, tokenizer, dataset, exit_threshold: float, ma
                          f"{type(model).__name__}")
     if not 0.0 <= exit_threshold:
         raise ValueError(f"--exit_threshold must be >= 0, got {exit_threshold}")
-    score_fn = rewards.get(reward_fn) if isinstance(reward_fn, str) else reward_fn
+    score_fn = rewards.get(reward_fn)  # a name, 'pkg.mod:fn', or a callable (passed through)
     prompts, columns = _dataset_columns(dataset)
     prompt_ids = encode_prompts(tokenizer, prompts)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
