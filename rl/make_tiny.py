@@ -30,6 +30,7 @@ from transformers import PreTrainedTokenizerFast
 
 from rl import arith
 from rl.data import EMBEDDED_MODEL
+from rl.evaluate import encode_prompts
 from rl.modeling import OuroConfig, OuroForCausalLM
 
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>"]
@@ -109,21 +110,13 @@ def build_model(cfg: TinyConfig, tokenizer: PreTrainedTokenizerFast) -> OuroForC
     return OuroForCausalLM(config)
 
 
-def prompt_ids(tokenizer, prompt: list[dict]) -> list[int]:
-    return list(
-        tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False)
-    )
-
-
 def encode_examples(tokenizer, dataset) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, completion ids incl. eos) for each row."""
     eos = tokenizer.eos_token_id
+    prompts = encode_prompts(tokenizer, dataset["prompt"])
     return [
-        (
-            prompt_ids(tokenizer, row["prompt"]),
-            tokenizer(arith.completion(row["ground_truth"]))["input_ids"] + [eos],
-        )
-        for row in dataset
+        (prompt, tokenizer(arith.completion(gold))["input_ids"] + [eos])
+        for prompt, gold in zip(prompts, dataset["ground_truth"])
     ]
 
 
@@ -220,7 +213,7 @@ def is_correct(completion: str, ground_truth: str) -> bool:
 
 
 def accuracy_by_depth(model, tokenizer, dataset, depths, max_new_tokens: int) -> dict[int, float]:
-    prompts = [prompt_ids(tokenizer, p) for p in dataset["prompt"]]
+    prompts = encode_prompts(tokenizer, dataset["prompt"])
     golds = dataset["ground_truth"]
     result = {}
     for depth in depths:
@@ -231,7 +224,7 @@ def accuracy_by_depth(model, tokenizer, dataset, depths, max_new_tokens: int) ->
 
 def sampled_accuracy(model, tokenizer, dataset, depth: int, max_new_tokens: int, n: int = 8, seed: int = 0):
     """(mean accuracy, pass@n) of n temperature-1 samples per prompt: what RL starts from."""
-    prompts = [prompt_ids(tokenizer, p) for p in dataset["prompt"]]
+    prompts = encode_prompts(tokenizer, dataset["prompt"])
     golds = dataset["ground_truth"]
     hits = torch.zeros(len(prompts), n)
     for k in range(n):
