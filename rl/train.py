@@ -432,7 +432,7 @@ class Trainer:
         c_len = ids.shape[1] - p_len
         position_ids = (attn.cumsum(-1) - 1).clamp(min=0)
         kwargs: dict[str, Any] = {}
-        if _is_looped(self.policy if model is self.model else model):
+        if self.looped:  # the reference model is loaded from the same path: same class
             kwargs["depth"] = depth
             if output_exits:
                 kwargs["output_exits"] = True
