@@ -141,7 +141,8 @@ def test_run_layout_metrics_and_depth_matched_scores(tiny, tmp_path):
 
 def test_kill9_then_resume_matches_uninterrupted(tiny, tmp_path):
     """A run killed with SIGKILL after a checkpoint, then --resume: every step once, same metrics."""
-    common = ["--max_steps", "4", "--save_every", "1", "--loss_type", "grpo", "--scale_rewards", "batch"]
+    # enough steps after the step-2 checkpoint that the run cannot finish before the kill lands
+    common = ["--max_steps", "10", "--save_every", "1", "--loss_type", "grpo", "--scale_rewards", "batch"]
     ref = tmp_path / "ref"
     assert _train(_args(tiny, ref, *common)) == 0
 
