@@ -908,6 +908,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return trainer.train()
     finally:
+        if callable(getattr(trainer.worker, "close", None)):
+            trainer.worker.close()  # a vLLM engine's process groups go before the default one
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():

