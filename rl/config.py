@@ -51,6 +51,11 @@ class TrainConfig:
     data_split: str = "train"
     data_limit: int | None = None
     max_prompt_length: int = 2048  # longer prompts are left-truncated (with a warning)
+    # Text added after the chat template's generation prompt (Ouro-Thinking: "<think>\n", which its
+    # template does not add), and bos/eos/pad token overrides for files that name the wrong ones
+    # (Ouro-Thinking: {bos_token: "<|im_start|>", eos_token: "<|im_end|>"}; rl/special_tokens.py).
+    prompt_suffix: str = ""
+    special_tokens: dict[str, str] = field(default_factory=dict)
 
     # --- rewards: weighted list of registry names ("pkg.mod:fn" also works) ---
     rewards: list[str] = field(default_factory=lambda: ["dapo_math"])
@@ -258,6 +263,12 @@ def validate(cfg: TrainConfig, max_depth: int | None = None, num_processes: int 
               "eps_low", "eps_high", "overlong_penalty", allow_zero=True)
     if not 0.0 < cfg.top_p <= 1.0:
         raise ConfigError(f"config key 'top_p': must be in (0, 1], got {cfg.top_p}")
+    from rl.special_tokens import SPECIAL_TOKEN_KEYS
+
+    for key, token in cfg.special_tokens.items():
+        if key not in SPECIAL_TOKEN_KEYS or not isinstance(token, str) or not token:
+            raise ConfigError(f"config key 'special_tokens': {key}: {token!r} is not a bos_token/eos_token/"
+                              "pad_token set to a token string")
     if cfg.eps_low >= 1.0:
         raise ConfigError(f"config key 'eps_low': must be < 1, got {cfg.eps_low}")
     if cfg.overlong_buffer_len >= cfg.max_new_tokens:

@@ -127,11 +127,20 @@ def flat_metrics(depth_results: Mapping[str, Mapping[str, Any]], prefix: str = "
 # ----------------------------------------------------------------------------- generation
 
 
-def encode_prompts(tokenizer, prompts: Sequence[Any]) -> list[list[int]]:
-    """Chat-template token ids of each prompt (messages list or a plain string), as the trainer does."""
+def encode_prompts(tokenizer, prompts: Sequence[Any], suffix: str = "") -> list[list[int]]:
+    """Chat-template token ids of each prompt (messages list or a plain string), as the trainer does.
+
+    `suffix` is text placed right after the template's generation prompt (e.g. Ouro-Thinking's
+    "<think>\n", which its template does not write); the whole text is then tokenized at once, as if
+    the template had written it.
+    """
     ids = []
     for prompt in prompts:
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        if suffix:
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            ids.append([int(t) for t in tokenizer(text + suffix, add_special_tokens=False)["input_ids"]])
+            continue
         out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
         if isinstance(out, Mapping):  # older/newer transformers may return a BatchEncoding
             out = out["input_ids"]
@@ -188,7 +197,8 @@ def _release_memory() -> None:
 def evaluate_depths(model, tokenizer, dataset, depths: Sequence[int], n: int = 1, temperature: float = 0.0,
                     max_new_tokens: int = 256, reward_fn: str | Callable = "math_accuracy", batch_size: int = 16,
                     *, top_p: float = 1.0, seed: int = 0, progress: bool = False,
-                    worker_factory: Callable[[int], Any] | None = None) -> dict[str, dict[str, Any]]:
+                    worker_factory: Callable[[int], Any] | None = None,
+                    prompt_suffix: str = "") -> dict[str, dict[str, Any]]:
     """Generate n completions per prompt at each depth and score them.
 
     Returns {str(depth): {"accuracy", "len_mean", "truncated_frac", ... (+ "pass@k", "maj@k", "k" if
@@ -209,7 +219,7 @@ def evaluate_depths(model, tokenizer, dataset, depths: Sequence[int], n: int = 1
     prompts, columns = _dataset_columns(dataset)
     if not prompts:
         raise ValueError("eval dataset is empty")
-    prompt_ids = encode_prompts(tokenizer, prompts)
+    prompt_ids = encode_prompts(tokenizer, prompts, prompt_suffix)
     if worker_factory is None:
         from rollout import TorchRolloutWorker
 
@@ -268,7 +278,7 @@ def evaluate_depths(model, tokenizer, dataset, depths: Sequence[int], n: int = 1
 
 def evaluate_exit_threshold(model, tokenizer, dataset, exit_threshold: float, max_new_tokens: int = 256,
                             reward_fn: str | Callable = "math_accuracy", batch_size: int = 16,
-                            progress: bool = False) -> dict[str, Any]:
+                            progress: bool = False, prompt_suffix: str = "") -> dict[str, Any]:
     """Greedy decoding with the model's exit gate: each token is read from the first loop whose
     cumulative exit probability reaches q (HF generate with `exit_threshold=q`).
 
@@ -289,7 +299,7 @@ def evaluate_exit_threshold(model, tokenizer, dataset, exit_threshold: float, ma
         raise ValueError(f"--exit_threshold must be >= 0, got {exit_threshold}")
     score_fn = rewards.get(reward_fn)  # a name, 'pkg.mod:fn', or a callable (passed through)
     prompts, columns = _dataset_columns(dataset)
-    prompt_ids = encode_prompts(tokenizer, prompts)
+    prompt_ids = encode_prompts(tokenizer, prompts, prompt_suffix)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     pad = eos if pad is None else pad
     device = next(model.parameters()).device
@@ -412,6 +422,10 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exit_threshold", type=float, default=None,
                    help="also decode greedily with the exit gate at this threshold q and report mean depth")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompt_suffix", default="",
+                   help="text after the chat template's generation prompt (Ouro-Thinking: $'<think>\\n')")
+    p.add_argument("--eos_token", default=None,
+                   help="token that ends a completion, overriding the tokenizer's (Ouro-Thinking files: <|im_end|>)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--out", default=None, help="write the results as JSON to this file")
     p.add_argument("--no_progress", action="store_true", help="hide the progress bar")
@@ -469,13 +483,17 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--limit must be >= 1, got {args.limit}")
         dataset = load_prompts(args.data, split=args.split, limit=args.limit)
         tokenizer, config = _load_tokenizer_and_config(model_path)
+        if args.eos_token:
+            from rl.special_tokens import apply_special_tokens
+
+            apply_special_tokens(tokenizer, None, {"eos_token": args.eos_token})
         if args.depths:
             depths = parse_depths(args.depths)
         else:
             depths = list(range(1, int(getattr(config, "total_ut_steps", 1) or 1) + 1))
         model, factory = None, None
         if args.engine == "vllm":
-            longest = max(len(p) for p in encode_prompts(tokenizer, list(dataset["prompt"])))
+            longest = max(len(p) for p in encode_prompts(tokenizer, list(dataset["prompt"]), args.prompt_suffix))
             # Engines of finished depths are released, but vLLM does not always hand memory back:
             # size each engine so that all of them would fit at once.
             factory = _vllm_factory(model_path, tokenizer, longest + args.max_new_tokens, args.seed,
@@ -497,13 +515,15 @@ def main(argv: list[str] | None = None) -> int:
         report["depths"] = evaluate_depths(model, tokenizer, dataset, depths, n=args.n, temperature=temperature,
                                            max_new_tokens=args.max_new_tokens, reward_fn=args.reward,
                                            batch_size=args.batch_size, top_p=args.top_p, seed=args.seed,
-                                           progress=progress, worker_factory=factory)
+                                           progress=progress, worker_factory=factory,
+                                           prompt_suffix=args.prompt_suffix)
         if args.exit_threshold is not None:
             if model is None:
                 model = _load_model(model_path, device)
             report["exit_threshold"] = evaluate_exit_threshold(
                 model, tokenizer, dataset, args.exit_threshold, max_new_tokens=args.max_new_tokens,
-                reward_fn=args.reward, batch_size=args.batch_size, progress=progress)
+                reward_fn=args.reward, batch_size=args.batch_size, progress=progress,
+                prompt_suffix=args.prompt_suffix)
     except (ValueError, FileNotFoundError) as e:
         print(f"looprl eval: {e}", file=sys.stderr)
         return 2

@@ -221,6 +221,13 @@ class Trainer:
         dtype = getattr(torch, cfg.dtype)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype)
+        if cfg.special_tokens:  # e.g. Ouro-Thinking's files name <|endoftext|> (0) as eos; its turns end with 2
+            from rl.special_tokens import apply_special_tokens
+
+            try:
+                apply_special_tokens(self.tokenizer, model, cfg.special_tokens)
+            except ValueError as e:
+                raise ConfigError(f"config key 'special_tokens': {e}") from None
         model.to(acc.device)
         threads = cfg.torch_threads or (1 if acc.device.type == "cpu" and model.num_parameters() < TINY_PARAMS else 0)
         if threads:
@@ -320,7 +327,7 @@ class Trainer:
         if index not in self._prompt_cache:
             from rl.evaluate import encode_prompts
 
-            ids = encode_prompts(self.tokenizer, [self.dataset[index]["prompt"]])[0]
+            ids = encode_prompts(self.tokenizer, [self.dataset[index]["prompt"]], self.cfg.prompt_suffix)[0]
             if len(ids) > self.cfg.max_prompt_length:
                 if not self._warned_long:
                     log(f"WARNING: prompt {index} has {len(ids)} tokens > max_prompt_length "
@@ -771,7 +778,8 @@ class Trainer:
         depths = cfg.eval_depths or list(range(1, self.depth + 1))
         results = evaluate_depths(self.policy, self.tokenizer, self.eval_dataset, depths, n=1, temperature=0.0,
                                   max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens,
-                                  reward_fn=cfg.accuracy_reward or "math_accuracy", seed=cfg.seed)
+                                  reward_fn=cfg.accuracy_reward or "math_accuracy", seed=cfg.seed,
+                                  prompt_suffix=cfg.prompt_suffix)
         import rewards
 
         rewards.pop_counters()  # drop eval's verifier counts: rewards/* count training rollouts only
