@@ -667,6 +667,42 @@ def test_real_engine_sleep_where_supported_else_a_warned_no_op(engines):
 
 @pytest.mark.vllm
 @needs_vllm
+def test_real_engine_loads_the_published_ouro_config_layout(tmp_path):
+    """config.json as Ouro-1.4B publishes it: 16 heads x 128 with head_dim NOT written (derived from
+    hidden_size 2048), no GQA, a top-level rope_theta 1e6, bos/eos 0, auto_map for remote code. Only the
+    depth of the stack, the MLP width and the vocabulary are cut down, to keep the test quick."""
+    from transformers import AutoConfig
+
+    from rl.modeling import OuroForCausalLM
+
+    published = {
+        "architectures": ["OuroForCausalLM"], "model_type": "ouro",
+        "auto_map": {"AutoConfig": "configuration_ouro.OuroConfig",
+                     "AutoModelForCausalLM": "modeling_ouro.OuroForCausalLM"},
+        "hidden_size": 2048, "num_attention_heads": 16, "num_key_value_heads": 16, "hidden_act": "silu",
+        "rope_theta": 1000000.0, "rms_norm_eps": 1e-06, "max_position_embeddings": 65536,
+        "tie_word_embeddings": False, "total_ut_steps": 4, "early_exit_threshold": 1.0,
+        "use_sliding_window": False, "sliding_window": 4096, "bos_token_id": 0, "eos_token_id": 0,
+        "pad_token_id": 0, "torch_dtype": "bfloat16",
+        "num_hidden_layers": 1, "intermediate_size": 256, "vocab_size": 256,  # cut down
+    }
+    (tmp_path / "config.json").write_text(json.dumps(published))
+    torch.manual_seed(0)
+    model = OuroForCausalLM(AutoConfig.from_pretrained(tmp_path)).float().eval()
+    assert model.config.head_dim == 128
+    model.save_pretrained(tmp_path / "saved")
+    (tmp_path / "saved" / "config.json").write_text(json.dumps(published))  # the files as published
+    worker = VLLMRolloutWorker(str(tmp_path / "saved"), 2, dtype="float32", max_model_len=64, enforce_eager=True,
+                               gpu_memory_utilization=0.2, eos_token_id=0)
+    greedy = SamplingParams(max_new_tokens=6, temperature=0.0, stop_token_ids=[])
+    prompts = [[5, 6, 7], [8, 9, 10, 11]]
+    assert worker.generate(prompts, greedy).completion_ids == \
+        TorchRolloutWorker(model, 2).generate(prompts, greedy).completion_ids
+    worker.close()
+
+
+@pytest.mark.vllm
+@needs_vllm
 def test_unsupported_head_size_is_one_line_before_any_engine_starts():
     from rl.data import EMBEDDED_MODEL  # head_dim 16
     from rollout.vllm_worker import platform_head_sizes

