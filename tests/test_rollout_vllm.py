@@ -733,7 +733,7 @@ def is_zero(prompts, completions, **kw):
 def test_looprl_train_and_eval_with_the_vllm_engine(vllm_model_dir, tmp_path):
     """The CLI end to end on vLLM: 3 RL steps (rollouts on vLLM, updates in torch, weights synced after each
     update) log an fp32 rollout-vs-update mismatch near 0; then `looprl eval --engine vllm` of the result at
-    another depth (one depth: each engine start compiles the model, ~1 min on 2 CPU cores)."""
+    another depth."""
     (tmp_path / "vllmreward.py").write_text(TRAIN_REWARDS)
     # The in-process engines of this module set torch.distributed's launcher variables in os.environ (rank 0
     # of 1, a port they hold); a child must not inherit them.
