@@ -382,9 +382,9 @@ def early_exit_generate(
     past = None
     step_ids = input_ids
     for _ in range(max_new_tokens):
-        out = model(input_ids=step_ids, attention_mask=attention_mask, past_key_values=past, use_cache=True,
+        out = model(input_ids=step_ids, attention_mask=attention_mask, cache=past, use_cache=True,
                     depth=depth, output_exits=True, logits_to_keep=1)
-        past = out.past_key_values
+        past = out.cache
         logits = torch.stack([model.lm_head(h[:, -1]).float() for h in out.exit_hidden_states], 1)  # [B,T,V]
         if rule == "maxprob":
             confident = logits.softmax(-1).amax(-1) >= threshold  # [B,T]

@@ -32,6 +32,7 @@ import torch
 
 from rl.config import ConfigError, TrainConfig, help_text, load_config, save_config, validate
 from rl.losses import loss_normaliser, token_logprobs
+from rl.modeling.hf_compat import enable_activation_checkpointing
 
 LOG_PREFIX = "looprl train:"
 # Below this many parameters, CPU matmuls are too small for intra-op threads to pay; on a busy
@@ -228,7 +229,7 @@ class Trainer:
         if cfg.gradient_checkpointing:
             if not getattr(model, "supports_gradient_checkpointing", False):
                 raise ConfigError(f"config key 'gradient_checkpointing': {type(model).__name__} does not support it")
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model, use_reentrant=False)
             model.config.use_cache = False
         _disable_dropout(model)  # the update must score the very policy that sampled
         # transformers only checkpoints layers in train mode; without checkpointing eval mode is the safe one

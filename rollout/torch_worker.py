@@ -80,8 +80,12 @@ class TorchRolloutWorker:
                 pad_token_id = self.eos_token_ids[0] if self.eos_token_ids else 0
         self.pad_token_id = int(as_id_list(pad_token_id)[0])
         self.vocab_size = model.get_input_embeddings().num_embeddings
+        forward_params = inspect.signature(model.forward).parameters
         # Older HF architectures lack `logits_to_keep`; then the full logits are computed and sliced.
-        self._keep_last = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self._keep_last = "logits_to_keep" in forward_params
+        # transformers >= 5.24 calls the KV cache argument `cache`; earlier releases (and remote code written
+        # for them) call it `past_key_values`. Ask the model which one its forward takes.
+        self._cache_arg = "cache" if "cache" in forward_params else "past_key_values"
         # Fused decode step for Ouro-layout models; verified against the model's forward on first use.
         self._fast = OuroDecodeStep(model, depth) if fast_decode and OuroDecodeStep.supports(model) else None
         self._fast_verified = False
@@ -173,8 +177,8 @@ class TorchRolloutWorker:
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=cache,
             use_cache=True,
+            **{self._cache_arg: cache},
             **kwargs,
         )
         return out.logits[:, -1]
