@@ -3,9 +3,9 @@
 `from rollout.vllm_worker import VLLMRolloutWorker` for the optional vLLM engine.
 """
 
-from rollout.base import Rollout, RolloutWorker, SamplingParams
+from rollout.base import Rollout, RolloutWorker, SamplingParams, SpecConfig
 
-__all__ = ["Rollout", "RolloutWorker", "SamplingParams", "TorchRolloutWorker"]
+__all__ = ["Rollout", "RolloutWorker", "SamplingParams", "SpecConfig", "TorchRolloutWorker"]
 
 
 def __getattr__(name: str):

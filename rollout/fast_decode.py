@@ -137,3 +137,69 @@ class OuroDecodeStep:
                 hidden = hidden + self._norm(mlp, layer.post_attention_layernorm_2.weight)
             hidden = self._norm(hidden, self.backbone.norm.weight)
         return self.model.lm_head(hidden)
+
+    def run_loops(
+        self,
+        hidden: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        columns: torch.Tensor,
+        bias: torch.Tensor,
+        loops: range,
+    ) -> torch.Tensor:
+        """Run loops `loops` (0-based) of S new tokens per row, each row at its OWN cache columns.
+
+        Why a second entry point: self-speculative decoding (rollout/speculative.py) drafts at loops
+        0..d-1 and verifies several tokens at once at loops d..T-1, and rows that accepted different
+        numbers of tokens sit at different cache columns.
+        hidden: [B, S, H], the state entering loop `loops.start` (embeddings for loop 0, else the normed
+            state after loop `loops.start - 1`); cos, sin: [B, S, D] RoPE tables of the tokens' positions;
+        columns: [B, S] cache column of each token (K/V of every loop in `loops` are written there);
+        bias: [B, S, C] additive attention bias over cache columns [0, C) (0 attend, -inf not), which must
+            hide every column that is not a real token at or before the query (stale drafts included).
+        Returns the normed state after the last loop, [B, S, H].
+        """
+        batch, seq = hidden.shape[:2]
+        heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
+        groups = heads // kv_heads
+        q_size, kv_size = heads * dim, kv_heads * dim
+        half = dim // 2
+        width = bias.shape[-1]
+        rows = torch.arange(batch, device=hidden.device).unsqueeze(1)  # [B, 1], with columns [B, S]
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [B, 1, S, D]: broadcast over heads
+        attn_keep = (bias == 0).unsqueeze(1)  # [B, 1, S, C] for SDPA
+        group_bias = bias[:, None, None]  # [B, 1, 1, S, C] for the grouped fp32 matmul path
+
+        def rope(x: torch.Tensor) -> torch.Tensor:  # x: [B, heads, S, D]
+            return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+        for loop in loops:
+            for layer_idx, layer in enumerate(self.layers):
+                slot = loop * self.num_layers + layer_idx
+                wqkv, wgu = self.fused[layer_idx]
+                qkv = F.linear(self._norm(hidden, layer.input_layernorm.weight), wqkv)  # [B, S, q + 2 kv]
+                q = rope(qkv[..., :q_size].view(batch, seq, heads, dim).transpose(1, 2))
+                k = rope(qkv[..., q_size : q_size + kv_size].view(batch, seq, kv_heads, dim).transpose(1, 2))
+                v = qkv[..., q_size + kv_size :].view(batch, seq, kv_heads, dim)
+                keys, values = self.keys[slot], self.values[slot]
+                keys[rows, :, columns] = k.transpose(1, 2)  # advanced indexing: [B, S, kv, D]
+                values[rows, :, columns] = v
+                if hidden.dtype == torch.float32:
+                    grouped = q.reshape(batch, kv_heads, groups * seq, dim)  # head h uses kv head h // groups
+                    scores = torch.matmul(grouped, keys[:, :, :width].transpose(-1, -2))
+                    scores = scores.view(batch, kv_heads, groups, seq, width) * self.scaling + group_bias
+                    weights = torch.softmax(scores, dim=-1).view(batch, kv_heads, groups * seq, width)
+                    out = torch.matmul(weights, values[:, :, :width]).view(batch, heads, seq, dim)
+                else:
+                    out = F.scaled_dot_product_attention(
+                        q, keys[:, :, :width], values[:, :, :width], attn_mask=attn_keep,
+                        scale=self.scaling, enable_gqa=groups > 1,
+                    )
+                out = out.transpose(1, 2).reshape(batch, seq, q_size)
+                hidden = hidden + self._norm(layer.self_attn.o_proj(out), layer.input_layernorm_2.weight)
+                gate_up = F.linear(self._norm(hidden, layer.post_attention_layernorm.weight), wgu)
+                gate, up = gate_up.chunk(2, dim=-1)
+                mlp = layer.mlp.down_proj(F.silu(gate) * up)
+                hidden = hidden + self._norm(mlp, layer.post_attention_layernorm_2.weight)
+            hidden = self._norm(hidden, self.backbone.norm.weight)
+        return hidden

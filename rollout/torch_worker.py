@@ -18,6 +18,10 @@ One generate() call:
 The cache is allocated once per generate() call (never per step); sampling uses the worker's own
 torch.Generator seeded from SamplingParams.seed.
 Logprob convention: see rollout/sampling.py (untruncated log softmax(logits / T), fp32).
+
+`SamplingParams(speculative=SpecConfig(draft_depth=d, num_draft=k))` switches step 3 to self-speculative
+decoding (rollout/speculative.py): same prefill and first token, then rounds of k drafts at depth d
+verified at the worker's depth; same output distribution and logprobs, different speed.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import torch
 from rollout.base import Rollout, SamplingParams, as_id_list, checkpoint_name
 from rollout.fast_decode import OuroDecodeStep
 from rollout.sampling import sample_next
+from rollout.speculative import speculative_decode
 
 
 class TorchRolloutWorker:
@@ -126,23 +131,54 @@ class TorchRolloutWorker:
     # ------------------------------------------------------------------ generation
     def generate(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams) -> Rollout:
         prompts = self._check_prompts(prompt_ids)
+        if params.speculative is not None:
+            self._check_speculative(params)
         was_training = self.model.training
         self.model.eval()
         try:
             with torch.inference_mode():
                 if self._fast is not None and not self._fast_verified:
                     self._verify_fast_decode()
-                tokens, logprobs, lengths, stopped = self._decode(prompts, params)
+                stats: dict[str, float] = {}
+                if params.speculative is None:
+                    tokens, logprobs, lengths, stopped = self._decode(prompts, params)
+                else:
+                    if self._fast is None:
+                        raise ValueError("speculative decoding needs the fused Ouro decode step, which failed "
+                                         "its check against this model's forward")
+                    generator = self._generator(params.seed)
+                    tokens, logprobs, lengths, stopped, stats = speculative_decode(self, prompts, params, generator)
         finally:
             self.model.train(was_training)
         n = params.n
-        rollout = Rollout(depth=self.depth)
+        rollout = Rollout(depth=self.depth, stats=stats)
         for row, (toks, lps, length, hit) in enumerate(zip(tokens, logprobs, lengths, stopped)):
             rollout.prompt_ids.append(list(prompts[row // n]))
             rollout.completion_ids.append(toks[:length])
             rollout.logprobs.append(lps[:length])
             rollout.finish_reasons.append("stop" if hit else "length")
         return rollout
+
+    def _check_speculative(self, params: SamplingParams) -> None:
+        spec = params.speculative
+        if self._fast is None:
+            raise ValueError(
+                "SamplingParams.speculative needs an Ouro-layout looped model and fast_decode=True "
+                f"(the drafts and the verify pass run through rollout/fast_decode.py); got {type(self.model).__name__}"
+            )
+        if not spec.draft_depth < self.depth:
+            raise ValueError(
+                f"SpecConfig.draft_depth={spec.draft_depth} must be below the rollout depth {self.depth}"
+            )
+
+    def _generator(self, seed: int | None) -> torch.Generator:
+        """The worker's own RNG: seeded from SamplingParams.seed, fresh entropy when None."""
+        generator = torch.Generator(device=self._device())
+        if seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(int(seed))
+        return generator
 
     def _check_prompts(self, prompt_ids) -> list[list[int]]:
         if isinstance(prompt_ids, torch.Tensor) or not isinstance(prompt_ids, Sequence) or not prompt_ids:
@@ -255,11 +291,7 @@ class TorchRolloutWorker:
             fast.bind(cache)
             bias = torch.zeros(mask.shape, device=device).masked_fill(mask == 0, float("-inf"))
 
-        generator = torch.Generator(device=device)
-        if params.seed is None:
-            generator.seed()
-        else:
-            generator.manual_seed(int(params.seed))
+        generator = self._generator(params.seed)
 
         stop_ids = self.eos_token_ids if params.stop_token_ids is None else params.stop_token_ids
         stop = torch.tensor(stop_ids, dtype=torch.long, device=device) if stop_ids else None

@@ -400,6 +400,9 @@ class VLLMRolloutWorker:
     # -- RolloutWorker protocol ----------------------------------------------------------------
 
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> Rollout:
+        if params.speculative is not None:
+            raise ValueError("SamplingParams.speculative (self-speculative decoding) is a torch-engine feature; "
+                             "the vLLM engine does not support it")
         if self.tp_group is not None:
             return self._generate_tp(prompt_ids, params)
         return self._generate_local(prompt_ids, params)
