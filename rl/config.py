@@ -64,6 +64,8 @@ class TrainConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    rollout_draft_depth: int = 0  # self-speculative rollouts (torch engine): draft at this depth, verify at depth; 0 = off
+    rollout_num_draft: int = 0  # tokens drafted per verification; 0 = off (rollout/speculative.py)
 
     # --- algorithm ---
     loss_type: str = "dapo"
@@ -258,6 +260,11 @@ def validate(cfg: TrainConfig, max_depth: int | None = None, num_processes: int 
               "eps_low", "eps_high", "overlong_penalty", allow_zero=True)
     if not 0.0 < cfg.top_p <= 1.0:
         raise ConfigError(f"config key 'top_p': must be in (0, 1], got {cfg.top_p}")
+    try:  # speculative rollouts: same distribution, only speed changes
+        from rollout.speculative import check_spec_keys
+        check_spec_keys(cfg.rollout_draft_depth, cfg.rollout_num_draft, cfg.depth or max_depth, cfg.engine)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if cfg.eps_low >= 1.0:
         raise ConfigError(f"config key 'eps_low': must be < 1, got {cfg.eps_low}")
     if cfg.overlong_buffer_len >= cfg.max_new_tokens:

@@ -188,7 +188,8 @@ def _release_memory() -> None:
 def evaluate_depths(model, tokenizer, dataset, depths: Sequence[int], n: int = 1, temperature: float = 0.0,
                     max_new_tokens: int = 256, reward_fn: str | Callable = "math_accuracy", batch_size: int = 16,
                     *, top_p: float = 1.0, seed: int = 0, progress: bool = False,
-                    worker_factory: Callable[[int], Any] | None = None) -> dict[str, dict[str, Any]]:
+                    worker_factory: Callable[[int], Any] | None = None,
+                    draft_depth: int = 0, num_draft: int = 0) -> dict[str, dict[str, Any]]:
     """Generate n completions per prompt at each depth and score them.
 
     Returns {str(depth): {"accuracy", "len_mean", "truncated_frac", ... (+ "pass@k", "maj@k", "k" if
@@ -198,6 +199,7 @@ def evaluate_depths(model, tokenizer, dataset, depths: Sequence[int], n: int = 1
     import rewards
     from rewards.math import extract_answer
     from rollout import SamplingParams
+    from rollout.speculative import accumulate_stats, rollout_metrics, spec_config
 
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
@@ -232,14 +234,16 @@ def evaluate_depths(model, tokenizer, dataset, depths: Sequence[int], n: int = 1
             lengths: list[int] = []
             truncated: list[bool] = []
             answers: list[str | None] = []
-            start, gen_time = time.perf_counter(), 0.0
+            start, gen_time, spec_totals = time.perf_counter(), 0.0, {}
             bar.set_description(f"eval depth {depth}")
             for b, idx in enumerate(_batches(range(len(prompts)), batch_size)):
                 params = SamplingParams(n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                        seed=seed + 1000 * depth + b)
+                                        seed=seed + 1000 * depth + b,
+                                        speculative=spec_config(draft_depth, num_draft, depth))
                 t0 = time.perf_counter()
                 rollout = worker.generate([prompt_ids[i] for i in idx], params)
                 gen_time += time.perf_counter() - t0
+                accumulate_stats(spec_totals, rollout.stats)
                 if len(rollout.completion_ids) != len(idx) * n:
                     raise RuntimeError(f"worker returned {len(rollout.completion_ids)} samples for "
                                        f"{len(idx)} prompts x n={n}")
@@ -256,6 +260,7 @@ def evaluate_depths(model, tokenizer, dataset, depths: Sequence[int], n: int = 1
             metrics["time_s"] = elapsed
             metrics["time_generate_s"] = gen_time
             metrics["tokens_per_s"] = sum(lengths) / gen_time if gen_time > 0 else 0.0  # generation only
+            metrics.update(rollout_metrics(spec_totals, gen_time, sum(lengths)))
             results[str(depth)] = metrics
             del worker, rollout  # a vLLM engine holds GPU memory until collected
             _release_memory()
@@ -412,6 +417,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exit_threshold", type=float, default=None,
                    help="also decode greedily with the exit gate at this threshold q and report mean depth")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rollout_draft_depth", type=int, default=0, help="self-speculative decoding: draft depth (0 = off)")
+    p.add_argument("--rollout_num_draft", type=int, default=0, help="tokens drafted per verification (0 = off)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--out", default=None, help="write the results as JSON to this file")
     p.add_argument("--no_progress", action="store_true", help="hide the progress bar")
@@ -467,6 +474,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
         if args.limit is not None and args.limit < 1:
             raise ValueError(f"--limit must be >= 1, got {args.limit}")
+        from rollout.speculative import check_spec_keys
+        check_spec_keys(args.rollout_draft_depth, args.rollout_num_draft, engine=args.engine)
         dataset = load_prompts(args.data, split=args.split, limit=args.limit)
         tokenizer, config = _load_tokenizer_and_config(model_path)
         if args.depths:
@@ -497,7 +506,8 @@ def main(argv: list[str] | None = None) -> int:
         report["depths"] = evaluate_depths(model, tokenizer, dataset, depths, n=args.n, temperature=temperature,
                                            max_new_tokens=args.max_new_tokens, reward_fn=args.reward,
                                            batch_size=args.batch_size, top_p=args.top_p, seed=args.seed,
-                                           progress=progress, worker_factory=factory)
+                                           progress=progress, worker_factory=factory,
+                                           draft_depth=args.rollout_draft_depth, num_draft=args.rollout_num_draft)
         if args.exit_threshold is not None:
             if model is None:
                 model = _load_model(model_path, device)

@@ -374,6 +374,7 @@ class Trainer:
 
         from rl.dynamic_sampling import Group
         from rollout import SamplingParams
+        from rollout.speculative import accumulate_stats, spec_config
 
         cfg, n = self.cfg, self.cfg.num_generations
         want = math.ceil(want / self.world) * self.world
@@ -381,10 +382,12 @@ class Trainer:
         local = indices[self.rank::self.world]
         params = SamplingParams(n=n, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                 top_p=cfg.top_p, top_k=cfg.top_k,
-                                seed=_step_seed(cfg.seed, self.step, round_, self.rank))
+                                seed=_step_seed(cfg.seed, self.step, round_, self.rank),
+                                speculative=spec_config(cfg.rollout_draft_depth, cfg.rollout_num_draft, self.depth))
         t0 = time.perf_counter()
         rollout = self.worker.generate([self._prompt_ids(i) for i in local], params)
         timers["rollout"] += time.perf_counter() - t0
+        accumulate_stats(timers, rollout.stats)
         samples, t_reward = self._score(local, rollout)
         timers["reward"] += t_reward
         groups = [Group(rewards=[s.reward for s in samples[g * n:(g + 1) * n]], data=samples[g * n:(g + 1) * n])
@@ -652,6 +655,7 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         from rl.advantages import group_advantages
         from rl.dynamic_sampling import collect_groups
+        from rollout.speculative import rollout_metrics
 
         cfg, n = self.cfg, self.cfg.num_generations
         t_step = time.perf_counter()
@@ -690,6 +694,7 @@ class Trainer:
         metrics["time/step"] = time.perf_counter() - t_step
         gen_tokens = sum(len(s.completion_ids) for s in every)
         metrics["tokens_per_s"] = gen_tokens / max(metrics["time/step"], 1e-9)
+        metrics.update(rollout_metrics(timers, timers["rollout"], gen_tokens))
         self._last_samples = kept or every
         return metrics
 

@@ -34,8 +34,59 @@ from __future__ import annotations
 
 import torch
 
-from rollout.base import SamplingParams
+from rollout.base import SamplingParams, SpecConfig
 from rollout.sampling import race_draw, sample_next, sampling_probs, scale_logits
+
+# ------------------------------------------------------------------ trainer / eval keys
+# `rollout_draft_depth` and `rollout_num_draft` (0 = off) of `looprl train` and `looprl eval` map to a
+# SpecConfig here, so the trainer and the eval CLI need one line each.
+
+
+def check_spec_keys(draft_depth: int, num_draft: int, depth: int | None = None, engine: str = "torch") -> None:
+    """ValueError naming the key when rollout_draft_depth / rollout_num_draft cannot run."""
+    for key, value in (("rollout_draft_depth", draft_depth), ("rollout_num_draft", num_draft)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"config key {key!r}: must be an integer >= 0 (0 = off), got {value!r}")
+    if (draft_depth == 0) != (num_draft == 0):
+        raise ValueError("config keys 'rollout_draft_depth' and 'rollout_num_draft': set both (speculative "
+                         f"rollouts) or neither, got {draft_depth} and {num_draft}")
+    if draft_depth and engine != "torch":
+        raise ValueError(f"config key 'rollout_draft_depth': speculative rollouts need engine torch, not {engine!r}")
+    if draft_depth and depth is not None and draft_depth >= depth:
+        raise ValueError(f"config key 'rollout_draft_depth': {draft_depth} must be below the rollout depth {depth}")
+
+
+def spec_config(draft_depth: int, num_draft: int, depth: int) -> SpecConfig | None:
+    """SamplingParams.speculative for these keys at rollout depth `depth`; None = plain decoding (keys off,
+    or a depth the draft cannot be shallower than, e.g. the shallow depths of `looprl eval`)."""
+    check_spec_keys(draft_depth, num_draft)
+    if draft_depth == 0 or depth <= draft_depth:
+        return None
+    return SpecConfig(draft_depth=draft_depth, num_draft=num_draft)
+
+
+SUMMED_STATS = ("drafted", "accepted", "verify_rows")
+
+
+def accumulate_stats(totals: dict[str, float], stats: dict[str, float]) -> None:
+    """Add one generate() call's speculative counters into `totals` (in place; no-op for plain rollouts)."""
+    for key in SUMMED_STATS:
+        if key in stats:
+            totals[f"spec_{key}"] = totals.get(f"spec_{key}", 0.0) + stats[key]
+
+
+def rollout_metrics(totals: dict[str, float], rollout_seconds: float, generated_tokens: int) -> dict[str, float]:
+    """`time/rollout_per_token` (seconds per generated token) always; `rollout/accept_rate` and `rollout/tokens_per_verify` when drafts ran."""
+    metrics = {"time/rollout_per_token": rollout_seconds / max(generated_tokens, 1)}
+    drafted, rows = totals.get("spec_drafted", 0.0), totals.get("spec_verify_rows", 0.0)
+    if drafted:
+        accepted = totals.get("spec_accepted", 0.0)
+        metrics["rollout/accept_rate"] = accepted / drafted
+        metrics["rollout/tokens_per_verify"] = (accepted + rows) / rows
+    return metrics
+
+
+# ------------------------------------------------------------------ decoding
 
 
 def accept_greedy(scaled: torch.Tensor, drafts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
