@@ -166,11 +166,13 @@ class OuroDecodeStep:
         half = dim // 2
         width = bias.shape[-1]
         rows = torch.arange(batch, device=hidden.device).unsqueeze(1)  # [B, 1], with columns [B, S]
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [B, 1, S, D]: broadcast over heads
+        # Token-major layout [B, S, heads, D] throughout: K/V go to the cache without a transpose, and with
+        # S = 1 the grouped query below is a free view (same op count as the one-token __call__).
+        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # [B, S, 1, D]: broadcast over heads
         attn_keep = (bias == 0).unsqueeze(1)  # [B, 1, S, C] for SDPA
         group_bias = bias[:, None, None]  # [B, 1, 1, S, C] for the grouped fp32 matmul path
 
-        def rope(x: torch.Tensor) -> torch.Tensor:  # x: [B, heads, S, D]
+        def rope(x: torch.Tensor) -> torch.Tensor:  # x: [B, S, heads, D]
             return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
         for loop in loops:
@@ -178,24 +180,24 @@ class OuroDecodeStep:
                 slot = loop * self.num_layers + layer_idx
                 wqkv, wgu = self.fused[layer_idx]
                 qkv = F.linear(self._norm(hidden, layer.input_layernorm.weight), wqkv)  # [B, S, q + 2 kv]
-                q = rope(qkv[..., :q_size].view(batch, seq, heads, dim).transpose(1, 2))
-                k = rope(qkv[..., q_size : q_size + kv_size].view(batch, seq, kv_heads, dim).transpose(1, 2))
-                v = qkv[..., q_size + kv_size :].view(batch, seq, kv_heads, dim)
+                q = rope(qkv[..., :q_size].view(batch, seq, heads, dim))
                 keys, values = self.keys[slot], self.values[slot]
-                keys[rows, :, columns] = k.transpose(1, 2)  # advanced indexing: [B, S, kv, D]
-                values[rows, :, columns] = v
+                keys[rows, :, columns] = rope(qkv[..., q_size : q_size + kv_size].view(batch, seq, kv_heads, dim))
+                values[rows, :, columns] = qkv[..., q_size + kv_size :].view(batch, seq, kv_heads, dim)
                 if hidden.dtype == torch.float32:
-                    grouped = q.reshape(batch, kv_heads, groups * seq, dim)  # head h uses kv head h // groups
+                    # [B, kv, groups * S, D] x [B, kv, D, C]: head h uses kv head h // groups.
+                    grouped = q.view(batch, seq, kv_heads, groups, dim).permute(0, 2, 3, 1, 4)
+                    grouped = grouped.reshape(batch, kv_heads, groups * seq, dim)
                     scores = torch.matmul(grouped, keys[:, :, :width].transpose(-1, -2))
                     scores = scores.view(batch, kv_heads, groups, seq, width) * self.scaling + group_bias
                     weights = torch.softmax(scores, dim=-1).view(batch, kv_heads, groups * seq, width)
-                    out = torch.matmul(weights, values[:, :, :width]).view(batch, heads, seq, dim)
+                    out = torch.matmul(weights, values[:, :, :width]).view(batch, kv_heads, groups, seq, dim)
+                    out = out.permute(0, 3, 1, 2, 4).reshape(batch, seq, q_size)
                 else:
                     out = F.scaled_dot_product_attention(
-                        q, keys[:, :, :width], values[:, :, :width], attn_mask=attn_keep,
+                        q.transpose(1, 2), keys[:, :, :width], values[:, :, :width], attn_mask=attn_keep,
                         scale=self.scaling, enable_gqa=groups > 1,
-                    )
-                out = out.transpose(1, 2).reshape(batch, seq, q_size)
+                    ).transpose(1, 2).reshape(batch, seq, q_size)
                 hidden = hidden + self._norm(layer.self_attn.o_proj(out), layer.input_layernorm_2.weight)
                 gate_up = F.linear(self._norm(hidden, layer.post_attention_layernorm.weight), wgu)
                 gate, up = gate_up.chunk(2, dim=-1)
