@@ -166,6 +166,23 @@ def report(runs: list[Run], args) -> str:
     return "\n".join(lines)
 
 
+def matmul_scaling(hidden: int = 512, out: int = 3072, rows=(1, 3, 5, 9, 64), seconds: float = 0.3) -> str:
+    """Time of one [M, hidden] x [hidden, out] linear (the large model's fused q|k|v) vs M. A verification
+    pass multiplies M by k+1; it is cheap only where this time barely grows with M (memory/overhead bound)."""
+    weight = torch.randn(out, hidden)
+    cells = []
+    for m in rows:
+        x = torch.randn(m, hidden)
+        for _ in range(5):
+            torch.nn.functional.linear(x, weight)
+        iters, start = 0, time.process_time()
+        while time.process_time() - start < seconds:
+            torch.nn.functional.linear(x, weight)
+            iters += 1
+        cells.append(f"M={m}: {(time.process_time() - start) / iters * 1e6:.0f} us")
+    return f"linear [M, {hidden}] x [{hidden}, {out}] CPU time: " + ", ".join(cells)
+
+
 def main(argv: list[str] | None = None) -> str:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="tiny,large", help="comma list of tiny, distilled, large")
@@ -177,7 +194,7 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    text = report(bench(args), args)
+    text = report(bench(args), args) + "\n\n" + matmul_scaling()
     print(text)
     return text
 
