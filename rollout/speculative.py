@@ -181,7 +181,8 @@ def speculative_decode(worker, prompts: list[list[int]], params: SamplingParams,
 
     token, logprob = sample_next(logits, temperature, top_k, top_p, generator)
     commit(token.unsqueeze(1), logprob.unsqueeze(1), torch.ones_like(emitted))
-    rounds = verify_rows = drafted = accepted_total = emitted_total = 0
+    rounds = verify_rows = 0
+    accepted_total = torch.zeros((), dtype=torch.long, device=device)  # on device: no extra host sync per round
     while True:
         live = int((~done).sum())
         if live == 0:
@@ -234,19 +235,17 @@ def speculative_decode(worker, prompts: list[list[int]], params: SamplingParams,
         block_logprobs = (scaled.gather(-1, block.unsqueeze(-1)) - log_norm).squeeze(-1)
         count = torch.where(done, 0, accepted + 1)
 
-        live_accepted = int(accepted[~done].sum())
         rounds += 1
         verify_rows += live
-        drafted += live * k
-        accepted_total += live_accepted
-        emitted_total += live_accepted + live
+        accepted_total += accepted.masked_fill(done, 0).sum()
         commit(block, block_logprobs, count)
 
     step.release()
     del cache
+    accepted_total, drafted = int(accepted_total), verify_rows * k
     stats = {
         "accept_rate": accepted_total / drafted if drafted else 0.0,
-        "tokens_per_verify": emitted_total / verify_rows if verify_rows else 0.0,
+        "tokens_per_verify": (accepted_total + verify_rows) / verify_rows if verify_rows else 0.0,
         "verify_passes": float(rounds),
         "verify_rows": float(verify_rows),
         "drafted": float(drafted),
