@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from rl.modeling import OuroConfig, OuroForCausalLM
+from looped import OuroConfig, OuroForCausalLM
 
 CONFIGS = {
     # name: (config kwargs, batch, seq_len)

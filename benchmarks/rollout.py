@@ -60,7 +60,7 @@ def stop_ids_for(vocab: int) -> list[int]:
 
 
 def build_model(size: Size):
-    from rl.modeling import OuroConfig, OuroForCausalLM
+    from looped import OuroConfig, OuroForCausalLM
 
     torch.manual_seed(0)
     config = OuroConfig(

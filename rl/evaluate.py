@@ -280,7 +280,7 @@ def evaluate_exit_threshold(model, tokenizer, dataset, exit_threshold: float, ma
     import torch
 
     import rewards
-    from rl.modeling.modeling_ouro import threshold_exit_index
+    from looped.modeling_ouro import threshold_exit_index
 
     if not hasattr(model.config, "total_ut_steps"):
         raise ValueError(f"--exit_threshold needs a looped (Ouro) model with an exit gate, got "

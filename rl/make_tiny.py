@@ -31,7 +31,7 @@ from transformers import PreTrainedTokenizerFast
 from rl import arith
 from rl.data import EMBEDDED_MODEL
 from rl.evaluate import encode_prompts
-from rl.modeling import OuroConfig, OuroForCausalLM
+from looped import OuroConfig, OuroForCausalLM
 
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 CHARS = ["\n"] + [chr(c) for c in range(32, 127)]  # newline + printable ASCII

@@ -32,7 +32,7 @@ import torch
 
 from rl.config import ConfigError, TrainConfig, help_text, load_config, save_config, validate
 from rl.losses import loss_normaliser, token_logprobs
-from rl.modeling.hf_compat import enable_activation_checkpointing
+from looped.hf_compat import enable_activation_checkpointing
 
 LOG_PREFIX = "looprl train:"
 # Below this many parameters, CPU matmuls are too small for intra-op threads to pay; on a busy
