@@ -85,7 +85,8 @@ def evaluate(model_dir: str, limit: int, thresholds=THRESHOLDS, max_new_tokens: 
     """Fixed-depth accuracy, early-exit accuracy vs mean depth, and exit alignment of one model."""
     import rewards
     from rl.data import load_prompts
-    from rl.evaluate import encode_prompts, evaluate_depths
+    from rl.evaluate import evaluate_depths
+    from rl.prompts import encode_prompts
     from rl.self_distill import early_exit_generate
 
     model, tokenizer = load(model_dir)

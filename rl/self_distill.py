@@ -22,14 +22,15 @@ Variants: `top_k` (the teacher keeps its k most likely tokens plus one tail buck
 of the mass; the student is compared on the same k+1 bins) and `variant="mse"` (LoopFormer-style
 mean squared error between normed hidden states, stop-gradient on the deep state).
 
-The trainer's flat config keys are defined and validated here (`SELF_DISTILL_DEFAULTS`,
-`validate_self_distill`); rl/config.py only has to carry them.
+The trainer's flat config keys are defined and validated here (`SelfDistillConfig` holds the defaults,
+`SELF_DISTILL_DEFAULTS` maps them to the flat key names, `validate_self_distill` checks them);
+rl/config.py only carries them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -38,17 +39,6 @@ from torch.utils.checkpoint import checkpoint
 WEIGHTINGS = ("uniform", "linear")
 VARIANTS = ("kl", "mse")
 DEFAULT_CHUNK_SIZE = 1024
-
-# Flat trainer config keys -> defaults. `self_distill_coef` 0 turns the loss off (metrics still run).
-SELF_DISTILL_DEFAULTS: dict[str, object] = {
-    "self_distill_coef": 0.0,
-    "self_distill_exits": None,  # None / "default" -> 2..T-1; or a list like [2, 3] / "2,3" / "all"
-    "self_distill_weighting": "linear",  # "uniform" | "linear" (w_t proportional to t)
-    "self_distill_temperature": 1.0,
-    "self_distill_top_k": 0,  # 0 = full-vocabulary teacher
-    "self_distill_variant": "kl",  # "kl" | "mse" (hidden-state MSE)
-    "self_distill_chunk_size": DEFAULT_CHUNK_SIZE,
-}
 
 
 @dataclass
@@ -74,6 +64,12 @@ class SelfDistillConfig:
             temperature=self.temperature, top_k=self.top_k or None, chunk_size=self.chunk_size,
             variant=self.variant, normalizer=normalizer,
         )
+
+
+# Flat trainer config keys -> defaults, derived from SelfDistillConfig (the one declaration; rl/config.py's
+# self_distill_* keys take their defaults from here). `self_distill_coef` 0 turns the loss off.
+SELF_DISTILL_DEFAULTS: dict[str, object] = {
+    f"self_distill_{f.name}": f.default for f in fields(SelfDistillConfig)}
 
 
 def _parse_exits(value, key: str = "self_distill_exits") -> list[int] | str | None:

@@ -28,9 +28,9 @@ from collections.abc import Sequence
 
 import torch
 
-from rollout.base import Rollout, SamplingParams, as_id_list, checkpoint_name
 from looped.facts import is_looped, max_depth
 from looped.fast_decode import OuroDecodeStep
+from rollout.base import Rollout, SamplingParams, as_id_list, checkpoint_name
 from rollout.sampling import sample_next
 
 
@@ -123,6 +123,13 @@ class TorchRolloutWorker:
         missing = [name for name, _ in self.model.named_parameters() if name not in seen]
         if missing:
             raise ValueError(f"sync_weights: source model lacks parameters {missing[:5]} (of {len(missing)})")
+
+    # ------------------------------------------------------------------ lifecycle
+    def sleep(self, level: int = 1) -> None:
+        """Nothing to release: the worker holds no memory between generate() calls (the model is the trainer's)."""
+
+    def wake_up(self) -> None:
+        """Nothing to restore (see sleep)."""
 
     # ------------------------------------------------------------------ generation
     def generate(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams) -> Rollout:

@@ -7,7 +7,8 @@ import torch
 
 from rl.advantages import group_advantages, zero_std_groups
 from rl.dynamic_sampling import Group, collect_groups
-from rl.losses import loss_normaliser, policy_loss, token_logprobs, truncated_is_weights
+from rl.losses import loss_normaliser, token_logprobs, truncated_is_weights
+from rl.objective import policy_loss
 
 # two sequences: 2 and 3 completion tokens (padded to 3), advantages +2 and -1
 MASK = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
