@@ -309,3 +309,19 @@ def test_truncation_and_sampling_distribution():
     torch.testing.assert_close(logprobs, probs.log()[tokens])  # untruncated, not renormalised
     tokens, _ = sample_next(logits.expand(4, -1), 0.0)
     assert tokens.tolist() == [0, 0, 0, 0]
+
+
+def test_make_worker_builds_the_torch_engine_used_by_train_and_eval():
+    from rollout import RolloutWorker, get_engine, make_worker
+
+    model = tiny_ouro()
+    worker = make_worker("torch", depth=2, model=model)
+    assert isinstance(worker, RolloutWorker) and isinstance(worker, TorchRolloutWorker) and worker.depth == 2
+    assert get_engine("torch").exact_logprobs and not get_engine("vllm").exact_logprobs
+    worker.sleep(level=1)  # the lifecycle the trainer drives: no-ops for the torch engine
+    worker.wake_up()
+    worker.sync_weights(model)
+    params = SamplingParams(max_new_tokens=3, temperature=0, stop_token_ids=[])
+    assert worker.generate(PROMPTS, params).completion_ids == hf_greedy(model, PROMPTS, 3, 2, None)
+    with pytest.raises(ValueError, match="engine"):
+        make_worker("sglang", depth=1, model=model)
