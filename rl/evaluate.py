@@ -26,11 +26,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.console import Console
+from rich.table import Table
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import rewards
 from looped.facts import is_looped, max_depth
 from looped.modeling_ouro import threshold_exit_index
 from rewards import extract_answer, score_completions
+from rl.data import EMBEDDED_MODEL, load_prompts
 from rl.prompts import encode_prompts
 from rollout import SamplingParams, make_worker
 
@@ -143,8 +148,6 @@ def _batches(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
 
 
 def _progress(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, desc=desc, unit="sample", disable=not enabled, leave=False, dynamic_ncols=True)
 
 
@@ -324,9 +327,6 @@ def evaluate_exit_threshold(model, tokenizer, dataset, exit_threshold: float, ma
 
 def print_table(report: Mapping[str, Any], file=None) -> None:
     """Rich table: one row per depth (and one for the exit-gate mode)."""
-    from rich.console import Console
-    from rich.table import Table
-
     rows = dict(report.get("depths", {}))
     if "exit_threshold" in report:
         rows[f"exit q={report['exit_threshold']['exit_threshold']}"] = report["exit_threshold"]
@@ -393,10 +393,6 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _load_tokenizer_and_config(path: str):
-    from transformers import AutoConfig, AutoTokenizer
-
-    import rl  # noqa: F401  (registers the Ouro architecture with the Auto classes)
-
     if not Path(path).is_dir():
         raise ValueError(f"--model {path}: not a directory")
     if not (Path(path) / "config.json").is_file():
@@ -405,8 +401,6 @@ def _load_tokenizer_and_config(path: str):
 
 
 def _load_model(path: str, device: str):
-    from transformers import AutoModelForCausalLM
-
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
     return model.eval()
@@ -425,8 +419,6 @@ def _vllm_factory(model_path: str, tokenizer, max_model_len: int, seed: int,
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     try:
-        from rl.data import EMBEDDED_MODEL, load_prompts
-
         model_path = str(args.model or EMBEDDED_MODEL)
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         temperature = args.temperature if args.temperature is not None else (0.0 if args.n == 1 else 1.0)

@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from looped.facts import max_depth
+
 WEIGHTINGS = ("uniform", "linear")
 VARIANTS = ("kl", "mse")
 DEFAULT_CHUNK_SIZE = 1024
@@ -365,7 +367,7 @@ def early_exit_generate(
     """
     if rule not in EXIT_RULES:
         raise ValueError(f"early exit rule {rule!r} is not one of {EXIT_RULES}")
-    depth = int(depth or model.config.total_ut_steps)
+    depth = int(depth or max_depth(model))
     device = next(model.parameters()).device
     pad = pad_token_id if pad_token_id is not None else (eos_token_id if eos_token_id is not None else 0)
     width = max(len(p) for p in prompt_ids)

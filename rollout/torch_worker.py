@@ -30,6 +30,7 @@ import torch
 
 from looped.facts import is_looped, max_depth
 from looped.fast_decode import OuroDecodeStep
+from looped.hf_compat import StaticCache
 from rollout.base import Rollout, SamplingParams, as_id_list, checkpoint_name
 from rollout.sampling import sample_next
 
@@ -172,8 +173,6 @@ class TorchRolloutWorker:
     def _new_cache(self, batch_size: int, max_len: int, device: torch.device):
         if self.looped:
             return self.model.make_static_cache(batch_size, max_len, depth=self.depth, device=device)
-        from transformers import StaticCache
-
         return StaticCache(config=self.model.config, max_cache_len=max_len)
 
     def _forward(self, input_ids, attention_mask, position_ids, cache, start: int):
