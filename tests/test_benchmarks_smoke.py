@@ -36,7 +36,10 @@ def test_rollout_benchmark(capsys):
 
 
 @pytest.mark.slow
-def test_trainer_vs_trl_benchmark(capsys):
+def test_trainer_vs_trl_benchmark(capsys, monkeypatch):
+    from rewards import registry
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # its reward stays out of the others'
     code = load("trainer_vs_trl").main(["--steps", "2", "--repeats", "1", "--prompts", "2", "--group", "2",
                                         "--max-new-tokens", "4", "--hidden", "64", "--layers", "1"])
     assert code == 0
