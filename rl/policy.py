@@ -146,6 +146,12 @@ class Policy:
         self.module = accelerator.unwrap_model(self.model)  # the bare model: rollout worker, lm_head, saving
 
     @property
+    def objective_uses_exits(self) -> bool:
+        """The objective has a term over the exits of a looped model (self-distillation; the multi-exit
+        policy term joins here), so every update forward returns the per-loop hidden states."""
+        return self.looped and self.sd.enabled
+
+    @property
     def lr(self) -> float:
         """The rate the next optimizer update uses."""
         return self.scheduler.get_last_lr()[0]
@@ -235,7 +241,7 @@ class Policy:
         cfg = self.cfg
         batch = self._collate(micro.rows, [old[id(s)] for s in micro.rows] if old is not None else None)
         measure = not micro.dummy
-        want_exits = self.looped and (self.sd.enabled or (micro.exit_metrics and measure))
+        want_exits = self.objective_uses_exits or (self.looped and micro.exit_metrics and measure)
         logp, entropy, out = self.logprobs(batch, output_exits=want_exits, with_entropy=micro.first_pass)
         if old is None:  # a single update: this forward is the policy that sampled
             old_lp = logp.detach()
