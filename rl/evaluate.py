@@ -33,10 +33,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import rewards
 from looped.facts import is_looped, max_depth
-from looped.modeling_ouro import threshold_exit_index
 from rewards import extract_answer, score_completions
 from rl.data import EMBEDDED_MODEL, load_prompts
 from rl.prompts import encode_prompts
+from rl.self_distill import early_exit_generate
 from rollout import SamplingParams, make_worker
 
 # ----------------------------------------------------------------------------- estimators
@@ -250,12 +250,10 @@ def evaluate_exit_threshold(model, tokenizer, dataset, exit_threshold: float, ma
                             reward_fn: str | Callable = "math_accuracy", batch_size: int = 16,
                             progress: bool = False) -> dict[str, Any]:
     """Greedy decoding with the model's exit gate: each token is read from the first loop whose
-    cumulative exit probability reaches q (HF generate with `exit_threshold=q`).
+    cumulative exit probability reaches q (`early_exit_generate(rule="gate")`, the same rule as the
+    model's own `generate(exit_threshold=q)`).
 
-    Reports accuracy, lengths and `depth_mean`, the mean loop count the gate picked per generated
-    token. The Ouro forward runs every loop even when it reads an earlier exit (so the cache stays
-    complete), hence one teacher-forced forward over the finished sequences reproduces the gate's
-    per-token choices exactly; that is how the depths are recovered.
+    Reports accuracy, lengths and `depth_mean`, the mean loop count the gate picked per generated token.
     """
     if not is_looped(model):
         raise ValueError(f"--exit_threshold needs a looped (Ouro) model with an exit gate, got "
@@ -267,7 +265,6 @@ def evaluate_exit_threshold(model, tokenizer, dataset, exit_threshold: float, ma
     prompt_ids = encode_prompts(tokenizer, prompts)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     pad = eos if pad is None else pad
-    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     scores: list[float | None] = []
@@ -278,32 +275,14 @@ def evaluate_exit_threshold(model, tokenizer, dataset, exit_threshold: float, ma
     start = time.perf_counter()
     try:
         for idx in _batches(range(len(prompts)), batch_size):
-            batch = [prompt_ids[i] for i in idx]
-            width = max(len(p) for p in batch)
-            input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=device)
-            attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
-            with torch.no_grad():
-                sequences = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False,
-                                           max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad,
-                                           exit_threshold=exit_threshold)
-            completions = []
-            for seq in sequences[:, width:].tolist():
-                stopped = eos is not None and eos in seq  # generate pads finished rows after their EOS
-                completions.append(seq[: seq.index(eos) + 1] if stopped else seq)
-                truncated.append(not stopped)
-                lengths.append(len(completions[-1]))
-            # Re-read the gate: token j of a completion was predicted at position width - 1 + j.
-            new_len = max(len(c) for c in completions)
-            if new_len:
-                full_mask = torch.cat([attention_mask, torch.tensor(
-                    [[1] * len(c) + [0] * (new_len - len(c)) for c in completions], device=device)], dim=1)
-                with torch.no_grad():
-                    out = model(input_ids=sequences[:, : width + new_len], attention_mask=full_mask,
-                                use_cache=False, output_exits=True)
-                chosen = threshold_exit_index(out.exit_probs[:, width - 1: width - 1 + new_len], exit_threshold)
-                for row, c in zip((chosen + 1).tolist(), completions):
-                    depth_sum += sum(row[: len(c)])
-                    depth_count += len(c)
+            completions, depths = early_exit_generate(
+                model, [prompt_ids[i] for i in idx], threshold=exit_threshold, rule="gate",
+                max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad)
+            for c, d in zip(completions, depths):
+                truncated.append(not (eos is not None and c and c[-1] == eos))
+                lengths.append(len(c))
+                depth_sum += sum(d)
+                depth_count += len(d)
             texts = [tokenizer.decode(c, skip_special_tokens=True) for c in completions]
             scores += score_completions(score_fn, [prompts[i] for i in idx], texts,
                                         columns={k: [v[i] for i in idx] for k, v in columns.items()},

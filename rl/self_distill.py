@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from looped.facts import max_depth
+from looped.modeling_ouro import threshold_exit_index
 
 WEIGHTINGS = ("uniform", "linear")
 VARIANTS = ("kl", "mse")
@@ -359,7 +360,8 @@ def early_exit_generate(
     """Greedy decoding where each token is read from the first exit that is confident enough.
 
     rule "maxprob": the first loop t whose max softmax probability is >= threshold (else loop T).
-    rule "gate": the first loop whose exit-gate CDF (model exit_probs) reaches threshold (Ouro's q).
+    rule "gate": the first loop whose exit-gate CDF (model exit_probs) reaches threshold (Ouro's q; q >= 1
+    always reads loop T), i.e. `looped.modeling_ouro.threshold_exit_index`, the rule of the model's generate.
     All T loops are computed for every token ("compute, then select", like Ouro's released code), so
     deeper KV slots of an early-exited token exist for later tokens; the token itself only depends on
     loops 1..t (loop t attends to loop-t keys only), so "depth used" counts the loops a true early-exit
@@ -386,10 +388,10 @@ def early_exit_generate(
         logits = torch.stack([model.lm_head(h[:, -1]).float() for h in out.exit_hidden_states], 1)  # [B,T,V]
         if rule == "maxprob":
             confident = logits.softmax(-1).amax(-1) >= threshold  # [B,T]
-        else:
-            confident = out.exit_probs[:, -1].float().cumsum(-1) >= threshold
-        confident[:, -1] = True
-        chosen = confident.int().argmax(-1)  # first confident exit (0-based)
+            confident[:, -1] = True
+            chosen = confident.int().argmax(-1)  # first confident exit (0-based)
+        else:  # the model's own exit-gate rule (what generate(exit_threshold=q) reads)
+            chosen = threshold_exit_index(out.exit_probs[:, -1], threshold)
         tokens = logits[torch.arange(batch, device=device), chosen].argmax(-1)
         for b in range(batch):
             if not done[b]:
