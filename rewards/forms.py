@@ -44,8 +44,8 @@ def matrix_cells(s: str) -> list[list[str]] | None:
 # ----------------------------------------------------------------------------------------- relations
 
 _RELATIONS = [(re.compile(p), r) for p, r in (
-    (r"\\geqslant|\\geq|\\ge(?![a-z])|>=|=>|≥", r" \\ge "),
-    (r"\\leqslant|\\leq|\\le(?![a-z])|<=|=<|≤", r" \\le "),
+    (r"\\geqslant|\\geq|\\ge(?![a-z])|>=|≥", r" \\ge "),
+    (r"\\leqslant|\\leq|\\le(?![a-z])|<=|≤", r" \\le "),
     (r"\\neq|\\ne(?![a-z])|!=|≠", r" \\neq "),
     (r"\\gt(?![a-z])", " > "),
     (r"\\lt(?![a-z])", " < "),
@@ -91,16 +91,24 @@ def is_variable(s: str) -> bool:
     return bool(_VARIABLE.fullmatch(s.strip()))
 
 
+_FUNCTION_VALUE = re.compile(r"[A-Za-z](?:_\{?\w+\}?)?\s*\([^()=]*\)")
+
+
+def is_name(s: str) -> bool:
+    """What a chain may start with: a variable (`x`) or a function value (`f(2)`, `P(A)`)."""
+    return is_variable(s) or bool(_FUNCTION_VALUE.fullmatch(s.strip()))
+
+
 def chain_members(s: str) -> list[str] | None:
     """Members of `x = 5+5+1 = 11` (None unless: two or more members, no relation or list, the first
-    member a variable or letter-free, the others letter-free). The last member is the value."""
+    member a name (`x`, `f(2)`) or letter-free, the others letter-free). The last member is the value."""
     if "=" not in s or has_relation(s) or len(_depth_split(s, ",")) > 1 or ";" in s:
         return None
     members = [m.strip() for m in s.split("=")]
     if len(members) < 2 or not all(members):
         return None
     first, rest = members[0], members[1:]
-    if not (is_variable(first) or not _has_letters(first)) or any(_has_letters(m) for m in rest):
+    if not (is_name(first) or not _has_letters(first)) or any(_has_letters(m) for m in rest):
         return None
     return members
 
@@ -132,12 +140,43 @@ def assignment_list_values(s: str) -> str | None:
 _AND = re.compile(r"\s*(?<![A-Za-z\\])(?:and|or)(?![A-Za-z])\s*")
 
 
+def assignment_point(s: str) -> str | None:
+    """`x=2, y=3` -> `(2, 3)`: distinct single-letter variables, written in alphabetical order (the
+    order an ordered-pair gold uses); None otherwise, so `y=2, x=3` is never read as (2, 3)."""
+    members = [m.strip() for m in _depth_split(s, ",")]
+    if len(members) < 2 or has_relation(s):
+        return None
+    names, values = [], []
+    for member in members:
+        lhs, sep, rhs = member.partition("=")
+        if not sep or "=" in rhs or not re.fullmatch(r"\s*[A-Za-z]\s*", lhs) or not rhs.strip():
+            return None
+        names.append(lhs.strip())
+        values.append(rhs.strip())
+    if len(set(names)) != len(names) or names != sorted(names):
+        return None
+    return "(" + ", ".join(values) + ")"
+
+
 def and_to_comma(s: str) -> str:
     """`a and b`, `x = 3 or x = -3` -> a list `a, b` (the `\\text{}` around the word is already gone),
     only in math-looking answers; a list never matches a single gold answer."""
     if not re.search(r"(?<![A-Za-z\\])(?:and|or)(?![A-Za-z])", s) or not re.search(r"[\d=\\]", s):
         return s
     return _AND.sub(", ", s).strip(" ,")
+
+
+def _is_set(s: str) -> bool:
+    return s.startswith("\\{") and s.endswith("\\}")
+
+
+def _is_bracketed_pair(s: str) -> bool:
+    return s[:1] in "([" and s[-1:] in ")]" and len(_depth_split(s[1:-1], ",")) > 1
+
+
+def set_vs_tuple(p: str, g: str) -> bool:
+    """One side a set `\\{..\\}`, the other a tuple or interval `(..)` / `[..]`: never equal."""
+    return (_is_set(p) and _is_bracketed_pair(g)) or (_is_set(g) and _is_bracketed_pair(p))
 
 
 def top_level_items(s: str) -> list[str]:

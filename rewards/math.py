@@ -245,7 +245,8 @@ def _strip_text_commands(s: str) -> str:
             rest = _UNIT_POWER.sub("", s[end:]) if words else s[end:]
             s = s[: match.start()] + " " + rest
         else:
-            s = s[: match.start()] + inner + s[end:]
+            pad = " " if inner.lower() in ("and", "or") else ""  # `x=1\\text{or}x=2`: keep the word apart
+            s = s[: match.start()] + pad + inner + pad + s[end:]
     return s
 
 
@@ -379,7 +380,7 @@ def _compare_chain(members: list[str], g: str, policy: Policy) -> tuple[bool | N
     """`x = 5+5+1 = 11` against `11`: the last member is the value; every plain-number member must
     agree with it (a wrong step in the chain is not an answer). Undecided when a member needs sympy."""
     g_value = parse_literal(g)
-    numbers = [(m, parse_literal(m)) for m in members if not forms.is_variable(m)]
+    numbers = [(m, parse_literal(m)) for m in members if not forms.is_name(m)]
     known = [(m, v) for m, v in numbers if v is not None]
     if len({v for _, v in known}) > 1:
         return False, "the members of the chained equality differ"
@@ -394,6 +395,8 @@ def _compare_chain(members: list[str], g: str, policy: Policy) -> tuple[bool | N
 def _forms(pred: str, gold: str) -> tuple[str, str]:
     """Normalised pair; an assignment is kept (`y = ...`) when the other side is an equation."""
     p, g = normalize_answer(pred), normalize_answer(gold)
+    if "=" in p and "=" not in g and g.startswith("(") and (point := forms.assignment_point(p)) is not None:
+        return point, g  # `x=2, y=3` against the ordered pair `(2, 3)`
     if ("=" in p) != ("=" in g) and not forms.has_relation(p + g):
         if "=" in p and forms.chain_members(p) is None:
             g = normalize_answer(gold, keep_assignment=True)
@@ -417,6 +420,10 @@ def compare_forms(pred: str, gold: str, policy: Policy) -> tuple[bool | None, st
         return False, f"different units ({', '.join(sorted(p_units))} vs {', '.join(sorted(g_units))})", p, g
     if p == g:
         return True, "identical after normalisation", p, g
+    if forms.set_vs_tuple(p, g):  # math-verify calls {2, 3} and (2, 3) equal
+        return False, "a set is not a tuple or an interval", p, g
+    if g[:1] == "(" and "," in p and forms.assignment_list_values(normalize_answer(pred, keep_assignment=True)):
+        return False, "values of one unknown (x=2, x=3) are not an ordered pair or interval", p, g
     if policy.decimal_comma:
         p = forms.decimal_comma_to_point(p)
     if _CHOICE.fullmatch(g):
@@ -436,7 +443,7 @@ def compare_forms(pred: str, gold: str, policy: Policy) -> tuple[bool | None, st
         return (*_literal_equal(p, g, p_value, g_value, policy), p, g)
     if (matrices := _compare_matrices(p, g, policy)) is not None:
         return (*matrices, p, g)
-    if "," not in g and not forms.has_relation(g) and len(forms.top_level_items(p)) > 1:
+    if "," not in g and "\\pm" not in g and not forms.has_relation(g) and len(forms.top_level_items(p)) > 1:
         return False, "several answers for a single gold answer", p, g
     reason = _several_candidates(p)
     if reason and not _several_candidates(g) and "," not in g:  # a listed gold makes `3 and 5` fair

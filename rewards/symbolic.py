@@ -140,7 +140,7 @@ def symbolic_equal(pred: str, gold: str, numeric_precision: int | None = None) -
     if members is None:
         return _equal(pred, gold, numeric_precision)
     for member in members:
-        if forms.is_variable(member):
+        if forms.is_name(member):
             continue
         equal, reason = _equal(member, gold, numeric_precision)
         if not equal:
