@@ -69,7 +69,6 @@ def has_relation(s: str) -> bool:
 # ------------------------------------------------------------------------ chains, lists, assignments
 
 _VARIABLE = re.compile(r"[A-Za-z](?:_\{?\w+\}?)?|\\[a-zA-Z]+(?:_\{?\w+\}?)?")
-_TOP_LEVEL_SEPARATORS = re.compile(r"[,;]")
 
 
 def _depth_split(s: str, sep: str) -> list[str]:
@@ -205,14 +204,16 @@ _UNIT_WRAPPED = re.compile(r"\\(?:text|textnormal|textrm|textup|mathrm|mbox|oper
 
 @functools.lru_cache(maxsize=65536)
 def unit_signature(answer: str) -> frozenset[str]:
-    """Units of measure written in an answer (`5\\text{ cm}^2` -> {cm}, `30^\\circ` -> {deg}); counting
+    """Units of measure written in an answer (`5\\text{ cm}^2` -> {cm}, `30^\\circ` -> {deg}, `\\$5` -> {$}); counting
     words (`ways`, `units`, `square`) carry no magnitude and are ignored. Used to reject `5 km` for
     `5 m` although both normalise to `5`."""
-    if not re.search(r"[A-Za-z°]|\\circ", answer):
+    if not re.search(r"[A-Za-z°$]|\\circ", answer):
         return frozenset()
     found = set()
     if re.search(r"\\circ|°|\\degree", answer):
         found.add("deg")
+    if "\\$" in answer:
+        found.add("$")
     texts = _UNIT_WRAPPED.findall(answer)
     bare = _UNIT_WRAPPED.sub(" ", answer)
     # bare trailing words only (`5 cm`); a single letter inside math is a variable, not a unit

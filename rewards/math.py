@@ -12,7 +12,11 @@ Two halves, on purpose:
 Policy (documented choices, each covered by a test): `%`, degrees, `\\text{}` units and thousands
 separators are dropped; `34.0 == 34`; `0.5 == \\frac12`; a decimal never equals an irrational value
 (`3.14159 != \\pi`); several candidate answers (`3 or 4`, `3, 4`, two numbers side by side) never match
-a single gold answer; a partially parsed answer is not trusted.
+a single gold answer; a partially parsed answer is not trusted; a set never equals a tuple or an
+interval; units of different magnitude (`5 km` vs `5 m`) differ; in a chained equality (`x = 5+5+1 = 11`)
+every member must equal the gold answer. Options (`rewards.policy`, per reward function): exact
+(default) or rounded decimals, decimal commas, and the last-math fallback for responses without an
+`Answer:` line or a box.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ MAX_ANSWER_CHARS = 300  # longer "answers" are prose or garbage; MATH-500's long
 _ANCHOR = re.compile(r"(?<![A-Za-z])answer\s*(?:\*\*|__|\*)?\s*[:：]", re.IGNORECASE)
 # "Answer $ 9 $", "Answer \\[ 9 \\]", "the answer is $9$." (no colon): only when the math is all that follows
 _BARE_ANCHOR = re.compile(r"(?<![A-Za-z])answer\s*(?:\*\*|__|\*)?\s*(?:is\s+)?(?=\$|\\\[|\\\()", re.IGNORECASE)
-_MATH_SPAN = re.compile(r"(?<!\\)\$\$(.+?)(?<!\\)\$\$|(?<!\\)\$(.+?)(?<!\\)\$|\\\[(.+?)\\\]|\\\((.+?)\\\)", re.DOTALL)
+_MATH_SPAN = re.compile(r"(?<!\\)\$\$(.+?)(?<!\\)\$\$|(?<!\\)\$([^$\n]+?)(?<!\\)\$|\\\[(.+?)\\\]|\\\((.+?)\\\)", re.DOTALL)
 _LINE_REST_EMPTY = re.compile(r"[\s.!*_]*(?:\n|$)")
 _BOX_START = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _MATH_DELIMS = re.compile(r"\\\$|\$\$|\$|\\\(|\\\)|\\\[|\\\]")

@@ -168,7 +168,7 @@ def test_normalisation_of_the_new_notations() -> None:
 def test_forms_helpers() -> None:
     assert forms.unit_signature("5\\text{ cm}^2") == {"cm"}
     assert forms.unit_signature("5 kilometres") == {"km"}
-    assert forms.unit_signature("30^\\circ") == {"deg"}
+    assert forms.unit_signature("30^\\circ") == {"deg"} and forms.unit_signature("\\$5") == {"$"}
     assert forms.unit_signature("5 ways") == frozenset() and forms.unit_signature("2x + 3") == frozenset()
     assert forms.chain_members("x = 5+5+1 = 11") == ["x", "5+5+1", "11"]
     assert forms.chain_members("x = 3, y = 4") is None and forms.chain_members("2x+4y-3=0") is None
