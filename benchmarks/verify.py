@@ -1,6 +1,6 @@
 """Completions verified per second: looprl's verifier (fast path + worker pool) vs inline vs plain math-verify.
 
-    python benchmarks/verify.py [--n 1000] [--batch 128] [--workers 2] [--seed 0] [--repeats 1]
+    python benchmarks/verify.py [--n 1000] [--batch 128] [--workers 2] [--seed 0] [--repeats 1] [--sets short,mixed]
 
 Two sets of `n` generated, realistic responses (a few lines of working, then a final answer in the
 formats models actually use: `Answer: 42`, `**Answer:** $42$`, `\\boxed{}`, `Answer: $42`, ...):
@@ -124,9 +124,13 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=1, help="best of R runs for the looprl rows")
+    parser.add_argument("--sets", default="short,mixed", help="comma-separated subset of short,mixed")
     args = parser.parse_args()
     if args.n < 1 or args.batch < 1 or args.workers < 1 or args.repeats < 1:
         parser.error("--n, --batch, --workers and --repeats must be >= 1")
+    chosen = [name.strip() for name in args.sets.split(",") if name.strip()]
+    if not chosen or set(chosen) - {"short", "mixed"}:
+        parser.error(f"--sets: choose from short, mixed; got {args.sets!r}")
 
     import rewards
     import rewards.math
@@ -143,6 +147,7 @@ def main() -> None:
 
     rng = random.Random(args.seed)
     sets = {"short (integer)": short_set(args.n, rng), "mixed (MATH-like)": mixed_set(args.n, rng)}
+    sets = {name: pairs for name, pairs in sets.items() if name.split()[0] in chosen}  # same items either way
     print(f"{'set':<18} {'method':<34} {'seconds':>8} {'cpu s':>7} {'items/s':>9} {'vs base':>8} {'accept':>7} "
           f"{'!=base':>7}")
     for name, pairs in sets.items():

@@ -43,8 +43,10 @@ MAX_ANSWER_CHARS = 300  # longer "answers" are prose or garbage; MATH-500's long
 # ----------------------------------------------------------------------------------------- extraction
 
 _ANCHOR = re.compile(r"(?<![A-Za-z])answer\s*(?:\*\*|__|\*)?\s*[:：]", re.IGNORECASE)
-# "Answer $ 9 $", "Answer \\[ 9 \\]", "the answer is $9$." (no colon): only when the math is all that follows
-_BARE_ANCHOR = re.compile(r"(?<![A-Za-z])answer\s*(?:\*\*|__|\*)?\s*(?:is\s+)?(?=\$|\\\[|\\\()", re.IGNORECASE)
+# Both kinds in one scan: group 1 set for `Answer:`; else a colon-less "Answer $ 9 $", "Answer \\[ 9 \\]",
+# "the answer is $9$." that counts only when the math is all that follows on its line
+_ANY_ANCHOR = re.compile(r"(?<![A-Za-z])answer\s*(?:\*\*|__|\*)?\s*(?:([:：])|(?:is\s+)?(?=\$|\\\[|\\\())",
+                         re.IGNORECASE)
 _MATH_SPAN = re.compile(r"(?<!\\)\$\$(.+?)(?<!\\)\$\$|(?<!\\)\$([^$\n]+?)(?<!\\)\$|\\\[(.+?)\\\]|\\\((.+?)\\\)", re.DOTALL)
 _LINE_REST_EMPTY = re.compile(r"[\s.!*_]*(?:\n|$)")
 _BOX_START = re.compile(r"\\(?:boxed|fbox)\s*\{")
@@ -165,12 +167,13 @@ def _clean_candidate(s: str) -> str:
 def _anchor_ends(text: str) -> list[int]:
     """Where the answer text starts after each `Answer:` (or a colon-less `Answer $..$` whose math is
     the rest of its line), in order."""
-    ends = [m.end() for m in _ANCHOR.finditer(text)]
-    for match in _BARE_ANCHOR.finditer(text):
-        span = _MATH_SPAN.match(text, match.end())
-        if span and _LINE_REST_EMPTY.match(text, span.end()):
+    ends = []
+    for match in _ANY_ANCHOR.finditer(text):
+        if match.group(1):
             ends.append(match.end())
-    return sorted(ends)
+        elif (span := _MATH_SPAN.match(text, match.end())) and _LINE_REST_EMPTY.match(text, span.end()):
+            ends.append(match.end())
+    return ends
 
 
 def _last_math(text: str) -> str | None:
@@ -233,6 +236,8 @@ _THOUSANDS = re.compile(r"^[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
 _ASSIGNMENT = re.compile(r"^\s*[A-Za-z](?:_\{?\w+\}?)?\s*=\s*([^=]+)$")
 _MEMBERSHIP = re.compile(r"^\s*[A-Za-z](?:_\{?\w+\}?)?\s*\\in\s+(.+)$")  # x \in [-2, 7]
 _COMMA_BANG = re.compile(r"(?<=\d),\s*\\!\s*(?=\d)")  # `32,\! 349`: LaTeX's thousands comma
+_PLAIN = re.compile(r"[+-]?[\d.]*")
+_PLAIN_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 _UNIT_POWER = re.compile(r"^\s*\^\s*\{?[23]\}?")
 
 
@@ -261,13 +266,17 @@ def normalize_answer(answer: str, keep_assignment: bool = False) -> str:
     the caller asks for when the other side is an equation such as `2x + 4y - 3 = 0`)."""
     if len(answer) > 4 * MAX_ANSWER_CHARS:  # garbage; rejected as too long by the caller anyway
         return answer.strip()
+    if _PLAIN_NUMBER.fullmatch(answer):  # most DAPO answers: nothing below would change them
+        return answer
     s = _unbox(answer.strip())
     s = _MATH_DELIMS.sub(lambda m: "" if m.group(0) == "\\$" else " ", s)
     s = s.replace("−", "-").replace("–", "-").replace("\u2009", "").replace("\u00a0", " ")
     s = re.sub(r"\\[dtc]frac", r"\\frac", s)
-    s = forms.canonical_matrices(s)  # before \\left / \\right go: `\\left[\\begin{array}..\\right]`
+    if "\\begin" in s:
+        s = forms.canonical_matrices(s)  # before \\left / \\right go: `\\left[\\begin{array}..\\right]`
     s = re.sub(r"\\(?:left|right|big|Big|bigg|Bigg)(?![A-Za-z])", "", s)
-    s = _COMMA_BANG.sub(",", s)
+    if "\\!" in s:
+        s = _COMMA_BANG.sub(",", s)
     s = re.sub(r"(?<=\d)(?:\\,|\{,\}|\\!)(?=\d{3})", "", s)  # 1\,000 and 1{,}000
     s = _SPACING.sub(" ", s)
     s = _DEGREES.sub("", s)
@@ -282,10 +291,11 @@ def normalize_answer(answer: str, keep_assignment: bool = False) -> str:
         s = s.replace(" ", "")
     if _THOUSANDS.match(s):
         s = s.replace(",", "")
-    s = forms.canonical_relations(forms.and_to_comma(s))
-    if (match := _MEMBERSHIP.match(s)) and not forms.has_relation(s):
-        s = match.group(1).strip()
-    if not keep_assignment:
+    if not _PLAIN.fullmatch(s):  # the new notations below never occur in a plain number
+        s = forms.canonical_relations(forms.and_to_comma(s))
+        if "\\in" in s and (match := _MEMBERSHIP.match(s)) and not forms.has_relation(s):
+            s = match.group(1).strip()
+    if not keep_assignment and "=" in s:
         if (match := _ASSIGNMENT.match(s)) and "\\" not in s[: s.index("=")]:
             s = match.group(1).strip()
         elif (values := forms.assignment_list_values(s)) is not None:
