@@ -83,7 +83,12 @@ def run_report(path: str, options: dict[str, Any], timeout: float | None) -> int
     policy = resolve(options.get("policy"), numeric_precision=options.get("numeric_precision", "preset"),
                      decimal_comma=options.get("decimal_comma"), fallback=options.get("fallback"), where="--report")
     rows = _read_jsonl(path, labelled=True)
-    texts = [completion_text(c) for c, *_ in rows]
+    texts = []
+    for completion, _, _, line, _ in rows:
+        try:
+            texts.append(completion_text(completion))
+        except ValueError as exc:
+            raise RewardCliError(f"{path}: line {line}: field 'completion': {exc}") from None
     golds = [g for _, g, *_ in rows]
     verdicts = verify_batch(texts, golds, timeout=timeout, policy=policy)
     families = [f for *_, f in rows]

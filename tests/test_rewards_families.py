@@ -221,6 +221,8 @@ def test_report_lists_false_positives_and_negatives_with_reasons(tmp_path, capsy
     ({"completion": "Answer: 4", "answer": "4", "expected": 2}, [], "line 2: field 'expected' must be true/false"),
     ({"completion": 4, "answer": "4", "expected": True}, [], "line 2: field 'completion' must be a string"),
     ({"completion": "Answer: 4", "expected": True}, [], "line 2: missing field 'answer'"),
+    ({"completion": [{"role": "assistant"}], "answer": "4", "expected": True}, [],
+     "line 2: field 'completion': completion must be a string or a list of chat messages"),
     ({"completion": "Answer: 4", "answer": "4", "expected": True}, ["--option", "policy=loose"],
      "--report: policy must be one of"),
     ({"completion": "Answer: 4", "answer": "4", "expected": True}, ["--option", "buffer_len=3"],
