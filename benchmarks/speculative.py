@@ -53,9 +53,8 @@ def load_models(names: list[str], distilled: str | None) -> dict[str, tuple[torc
     """name -> (model, tokenizer or None)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import rl  # noqa: F401  (registers the Ouro architecture with transformers)
+    from looped import OuroConfig, OuroForCausalLM  # also registers the Ouro architecture with transformers
     from rl.data import EMBEDDED_MODEL
-    from rl.modeling import OuroConfig, OuroForCausalLM
 
     models = {}
     for name in names:
@@ -83,7 +82,7 @@ def make_prompts(tokenizer, vocab: int, batch: int) -> tuple[list[list[int]], in
     num_prompts, n = max(1, batch // 8), min(batch, 8)
     if tokenizer is not None:
         from rl.data import load_prompts
-        from rl.evaluate import encode_prompts
+        from rl.prompts import encode_prompts
 
         data = load_prompts("arith", split="test", limit=num_prompts)
         return encode_prompts(tokenizer, list(data["prompt"])), n

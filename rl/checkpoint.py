@@ -64,10 +64,3 @@ def load_checkpoint(accelerator, path: str | Path) -> dict[str, Any]:
     accelerator.load_state(str(path))
     return json.loads((Path(path) / STATE_FILE).read_text())
 
-
-def prune_checkpoints(output_dir: str | Path, keep: int) -> None:
-    """Keep the newest `keep` complete checkpoints (0 = keep all). Main process only."""
-    if keep <= 0:
-        return
-    for _, path in list_checkpoints(output_dir)[:-keep]:
-        shutil.rmtree(path, ignore_errors=True)

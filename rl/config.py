@@ -7,6 +7,7 @@ a config file fails in a second instead of after the first rollout.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -16,9 +17,13 @@ from typing import Any
 
 import yaml
 
-LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "cispo")
+from rl.advantages import ADVANTAGES
+from rl.losses import LOSSES
+from rl.self_distill import SELF_DISTILL_DEFAULTS, validate_self_distill
+from rollout.engines import ENGINES
+from rollout.speculative import check_spec_keys
+
 SCALE_REWARDS = ("group", "batch", "none")
-ENGINES = ("torch", "vllm")
 SCHEDULERS = ("constant", "linear", "cosine")
 TIS_MODES = ("auto", "token", "off")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -29,102 +34,121 @@ class ConfigError(ValueError):
     """A user mistake in the configuration; the message names the key."""
 
 
+def option(default: Any, help: str) -> Any:
+    """A config field with its help text (shown by `looprl train --help`, TRL's `metadata={"help": ...}`)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class TrainConfig:
     """Every knob of `looprl train`. The defaults are the embedded job (tiny looped model on `arith`)."""
 
     # --- model and depth: ONE depth drives rollout and update ---
-    model: str = "embedded"  # HF model dir / hub id, or "embedded" (the shipped tiny looped model)
-    depth: int | None = 4  # loops for rollout AND update; None = the model's total_ut_steps; 1 for HF LMs
-    update_depth: int | None = None  # experiment only: needs allow_depth_mismatch
-    allow_depth_mismatch: bool = False
-    engine: str = "torch"  # torch | vllm
-    dtype: str = "float32"  # trainer weights (fp32 master weights recommended)
-    gradient_checkpointing: bool = False  # recompute activations in backward (long completions)
-    vllm_dtype: str = "bfloat16"  # rollout engine weights (vllm only)
-    vllm_gpu_memory_utilization: float = 0.5
-    vllm_tensor_parallel_size: int = 1
-    vllm_max_model_len: int | None = None  # None = max_prompt_length + max_new_tokens
+    model: str = option("embedded", "HF model dir / hub id, or 'embedded' (the shipped tiny looped model)")
+    depth: int | None = option(4, "loops per token for rollout AND update (4 = the embedded model's T); "
+                                  "None = the loaded model's T (1 for a standard LM)")
+    update_depth: int | None = option(None, "experiment only: update at another depth (needs allow_depth_mismatch)")
+    allow_depth_mismatch: bool = option(False, "allow update_depth != depth (the update then scores another policy)")
+    engine: str = option("torch", "rollout engine: torch | vllm (rollout/engines.py registry)")
+    dtype: str = option("float32", "trainer weights: float32 | bfloat16 | float16 (fp32 master weights recommended)")
+    gradient_checkpointing: bool = option(False, "recompute activations in backward (long completions)")
+    vllm_dtype: str = option("bfloat16", "rollout engine weights (vllm only)")
+    vllm_gpu_memory_utilization: float = option(0.5, "fraction of GPU memory vLLM may take (vllm only)")
+    vllm_tensor_parallel_size: int = option(1, "GPUs per vLLM engine (vllm only)")
+    vllm_max_model_len: int | None = option(None, "vLLM context length; None = max_prompt_length + max_new_tokens")
 
     # --- data ---
-    data: str = "arith"  # a name known to rl.data.load_prompts or a local file
-    data_split: str = "train"
-    data_limit: int | None = None
-    max_prompt_length: int = 2048  # longer prompts are left-truncated (with a warning)
+    data: str = option("arith", "training prompts: a name known to rl.data.load_prompts or a local file")
+    data_split: str = option("train", "split of `data`")
+    data_limit: int | None = option(None, "use only the first N prompts; None = all")
+    max_prompt_length: int = option(2048, "longer prompts are left-truncated (with a warning)")
 
     # --- rewards: weighted list of registry names ("pkg.mod:fn" also works) ---
-    rewards: list[str] = field(default_factory=lambda: ["dapo_math"])
-    reward_weights: list[float] | None = None  # None = all 1.0
-    reward_kwargs: dict[str, Any] = field(default_factory=dict)  # {fn_name: {option: value}}
-    accuracy_reward: str = "math_accuracy"  # 1/0 function whose mean is logged as `accuracy`
+    rewards: list[str] = option(["dapo_math"], "reward functions: registry names or 'pkg.module:function'")
+    reward_weights: list[float] | None = option(None, "one weight per reward function; None = all 1.0")
+    reward_kwargs: dict[str, Any] = option({}, "options per reward function: {fn_name: {option: value}}")
+    accuracy_reward: str = option("math_accuracy", "1/0 reward function whose mean is logged as `accuracy`")
 
     # --- sampling ---
-    num_generations: int = 8  # n samples per prompt (the GRPO group)
-    max_new_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    rollout_draft_depth: int = 0  # self-speculative rollouts (torch engine): draft at this depth, verify at depth; 0 = off
-    rollout_num_draft: int = 0  # tokens drafted per verification; 0 = off (rollout/speculative.py)
+    num_generations: int = option(8, "samples per prompt (the GRPO group)")
+    max_new_tokens: int = option(16, "completion length limit (longer ones are truncated)")
+    temperature: float = option(1.0, "sampling temperature (the update scores at the same temperature)")
+    top_p: float = option(1.0, "nucleus sampling; 1.0 = off")
+    top_k: int = option(0, "top-k sampling; 0 = off")
+    rollout_draft_depth: int = option(0, "self-speculative rollouts (torch engine): draft with the exit after this "
+                                         "many loops, verify at depth; same distribution, other speed; 0 = off")
+    rollout_num_draft: int = option(0, "tokens drafted per verification pass (rollout/speculative.py); 0 = off")
 
     # --- algorithm ---
-    loss_type: str = "dapo"
-    eps_low: float = 0.2
-    eps_high: float = 0.28
-    cispo_cap: float = 5.0  # upper truncation of the CISPO importance weight
-    beta: float = 0.0  # KL to a frozen reference (k3 estimator); 0 = no reference model loaded
-    num_iterations: int = 1  # passes over each step's batch
-    scale_rewards: str = "group"
-    dynamic_sampling: bool = True
-    max_rounds: int = 4  # rollout rounds per step when refilling dropped groups
-    mask_truncated: bool = False  # overlong filtering: no loss on completions cut at max_new_tokens
-    overlong_buffer_len: int = 0  # >0 adds DAPO's soft overlong penalty over the last N tokens
-    overlong_penalty: float = 1.0
-    tis_mode: str = "auto"  # truncated IS on rollout-vs-update logprobs: auto = on for vllm only
-    tis_cap: float = 2.0
+    loss_type: str = option("dapo", "policy loss, a rl/losses.py registry name: grpo | dapo | dr_grpo | cispo")
+    advantage_estimator: str = option("grpo", "advantages, a rl/advantages.py registry name: grpo (group-relative)")
+    eps_low: float = option(0.2, "lower clip range of the importance ratio (1 - eps_low)")
+    eps_high: float = option(0.28, "upper clip range of the importance ratio (1 + eps_high; DAPO's clip-higher)")
+    cispo_cap: float = option(5.0, "upper truncation of the CISPO importance weight")
+    beta: float = option(0.0, "KL to a frozen reference (k3 estimator); 0 = no reference model loaded")
+    num_iterations: int = option(1, "passes over each step's batch")
+    scale_rewards: str = option("group", "advantage scaling: group (std per group) | batch | none (Dr. GRPO)")
+    dynamic_sampling: bool = option(True, "DAPO: drop groups whose rewards are all equal and sample more")
+    max_rounds: int = option(4, "rollout rounds per step when refilling dropped groups")
+    mask_truncated: bool = option(False, "overlong filtering: no loss on completions cut at max_new_tokens")
+    overlong_buffer_len: int = option(0, ">0 adds DAPO's soft overlong penalty over the last N tokens")
+    overlong_penalty: float = option(1.0, "size of the soft overlong penalty at max_new_tokens")
+    tis_mode: str = option("auto", "truncated IS on rollout-vs-update logprobs: auto (engines without exact "
+                                "logprobs, i.e. vllm) | token | off")
+    tis_cap: float = option(2.0, "upper truncation of the TIS weight")
 
-    # --- self-distillation of shallow exits (rl/self_distill.py) ---
-    self_distill_coef: float = 0.0
-    self_distill_exits: list[int] | str | None = None  # None = 2..T-1; "all" = 1..T-1
-    self_distill_weighting: str = "linear"  # uniform | linear (w_t proportional to t)
-    self_distill_temperature: float = 1.0
-    self_distill_top_k: int = 0  # 0 = full-vocabulary teacher
-    self_distill_variant: str = "kl"  # kl | mse (hidden states)
-    self_distill_chunk_size: int = 1024
+    # --- self-distillation of shallow exits (rl/self_distill.py owns the defaults and the rules) ---
+    self_distill_coef: float = option(SELF_DISTILL_DEFAULTS["self_distill_coef"],
+                                   "weight of the self-distillation loss; 0 = off")
+    self_distill_exits: list[int] | str | None = option(SELF_DISTILL_DEFAULTS["self_distill_exits"],
+                                                     "exits distilled toward exit T: None = 2..T-1, 'all' = 1..T-1, "
+                                                     "or a list")
+    self_distill_weighting: str = option(SELF_DISTILL_DEFAULTS["self_distill_weighting"],
+                                      "weights over the exits: uniform | linear (w_t proportional to t)")
+    self_distill_temperature: float = option(SELF_DISTILL_DEFAULTS["self_distill_temperature"],
+                                          "softmax temperature of teacher and students")
+    self_distill_top_k: int = option(SELF_DISTILL_DEFAULTS["self_distill_top_k"],
+                                  "teacher's top-k tokens plus a tail bucket; 0 = full vocabulary")
+    self_distill_variant: str = option(SELF_DISTILL_DEFAULTS["self_distill_variant"],
+                                    "kl (on logits) | mse (on hidden states)")
+    self_distill_chunk_size: int = option(SELF_DISTILL_DEFAULTS["self_distill_chunk_size"],
+                                       "tokens per checkpointed chunk of the vocabulary-sized logits")
 
     # --- optimisation ---
-    lr: float = 5e-4  # tuned for the embedded 120k-parameter model; ~1e-6 for Ouro-1.4B
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.99
-    warmup_steps: int = 0
-    lr_scheduler: str = "constant"
-    max_grad_norm: float = 1.0
+    lr: float = option(5e-4, "learning rate; tuned for the embedded 120k-parameter model (~1e-6 for Ouro-1.4B)")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    adam_beta1: float = option(0.9, "AdamW beta1")
+    adam_beta2: float = option(0.99, "AdamW beta2")
+    warmup_steps: int = option(0, "steps of linear learning-rate warmup")
+    lr_scheduler: str = option("constant", "constant | linear | cosine (after warmup)")
+    max_grad_norm: float = option(1.0, "gradient clipping; 0 = off")
 
     # --- batch sizes (in samples = completions) ---
-    max_steps: int = 300
-    prompts_per_step: int = 32
-    mini_batch_size: int = 0  # samples per optimizer update; 0 = the whole step's batch (one update)
-    micro_batch_size: int = 256  # samples per forward/backward on one process
+    max_steps: int = option(300, "training steps")
+    prompts_per_step: int = option(32, "prompts (groups) per step, after dynamic sampling")
+    mini_batch_size: int = option(0, "samples per optimizer update; 0 = the whole step's batch (one update)")
+    micro_batch_size: int = option(256, "samples per forward/backward on one process")
 
     # --- run ---
-    seed: int = 0
-    torch_threads: int = 0  # CPU threads for torch; 0 = auto (1 for a tiny model on CPU, else torch's default)
-    output_dir: str = "runs/default"
-    save_every: int = 0  # 0 = only at the end / on interrupt
-    resume: bool = False
-    report_to: str = "none"
-    log_samples: int = 4  # rows per step in samples.jsonl
-    max_nan_steps: int = 3  # consecutive non-finite losses before aborting
-    mismatch_warn: float = 1e-2  # warn loudly when mismatch/logp_abs_max exceeds this
-    progress: bool = True
+    seed: int = option(0, "seed of everything random (rollouts, data order, init)")
+    torch_threads: int = option(0, "CPU threads for torch; 0 = auto (1 for a tiny model on CPU, else torch's default)")
+    output_dir: str = option("runs/default", "run directory: config.yaml, metrics.jsonl, checkpoints/, final/")
+    save_every: int = option(0, "checkpoint every N steps; 0 = only at the end / on interrupt")
+    resume: bool = option(False, "continue from the newest complete checkpoint in output_dir")
+    report_to: str = option("none", "tracker: none | tensorboard | wandb")
+    log_samples: int = option(4, "rows per step in samples.jsonl")
+    max_nan_steps: int = option(3, "consecutive non-finite losses before aborting")
+    mismatch_warn: float = option(1e-2, "warn loudly when mismatch/logp_abs_max exceeds this")
+    progress: bool = option(True, "show the progress bar")
 
     # --- eval during training (rl/evaluate.py) ---
-    eval_every: int = 50  # greedy accuracy on eval_data at each depth, logged as eval/accuracy_d{t}
-    eval_data: str | None = "arith"  # its "test" split
-    eval_depths: list[int] | None = None  # None = every depth 1..depth
-    eval_limit: int | None = 200
-    eval_max_new_tokens: int | None = None  # None = max_new_tokens
+    eval_every: int = option(50, "greedy accuracy on eval_data at each depth every N steps (eval/accuracy_d{t}); 0 = off")
+    eval_data: str | None = option("arith", "eval prompts (its 'test' split)")
+    eval_depths: list[int] | None = option(None, "depths to evaluate; None = every depth 1..depth")
+    eval_limit: int | None = option(200, "evaluate only the first N prompts")
+    eval_max_new_tokens: int | None = option(None, "completion length limit in eval; None = max_new_tokens")
 
     @property
     def samples_per_step(self) -> int:
@@ -136,6 +160,16 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def engine_options(self) -> dict[str, Any]:
+        """Keyword options of `rollout.make_worker` for this config's engine (beyond model, depth, tokens)."""
+        if self.engine == "vllm":
+            return {"dtype": self.vllm_dtype, "seed": self.seed,
+                    "gpu_memory_utilization": self.vllm_gpu_memory_utilization,
+                    "tensor_parallel_size": self.vllm_tensor_parallel_size,
+                    "max_model_len": self.vllm_max_model_len or self.max_prompt_length + self.max_new_tokens,
+                    "enable_sleep_mode": True}
+        return {}
 
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -241,13 +275,11 @@ def _positive(cfg: TrainConfig, *keys: str, allow_zero: bool = False) -> None:
 
 def validate(cfg: TrainConfig, max_depth: int | None = None, num_processes: int = 1) -> TrainConfig:
     """Raise ConfigError naming the key for anything that cannot run. `max_depth` = the model's loops."""
-    _choice(cfg, "vllm_dtype", DTYPES)
-    for key in ("engine", "dtype", "loss_type", "scale_rewards", "lr_scheduler", "tis_mode", "report_to"):
-        _choice(cfg, key, {"engine": ENGINES, "dtype": DTYPES, "loss_type": LOSS_TYPES,
-                           "scale_rewards": SCALE_REWARDS, "lr_scheduler": SCHEDULERS, "tis_mode": TIS_MODES,
-                           "report_to": REPORT_TO}[key])
-    from rl.self_distill import validate_self_distill
-
+    choices = {"vllm_dtype": DTYPES, "engine": tuple(ENGINES), "dtype": DTYPES, "loss_type": tuple(LOSSES),
+               "advantage_estimator": tuple(ADVANTAGES), "scale_rewards": SCALE_REWARDS,
+               "lr_scheduler": SCHEDULERS, "tis_mode": TIS_MODES, "report_to": REPORT_TO}
+    for name, allowed in choices.items():
+        _choice(cfg, name, allowed)
     try:  # the self-distillation module owns its keys' rules
         validate_self_distill(cfg, depth=cfg.depth if cfg.self_distill_coef > 0 else None)
     except ValueError as e:
@@ -260,11 +292,6 @@ def validate(cfg: TrainConfig, max_depth: int | None = None, num_processes: int 
               "eps_low", "eps_high", "overlong_penalty", allow_zero=True)
     if not 0.0 < cfg.top_p <= 1.0:
         raise ConfigError(f"config key 'top_p': must be in (0, 1], got {cfg.top_p}")
-    try:  # speculative rollouts: same distribution, only speed changes
-        from rollout.speculative import check_spec_keys
-        check_spec_keys(cfg.rollout_draft_depth, cfg.rollout_num_draft, cfg.depth or max_depth, cfg.engine)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
     if cfg.eps_low >= 1.0:
         raise ConfigError(f"config key 'eps_low': must be < 1, got {cfg.eps_low}")
     if cfg.overlong_buffer_len >= cfg.max_new_tokens:
@@ -282,6 +309,10 @@ def validate(cfg: TrainConfig, max_depth: int | None = None, num_processes: int 
         raise ConfigError(
             f"config key 'update_depth': {cfg.update_depth} differs from depth {cfg.depth}; the update must "
             "score at the rollout depth (set allow_depth_mismatch: true only for experiments)")
+    try:  # speculative rollouts: the rollout module owns the keys' rules
+        check_spec_keys(cfg.rollout_draft_depth, cfg.rollout_num_draft, cfg.depth or max_depth, cfg.engine)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
     # rewards
     if not cfg.rewards:
@@ -392,8 +423,11 @@ def save_config(cfg: TrainConfig, path: str | Path) -> None:
 
 
 def help_text() -> str:
-    lines = ["usage: looprl train [--config FILE] [--key value ...]", "", "keys (default):"]
-    lines += [f"  --{name} ({_fmt_default(f)})" for name, f in FIELDS.items()]
+    """`looprl train --help`: every key with its default and help text, in declaration order."""
+    lines = ["usage: looprl train [--config FILE] [--key value ...]", "", "keys (default): help"]
+    for name, f in FIELDS.items():
+        lines.append(f"  --{name} ({_fmt_default(f)})")
+        lines.append(f"      {f.metadata.get('help', '')}")
     return "\n".join(lines)
 
 

@@ -21,7 +21,7 @@ from rollout import SamplingParams, SpecConfig, TorchRolloutWorker
 from rollout import speculative as spec_module
 from rollout.sampling import race_draw, sampling_probs, scale_logits
 
-modeling = pytest.importorskip("rl.modeling")
+modeling = pytest.importorskip("looped")
 EOS, PAD, DEPTH = 5, 0, 4
 
 

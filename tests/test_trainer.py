@@ -51,7 +51,7 @@ def _tokenizer():
 def tiny(tmp_path_factory):
     """A 1-layer, 3-loop random Ouro model + char tokenizer + a reward module on sys.path."""
     import rl  # noqa: F401
-    from rl.modeling import OuroConfig, OuroForCausalLM
+    from looped import OuroConfig, OuroForCausalLM
 
     root = tmp_path_factory.mktemp("tiny")
     tok = _tokenizer()
