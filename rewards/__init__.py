@@ -12,7 +12,7 @@ Built-ins: dapo_math (+1/-1), math_accuracy (1/0), overlong_penalty (DAPO soft p
 from rewards import builtin  # noqa: F401  (registers the built-in reward functions)
 from rewards.builtin import completion_text
 from rewards.math import configure, counters, explain, extract_answer, is_equivalent, pop_counters, shutdown
-from rewards.registry import UnknownRewardError, available, call, get, register
+from rewards.registry import UnknownRewardError, available, call, get, register, reward_name
 
-__all__ = ["get", "call", "register", "available", "UnknownRewardError", "completion_text", "extract_answer",
+__all__ = ["get", "call", "register", "reward_name", "available", "UnknownRewardError", "completion_text", "extract_answer",
            "is_equivalent", "explain", "counters", "pop_counters", "configure", "shutdown"]

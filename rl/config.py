@@ -23,6 +23,7 @@ SCHEDULERS = ("constant", "linear", "cosine")
 TIS_MODES = ("auto", "token", "off")
 DTYPES = ("float32", "bfloat16", "float16")
 REPORT_TO = ("none", "tensorboard", "wandb")
+REWARD_ON_ERROR = ("raise", "zero", "skip_group")
 
 
 class ConfigError(ValueError):
@@ -57,6 +58,13 @@ class TrainConfig:
     reward_weights: list[float] | None = None  # None = all 1.0
     reward_kwargs: dict[str, Any] = field(default_factory=dict)  # {fn_name: {option: value}}
     accuracy_reward: str = "math_accuracy"  # 1/0 function whose mean is logged as `accuracy`
+    reward_on_error: str = field(default="raise", metadata={"help": (
+        "a reward function that raises, times out or returns NaN/inf/non-numbers/the wrong count: "
+        "raise = stop with one line naming it; zero = score those samples 0 and warn; "
+        "skip_group = drop their groups from the step and warn")})
+    reward_timeout: float | None = field(default=None, metadata={"help": (
+        "seconds one reward-function call may take (then reward_on_error applies); the call runs in a "
+        "worker thread so a hung function cannot hang the run. None = no limit, called on the main thread")})
 
     # --- sampling ---
     num_generations: int = 8  # n samples per prompt (the GRPO group)
@@ -111,6 +119,9 @@ class TrainConfig:
     output_dir: str = "runs/default"
     save_every: int = 0  # 0 = only at the end / on interrupt
     resume: bool = False
+    overwrite: bool = field(default=False, metadata={"help": (
+        "replace the run already in output_dir (its metrics, checkpoints and final/); without it or "
+        "--resume a used output_dir is refused")})
     report_to: str = "none"
     log_samples: int = 4  # rows per step in samples.jsonl
     max_nan_steps: int = 3  # consecutive non-finite losses before aborting
@@ -240,10 +251,11 @@ def _positive(cfg: TrainConfig, *keys: str, allow_zero: bool = False) -> None:
 def validate(cfg: TrainConfig, max_depth: int | None = None, num_processes: int = 1) -> TrainConfig:
     """Raise ConfigError naming the key for anything that cannot run. `max_depth` = the model's loops."""
     _choice(cfg, "vllm_dtype", DTYPES)
-    for key in ("engine", "dtype", "loss_type", "scale_rewards", "lr_scheduler", "tis_mode", "report_to"):
+    for key in ("engine", "dtype", "loss_type", "scale_rewards", "lr_scheduler", "tis_mode", "report_to",
+                "reward_on_error"):
         _choice(cfg, key, {"engine": ENGINES, "dtype": DTYPES, "loss_type": LOSS_TYPES,
                            "scale_rewards": SCALE_REWARDS, "lr_scheduler": SCHEDULERS, "tis_mode": TIS_MODES,
-                           "report_to": REPORT_TO}[key])
+                           "report_to": REPORT_TO, "reward_on_error": REWARD_ON_ERROR}[key])
     from rl.self_distill import validate_self_distill
 
     try:  # the self-distillation module owns its keys' rules
@@ -252,7 +264,10 @@ def validate(cfg: TrainConfig, max_depth: int | None = None, num_processes: int 
         raise ConfigError(str(e)) from None
     _positive(cfg, "num_generations", "max_new_tokens", "max_prompt_length", "vllm_tensor_parallel_size", "temperature", "num_iterations", "max_rounds",
               "lr", "max_steps", "prompts_per_step", "micro_batch_size", "max_nan_steps", "cispo_cap",
-              "tis_cap")
+              "tis_cap", "reward_timeout")
+    if cfg.num_generations < 2:  # every loss here is group-relative: a group of one has zero advantage
+        raise ConfigError(f"config key 'num_generations': {cfg.num_generations} trains nothing with "
+                          f"loss_type {cfg.loss_type!r} (advantages are relative to the group); use >= 2")
     _positive(cfg, "beta", "warmup_steps", "save_every", "eval_every", "overlong_buffer_len", "weight_decay",
               "max_grad_norm", "log_samples", "torch_threads", "mini_batch_size", "top_k",
               "eps_low", "eps_high", "overlong_penalty", allow_zero=True)

@@ -99,6 +99,7 @@ class Sample:
     correct: float | None
     text: str
     advantage: float = 0.0
+    skip: bool = False  # a reward function failed on it and reward_on_error is skip_group
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -203,6 +204,9 @@ class Trainer:
         )
         acc = self.accelerator
         self.rank, self.world = acc.process_index, acc.num_processes
+        from rl.run_dir import prepare_output_dir
+
+        prepare_output_dir(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite)  # before any loading
 
         # --- facts of the model that validation needs, before loading weights ---
         self.model_path = _resolve_model_path(cfg.model)
@@ -286,10 +290,14 @@ class Trainer:
         self._prompt_cache: dict[int, list[int]] = {}
         self._warned_long = False
         self.reward_fns = self._build_rewards(rewards)
+        from rewards.guard import RewardGuard
+
+        self.reward_guard = RewardGuard(cfg.reward_on_error, cfg.reward_timeout, warn=log)
         self.accuracy_fn = None
         if cfg.accuracy_reward:
             names = [name for name, _, _ in self.reward_fns]
-            self.accuracy_fn = None if cfg.accuracy_reward in names else rewards.get(cfg.accuracy_reward)
+            self.accuracy_fn = None if isinstance(cfg.accuracy_reward, str) and cfg.accuracy_reward in names \
+                else rewards.get(cfg.accuracy_reward)  # a callable (Python API) is called as is
 
         self.step = 0
         self.nan_streak = 0
@@ -314,7 +322,7 @@ class Trainer:
                 fn = rewards_mod.get(name, **opts)
             except (KeyError, ValueError, ImportError, AttributeError) as e:
                 raise ConfigError(f"config key 'rewards': {e}") from None
-            fns.append((name.split(":")[-1], fn, float(weight)))
+            fns.append((rewards_mod.reward_name(name), fn, float(weight)))
         return fns
 
     def _prompt_ids(self, index: int) -> list[int]:
@@ -349,11 +357,14 @@ class Trainer:
         # TRL's convention: by keyword (rewards.call), chat prompts get assistant-message completions
         completions = [[{"role": "assistant", "content": t}] if isinstance(p, list) else t
                        for p, t in zip(prompts, texts)]
-        per_fn = {name: rewards.call(fn, prompts, completions, **kwargs) for name, fn, _ in self.reward_fns}
+        # every user function goes through the guard: checked scores, reward_on_error, reward_timeout
+        per_fn, skip = self.reward_guard.score_all([(name, fn) for name, fn, _ in self.reward_fns], prompts,
+                                                   completions, **kwargs)
         if self.accuracy_fn is not None:
-            correct = rewards.call(self.accuracy_fn, prompts, completions, **kwargs)
+            correct, _ = self.reward_guard.score(rewards.reward_name(cfg.accuracy_reward), self.accuracy_fn,
+                                                 prompts, completions, **kwargs)
         elif cfg.accuracy_reward:
-            correct = per_fn[cfg.accuracy_reward.split(":")[-1]]
+            correct = per_fn[rewards.reward_name(cfg.accuracy_reward)]
         else:
             correct = [None] * len(texts)
         samples = []
@@ -365,7 +376,7 @@ class Trainer:
                 prompt_index=indices[j // n], prompt_ids=list(rollout.prompt_ids[j]),
                 completion_ids=list(rollout.completion_ids[j]), rollout_logprobs=list(rollout.logprobs[j]),
                 truncated=truncated[j], reward=total, fn_rewards=fn_r,
-                correct=None if correct[j] is None else float(correct[j]), text=texts[j]))
+                correct=None if correct[j] is None else float(correct[j]), text=texts[j], skip=skip[j]))
         return samples, time.perf_counter() - start
 
     def _sample_round(self, round_: int, want: int, timers: dict[str, float]):
@@ -389,6 +400,7 @@ class Trainer:
         timers["reward"] += t_reward
         groups = [Group(rewards=[s.reward for s in samples[g * n:(g + 1) * n]], data=samples[g * n:(g + 1) * n])
                   for g in range(len(local))]
+        groups = [g for g in groups if not any(s.skip for s in g.data)]  # reward_on_error: skip_group
         if self.world > 1:
             groups = gather_object(groups)
         return groups
@@ -663,6 +675,7 @@ class Trainer:
         metrics: dict[str, float] = {}
         metrics.update(self._reward_metrics(every))
         metrics.update(self._reward_counters())
+        metrics.update(self.reward_guard.pop_counters())
         metrics.update({
             "groups/zero_std_frac": result.zero_std_first_round,
             "groups/zero_std_frac_all": result.zero_std_all,
@@ -729,15 +742,17 @@ class Trainer:
         return save_checkpoint(self.accelerator, self.cfg.output_dir, self.step, self._state())
 
     def _maybe_resume(self) -> int | None:
-        from rl.checkpoint import latest_checkpoint, load_checkpoint
+        from rl.checkpoint import load_latest_checkpoint
+        from rl.run_dir import check_resume_step
 
         if not self.cfg.resume:
             return None
-        path = latest_checkpoint(self.cfg.output_dir)
-        if path is None:
-            log(f"--resume: no complete checkpoint in {self.cfg.output_dir}/checkpoints; starting fresh")
+        found = load_latest_checkpoint(self.accelerator, self.cfg.output_dir, warn=log)
+        if found is None:
+            log(f"--resume: no checkpoint in {self.cfg.output_dir}/checkpoints; starting fresh")
             return None
-        state = load_checkpoint(self.accelerator, path)
+        path, state = found
+        check_resume_step(int(state["step"]), self.cfg.max_steps, path, log)
         self.step = int(state["step"])
         self.sampler.load_state_dict(state["sampler"])
         self.nan_streak = int(state.get("nan_streak", 0))
@@ -779,10 +794,16 @@ class Trainer:
         return {k: v for k, v in flat_metrics(results).items() if k.startswith("eval/accuracy_d")}
 
     def train(self) -> int:
+        from rewards.guard import RewardFunctionError, RewardInterrupted
         from rl.metrics import RunLogger, progress_bar
 
         cfg, acc = self.cfg, self.accelerator
         out = Path(cfg.output_dir)
+        if acc.is_main_process:  # the config is valid now: an --overwrite may remove the previous run
+            from rl.run_dir import prepare_output_dir
+
+            prepare_output_dir(out, resume=cfg.resume, overwrite=cfg.overwrite, clear=True)
+        acc.wait_for_everyone()
         resumed = self._maybe_resume()
         if acc.is_main_process:
             out.mkdir(parents=True, exist_ok=True)
@@ -803,7 +824,15 @@ class Trainer:
                 baseline = self._evaluate()
                 logger.log(0, {**baseline, "time/eval": time.perf_counter() - t0})
             while self.step < cfg.max_steps:
-                metrics = self.train_step()
+                at_start = self.sampler.state_dict()
+                try:
+                    metrics = self.train_step()
+                except RewardInterrupted:  # Ctrl-C inside a reward function: nothing of this step is kept
+                    self.sampler.load_state_dict(at_start)
+                    self.save()
+                    log(f"interrupted during the rewards of step {self.step + 1}: checkpoint written at step "
+                        f"{self.step}; continue with --resume")
+                    return 0
                 self.step += 1
                 self.nan_streak = self.nan_streak + 1 if metrics.get("updates/skipped", 0) else 0
                 if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.max_steps):
@@ -834,8 +863,10 @@ class Trainer:
             bar.close()
             if acc.is_main_process:
                 log(summarize(logger.metrics_path) + f"; final model in {out / 'final'}")
-        except StopTraining as e:
-            log(f"error: {e}")
+        except (StopTraining, RewardFunctionError, OSError) as e:  # OSError: a full disk (rl.run_dir)
+            from rl.run_dir import one_line
+
+            log(f"error: {one_line(e) if isinstance(e, OSError) else e}")
             code = 1
         finally:
             bar.close()
@@ -858,14 +889,15 @@ class Trainer:
         acc = self.accelerator
         acc.wait_for_everyone()
         final = Path(self.cfg.output_dir) / "final"
+        state_dict = acc.get_state_dict(self.model)  # collective under ZeRO-3
         if acc.is_main_process:
-            self.policy.save_pretrained(final, state_dict=acc.get_state_dict(self.model))
-            self.tokenizer.save_pretrained(final)
-        else:
-            acc.get_state_dict(self.model)  # collective under ZeRO-3
-        if self.cfg.save_every:
-            self.save()
+            from rl.run_dir import atomic_dir
+
+            with atomic_dir(final) as tmp:  # a full disk leaves the previous final/ (or none), never half
+                self.policy.save_pretrained(tmp, state_dict=state_dict)
+                self.tokenizer.save_pretrained(tmp)
         acc.wait_for_everyone()
+        self.save()  # always: --resume finds the end of the run (and can extend it with a larger max_steps)
 
 
 def summarize(metrics_path: str | Path, key: str = "accuracy") -> str:
@@ -902,12 +934,10 @@ def main(argv: list[str] | None = None) -> int:
             "-m rl train ...`.")
     try:
         cfg = load_config(argv)
-        trainer = Trainer(cfg)
-    except ConfigError as e:
+        return Trainer(cfg).train()
+    except ConfigError as e:  # includes run-directory and checkpoint problems (rl.run_dir, rl.checkpoint)
         print(f"{LOG_PREFIX} {e}", file=sys.stderr)
         return 2
-    try:
-        return trainer.train()
     finally:
         import torch.distributed as dist
 

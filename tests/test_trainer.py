@@ -171,8 +171,11 @@ def test_sigterm_checkpoints_and_exits_cleanly(tiny, tmp_path):
                  "--dynamic_sampling", "false")
     assert _train(args) == 0
     rows = _rows(out)
-    assert [r["step"] for r in rows] == [1, 2]  # the signal came during step 2: it finished, then stopped
-    assert (out / "checkpoints" / "step-2" / "trainer_state.json").is_file()
+    # the signal came inside step 2's reward function: it is abandoned at once (a hung reward function
+    # must not hold the run), step 2 is dropped and the checkpoint is the last finished step
+    assert [r["step"] for r in rows] == [1]
+    assert (out / "checkpoints" / "step-1" / "trainer_state.json").is_file()
+    assert not (out / "checkpoints" / "step-2").exists()
     assert not (out / "final").exists()
     assert signal.getsignal(signal.SIGTERM) is before  # the trainer's handler is uninstalled
 
