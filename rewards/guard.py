@@ -126,13 +126,15 @@ class RewardGuard:
     """Calls reward functions with checks, a policy and an optional per-call timeout (see module doc)."""
 
     def __init__(self, on_error: str = "raise", timeout: float | None = None, *,
-                 warn: Callable[[str], None] = _stderr, max_abandoned: int = 4) -> None:
+                 warn: Callable[[str], None] = _stderr, max_abandoned: int = 4,
+                 hint: str = "; set reward_on_error: zero or skip_group to continue past it") -> None:
         if on_error not in POLICIES:
             raise ValueError(f"reward_on_error must be one of {', '.join(POLICIES)}, got {on_error!r}")
         if timeout is not None and timeout <= 0:
             raise ValueError(f"reward_timeout must be > 0, got {timeout}")
         self.on_error, self.timeout, self.warn, self.max_abandoned = on_error, timeout, warn, max_abandoned
         self.abandoned = 0
+        self.hint = hint  # appended to a raised error: how to get past it (the trainer's policy key)
         self._counts = {"errors": 0, "bad_samples": 0, "skipped_samples": 0}
         self._warned: set[str] = set()
 
@@ -186,7 +188,7 @@ class RewardGuard:
     def _apply_policy(self, name: str, problem: str, scores: list[float | None],
                       bad: list[int]) -> tuple[list[float | None], list[int]]:
         if self.on_error == "raise":
-            raise RewardFunctionError(f"{problem}; set reward_on_error: zero or skip_group to continue past it")
+            raise RewardFunctionError(problem + self.hint)
         self._counts["errors"] += 1
         self._counts["bad_samples"] += len(bad)
         action = "scored 0" if self.on_error == "zero" else "their groups skipped"
@@ -240,6 +242,6 @@ class RewardGuard:
         """Counts since the last pop, keyed for logging; then reset."""
         out = {"rewards/fn_errors": float(self._counts["errors"]),
                "rewards/fn_bad_samples": float(self._counts["bad_samples"]),
-               "rewards/skipped_samples": float(self._counts["skipped_samples"])}
+               "rewards/skipped_samples": float(self._counts["skipped_samples"])}  # their groups are dropped
         self._counts = dict.fromkeys(self._counts, 0)
         return out

@@ -395,8 +395,17 @@ def load_config(argv: list[str] | None = None) -> TrainConfig:
     return validate(build_config(values))
 
 
+def _portable(value: Any) -> Any:
+    """A Python-API callable (a reward function) as the "module:name" string a YAML config would use."""
+    if callable(value):
+        return f"{getattr(value, '__module__', '?')}:{getattr(value, '__qualname__', repr(value))}"
+    if isinstance(value, list):
+        return [_portable(v) for v in value]
+    return value
+
+
 def save_config(cfg: TrainConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    Path(path).write_text(yaml.safe_dump({k: _portable(v) for k, v in cfg.to_dict().items()}, sort_keys=False))
 
 
 def help_text() -> str:

@@ -609,7 +609,7 @@ class Trainer:
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
         if not finite or not math.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
-            warnings.warn(f"step {self.step}: non-finite loss or gradient (grad_norm={grad_norm}); update skipped",
+            warnings.warn(f"step {self.step + 1}: non-finite loss or gradient (grad_norm={grad_norm}); update skipped",
                           RuntimeWarning, stacklevel=3)
             return None
         self.optimizer.step()
@@ -695,7 +695,7 @@ class Trainer:
             if cfg.engine != "torch":
                 self.worker.sync_weights(self.policy)
         else:
-            warnings.warn(f"step {self.step}: every group had equal rewards after {result.rounds} rounds; "
+            warnings.warn(f"step {self.step + 1}: every group had equal rewards after {result.rounds} rounds; "
                           "no update", RuntimeWarning, stacklevel=2)
         metrics["time/rollout"] = timers["rollout"]
         metrics["time/reward"] = timers["reward"]
