@@ -248,6 +248,15 @@ def _positive(cfg: TrainConfig, *keys: str, allow_zero: bool = False) -> None:
             raise ConfigError(f"config key {key!r}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
+def check_depths(where: str, depths: list[int], max_depth: int | None) -> None:
+    """Loop counts must lie in 1..the model's total_ut_steps (1 for a standard LM): train and eval alike."""
+    bad = [d for d in depths if d < 1 or (max_depth is not None and d > max_depth)]
+    if bad:
+        bound = f"1..{max_depth}" if max_depth is not None else ">= 1"
+        shown = bad[0] if len(depths) == 1 else bad
+        raise ConfigError(f"{where}: {shown} is out of range ({bound} for this model)")
+
+
 def validate(cfg: TrainConfig, max_depth: int | None = None, num_processes: int = 1) -> TrainConfig:
     """Raise ConfigError naming the key for anything that cannot run. `max_depth` = the model's loops."""
     _choice(cfg, "vllm_dtype", DTYPES)
@@ -283,9 +292,8 @@ def validate(cfg: TrainConfig, max_depth: int | None = None, num_processes: int 
     # depth: one number for rollout and update
     for key in ("depth", "update_depth"):
         value = getattr(cfg, key)
-        if value is not None and (value < 1 or (max_depth is not None and value > max_depth)):
-            bound = f"1..{max_depth}" if max_depth is not None else ">= 1"
-            raise ConfigError(f"config key {key!r}: {value} is out of range ({bound} for this model)")
+        if value is not None:
+            check_depths(f"config key {key!r}", [value], max_depth)
     if cfg.update_depth is not None and cfg.update_depth != cfg.depth and not cfg.allow_depth_mismatch:
         raise ConfigError(
             f"config key 'update_depth': {cfg.update_depth} differs from depth {cfg.depth}; the update must "

@@ -419,24 +419,19 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _load_tokenizer_and_config(path: str):
-    from transformers import AutoConfig, AutoTokenizer
+    from rl.model_io import load_model_config, load_tokenizer  # one-line errors, shared with train
 
-    import rl  # noqa: F401  (registers the Ouro architecture with the Auto classes)
-
-    if not Path(path).is_dir():
-        raise ValueError(f"--model {path}: not a directory")
-    if not (Path(path) / "config.json").is_file():
-        raise ValueError(f"--model {path}: no config.json (not a saved model directory)")
-    return AutoTokenizer.from_pretrained(path), AutoConfig.from_pretrained(path)
+    config = load_model_config(path, "--model")
+    return load_tokenizer(path, "--model"), config
 
 
 def _load_model(path: str, device: str):
     import torch
-    from transformers import AutoModelForCausalLM
+
+    from rl.model_io import load_model
 
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
-    return model.eval()
+    return load_model(path, "--model", dtype=dtype).to(device).eval()
 
 
 def _vllm_factory(model_path: str, tokenizer, max_model_len: int, seed: int,
@@ -455,6 +450,10 @@ def _vllm_factory(model_path: str, tokenizer, max_model_len: int, seed: int,
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     try:
+        if args.out:  # before minutes of generation, not after
+            from rl.run_dir import check_writable_file
+
+            check_writable_file(args.out, "--out")
         import torch
 
         from rl.data import EMBEDDED_MODEL, load_prompts
@@ -470,8 +469,11 @@ def main(argv: list[str] | None = None) -> int:
         dataset = load_prompts(args.data, split=args.split, limit=args.limit)
         tokenizer, config = _load_tokenizer_and_config(model_path)
         if args.depths:
+            from rl.config import check_depths
+
             depths = parse_depths(args.depths)
-        else:
+            check_depths("--depths", depths, int(getattr(config, "total_ut_steps", 1) or 1)
+                         if getattr(config, "model_type", "") == "ouro" else 1)  # the same rule as train
             depths = list(range(1, int(getattr(config, "total_ut_steps", 1) or 1) + 1))
         model, factory = None, None
         if args.engine == "vllm":

@@ -189,9 +189,10 @@ class Trainer:
     def __init__(self, cfg: TrainConfig):
         from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs, set_seed
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
         import rewards
+        from rl import model_io
         from rl.data import load_prompts
         from rl.self_distill import validate_self_distill
 
@@ -210,10 +211,7 @@ class Trainer:
 
         # --- facts of the model that validation needs, before loading weights ---
         self.model_path = _resolve_model_path(cfg.model)
-        try:
-            model_config = AutoConfig.from_pretrained(self.model_path)
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"config key 'model': cannot load {self.model_path!r} ({e})") from None
+        model_config = model_io.load_model_config(self.model_path, "config key 'model'")
         max_depth = _max_depth(model_config)
         if cfg.depth is None:
             cfg.depth = max_depth
@@ -224,8 +222,8 @@ class Trainer:
 
         set_seed(cfg.seed)
         dtype = getattr(torch, cfg.dtype)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype)
+        self.tokenizer = model_io.load_tokenizer(self.model_path, "config key 'model'")
+        model = model_io.load_model(self.model_path, "config key 'model'", dtype=dtype)
         model.to(acc.device)
         threads = cfg.torch_threads or (1 if acc.device.type == "cpu" and model.num_parameters() < TINY_PARAMS else 0)
         if threads:
@@ -279,12 +277,14 @@ class Trainer:
         self.use_tis = cfg.tis_mode == "token" or (cfg.tis_mode == "auto" and cfg.engine != "torch")
 
         # --- data and rewards ---
-        try:
+        key = "data"
+        try:  # rl.data.DataError names the file, row and field; the key says which of the two
             self.dataset = load_prompts(cfg.data, split=cfg.data_split, limit=cfg.data_limit)
+            key = "eval_data"
             self.eval_dataset = load_prompts(cfg.eval_data, split="test", limit=cfg.eval_limit) \
                 if cfg.eval_every else None
-        except ValueError as e:  # rl.data.DataError names the file, row and field
-            raise ConfigError(f"config key 'data' / 'eval_data': {e}") from None
+        except ValueError as e:
+            raise ConfigError(f"config key {key!r}: {e}") from None
         self.columns = [c for c in self.dataset.column_names if c != "prompt"]
         self.sampler = PromptSampler(len(self.dataset), cfg.seed)
         self._prompt_cache: dict[int, list[int]] = {}
@@ -891,11 +891,11 @@ class Trainer:
         final = Path(self.cfg.output_dir) / "final"
         state_dict = acc.get_state_dict(self.model)  # collective under ZeRO-3
         if acc.is_main_process:
+            from rl.model_io import save_portable
             from rl.run_dir import atomic_dir
 
             with atomic_dir(final) as tmp:  # a full disk leaves the previous final/ (or none), never half
-                self.policy.save_pretrained(tmp, state_dict=state_dict)
-                self.tokenizer.save_pretrained(tmp)
+                save_portable(self.policy, self.tokenizer, tmp, state_dict=state_dict)  # + model code, auto_map
         acc.wait_for_everyone()
         self.save()  # always: --resume finds the end of the run (and can extend it with a larger max_steps)
 
