@@ -184,6 +184,7 @@ def run_trainer_shape(repeats: int) -> None:
     """The default `looprl train` rollout: shipped tiny Ouro, arith prompts, 32 prompts x 8, 8 new tokens."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    import rl.modeling  # noqa: F401  (registers the Ouro classes with the Auto classes)
     from rl.data import EMBEDDED_MODEL, load_prompts
     from rollout import SamplingParams, TorchRolloutWorker
 

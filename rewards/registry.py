@@ -9,6 +9,8 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import os
+import sys
 from collections.abc import Callable
 
 RewardFn = Callable[..., list]
@@ -38,10 +40,19 @@ def available() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def _working_dir_importable() -> None:
+    """Make the current directory importable, as `python -m` does, so `rewards: [my_rewards:brevity]`
+    finds my_rewards.py next to the config without PYTHONPATH. Appended: installed modules still win."""
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.append(cwd)
+
+
 def _import(spec: str) -> RewardFn:
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise UnknownRewardError(f"reward {spec!r}: expected 'package.module:function'")
+    _working_dir_importable()
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:

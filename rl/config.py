@@ -38,23 +38,23 @@ class TrainConfig:
     model: str = "embedded"  # HF model dir / hub id, or "embedded" (the shipped tiny looped model)
     depth: int | None = 4  # loops for rollout AND update; None = the model's total_ut_steps; 1 for HF LMs
     update_depth: int | None = None  # experiment only: needs allow_depth_mismatch
-    allow_depth_mismatch: bool = False
+    allow_depth_mismatch: bool = False  # allow update_depth != depth (experiments only)
     engine: str = "torch"  # torch | vllm
     dtype: str = "float32"  # trainer weights (fp32 master weights recommended)
     gradient_checkpointing: bool = False  # recompute activations in backward (long completions)
     vllm_dtype: str = "bfloat16"  # rollout engine weights (vllm only)
-    vllm_gpu_memory_utilization: float = 0.5
-    vllm_tensor_parallel_size: int = 1
+    vllm_gpu_memory_utilization: float = 0.5  # fraction of GPU memory the vLLM engine may take (vllm only)
+    vllm_tensor_parallel_size: int = 1  # GPUs one vLLM engine spans (vllm only)
     vllm_max_model_len: int | None = None  # None = max_prompt_length + max_new_tokens
 
     # --- data ---
     data: str = "arith"  # a name known to rl.data.load_prompts or a local file
-    data_split: str = "train"
-    data_limit: int | None = None
+    data_split: str = "train"  # split of a hub dataset to train on
+    data_limit: int | None = None  # use only the first N training prompts (None = all)
     max_prompt_length: int = 2048  # longer prompts are left-truncated (with a warning)
 
     # --- rewards: weighted list of registry names ("pkg.mod:fn" also works) ---
-    rewards: list[str] = field(default_factory=lambda: ["dapo_math"])
+    rewards: list[str] = field(default_factory=lambda: ["dapo_math"])  # registered names, "pkg.module:function" (the working directory is importable) or, from Python, callables
     reward_weights: list[float] | None = None  # None = all 1.0
     reward_kwargs: dict[str, Any] = field(default_factory=dict)  # {fn_name: {option: value}}
     accuracy_reward: str = "math_accuracy"  # 1/0 function whose mean is logged as `accuracy`
@@ -68,71 +68,71 @@ class TrainConfig:
 
     # --- sampling ---
     num_generations: int = 8  # n samples per prompt (the GRPO group)
-    max_new_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
+    max_new_tokens: int = 16  # completion length limit (TRL: max_completion_length)
+    temperature: float = 1.0  # rollout sampling temperature (the update scores at the same temperature)
+    top_p: float = 1.0  # nucleus sampling mass (1.0 = off)
+    top_k: int = 0  # top-k sampling (0 = off)
 
     # --- algorithm ---
-    loss_type: str = "dapo"
-    eps_low: float = 0.2
-    eps_high: float = 0.28
+    loss_type: str = "dapo"  # grpo | dapo | dr_grpo | cispo
+    eps_low: float = 0.2  # lower clip of the importance ratio (TRL: epsilon)
+    eps_high: float = 0.28  # upper clip of the importance ratio (DAPO clip-higher; TRL: epsilon_high)
     cispo_cap: float = 5.0  # upper truncation of the CISPO importance weight
     beta: float = 0.0  # KL to a frozen reference (k3 estimator); 0 = no reference model loaded
     num_iterations: int = 1  # passes over each step's batch
-    scale_rewards: str = "group"
-    dynamic_sampling: bool = True
+    scale_rewards: str = "group"  # advantage scaling: group (GRPO) | batch | none (Dr. GRPO)
+    dynamic_sampling: bool = True  # drop zero-variance groups and sample more prompts (DAPO)
     max_rounds: int = 4  # rollout rounds per step when refilling dropped groups
     mask_truncated: bool = False  # overlong filtering: no loss on completions cut at max_new_tokens
     overlong_buffer_len: int = 0  # >0 adds DAPO's soft overlong penalty over the last N tokens
-    overlong_penalty: float = 1.0
+    overlong_penalty: float = 1.0  # size of DAPO's soft overlong penalty at the limit
     tis_mode: str = "auto"  # truncated IS on rollout-vs-update logprobs: auto = on for vllm only
-    tis_cap: float = 2.0
+    tis_cap: float = 2.0  # cap of the truncated importance weight
 
     # --- self-distillation of shallow exits (rl/self_distill.py) ---
-    self_distill_coef: float = 0.0
+    self_distill_coef: float = 0.0  # weight of the shallow-exit self-distillation loss (0 = off)
     self_distill_exits: list[int] | str | None = None  # None = 2..T-1; "all" = 1..T-1
     self_distill_weighting: str = "linear"  # uniform | linear (w_t proportional to t)
-    self_distill_temperature: float = 1.0
+    self_distill_temperature: float = 1.0  # softmax temperature of teacher and students
     self_distill_top_k: int = 0  # 0 = full-vocabulary teacher
     self_distill_variant: str = "kl"  # kl | mse (hidden states)
-    self_distill_chunk_size: int = 1024
+    self_distill_chunk_size: int = 1024  # tokens per chunk of the distillation loss (memory)
 
     # --- optimisation ---
     lr: float = 5e-4  # tuned for the embedded 120k-parameter model; ~1e-6 for Ouro-1.4B
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.99
-    warmup_steps: int = 0
-    lr_scheduler: str = "constant"
-    max_grad_norm: float = 1.0
+    weight_decay: float = 0.0  # AdamW weight decay
+    adam_beta1: float = 0.9  # AdamW beta1
+    adam_beta2: float = 0.99  # AdamW beta2
+    warmup_steps: int = 0  # steps of linear learning-rate warm-up
+    lr_scheduler: str = "constant"  # constant | linear | cosine (after warm-up; TRL: lr_scheduler_type)
+    max_grad_norm: float = 1.0  # gradient clipping norm
 
     # --- batch sizes (in samples = completions) ---
-    max_steps: int = 300
-    prompts_per_step: int = 32
+    max_steps: int = 300  # training steps (optimizer updates per step: num_iterations x mini-batches)
+    prompts_per_step: int = 32  # prompts per step, each sampled num_generations times
     mini_batch_size: int = 0  # samples per optimizer update; 0 = the whole step's batch (one update)
     micro_batch_size: int = 256  # samples per forward/backward on one process
 
     # --- run ---
-    seed: int = 0
+    seed: int = 0  # seeds sampling, data order and initialisation
     torch_threads: int = 0  # CPU threads for torch; 0 = auto (1 for a tiny model on CPU, else torch's default)
-    output_dir: str = "runs/default"
+    output_dir: str = "runs/default"  # run directory: metrics.jsonl, samples.jsonl, checkpoints/, final/
     save_every: int = 0  # 0 = only at the end / on interrupt
-    resume: bool = False
+    resume: bool = False  # continue the run in output_dir from its newest readable checkpoint
     overwrite: bool = field(default=False, metadata={"help": (
         "replace the run already in output_dir (its metrics, checkpoints and final/); without it or "
         "--resume a used output_dir is refused")})
-    report_to: str = "none"
+    report_to: str = "none"  # none | tensorboard | wandb (metrics.jsonl is always written)
     log_samples: int = 4  # rows per step in samples.jsonl
     max_nan_steps: int = 3  # consecutive non-finite losses before aborting
     mismatch_warn: float = 1e-2  # warn loudly when mismatch/logp_abs_max exceeds this
-    progress: bool = True
+    progress: bool = True  # show a progress bar
 
     # --- eval during training (rl/evaluate.py) ---
     eval_every: int = 50  # greedy accuracy on eval_data at each depth, logged as eval/accuracy_d{t}
     eval_data: str | None = "arith"  # its "test" split
     eval_depths: list[int] | None = None  # None = every depth 1..depth
-    eval_limit: int | None = 200
+    eval_limit: int | None = 200  # evaluate on the first N eval prompts
     eval_max_new_tokens: int | None = None  # None = max_new_tokens
 
     @property
@@ -220,6 +220,40 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             raise ConfigError(f"config key {key!r}: expected a string, got {value!r}")
         return value
     raise ConfigError(f"config key {key!r}: unsupported type {hint}")
+
+
+# TRL GRPOConfig names accepted for ours: same meaning, so a TRL config's keys carry over. Note that
+# TRL's `epsilon` sets only our lower clip (eps_low); the upper one is `epsilon_high` / eps_high.
+TRL_ALIASES = {
+    "learning_rate": "lr",
+    "max_completion_length": "max_new_tokens",
+    "epsilon": "eps_low",
+    "epsilon_high": "eps_high",
+    "mask_truncated_completions": "mask_truncated",
+    "lr_scheduler_type": "lr_scheduler",
+    "save_steps": "save_every",
+    "eval_steps": "eval_every",
+}
+# TRL names without an equivalent here: say what to use instead of guessing a close key name.
+TRL_NO_EQUIVALENT = {
+    "num_train_epochs": "looprl counts optimizer steps: set max_steps (each step samples prompts_per_step prompts)",
+    "per_device_train_batch_size": "set prompts_per_step (prompts per step); num_generations samples each",
+    "gradient_accumulation_steps": "mini_batch_size (samples per optimizer update) and micro_batch_size "
+                                   "(samples per forward/backward) split a step",
+    "use_vllm": "set engine: vllm",
+}
+
+
+def canonical_key(key: str, where: str, seen: dict[str, Any] | None = None) -> str:
+    """Our name for `key` (a TRL alias is mapped); unknown keys raise ConfigError naming the key.
+    `seen`: keys already given in the same place, to refuse a key given under both names."""
+    if key in TRL_NO_EQUIVALENT:
+        raise ConfigError(f"config key {key!r} (TRL) in {where} has no equivalent here: {TRL_NO_EQUIVALENT[key]}")
+    name = TRL_ALIASES.get(key, key)
+    _check_known(name, where)
+    if seen is not None and name in seen:
+        raise ConfigError(f"config key {name!r} given twice in {where} (once as {key!r}, TRL's name for it)")
+    return name
 
 
 def _check_known(key: str, where: str) -> None:
@@ -355,6 +389,7 @@ def _read_yaml(path: str) -> dict[str, Any]:
 def parse_overrides(argv: list[str]) -> tuple[str | None, dict[str, Any]]:
     """`[--config FILE] --key value --flag ...` -> (config file, {key: raw value}). A bare boolean flag = true."""
     config_file, raw, i = None, {}, 0
+    aliased: set[str] = set()  # our names given under their TRL alias
     while i < len(argv):
         arg = argv[i]
         if not arg.startswith("--"):
@@ -373,7 +408,12 @@ def parse_overrides(argv: list[str]) -> tuple[str | None, dict[str, Any]]:
                 raise ConfigError("--config needs a file path")
             config_file = value
             continue
-        _check_known(key, "command line")
+        name = canonical_key(key, "command line")
+        if (key in TRL_ALIASES and name in raw) or (key not in TRL_ALIASES and name in aliased):
+            raise ConfigError(f"config key {name!r} given twice on the command line (also as TRL's name)")
+        if key in TRL_ALIASES:
+            aliased.add(name)
+        key = name
         if value is None:
             if _HINTS[key] is not bool:
                 raise ConfigError(f"config key {key!r}: --{key} needs a value")
@@ -383,9 +423,9 @@ def parse_overrides(argv: list[str]) -> tuple[str | None, dict[str, Any]]:
 
 
 def build_config(values: dict[str, Any], where: str = "config") -> TrainConfig:
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
     for key, value in values.items():
-        _check_known(key, where)
+        key = canonical_key(key, where, kwargs)
         kwargs[key] = _coerce(key, value, _HINTS[key])
     return TrainConfig(**kwargs)
 
@@ -395,10 +435,9 @@ def load_config(argv: list[str] | None = None) -> TrainConfig:
     config_file, overrides = parse_overrides(list(argv or []))
     values: dict[str, Any] = {}
     if config_file:
-        file_values = _read_yaml(config_file)
-        for key in file_values:
-            _check_known(key, config_file)
-        values.update({k: _coerce(k, v, _HINTS[k]) for k, v in file_values.items()})
+        for key, value in _read_yaml(config_file).items():
+            key = canonical_key(key, config_file, values)
+            values[key] = _coerce(key, value, _HINTS[key])
     values.update({k: _coerce(k, v, _HINTS[k]) for k, v in overrides.items()})
     return validate(build_config(values))
 
@@ -416,9 +455,33 @@ def save_config(cfg: TrainConfig, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump({k: _portable(v) for k, v in cfg.to_dict().items()}, sort_keys=False))
 
 
+def field_help() -> dict[str, str]:
+    """Help of each key: its `metadata["help"]`, else the comment after it in TrainConfig's source
+    (the comments are where the keys are documented; reading them keeps one copy of each text)."""
+    import inspect
+    import re
+
+    helps = {name: f.metadata["help"] for name, f in FIELDS.items() if "help" in f.metadata}
+    try:
+        source = inspect.getsource(TrainConfig)
+    except (OSError, TypeError):  # no source (frozen app): metadata only
+        return helps
+    for line in source.splitlines():
+        match = re.match(r"\s+(\w+): [^#]*?#\s*(.+)$", line)
+        if match and match.group(1) in FIELDS:
+            helps.setdefault(match.group(1), match.group(2).strip())
+    return helps
+
+
 def help_text() -> str:
-    lines = ["usage: looprl train [--config FILE] [--key value ...]", "", "keys (default):"]
-    lines += [f"  --{name} ({_fmt_default(f)})" for name, f in FIELDS.items()]
+    helps = field_help()
+    lines = ["usage: looprl train [--config FILE] [--key value ...]", "", "keys (default): help"]
+    for name, f in FIELDS.items():
+        text = " ".join(helps.get(name, "").split())
+        lines.append(f"  --{name} ({_fmt_default(f)}){': ' + text if text else ''}")
+    lines += ["", "TRL GRPOConfig names are accepted for ours: "
+              + ", ".join(f"--{alias} = --{ours}" for alias, ours in TRL_ALIASES.items())
+              + " (TRL's epsilon sets eps_low only)."]
     return "\n".join(lines)
 
 

@@ -50,7 +50,7 @@ def _tokenizer():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A 1-layer, 3-loop random Ouro model + char tokenizer + a reward module on sys.path."""
-    import rl  # noqa: F401
+    import rl.modeling  # noqa: F401  (registers the Ouro classes with the Auto classes)
     from rl.modeling import OuroConfig, OuroForCausalLM
 
     root = tmp_path_factory.mktemp("tiny")
