@@ -4,8 +4,10 @@ Each failure is exit code + one line naming the culprit, and what was written be
 
 import errno
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,15 @@ def nan_first(prompts, completions, **kw):
 def hang(prompts, completions, **kw):
     time.sleep(60)
     return [0.0] * len(completions)
+
+CALLS = [0]
+
+def hang_on_second_call(prompts, completions, **kw):
+    CALLS[0] += 1
+    if CALLS[0] == 2:
+        open("hanging", "w").close()  # tells the test the reward function is stuck now
+        time.sleep(120)
+    return [float(len(str(c)) % 3) for c in completions]
 '''
 
 
@@ -46,6 +57,7 @@ def test_used_output_dir_end_checkpoint_resume_and_overwrite(tiny, tmp_path, cap
     out = tmp_path / "run"
     assert _train(_args(tiny, out, "--max_steps", "2")) == 0
     assert (out / "checkpoints" / "step-2" / "trainer_state.json").is_file()  # save_every 0: still at the end
+    assert (out / "final" / "modeling_ouro.py").is_file()  # final/ ships its model code (test_trl_user.py)
     first = (out / "metrics.jsonl").read_text()
     capsys.readouterr()
 
@@ -141,3 +153,24 @@ def test_cli_reward_timeout_bounds_a_hung_function(bad):
                          timeout=50)
     assert res.returncode == 2
     assert res.stderr.strip().count("\n") == 0 and "reward 'hang' timed out" in res.stderr
+
+
+def test_ctrl_c_inside_a_hung_reward_function_checkpoints_and_exits(bad, tmp_path):
+    """The headline case: a reward function hangs, the user presses Ctrl-C once; the run stops at once
+    with a checkpoint of the last finished step (not after the hang, not with a traceback)."""
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": f"{bad}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.Popen([sys.executable, "-m", "rl", "train", *_args(bad, out, "--max_steps", "5", "--rewards",
+                             "badreward:hang_on_second_call", "--dynamic_sampling", "false")],
+                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / "hanging").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    assert (tmp_path / "hanging").exists(), "the reward function was never called twice"
+    start = time.time()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and time.time() - start < 30, err[-2000:]
+    assert "Traceback" not in err and "interrupted during the rewards of step 2" in err
+    assert [r["step"] for r in _rows(out)] == [1]
+    assert (out / "checkpoints" / "step-1" / "trainer_state.json").is_file()
