@@ -470,10 +470,11 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer, config = _load_tokenizer_and_config(model_path)
         if args.depths:
             from rl.config import check_depths
+            from rl.model_io import max_depth
 
             depths = parse_depths(args.depths)
-            check_depths("--depths", depths, int(getattr(config, "total_ut_steps", 1) or 1)
-                         if getattr(config, "model_type", "") == "ouro" else 1)  # the same rule as train
+            check_depths("--depths", depths, max_depth(config))  # the same rule as train
+        else:
             depths = list(range(1, int(getattr(config, "total_ut_steps", 1) or 1) + 1))
         model, factory = None, None
         if args.engine == "vllm":

@@ -71,6 +71,11 @@ def load_model_config(path: str, where: str):
     return config
 
 
+def max_depth(config) -> int:
+    """Loops a model can run: total_ut_steps for the looped Ouro model, 1 for a standard LM."""
+    return int(getattr(config, "total_ut_steps", 1) or 1) if getattr(config, "model_type", "") == "ouro" else 1
+
+
 def check_sizes(raw: dict[str, Any], source: str, where: str) -> None:
     for key in SIZE_KEYS:
         value = raw.get(key)
