@@ -90,22 +90,25 @@ def prepare_output_dir(output_dir: str | Path, *, resume: bool, overwrite: bool,
 
 
 def check_writable_file(path: str | Path, what: str) -> None:
-    """Raise ValueError (one line) unless `path` can be written; creates missing parent directories."""
+    """Raise ValueError (one line) unless `path` can be written, without creating anything: a missing
+    directory is fine when its nearest existing ancestor is a writable directory (it is made later)."""
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{what} {path}: is a directory")
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ValueError(f"{what} {path}: {ancestor} is a file, not a directory")
+    if ancestor != path.parent or not path.exists():
+        if not os.access(ancestor, os.W_OK | os.X_OK):
+            raise ValueError(f"{what} {path}: {ancestor} is not writable")
+        return
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f"{what} {path}: cannot create its directory ({e.strerror or e})") from None
-    existed = path.exists()
-    try:
-        with path.open("a"):
+        with path.open("a"):  # the file exists: appending nothing proves it can be rewritten
             pass
     except OSError as e:
         raise ValueError(f"{what} {path}: not writable ({e.strerror or e})") from None
-    if not existed:
-        path.unlink()
 
 
 # A write that fails with this little room left failed for lack of it, whatever the library said

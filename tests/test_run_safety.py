@@ -174,3 +174,15 @@ def test_ctrl_c_inside_a_hung_reward_function_checkpoints_and_exits(bad, tmp_pat
     assert "Traceback" not in err and "interrupted during the rewards of step 2" in err
     assert [r["step"] for r in _rows(out)] == [1]
     assert (out / "checkpoints" / "step-1" / "trainer_state.json").is_file()
+
+
+def test_reward_timeout_with_zero_policy_keeps_training(bad, tmp_path, capsys):
+    """reward_timeout bounds a hung function inside the trainer (worker thread), zero scores it."""
+    out = tmp_path / "run"
+    start = time.monotonic()
+    assert _train(_args(bad, out, "--max_steps", "1", "--rewards", "tinyreward:digit_sum,badreward:hang",
+                        "--dynamic_sampling", "false", "--reward_timeout", "0.5", "--reward_on_error", "zero")) == 0
+    assert time.monotonic() - start < 50  # the hung function sleeps 60 s per call
+    assert "no result after 0.5s" in _err_line(capsys, "reward 'hang' timed out")
+    (row,) = _rows(out)
+    assert row["rewards/fn_errors"] == 1 and row["reward/hang/mean"] == 0.0

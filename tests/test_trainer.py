@@ -28,8 +28,9 @@ def digit_sum(prompts, completions, **kw):
 def is_zero(prompts, completions, **kw):
     return [float(sum(map(ord, _text(c))) % 3 == 0) for c in completions]
 
-def nan_reward(prompts, completions, **kw):
-    return [float("nan") if i % 2 else 1.0 for i in range(len(completions))]
+def huge_reward(prompts, completions, **kw):
+    """Finite rewards (a NaN reward is refused by rewards.guard) whose advantages overflow the loss."""
+    return [3e38 if i % 2 else -3e38 for i in range(len(completions))]
 
 CALLS = [0]
 
@@ -182,8 +183,8 @@ def test_sigterm_checkpoints_and_exits_cleanly(tiny, tmp_path):
 
 def test_non_finite_loss_skips_then_aborts(tiny, tmp_path, capsys):
     out = tmp_path / "nan"
-    args = _args(tiny, out, "--max_steps", "6", "--rewards", "tinyreward:nan_reward", "--max_nan_steps", "2",
-                 "--dynamic_sampling", "false")
+    args = _args(tiny, out, "--max_steps", "6", "--rewards", "tinyreward:huge_reward", "--max_nan_steps", "2",
+                 "--dynamic_sampling", "false", "--scale_rewards", "none")
     with pytest.warns(RuntimeWarning, match="non-finite"):
         code = _train(args)
     assert code == 1
