@@ -101,7 +101,9 @@ def run(args: argparse.Namespace) -> int:
     from rewards.guard import RewardGuard
 
     # the trainer's checks (one line naming the function and the first bad row); --timeout bounds the call
-    guard = RewardGuard("raise", timeout=None if args.timeout is None else args.timeout * len(rows), hint="")
+    # built-ins bound themselves per item (the verifier's pool, whose start-up must not count); user code cannot
+    user_code = args.fn not in rewards.available()
+    guard = RewardGuard("raise", timeout=args.timeout * len(rows) if args.timeout and user_code else None, hint="")
     scores, _ = guard.score(rewards.reward_name(args.fn), fn, [None] * len(rows), messages, **kwargs)
     verifier = args.fn in VERIFIER_FNS  # only these decide by the verifier: its reason explains their score
     for index, (text, gold, score) in enumerate(zip(texts, golds, scores), start=1):

@@ -938,6 +938,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:  # includes run-directory and checkpoint problems (rl.run_dir, rl.checkpoint)
         print(f"{LOG_PREFIX} {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C: the first one's checkpoint was not waited for
+        print(f"{LOG_PREFIX} stopped at once by a second interrupt; --resume continues from the newest "
+              "checkpoint", file=sys.stderr)
+        return 130
     finally:
         import torch.distributed as dist
 
