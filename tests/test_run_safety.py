@@ -80,6 +80,9 @@ def test_output_dir_that_is_a_file_is_one_line(tiny, tmp_path, capsys):  # noqa:
     assert _train(_args(tiny, target, "--max_steps", "1")) == 2
     assert "output_dir" in _err_line(capsys, "exists and is not a directory")
     assert target.read_text() == "mine"
+    assert _train(_args(tiny, target / "run", "--max_steps", "1")) == 2  # cannot be created: unwritable
+    assert str(target / "run") in _err_line(capsys, "not writable")
+    assert target.read_text() == "mine"
 
 
 def test_corrupt_newest_checkpoint_falls_back_then_fails_in_one_line(tiny, tmp_path, capsys):  # noqa: F811
