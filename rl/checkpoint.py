@@ -107,10 +107,3 @@ def load_latest_checkpoint(accelerator, output_dir: str | Path, warn: Callable[[
         raise CheckpointError(f"--resume: no readable checkpoint; newest: {failures[0]}")
     return None
 
-
-def prune_checkpoints(output_dir: str | Path, keep: int) -> None:
-    """Keep the newest `keep` complete checkpoints (0 = keep all). Main process only."""
-    if keep <= 0:
-        return
-    for _, path in list_checkpoints(output_dir)[:-keep]:
-        shutil.rmtree(path, ignore_errors=True)

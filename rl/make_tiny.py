@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from looped import OuroConfig, OuroForCausalLM
 from rl import arith
-from rl.evaluate import encode_prompts
-from rl.modeling import OuroConfig, OuroForCausalLM
+from rl.prompts import encode_prompts
 
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 CHARS = ["\n"] + [chr(c) for c in range(32, 127)]  # newline + printable ASCII

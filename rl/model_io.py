@@ -45,7 +45,7 @@ def load_model_config(path: str, where: str):
     """AutoConfig of `path` (a directory or a hub id); checks config.json and its size keys first."""
     from transformers import AutoConfig
 
-    import rl.modeling  # noqa: F401  (registers the looped architecture with the Auto classes)
+    import looped  # noqa: F401  (registers the looped architecture with the Auto classes)
 
     local = Path(path)
     if local.is_dir():
@@ -69,11 +69,6 @@ def load_model_config(path: str, where: str):
         raise ModelLoadError(f"{where}: cannot load the config of {path} ({_short(e)})") from None
     check_sizes(config.to_dict(), f"{path} config", where)
     return config
-
-
-def max_depth(config) -> int:
-    """Loops a model can run: total_ut_steps for the looped Ouro model, 1 for a standard LM."""
-    return int(getattr(config, "total_ut_steps", 1) or 1) if getattr(config, "model_type", "") == "ouro" else 1
 
 
 def check_sizes(raw: dict[str, Any], source: str, where: str) -> None:
@@ -103,7 +98,7 @@ def load_model(path: str, where: str, **kwargs: Any):
     """AutoModelForCausalLM of `path`; a truncated or corrupt weights file is one line naming it."""
     from transformers import AutoModelForCausalLM
 
-    import rl.modeling  # noqa: F401
+    import looped  # noqa: F401
 
     try:
         return AutoModelForCausalLM.from_pretrained(path, **kwargs)
@@ -137,7 +132,23 @@ def save_portable(model, tokenizer, path: str | Path, **save_kwargs: Any) -> Non
         model.config.auto_map = auto_map
     model.save_pretrained(path, **save_kwargs)
     tokenizer.save_pretrained(path)
-    if own_code:
-        for file in sorted(source.glob("*.py")):
-            if file.name != "__init__.py":  # __init__ registers with looprl's Auto classes: not wanted there
-                shutil.copy2(file, path / file.name)
+    if own_code:  # the modeling file, its config file and what they import relatively (hf_compat.py)
+        for name in sorted(_code_files(source, [Path(inspect.getfile(cls)).name,
+                                                Path(inspect.getfile(type(model.config))).name])):
+            shutil.copy2(source / name, path / name)
+
+
+def _code_files(package: Path, roots: list[str]) -> set[str]:
+    """`roots` and the sibling modules they import with `from .x import`, transitively (not __init__.py:
+    it registers with looprl's Auto classes, which a remote-code checkpoint does not want)."""
+    import re
+
+    found: set[str] = set()
+    todo = list(roots)
+    while todo:
+        name = todo.pop()
+        if name in found or not (package / name).is_file():
+            continue
+        found.add(name)
+        todo += [f"{m}.py" for m in re.findall(r"^from \.(\w+) import", (package / name).read_text(), re.M)]
+    return found

@@ -22,33 +22,26 @@ Variants: `top_k` (the teacher keeps its k most likely tokens plus one tail buck
 of the mass; the student is compared on the same k+1 bins) and `variant="mse"` (LoopFormer-style
 mean squared error between normed hidden states, stop-gradient on the deep state).
 
-The trainer's flat config keys are defined and validated here (`SELF_DISTILL_DEFAULTS`,
-`validate_self_distill`); rl/config.py only has to carry them.
+The trainer's flat config keys are defined and validated here (`SelfDistillConfig` holds the defaults,
+`SELF_DISTILL_DEFAULTS` maps them to the flat key names, `validate_self_distill` checks them);
+rl/config.py only carries them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from looped.facts import max_depth
+from looped.modeling_ouro import threshold_exit_index
+
 WEIGHTINGS = ("uniform", "linear")
 VARIANTS = ("kl", "mse")
 DEFAULT_CHUNK_SIZE = 1024
-
-# Flat trainer config keys -> defaults. `self_distill_coef` 0 turns the loss off (metrics still run).
-SELF_DISTILL_DEFAULTS: dict[str, object] = {
-    "self_distill_coef": 0.0,
-    "self_distill_exits": None,  # None / "default" -> 2..T-1; or a list like [2, 3] / "2,3" / "all"
-    "self_distill_weighting": "linear",  # "uniform" | "linear" (w_t proportional to t)
-    "self_distill_temperature": 1.0,
-    "self_distill_top_k": 0,  # 0 = full-vocabulary teacher
-    "self_distill_variant": "kl",  # "kl" | "mse" (hidden-state MSE)
-    "self_distill_chunk_size": DEFAULT_CHUNK_SIZE,
-}
 
 
 @dataclass
@@ -74,6 +67,12 @@ class SelfDistillConfig:
             temperature=self.temperature, top_k=self.top_k or None, chunk_size=self.chunk_size,
             variant=self.variant, normalizer=normalizer,
         )
+
+
+# Flat trainer config keys -> defaults, derived from SelfDistillConfig (the one declaration; rl/config.py's
+# self_distill_* keys take their defaults from here). `self_distill_coef` 0 turns the loss off.
+SELF_DISTILL_DEFAULTS: dict[str, object] = {
+    f"self_distill_{f.name}": f.default for f in fields(SelfDistillConfig)}
 
 
 def _parse_exits(value, key: str = "self_distill_exits") -> list[int] | str | None:
@@ -361,7 +360,8 @@ def early_exit_generate(
     """Greedy decoding where each token is read from the first exit that is confident enough.
 
     rule "maxprob": the first loop t whose max softmax probability is >= threshold (else loop T).
-    rule "gate": the first loop whose exit-gate CDF (model exit_probs) reaches threshold (Ouro's q).
+    rule "gate": the first loop whose exit-gate CDF (model exit_probs) reaches threshold (Ouro's q; q >= 1
+    always reads loop T), i.e. `looped.modeling_ouro.threshold_exit_index`, the rule of the model's generate.
     All T loops are computed for every token ("compute, then select", like Ouro's released code), so
     deeper KV slots of an early-exited token exist for later tokens; the token itself only depends on
     loops 1..t (loop t attends to loop-t keys only), so "depth used" counts the loops a true early-exit
@@ -369,7 +369,7 @@ def early_exit_generate(
     """
     if rule not in EXIT_RULES:
         raise ValueError(f"early exit rule {rule!r} is not one of {EXIT_RULES}")
-    depth = int(depth or model.config.total_ut_steps)
+    depth = int(depth or max_depth(model))
     device = next(model.parameters()).device
     pad = pad_token_id if pad_token_id is not None else (eos_token_id if eos_token_id is not None else 0)
     width = max(len(p) for p in prompt_ids)
@@ -388,10 +388,10 @@ def early_exit_generate(
         logits = torch.stack([model.lm_head(h[:, -1]).float() for h in out.exit_hidden_states], 1)  # [B,T,V]
         if rule == "maxprob":
             confident = logits.softmax(-1).amax(-1) >= threshold  # [B,T]
-        else:
-            confident = out.exit_probs[:, -1].float().cumsum(-1) >= threshold
-        confident[:, -1] = True
-        chosen = confident.int().argmax(-1)  # first confident exit (0-based)
+            confident[:, -1] = True
+            chosen = confident.int().argmax(-1)  # first confident exit (0-based)
+        else:  # the model's own exit-gate rule (what generate(exit_threshold=q) reads)
+            chosen = threshold_exit_index(out.exit_probs[:, -1], threshold)
         tokens = logits[torch.arange(batch, device=device), chosen].argmax(-1)
         for b in range(batch):
             if not done[b]:

@@ -1,5 +1,6 @@
 """Engine-independent rollout types: what to sample (SamplingParams), what came back (Rollout),
-and the protocol every engine implements (RolloutWorker).
+and the protocol every engine implements (RolloutWorker). Engines are built by name with
+`rollout.engines.make_worker` (the trainer and `looprl eval` both do).
 
 The trainer only talks to these types, so the torch and vLLM engines are interchangeable.
 """
@@ -76,13 +77,23 @@ class Rollout:
 
 @runtime_checkable
 class RolloutWorker(Protocol):
-    """A generation engine pinned to one depth (number of loops per token)."""
+    """A generation engine pinned to one depth (number of loops per token), with the trainer's lifecycle:
+
+    generate -> sleep (free memory while the update runs) -> sync_weights (the updated policy; wakes the
+    weights) -> generate (wakes whatever is still asleep). Engines that hold the trainer's own module make
+    sync_weights free and sleep/wake_up no-ops. Logprob convention: see `Rollout`; whether an engine's
+    logprobs equal the trainer's recomputation is declared at registration (rollout.engines).
+    """
 
     depth: int
 
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> Rollout: ...
 
     def sync_weights(self, model) -> None: ...
+
+    def sleep(self, level: int = 1) -> None: ...
+
+    def wake_up(self) -> None: ...
 
 
 # Path parts that training wrappers (DDP, torch.compile, activation checkpointing, FSDP) insert into

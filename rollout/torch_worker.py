@@ -12,7 +12,7 @@ One generate() call:
   2. fan the cache out to the n samples of each prompt (prompt-major) with `reorder_cache`;
   3. decode one token per step for all live rows; rows stop on their own stop token; when enough
      rows have finished, the cache and the row state are compacted so finished rows cost nothing.
-     For Ouro-layout models each step is the fused OuroDecodeStep (rollout/fast_decode.py, checked
+     For Ouro-layout models each step is the fused OuroDecodeStep (looped/fast_decode.py, checked
      against the model's forward on first use); otherwise the model's own forward with
      `depth=`, the 2-D mask, explicit position ids and `logits_to_keep=1`.
 The cache is allocated once per generate() call (never per step); sampling uses the worker's own
@@ -28,8 +28,10 @@ from collections.abc import Sequence
 
 import torch
 
+from looped.facts import is_looped, max_depth
+from looped.fast_decode import OuroDecodeStep
+from looped.hf_compat import StaticCache
 from rollout.base import Rollout, SamplingParams, as_id_list, checkpoint_name
-from rollout.fast_decode import OuroDecodeStep
 from rollout.sampling import sample_next
 
 
@@ -37,8 +39,8 @@ class TorchRolloutWorker:
     """Fixed-depth sampler over a model object (an Ouro looped LM or any HF causal LM at depth 1).
 
     Args:
-        model: the rollout model. Looped models expose `make_static_cache(...)` and take `depth=`.
-        depth: loops per token; None means the model's `config.total_ut_steps` (1 if not looped).
+        model: the rollout model. Looped models (looped.facts.is_looped) build per-loop caches and take `depth=`.
+        depth: loops per token; None means the model's T (looped.facts.max_depth; 1 if not looped).
         eos_token_id: stop token(s) used when `SamplingParams.stop_token_ids` is None; defaults to
             the model's generation_config / config EOS.
         pad_token_id: filler for left padding; defaults to the model's pad, else the first EOS, else 0.
@@ -54,16 +56,16 @@ class TorchRolloutWorker:
         self, model, depth: int | None = None, eos_token_id=None, pad_token_id=None, fast_decode: bool = True
     ):
         self.model = model
-        self.looped = callable(getattr(model, "make_static_cache", None))
+        self.looped = is_looped(model)
         config = model.config
         if depth is None:
-            depth = int(getattr(config, "total_ut_steps", 1)) if self.looped else 1
+            depth = max_depth(model)
         if not isinstance(depth, int) or depth < 1:
             raise ValueError(f"TorchRolloutWorker: depth must be an integer >= 1, got {depth!r}")
         if not self.looped and depth != 1:
             raise ValueError(
                 f"TorchRolloutWorker: depth={depth} but {type(model).__name__} is not a looped model "
-                "(no make_static_cache); use depth=1"
+                "(looped.facts.is_looped); use depth=1"
             )
         self.depth = depth
         gen_config = getattr(model, "generation_config", None)
@@ -123,6 +125,13 @@ class TorchRolloutWorker:
         if missing:
             raise ValueError(f"sync_weights: source model lacks parameters {missing[:5]} (of {len(missing)})")
 
+    # ------------------------------------------------------------------ lifecycle
+    def sleep(self, level: int = 1) -> None:
+        """Nothing to release: the worker holds no memory between generate() calls (the model is the trainer's)."""
+
+    def wake_up(self) -> None:
+        """Nothing to restore (see sleep)."""
+
     # ------------------------------------------------------------------ generation
     def generate(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams) -> Rollout:
         prompts = self._check_prompts(prompt_ids)
@@ -164,8 +173,6 @@ class TorchRolloutWorker:
     def _new_cache(self, batch_size: int, max_len: int, device: torch.device):
         if self.looped:
             return self.model.make_static_cache(batch_size, max_len, depth=self.depth, device=device)
-        from transformers import StaticCache
-
         return StaticCache(config=self.model.config, max_cache_len=max_len)
 
     def _forward(self, input_ids, attention_mask, position_ids, cache, start: int):

@@ -54,12 +54,13 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from looped.facts import LOOP_COUNT_KEYS
 from rollout.base import Rollout, SamplingParams, as_id_list, checkpoint_name
 
 INSTALL_HINT = "vLLM is not installed; the 'vllm' engine needs it (CUDA GPU): pip install looprl[vllm]"
 
-# Loop-count override key of Ouro's HF config, read by vLLM's native Ouro model at construction.
-LOOPED_MODEL_TYPES = {"ouro": "total_ut_steps"}
+# Loop-count override key of a looped family's HF config (looped.facts), read by vLLM's model at construction.
+LOOPED_MODEL_TYPES = LOOP_COUNT_KEYS
 
 # vLLM clamps 0 < temperature < 0.01 up to 0.01, which would silently change the sampled policy.
 VLLM_MIN_TEMPERATURE = 0.01

@@ -1,4 +1,4 @@
-"""Tests for rl.modeling (Ouro looped LM) on tiny CPU configs; the whole file runs in seconds."""
+"""Tests for looped (Ouro looped LM) on tiny CPU configs; the whole file runs in seconds."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
-import rl.modeling  # noqa: F401  (registers the Ouro classes with the Auto classes)
-from rl.modeling import OuroConfig, OuroForCausalLM, exit_probs_from_lambdas, threshold_exit_index
-from rl.modeling.hf_compat import CACHE_NAME, enable_activation_checkpointing
+import looped  # noqa: F401  (registers the Ouro classes with the Auto classes)
+from looped import OuroConfig, OuroForCausalLM, exit_probs_from_lambdas, threshold_exit_index
+from looped.hf_compat import CACHE_NAME, enable_activation_checkpointing
 
 T = 4
 VOCAB = 100

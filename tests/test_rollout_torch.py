@@ -39,7 +39,7 @@ def tiny_gpt2(seed: int = 0):
 
 
 def tiny_ouro(seed: int = 0):
-    modeling = pytest.importorskip("rl.modeling")
+    modeling = pytest.importorskip("looped")
     torch.manual_seed(seed)
     config = modeling.OuroConfig(
         vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -167,10 +167,16 @@ def test_fused_ouro_step_bf16_is_as_faithful_as_model_forward(recwarn):
 
 
 def test_fused_step_falls_back_when_it_disagrees(monkeypatch):
-    from rollout.fast_decode import OuroDecodeStep
+    from looped.fast_decode import OuroDecodeStep
 
     model = tiny_ouro()
-    monkeypatch.setattr(OuroDecodeStep, "_norm", lambda self, x, w: x)  # a broken fused step
+    refresh = OuroDecodeStep.refresh
+
+    def broken_refresh(self):  # a broken fused step: wrong concatenated q|k|v weights
+        refresh(self)
+        self.fused = [(wqkv * 0.5, wgu) for wqkv, wgu in self.fused]
+
+    monkeypatch.setattr(OuroDecodeStep, "refresh", broken_refresh)
     worker = TorchRolloutWorker(model, 2)
     params = SamplingParams(max_new_tokens=6, temperature=0, stop_token_ids=[])
     with pytest.warns(UserWarning, match="falling back"):
@@ -303,3 +309,19 @@ def test_truncation_and_sampling_distribution():
     torch.testing.assert_close(logprobs, probs.log()[tokens])  # untruncated, not renormalised
     tokens, _ = sample_next(logits.expand(4, -1), 0.0)
     assert tokens.tolist() == [0, 0, 0, 0]
+
+
+def test_make_worker_builds_the_torch_engine_used_by_train_and_eval():
+    from rollout import RolloutWorker, get_engine, make_worker
+
+    model = tiny_ouro()
+    worker = make_worker("torch", depth=2, model=model)
+    assert isinstance(worker, RolloutWorker) and isinstance(worker, TorchRolloutWorker) and worker.depth == 2
+    assert get_engine("torch").exact_logprobs and not get_engine("vllm").exact_logprobs
+    worker.sleep(level=1)  # the lifecycle the trainer drives: no-ops for the torch engine
+    worker.wake_up()
+    worker.sync_weights(model)
+    params = SamplingParams(max_new_tokens=3, temperature=0, stop_token_ids=[])
+    assert worker.generate(PROMPTS, params).completion_ids == hf_greedy(model, PROMPTS, 3, 2, None)
+    with pytest.raises(ValueError, match="engine"):
+        make_worker("sglang", depth=1, model=model)

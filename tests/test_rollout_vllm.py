@@ -305,9 +305,9 @@ def test_weight_names_strip_wrappers_and_keep_unfused_checkpoint_names():
 
 
 def test_our_ouro_model_uses_checkpoint_names():
-    modeling = pytest.importorskip("rl.modeling")
+    modeling = pytest.importorskip("looped")
     if not hasattr(modeling, "OuroForCausalLM"):
-        pytest.skip("rl.modeling.OuroForCausalLM not written yet")
+        pytest.skip("looped.OuroForCausalLM not written yet")
     config = modeling.OuroConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                                  num_attention_heads=2, num_key_value_heads=2, total_ut_steps=2)
     names = {name for name, _ in iter_vllm_weights(modeling.OuroForCausalLM(config))}
@@ -462,7 +462,7 @@ def test_colocated_tp_group_gathers_prompts_and_keeps_each_ranks_share(tmp_path,
 
 @pytest.fixture
 def tiny_ouro_checkpoint(tmp_path):
-    modeling = pytest.importorskip("rl.modeling")
+    modeling = pytest.importorskip("looped")
     torch.manual_seed(0)
     config = modeling.OuroConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                  num_attention_heads=4, num_key_value_heads=4, total_ut_steps=4,

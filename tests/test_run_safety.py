@@ -124,7 +124,7 @@ def test_python_api_callable_reward_and_full_disk_keeps_final_atomic(tiny, tmp_p
         (Path(path) / "config.json").write_text("{}")  # transformers writes the config first
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(trainer.policy, "save_pretrained", full_disk)
+    monkeypatch.setattr(trainer.policy.module, "save_pretrained", full_disk)  # the HF model's own save
     assert trainer.train() == 1
     assert str(out / "final") in _err_line(capsys, "no space left on device")
     assert not (out / "final").exists() and not list(out.glob(".tmp-*"))

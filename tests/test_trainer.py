@@ -51,8 +51,8 @@ def _tokenizer():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A 1-layer, 3-loop random Ouro model + char tokenizer + a reward module on sys.path."""
-    import rl.modeling  # noqa: F401  (registers the Ouro classes with the Auto classes)
-    from rl.modeling import OuroConfig, OuroForCausalLM
+    import looped  # noqa: F401  (registers the Ouro classes with the Auto classes)
+    from looped import OuroConfig, OuroForCausalLM
 
     root = tmp_path_factory.mktemp("tiny")
     tok = _tokenizer()

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rl.config import FIELDS, ConfigError, help_text, load_config
+from rl.config import ConfigError, help_text, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,11 +34,8 @@ def test_trl_key_names_are_aliases(tmp_path):
         load_config(["--num_train_epochs", "3"])
 
 
-def test_help_has_text_for_every_key_and_lists_the_aliases():
-    text = help_text()
-    for name in FIELDS:
-        (line,) = [line for line in text.splitlines() if line.startswith(f"  --{name} (")]
-        assert "): " in line and len(line.split("): ", 1)[1]) > 3, line
+def test_help_lists_the_trl_aliases():
+    text = help_text()  # (help text for every key: tests/test_config.py)
     assert "--learning_rate = --lr" in text and "--max_completion_length = --max_new_tokens" in text
 
 

@@ -67,6 +67,10 @@ for arg in sys.argv[1:]:
 """
 
 
+def requirements_of(requirements: list[str], names: dict[str, str | None]) -> list[str]:
+    return [r for r in requirements if REQUIREMENT.match(r).group(1) in names]
+
+
 def run(cmd: list[str], **kwargs) -> None:
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, **kwargs)
@@ -90,7 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     pip = [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
     run([*pip, args.torch])
-    run([*pip, "--upgrade", *requirements])
+    run([*pip, *requirements])
+    if args.mode == "newest":  # a reused venv: move only the bounded packages (an unbounded torch would pull CUDA)
+        run([*pip, "--upgrade", "--upgrade-strategy", "only-if-needed", *requirements_of(requirements, bounded)])
     run([*pip, "--no-deps", "-e", str(ROOT)])
     print(f"installed in {time.perf_counter() - start:.0f} s", flush=True)
 
