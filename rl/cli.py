@@ -37,6 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"looprl: unknown command {name!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
+    if name == "train" and rest[:1] in (["-h"], ["--help"]):  # answered from rl.config alone: no torch
+        from rl.config import help_text
+
+        print(help_text())
+        return 0
     if name in MODEL_COMMANDS:  # only these pay for transformers (start-up of the others stays < 1 s)
         # transformers' own per-file load/save bars would interleave with ours and say nothing for small models
         from transformers.utils import logging as hf_logging

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from rl.self_distill import SELF_DISTILL_DEFAULTS, validate_self_distill
+from rl.self_distill_config import SELF_DISTILL_DEFAULTS, validate_self_distill
 
 SCALE_REWARDS = ("group", "batch", "none")
 SCHEDULERS = ("constant", "linear", "cosine")

@@ -135,3 +135,18 @@ def test_cli_prints_the_verifier_reason_only_for_verifier_functions(capsys):
     assert "score: -0.75" in out and "reason" not in out and "extracted" not in out
     assert main(["--fn", "math_accuracy", "--completion", "Answer: 1", "--answer", "1"]) == 0
     assert "reason:" in capsys.readouterr().out
+
+
+def test_the_one_scoring_call_goes_through_the_guard():
+    """rewards.scoring (trainer's Scorer and eval alike): strict by default, the run's policy when given."""
+    from rewards.scoring import score_completions, score_functions
+
+    nan_second = fixed([1.0, float("nan"), 0.0, 1.0])
+    common = dict(columns={}, completion_ids=[[1]] * 4, truncated=[False] * 4, max_completion_length=8)
+    with pytest.raises(RewardFunctionError, match=r"^reward 'my_fn': sample 1: score is nan$"):
+        score_completions(nan_second, [None] * 4, COMPLETIONS, **common)  # eval: no trainer hint
+    guard = RewardGuard("zero", warn=lambda m: None)
+    assert score_completions(nan_second, [None] * 4, COMPLETIONS, guard=guard, **common) == [1.0, 0.0, 0.0, 1.0]
+    per_fn, skip = score_functions([("my_fn", nan_second)], [None] * 4, COMPLETIONS,
+                                   guard=RewardGuard("skip_group", warn=lambda m: None), **common)
+    assert skip == [False, True, False, False] and per_fn["my_fn"][1] is None

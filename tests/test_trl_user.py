@@ -55,10 +55,11 @@ def test_reward_module_in_the_working_directory_is_found_by_the_cli(tmp_path):
 
 
 def test_commands_without_a_model_start_without_torch():
-    """`looprl --help` and `looprl reward --list` used to import torch + transformers (6-10 s)."""
+    """`looprl --help`, `looprl train --help` and `looprl reward --list` used to import torch + transformers
+    (6-10 s; `train --help` imported the whole trainer)."""
     code = ("import sys, contextlib, io\nfrom rl.cli import main\n"
             "with contextlib.redirect_stdout(io.StringIO()):\n"
-            "    assert main(['--help']) == 0 and main(['reward', '--list']) == 0\n"
+            "    assert main(['--help']) == 0 and main(['reward', '--list']) == 0 and main(['train', '--help']) == 0\n"
             "print(sorted(m for m in ('torch', 'transformers', 'accelerate') if m in sys.modules))\n")
     start = time.perf_counter()
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
@@ -73,7 +74,7 @@ import sys
 
 class HideLooprl:  # as if looprl were not installed
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("rl", "rewards", "rollout"):
+        if name.split(".")[0] in ("rl", "rewards", "rollout", "looped"):
             raise ModuleNotFoundError(f"No module named {name!r} (hidden)")
 
 sys.meta_path.insert(0, HideLooprl())
@@ -83,7 +84,7 @@ from transformers import AutoModelForCausalLM
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)
 logits = model(torch.tensor([[1, 5, 7, 9, 11]]), depth=2).logits
 print(type(model).__name__, repr(logits.double().sum().item()))
-assert not any(name.split(".")[0] == "rl" for name in sys.modules)
+assert not any(name.split(".")[0] in ("rl", "looped") for name in sys.modules)
 '''
 
 
@@ -96,7 +97,8 @@ def test_saved_final_loads_without_looprl(tmp_path):
     model = build_model(TinyConfig(hidden_size=32, intermediate_size=64, num_attention_heads=2), tokenizer).eval()
     final = tmp_path / "final"
     save_portable(model, tokenizer, final)
-    assert {"modeling_ouro.py", "configuration_ouro.py"} <= {p.name for p in final.iterdir()}
+    # the modeling file, its config and what they import relatively; not looped/__init__.py, facts.py, ...
+    assert {p.name for p in final.glob("*.py")} == {"modeling_ouro.py", "configuration_ouro.py", "hf_compat.py"}
     expected = model(torch.tensor([[1, 5, 7, 9, 11]]), depth=2).logits.double().sum().item()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["HF_HOME"] = str(tmp_path / "hf")  # the remote-code module cache goes here, not into ~/.cache
