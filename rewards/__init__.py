@@ -8,6 +8,8 @@
     rewards.pop_counters()                             # {"rewards/timeouts": ..., "rewards/errors": ...}
 
 Built-ins: dapo_math (+1/-1), math_accuracy (1/0), overlong_penalty (DAPO soft punishment), format.
+Verifier options of dapo_math / math_accuracy (policy="exact"|"rounded", numeric_precision, decimal_comma,
+fallback): `rewards.policy`. Checking the verifier on labelled rows: `rewards.report` (`looprl reward --report`).
 """
 
 from rewards import builtin  # noqa: F401  (registers the built-in reward functions)

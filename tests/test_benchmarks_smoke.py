@@ -2,10 +2,12 @@
 
 They load by file path (benchmarks/ is not a package, and benchmarks/rollout.py would shadow the `rollout`
 package on sys.path) and run in-process with tiny arguments; the numbers are not checked, only that each
-produces its report. (benchmarks/verify.py has its own smoke test.)
+produces its report.
 """
 
 import importlib.util
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -56,3 +58,14 @@ def test_self_distill_experiment_benchmark(tmp_path, capsys):
         "--eval_every 0 --progress false"])
     assert code == 0
     assert (out / "table.md").is_file() and (out / "report.json").is_file()
+
+
+def test_verify_benchmark_smallest_size() -> None:
+    """It must also keep agreeing between the inline and the pooled verifier (a subprocess: it starts a pool)."""
+    out = subprocess.run([sys.executable, str(BENCHMARKS / "verify.py"), "--n", "16", "--batch", "8", "--workers", "1"],
+                         capture_output=True, text=True, timeout=300, check=True).stdout
+    assert "short (integer)" in out and "mixed (MATH-like)" in out
+    disagreements = re.findall(r"inline vs pool disagree on (\d+)", out)
+    assert disagreements == ["0", "0"]
+    fast = re.search(r"pool run: (\d+) fast-path, (\d+) symbolic", out)
+    assert fast and int(fast.group(2)) == 0  # the integer set never reaches the symbolic pool
