@@ -47,7 +47,7 @@ def train(run_dir: Path, seed: int, steps: int, coef: float, extra: list[str], t
 def load(model_dir: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import rl  # noqa: F401  (registers the Ouro architecture)
+    import looped  # noqa: F401  (registers the Ouro classes with the Auto classes)
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()

@@ -15,8 +15,9 @@ fallback): `rewards.policy`. Checking the verifier on labelled rows: `rewards.re
 from rewards import builtin  # noqa: F401  (registers the built-in reward functions)
 from rewards.builtin import completion_text
 from rewards.math import configure, counters, explain, extract_answer, is_equivalent, pop_counters, shutdown
-from rewards.registry import UnknownRewardError, available, call, get, register
+from rewards.registry import UnknownRewardError, available, call, get, register, reward_name
 from rewards.scoring import score_completions
 
-__all__ = ["get", "call", "register", "available", "UnknownRewardError", "completion_text", "extract_answer",
-           "is_equivalent", "score_completions", "explain", "counters", "pop_counters", "configure", "shutdown"]
+__all__ = ["get", "call", "register", "reward_name", "available", "UnknownRewardError", "completion_text",
+           "extract_answer", "is_equivalent", "score_completions", "explain", "counters", "pop_counters",
+           "configure", "shutdown"]

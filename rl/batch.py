@@ -29,6 +29,7 @@ class Sample:
     correct: float | None
     text: str
     advantage: float = 0.0
+    skip: bool = False  # a reward function failed on it under reward_on_error: skip_group (its group is dropped)
 
     @property
     def length(self) -> int:

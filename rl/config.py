@@ -17,17 +17,14 @@ from typing import Any
 
 import yaml
 
-from rl.advantages import ADVANTAGES
-from rl.losses import LOSSES
-from rl.self_distill import SELF_DISTILL_DEFAULTS, validate_self_distill
-from rollout.engines import ENGINES
-from rollout.speculative import check_spec_keys
+from rl.self_distill_config import SELF_DISTILL_DEFAULTS, validate_self_distill
 
 SCALE_REWARDS = ("group", "batch", "none")
 SCHEDULERS = ("constant", "linear", "cosine")
 TIS_MODES = ("auto", "token", "off")
 DTYPES = ("float32", "bfloat16", "float16")
 REPORT_TO = ("none", "tensorboard", "wandb")
+REWARD_ON_ERROR = ("raise", "zero", "skip_group")
 
 
 class ConfigError(ValueError):
@@ -66,10 +63,17 @@ class TrainConfig:
     max_prompt_length: int = option(2048, "longer prompts are left-truncated (with a warning)")
 
     # --- rewards: weighted list of registry names ("pkg.mod:fn" also works) ---
-    rewards: list[str] = option(["dapo_math"], "reward functions: registry names or 'pkg.module:function'")
+    rewards: list[str] = option(["dapo_math"], "reward functions: registry names, 'pkg.module:function' (the "
+                                               "working directory is importable) or, from Python, callables")
     reward_weights: list[float] | None = option(None, "one weight per reward function; None = all 1.0")
     reward_kwargs: dict[str, Any] = option({}, "options per reward function: {fn_name: {option: value}}")
     accuracy_reward: str = option("math_accuracy", "1/0 reward function whose mean is logged as `accuracy`")
+    reward_on_error: str = option("raise", "a reward function that raises, times out or returns NaN/inf/non-numbers/"
+                                           "the wrong count: raise = stop with one line naming it; zero = score "
+                                           "those samples 0 and warn; skip_group = drop their groups and warn")
+    reward_timeout: float | None = option(None, "seconds one reward-function call may take (then reward_on_error "
+                                                "applies); it runs in a worker thread so a hung function cannot "
+                                                "hang the run. None = no limit, called on the main thread")
 
     # --- sampling ---
     num_generations: int = option(8, "samples per prompt (the GRPO group)")
@@ -136,7 +140,9 @@ class TrainConfig:
     torch_threads: int = option(0, "CPU threads for torch; 0 = auto (1 for a tiny model on CPU, else torch's default)")
     output_dir: str = option("runs/default", "run directory: config.yaml, metrics.jsonl, checkpoints/, final/")
     save_every: int = option(0, "checkpoint every N steps; 0 = only at the end / on interrupt")
-    resume: bool = option(False, "continue from the newest complete checkpoint in output_dir")
+    resume: bool = option(False, "continue the run in output_dir from its newest readable checkpoint")
+    overwrite: bool = option(False, "replace the run already in output_dir (its metrics, checkpoints and final/); "
+                                    "without it or --resume a used output_dir is refused")
     report_to: str = option("none", "tracker: none | tensorboard | wandb")
     log_samples: int = option(4, "rows per step in samples.jsonl")
     max_nan_steps: int = option(3, "consecutive non-finite losses before aborting")
@@ -247,6 +253,40 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     raise ConfigError(f"config key {key!r}: unsupported type {hint}")
 
 
+# TRL GRPOConfig names accepted for ours: same meaning, so a TRL config's keys carry over. Note that
+# TRL's `epsilon` sets only our lower clip (eps_low); the upper one is `epsilon_high` / eps_high.
+TRL_ALIASES = {
+    "learning_rate": "lr",
+    "max_completion_length": "max_new_tokens",
+    "epsilon": "eps_low",
+    "epsilon_high": "eps_high",
+    "mask_truncated_completions": "mask_truncated",
+    "lr_scheduler_type": "lr_scheduler",
+    "save_steps": "save_every",
+    "eval_steps": "eval_every",
+}
+# TRL names without an equivalent here: say what to use instead of guessing a close key name.
+TRL_NO_EQUIVALENT = {
+    "num_train_epochs": "looprl counts optimizer steps: set max_steps (each step samples prompts_per_step prompts)",
+    "per_device_train_batch_size": "set prompts_per_step (prompts per step); num_generations samples each",
+    "gradient_accumulation_steps": "mini_batch_size (samples per optimizer update) and micro_batch_size "
+                                   "(samples per forward/backward) split a step",
+    "use_vllm": "set engine: vllm",
+}
+
+
+def canonical_key(key: str, where: str, seen: dict[str, Any] | None = None) -> str:
+    """Our name for `key` (a TRL alias is mapped); unknown keys raise ConfigError naming the key.
+    `seen`: keys already given in the same place, to refuse a key given under both names."""
+    if key in TRL_NO_EQUIVALENT:
+        raise ConfigError(f"config key {key!r} (TRL) in {where} has no equivalent here: {TRL_NO_EQUIVALENT[key]}")
+    name = TRL_ALIASES.get(key, key)
+    _check_known(name, where)
+    if seen is not None and name in seen:
+        raise ConfigError(f"config key {name!r} given twice in {where} (once as {key!r}, TRL's name for it)")
+    return name
+
+
 def _check_known(key: str, where: str) -> None:
     if key not in FIELDS:
         import difflib
@@ -273,11 +313,27 @@ def _positive(cfg: TrainConfig, *keys: str, allow_zero: bool = False) -> None:
             raise ConfigError(f"config key {key!r}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
+def check_depths(where: str, depths: list[int], max_depth: int | None) -> None:
+    """Loop counts must lie in 1..the model's total_ut_steps (1 for a standard LM): train and eval alike."""
+    bad = [d for d in depths if d < 1 or (max_depth is not None and d > max_depth)]
+    if bad:
+        bound = f"1..{max_depth}" if max_depth is not None else ">= 1"
+        shown = bad[0] if len(depths) == 1 else bad
+        raise ConfigError(f"{where}: {shown} is out of range ({bound} for this model)")
+
+
 def validate(cfg: TrainConfig, max_depth: int | None = None, num_processes: int = 1) -> TrainConfig:
     """Raise ConfigError naming the key for anything that cannot run. `max_depth` = the model's loops."""
+    # the registries' modules need torch: imported here, so `looprl train --help` (this module) starts fast
+    from rl.advantages import ADVANTAGES
+    from rl.losses import LOSSES
+    from rollout.engines import ENGINES
+    from rollout.speculative import check_spec_keys
+
     choices = {"vllm_dtype": DTYPES, "engine": tuple(ENGINES), "dtype": DTYPES, "loss_type": tuple(LOSSES),
                "advantage_estimator": tuple(ADVANTAGES), "scale_rewards": SCALE_REWARDS,
-               "lr_scheduler": SCHEDULERS, "tis_mode": TIS_MODES, "report_to": REPORT_TO}
+               "lr_scheduler": SCHEDULERS, "tis_mode": TIS_MODES, "report_to": REPORT_TO,
+               "reward_on_error": REWARD_ON_ERROR}
     for name, allowed in choices.items():
         _choice(cfg, name, allowed)
     try:  # the self-distillation module owns its keys' rules
@@ -286,7 +342,10 @@ def validate(cfg: TrainConfig, max_depth: int | None = None, num_processes: int 
         raise ConfigError(str(e)) from None
     _positive(cfg, "num_generations", "max_new_tokens", "max_prompt_length", "vllm_tensor_parallel_size", "temperature", "num_iterations", "max_rounds",
               "lr", "max_steps", "prompts_per_step", "micro_batch_size", "max_nan_steps", "cispo_cap",
-              "tis_cap")
+              "tis_cap", "reward_timeout")
+    if cfg.num_generations < 2:  # every loss here is group-relative: a group of one has zero advantage
+        raise ConfigError(f"config key 'num_generations': {cfg.num_generations} trains nothing with "
+                          f"advantage_estimator {cfg.advantage_estimator!r} (advantages are relative to the group); use >= 2")
     _positive(cfg, "beta", "warmup_steps", "save_every", "eval_every", "overlong_buffer_len", "weight_decay",
               "max_grad_norm", "log_samples", "torch_threads", "mini_batch_size", "top_k",
               "eps_low", "eps_high", "overlong_penalty", allow_zero=True)
@@ -302,9 +361,8 @@ def validate(cfg: TrainConfig, max_depth: int | None = None, num_processes: int 
     # depth: one number for rollout and update
     for key in ("depth", "update_depth"):
         value = getattr(cfg, key)
-        if value is not None and (value < 1 or (max_depth is not None and value > max_depth)):
-            bound = f"1..{max_depth}" if max_depth is not None else ">= 1"
-            raise ConfigError(f"config key {key!r}: {value} is out of range ({bound} for this model)")
+        if value is not None:
+            check_depths(f"config key {key!r}", [value], max_depth)
     if cfg.update_depth is not None and cfg.update_depth != cfg.depth and not cfg.allow_depth_mismatch:
         raise ConfigError(
             f"config key 'update_depth': {cfg.update_depth} differs from depth {cfg.depth}; the update must "
@@ -340,9 +398,7 @@ def validate(cfg: TrainConfig, max_depth: int | None = None, num_processes: int 
     if cfg.prompts_per_step % num_processes:
         raise ConfigError(
             f"config key 'prompts_per_step': {cfg.prompts_per_step} does not split over {num_processes} processes")
-    bad = [d for d in cfg.eval_depths or [] if d < 1 or (max_depth is not None and d > max_depth)]
-    if bad:
-        raise ConfigError(f"config key 'eval_depths': {bad} out of range (1..{max_depth or 'model depth'})")
+    check_depths("config key 'eval_depths'", cfg.eval_depths or [], max_depth)
     if cfg.eval_every and not cfg.eval_data:
         raise ConfigError("config key 'eval_data': required when eval_every > 0")
     if not 0.0 < cfg.vllm_gpu_memory_utilization <= 1.0:
@@ -370,6 +426,7 @@ def _read_yaml(path: str) -> dict[str, Any]:
 def parse_overrides(argv: list[str]) -> tuple[str | None, dict[str, Any]]:
     """`[--config FILE] --key value --flag ...` -> (config file, {key: raw value}). A bare boolean flag = true."""
     config_file, raw, i = None, {}, 0
+    aliased: set[str] = set()  # our names given under their TRL alias
     while i < len(argv):
         arg = argv[i]
         if not arg.startswith("--"):
@@ -388,7 +445,12 @@ def parse_overrides(argv: list[str]) -> tuple[str | None, dict[str, Any]]:
                 raise ConfigError("--config needs a file path")
             config_file = value
             continue
-        _check_known(key, "command line")
+        name = canonical_key(key, "command line")
+        if (key in TRL_ALIASES and name in raw) or (key not in TRL_ALIASES and name in aliased):
+            raise ConfigError(f"config key {name!r} given twice on the command line (also as TRL's name)")
+        if key in TRL_ALIASES:
+            aliased.add(name)
+        key = name
         if value is None:
             if _HINTS[key] is not bool:
                 raise ConfigError(f"config key {key!r}: --{key} needs a value")
@@ -398,9 +460,9 @@ def parse_overrides(argv: list[str]) -> tuple[str | None, dict[str, Any]]:
 
 
 def build_config(values: dict[str, Any], where: str = "config") -> TrainConfig:
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
     for key, value in values.items():
-        _check_known(key, where)
+        key = canonical_key(key, where, kwargs)
         kwargs[key] = _coerce(key, value, _HINTS[key])
     return TrainConfig(**kwargs)
 
@@ -410,16 +472,24 @@ def load_config(argv: list[str] | None = None) -> TrainConfig:
     config_file, overrides = parse_overrides(list(argv or []))
     values: dict[str, Any] = {}
     if config_file:
-        file_values = _read_yaml(config_file)
-        for key in file_values:
-            _check_known(key, config_file)
-        values.update({k: _coerce(k, v, _HINTS[k]) for k, v in file_values.items()})
+        for key, value in _read_yaml(config_file).items():
+            key = canonical_key(key, config_file, values)
+            values[key] = _coerce(key, value, _HINTS[key])
     values.update({k: _coerce(k, v, _HINTS[k]) for k, v in overrides.items()})
     return validate(build_config(values))
 
 
+def _portable(value: Any) -> Any:
+    """A Python-API callable (a reward function) as the "module:name" string a YAML config would use."""
+    if callable(value):
+        return f"{getattr(value, '__module__', '?')}:{getattr(value, '__qualname__', repr(value))}"
+    if isinstance(value, list):
+        return [_portable(v) for v in value]
+    return value
+
+
 def save_config(cfg: TrainConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    Path(path).write_text(yaml.safe_dump({k: _portable(v) for k, v in cfg.to_dict().items()}, sort_keys=False))
 
 
 def help_text() -> str:
@@ -428,6 +498,9 @@ def help_text() -> str:
     for name, f in FIELDS.items():
         lines.append(f"  --{name} ({_fmt_default(f)})")
         lines.append(f"      {f.metadata.get('help', '')}")
+    lines += ["", "TRL GRPOConfig names are accepted for ours: "
+              + ", ".join(f"--{alias} = --{ours}" for alias, ours in TRL_ALIASES.items())
+              + " (TRL's epsilon sets eps_low only)."]
     return "\n".join(lines)
 
 

@@ -29,13 +29,16 @@ import torch
 from rich.console import Console
 from rich.table import Table
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import rewards
 from looped.facts import is_looped, max_depth
 from rewards import extract_answer, score_completions
+from rewards.guard import RewardGuard
+from rl.config import check_depths
 from rl.data import EMBEDDED_MODEL, load_prompts
+from rl.model_io import load_model, load_model_config, load_tokenizer
 from rl.prompts import encode_prompts
+from rl.run_dir import check_writable_file
 from rl.self_distill import early_exit_generate
 from rollout import SamplingParams, make_worker
 from rollout.speculative import accumulate_stats, check_spec_keys, rollout_metrics, spec_config
@@ -173,13 +176,16 @@ def evaluate_depths(model, tokenizer, dataset, depths: Sequence[int], n: int = 1
                     max_new_tokens: int = 256, reward_fn: str | Callable = "math_accuracy", batch_size: int = 16,
                     *, top_p: float = 1.0, seed: int = 0, progress: bool = False,
                     worker_factory: Callable[[int], Any] | None = None,
+                    guard: RewardGuard | None = None,
                     draft_depth: int = 0, num_draft: int = 0) -> dict[str, dict[str, Any]]:
     """Generate n completions per prompt at each depth and score them.
 
     Returns {str(depth): {"accuracy", "len_mean", "truncated_frac", ... (+ "pass@k", "maj@k", "k" if
     n > 1)}}. `worker_factory(depth)` builds the rollout worker (default: the torch worker around
-    `model`); batch_size counts prompts per generate call (each with n samples). draft_depth, num_draft > 0:
-    self-speculative decoding at the depths above draft_depth (same distribution; adds "rollout/accept_rate").
+    `model`); batch_size counts prompts per generate call (each with n samples). `guard` applies the
+    trainer's reward_on_error / reward_timeout (default: any bad reward result is a one-line error).
+    draft_depth, num_draft > 0: self-speculative decoding at the depths above draft_depth (same
+    distribution; adds "rollout/accept_rate", "rollout/tokens_per_verify").
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
@@ -231,7 +237,7 @@ def evaluate_depths(model, tokenizer, dataset, depths: Sequence[int], n: int = 1
                 rewards_d += score_completions(score_fn, [prompts[i] for i in rows], texts,
                                                columns={k: [v[i] for i in rows] for k, v in columns.items()},
                                                completion_ids=rollout.completion_ids, truncated=trunc,
-                                               max_completion_length=max_new_tokens)
+                                               max_completion_length=max_new_tokens, guard=guard)
                 lengths += [len(c) for c in rollout.completion_ids]
                 truncated += trunc
                 answers += [extract_answer(t) for t in texts] if n > 1 else [None] * len(texts)
@@ -254,7 +260,7 @@ def evaluate_depths(model, tokenizer, dataset, depths: Sequence[int], n: int = 1
 
 def evaluate_exit_threshold(model, tokenizer, dataset, exit_threshold: float, max_new_tokens: int = 256,
                             reward_fn: str | Callable = "math_accuracy", batch_size: int = 16,
-                            progress: bool = False) -> dict[str, Any]:
+                            progress: bool = False, guard: RewardGuard | None = None) -> dict[str, Any]:
     """Greedy decoding with the model's exit gate: each token is read from the first loop whose
     cumulative exit probability reaches q (`early_exit_generate(rule="gate")`, the same rule as the
     model's own `generate(exit_threshold=q)`).
@@ -293,7 +299,7 @@ def evaluate_exit_threshold(model, tokenizer, dataset, exit_threshold: float, ma
             scores += score_completions(score_fn, [prompts[i] for i in idx], texts,
                                         columns={k: [v[i] for i in idx] for k, v in columns.items()},
                                         completion_ids=completions, truncated=truncated[-len(idx):],
-                                        max_completion_length=max_new_tokens)
+                                        max_completion_length=max_new_tokens, guard=guard)
             bar.update(len(idx))
     finally:
         bar.close()
@@ -381,17 +387,13 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _load_tokenizer_and_config(path: str):
-    if not Path(path).is_dir():
-        raise ValueError(f"--model {path}: not a directory")
-    if not (Path(path) / "config.json").is_file():
-        raise ValueError(f"--model {path}: no config.json (not a saved model directory)")
-    return AutoTokenizer.from_pretrained(path), AutoConfig.from_pretrained(path)
+    config = load_model_config(path, "--model")  # one-line errors, shared with train (rl/model_io.py)
+    return load_tokenizer(path, "--model"), config
 
 
 def _load_model(path: str, device: str):
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
-    return model.eval()
+    return load_model(path, "--model", dtype=dtype).to(device).eval()
 
 
 def _vllm_factory(model_path: str, tokenizer, max_model_len: int, seed: int,
@@ -407,6 +409,8 @@ def _vllm_factory(model_path: str, tokenizer, max_model_len: int, seed: int,
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     try:
+        if args.out:  # before minutes of generation, not after
+            check_writable_file(args.out, "--out")
         model_path = str(args.model or EMBEDDED_MODEL)
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         temperature = args.temperature if args.temperature is not None else (0.0 if args.n == 1 else 1.0)
@@ -420,6 +424,7 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer, config = _load_tokenizer_and_config(model_path)
         if args.depths:
             depths = parse_depths(args.depths)
+            check_depths("--depths", depths, max_depth(config))  # the same rule as train
         else:
             depths = list(range(1, max_depth(config) + 1))
         model, factory = None, None

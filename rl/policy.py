@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM
 
 from looped.facts import is_looped
 from looped.hf_compat import enable_activation_checkpointing
@@ -26,6 +25,7 @@ from rl.batch import Sample, collate, exit_mask, shard_plan, trained_tokens
 from rl.config import ConfigError, TrainConfig
 from rl.dist import reduce_max, reduce_sum
 from rl.losses import loss_normaliser, token_logprobs, truncated_is_weights
+from rl.model_io import load_model, save_portable
 from rl.objective import objective, policy_loss
 from rl.self_distill import SelfDistillConfig, exit_metrics
 
@@ -112,7 +112,7 @@ class Policy:
         self.use_tis, self.sd, self.pad_id = use_tis, self_distill, pad_id
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
         dtype = getattr(torch, cfg.dtype)
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+        model = load_model(model_path, "config key 'model'", dtype=dtype)  # one-line errors (rl/model_io.py)
         model.to(accelerator.device)
         threads = cfg.torch_threads or (
             1 if accelerator.device.type == "cpu" and model.num_parameters() < TINY_PARAMS else 0)
@@ -130,7 +130,7 @@ class Policy:
 
         self.ref_model = None
         if cfg.beta > 0:
-            self.ref_model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(accelerator.device)
+            self.ref_model = load_model(model_path, "config key 'model'", dtype=dtype).to(accelerator.device)
             self.ref_model.eval().requires_grad_(False)
 
         updates_per_step = cfg.num_iterations * (cfg.samples_per_step // (cfg.mini_batch_size or
@@ -205,7 +205,8 @@ class Policy:
     # ------------------------------------------------------------------ update
 
     def update(self, samples: list[Sample], step: int) -> dict[str, float]:
-        """num_iterations passes over mini-batches, one optimizer step each; returns global metrics."""
+        """num_iterations passes over mini-batches, one optimizer step each; returns global metrics.
+        `step`: training steps done before this one (warnings name step + 1, as metrics.jsonl counts)."""
         cfg = self.cfg
         mini = cfg.mini_batch_size or len(samples)
         mini_batches = [samples[i:i + mini] for i in range(0, len(samples), mini)]
@@ -288,7 +289,7 @@ class Policy:
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
         if not finite or not math.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
-            warnings.warn(f"step {step}: non-finite loss or gradient (grad_norm={grad_norm}); update skipped",
+            warnings.warn(f"step {step + 1}: non-finite loss or gradient (grad_norm={grad_norm}); update skipped",
                           RuntimeWarning, stacklevel=3)
             return None
         self.optimizer.step()
@@ -326,9 +327,12 @@ class Policy:
     # ------------------------------------------------------------------ saving
 
     def save_pretrained(self, path, tokenizer) -> None:
-        """The final model directory (main process writes; every process joins the state-dict gather)."""
+        """The final model directory, written atomically and loadable without looprl (rl/model_io.py
+        save_portable); the main process writes, every process joins the state-dict gather."""
         acc = self.accelerator
         state = acc.get_state_dict(self.model)  # collective under ZeRO-3
         if acc.is_main_process:
-            self.module.save_pretrained(path, state_dict=state)
-            tokenizer.save_pretrained(path)
+            from rl.run_dir import atomic_dir
+
+            with atomic_dir(path) as tmp:  # a full disk leaves the previous final/ (or none), never half of one
+                save_portable(self.module, tokenizer, tmp, state_dict=state)  # + model code and auto_map

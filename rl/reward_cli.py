@@ -20,6 +20,9 @@ from typing import Any
 
 from rl.jsonl import iter_jsonl
 
+# Built-in rewards whose score is the math verifier's verdict (rewards.math.explain tells why).
+VERIFIER_FNS = ("dapo_math", "math_accuracy")
+
 
 class RewardCliError(ValueError):
     """A user mistake in the command line or the JSONL file, reported on one line."""
@@ -108,7 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--jsonl", help="file of rows with 'completion' and 'answer' (or 'ground_truth')")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="extra keyword for the reward function (JSON values), repeatable")
-    parser.add_argument("--timeout", type=float, default=None, help="per-item verification limit in seconds")
+    parser.add_argument("--timeout", type=float, default=None,
+                        help="seconds per completion: the verifier's per-item limit, and a user function's whole "
+                             "call is stopped after timeout x rows")
     parser.add_argument("--list", action="store_true", help="list the registered reward functions and exit")
     parser.add_argument("--report", action="store_true",
                         help="with --jsonl: agreement of the math verifier with an 'expected' field (true/false), "
@@ -149,15 +154,20 @@ def run(args: argparse.Namespace) -> int:
     # as TRL calls reward functions (by keyword, completions as assistant messages), so TRL's own
     # functions work here too; ours accept strings and messages alike
     messages = [c if isinstance(c, list) else [{"role": "assistant", "content": c}] for c in completions]
-    try:
-        scores = rewards.call(fn, [None] * len(rows), messages, **kwargs)
-    except TypeError as exc:
-        raise RewardCliError(f"reward {args.fn!r} rejected its arguments: {exc}") from exc
-    except ValueError as exc:  # wrong number of scores
-        raise RewardCliError(str(exc)) from exc
+    from rewards.guard import RewardGuard
+
+    # the trainer's checks (one line naming the function and the first bad row); --timeout bounds the call
+    # built-ins bound themselves per item (the verifier's pool, whose start-up must not count); user code cannot
+    user_code = args.fn not in rewards.available()
+    guard = RewardGuard("raise", timeout=args.timeout * len(rows) if args.timeout and user_code else None, hint="")
+    scores, _ = guard.score(rewards.reward_name(args.fn), fn, [None] * len(rows), messages, **kwargs)
+    verifier = args.fn in VERIFIER_FNS  # only these decide by the verifier: its reason explains their score
     for index, (text, gold, score) in enumerate(zip(texts, golds, scores), start=1):
-        verdict = explain(text, gold)
         prefix = f"[{index}] " if len(rows) > 1 else ""
+        if not verifier:
+            print(f"{prefix}gold: {gold!r}  score: {score}")
+            continue
+        verdict = explain(text, gold)
         print(f"{prefix}extracted: {verdict.extracted!r}  gold: {gold!r}  score: {score}  "
               f"reason: {verdict.reason} ({verdict.path})")
     if len(rows) > 1:

@@ -1,15 +1,20 @@
 """The reward role of the trainer: the configured reward functions, weighted, applied to one rollout.
 
-Every function is called through `rewards.score_completions` (the scoring call `looprl eval` uses too);
-the weighted sum is the sample's reward, and `accuracy_reward` (logged as `accuracy`) is either one of the
-configured functions or scored on its own.
+Every function is called through `rewards.scoring` (the scoring call `looprl eval` uses too) and the
+run's `RewardGuard` (checked results, reward_on_error, reward_timeout, Ctrl-C; rewards/guard.py); the
+weighted sum is the sample's reward, and `accuracy_reward` (logged as `accuracy`) is either one of the
+configured functions or scored on its own. Under reward_on_error: skip_group a sample a function failed on
+has `skip` set, and the trainer drops its group.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import rewards
+from rewards.guard import RewardGuard
+from rewards.scoring import score_completions, score_functions
 from rl.batch import Sample
 from rl.config import ConfigError, TrainConfig
 from rollout import Rollout
@@ -18,14 +23,16 @@ from rollout import Rollout
 class Scorer:
     """Weighted reward functions of a run (config keys rewards, reward_weights, reward_kwargs, ...)."""
 
-    def __init__(self, cfg: TrainConfig, columns: list[str]):
+    def __init__(self, cfg: TrainConfig, columns: list[str], warn: Callable[[str], None] | None = None):
         self.max_new_tokens = cfg.max_new_tokens
         self.columns = columns  # dataset columns passed to every function by keyword (TRL's convention)
         self.fns = self._build(cfg)
+        self.guard = RewardGuard(cfg.reward_on_error, cfg.reward_timeout, **({"warn": warn} if warn else {}))
         names = [name for name, _, _ in self.fns]
-        self.accuracy_key = cfg.accuracy_reward.split(":")[-1] if cfg.accuracy_reward else None
+        self.accuracy_key = rewards.reward_name(cfg.accuracy_reward) if cfg.accuracy_reward else None
         self.accuracy_fn = None
-        if cfg.accuracy_reward and cfg.accuracy_reward not in names:
+        # a callable (Python API) is called as is; a name not among the rewards is scored on its own
+        if cfg.accuracy_reward and (callable(cfg.accuracy_reward) or cfg.accuracy_reward not in names):
             self.accuracy_fn = rewards.get(cfg.accuracy_reward)
 
     @staticmethod
@@ -45,7 +52,7 @@ class Scorer:
                 fn = rewards.get(name, **opts)
             except (KeyError, ValueError, ImportError, AttributeError) as e:
                 raise ConfigError(f"config key 'rewards': {e}") from None
-            fns.append((name.split(":")[-1], fn, float(weight)))
+            fns.append((rewards.reward_name(name), fn, float(weight)))
         return fns
 
     @property
@@ -53,20 +60,18 @@ class Scorer:
         return [name for name, _, _ in self.fns]
 
     def score(self, indices: list[int], rows: list[dict], rollout: Rollout, texts: list[str]) -> list[Sample]:
-        """Samples of one rollout (prompt-major, n per prompt of `indices`/`rows`) with their rewards."""
+        """Samples of one rollout (prompt-major, n per prompt of `indices`/`rows`) with their rewards.
+        Raises rewards.guard.RewardFunctionError (reward_on_error: raise) or RewardInterrupted (Ctrl-C)."""
         n = len(texts) // len(rows)
         truncated = [r == "length" for r in rollout.finish_reasons]
         prompts = [row["prompt"] for row in rows for _ in range(n)]
         columns = {col: [row[col] for row in rows for _ in range(n)] for col in self.columns}
 
-        def score(fn) -> list[float | None]:
-            return rewards.score_completions(fn, prompts, texts, columns=columns,
-                                             completion_ids=rollout.completion_ids, truncated=truncated,
-                                             max_completion_length=self.max_new_tokens)
-
-        per_fn = {name: score(fn) for name, fn, _ in self.fns}
+        scoring = dict(columns=columns, completion_ids=rollout.completion_ids, truncated=truncated,
+                       max_completion_length=self.max_new_tokens, guard=self.guard)
+        per_fn, skip = score_functions([(name, fn) for name, fn, _ in self.fns], prompts, texts, **scoring)
         if self.accuracy_fn is not None:
-            correct = score(self.accuracy_fn)
+            correct = score_completions(self.accuracy_fn, prompts, texts, name=self.accuracy_key, **scoring)
         elif self.accuracy_key:
             correct = per_fn[self.accuracy_key]
         else:
@@ -80,5 +85,5 @@ class Scorer:
                 prompt_index=indices[j // n], prompt_ids=list(rollout.prompt_ids[j]),
                 completion_ids=list(rollout.completion_ids[j]), rollout_logprobs=list(rollout.logprobs[j]),
                 truncated=truncated[j], reward=total, fn_rewards=fn_r,
-                correct=None if correct[j] is None else float(correct[j]), text=texts[j]))
+                correct=None if correct[j] is None else float(correct[j]), text=texts[j], skip=skip[j]))
         return samples

@@ -28,21 +28,23 @@ import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
-from transformers import AutoConfig, AutoTokenizer
 
 import rewards
 from looped.facts import max_depth
+from rewards.guard import RewardFunctionError, RewardInterrupted
 from rl.advantages import get_advantage
 from rl.batch import Sample
-from rl.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from rl.checkpoint import load_latest_checkpoint, save_checkpoint
 from rl.config import ConfigError, TrainConfig, help_text, load_config, save_config, validate
 from rl.data import EMBEDDED_MODEL, load_prompts
 from rl.dist import reduce_max, reduce_sum
 from rl.dynamic_sampling import Group, SamplingResult, collect_groups
 from rl.evaluate import evaluate_depths, flat_metrics
 from rl.metrics import RunLogger, progress_bar, reward_metrics, sample_rows, summarize
+from rl.model_io import load_model_config, load_tokenizer
 from rl.policy import Policy
 from rl.prompts import PromptIds, PromptSampler
+from rl.run_dir import check_resume_step, one_line, prepare_output_dir
 from rl.scoring import Scorer
 from rl.self_distill import validate_self_distill
 from rollout import SamplingParams, get_engine, make_worker
@@ -76,13 +78,12 @@ class Trainer:
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
         self.rank, self.world = acc.process_index, acc.num_processes
+        # a used output_dir needs --resume or --overwrite (checked before any loading; cleared in train())
+        prepare_output_dir(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite)
 
-        # the model's facts that validation needs (its T), before loading weights
+        # the model's facts that validation needs (its T), before loading weights; one-line load errors
         self.model_path = EMBEDDED_MODEL if cfg.model == "embedded" else cfg.model
-        try:
-            model_config = AutoConfig.from_pretrained(self.model_path)
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"config key 'model': cannot load {self.model_path!r} ({e})") from None
+        model_config = load_model_config(self.model_path, "config key 'model'")
         if cfg.depth is None:
             cfg.depth = max_depth(model_config)
         validate(cfg, max_depth=max_depth(model_config), num_processes=self.world)
@@ -92,7 +93,7 @@ class Trainer:
 
         # the actor: model, reference, optimizer, update
         set_seed(cfg.seed)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        self.tokenizer = load_tokenizer(self.model_path, "config key 'model'")
         eos = self.tokenizer.eos_token_id
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
         engine = get_engine(cfg.engine)
@@ -107,15 +108,17 @@ class Trainer:
         self.worker.sync_weights(self.policy.module)  # an engine that loaded the files trains from our weights
 
         # data and rewards
-        try:
+        key = "data"
+        try:  # rl.data.DataError names the file, row and field; the key says which of the two
             self.dataset = load_prompts(cfg.data, split=cfg.data_split, limit=cfg.data_limit)
+            key = "eval_data"
             self.eval_dataset = load_prompts(cfg.eval_data, split="test", limit=cfg.eval_limit) \
                 if cfg.eval_every else None
-        except ValueError as e:  # rl.data.DataError names the file, row and field
-            raise ConfigError(f"config key 'data' / 'eval_data': {e}") from None
+        except ValueError as e:
+            raise ConfigError(f"config key {key!r}: {e}") from None
         self.sampler = PromptSampler(len(self.dataset), cfg.seed)
         self.prompt_ids = PromptIds(self.tokenizer, self.dataset, cfg.max_prompt_length)
-        self.scorer = Scorer(cfg, columns=[c for c in self.dataset.column_names if c != "prompt"])
+        self.scorer = Scorer(cfg, columns=[c for c in self.dataset.column_names if c != "prompt"], warn=log)
         self.advantages = get_advantage(cfg.advantage_estimator)
 
         self.global_step = 0
@@ -154,7 +157,7 @@ class Trainer:
             # 6. the next rollout samples from the updated weights
             self.worker.sync_weights(self.policy.module)
         else:
-            warnings.warn(f"step {self.global_step}: every group had equal rewards after {result.rounds} rounds; "
+            warnings.warn(f"step {self.global_step + 1}: every group had equal rewards after {result.rounds} rounds; "
                           "no update", RuntimeWarning, stacklevel=2)
 
         metrics["time/rollout"] = timers["rollout"]
@@ -188,11 +191,14 @@ class Trainer:
         timers["reward"] += time.perf_counter() - t1
         groups = [Group(rewards=[s.reward for s in samples[g * n:(g + 1) * n]], data=samples[g * n:(g + 1) * n])
                   for g in range(len(local))]
+        groups = [g for g in groups if not any(s.skip for s in g.data)]  # reward_on_error: skip_group
         return gather_object(groups) if self.world > 1 else groups
 
     def _reward_counters(self) -> dict[str, float]:
-        """Verifier counts since the last step (timeouts, errors, ...), summed over processes."""
-        return reduce_sum(self.accelerator, {k: float(v) for k, v in rewards.pop_counters().items()})
+        """Verifier counts (timeouts, errors, ...) and reward-function failures (rewards/fn_errors, ...)
+        since the last step, summed over processes."""
+        counts = {**rewards.pop_counters(), **self.scorer.guard.pop_counters()}
+        return reduce_sum(self.accelerator, {k: float(v) for k, v in counts.items()})
 
     # ------------------------------------------------------------------ the run
 
@@ -200,6 +206,9 @@ class Trainer:
         """Steps until max_steps: step, eval, log, stop checks, checkpoint; then the final model."""
         cfg, acc = self.cfg, self.accelerator
         out = Path(cfg.output_dir)
+        if acc.is_main_process:  # the config is valid now: an --overwrite may remove the previous run
+            prepare_output_dir(out, resume=cfg.resume, overwrite=cfg.overwrite, clear=True)
+        acc.wait_for_everyone()
         resumed = self._maybe_resume()
         if acc.is_main_process:
             out.mkdir(parents=True, exist_ok=True)
@@ -219,7 +228,15 @@ class Trainer:
                 t0 = time.perf_counter()
                 logger.log(0, {**self.evaluate(), "time/eval": time.perf_counter() - t0})
             while self.global_step < cfg.max_steps:
-                metrics = self.step()
+                at_start = self.sampler.state_dict()
+                try:
+                    metrics = self.step()
+                except RewardInterrupted:  # Ctrl-C inside a reward function: nothing of this step is kept
+                    self.sampler.load_state_dict(at_start)
+                    self.save()
+                    log(f"interrupted during the rewards of step {self.global_step + 1}: checkpoint written at "
+                        f"step {self.global_step}; continue with --resume")
+                    return 0
                 self.global_step += 1
                 self.nan_streak = self.nan_streak + 1 if metrics.get("updates/skipped", 0) else 0
                 if cfg.eval_every and (self.global_step % cfg.eval_every == 0 or self.global_step == cfg.max_steps):
@@ -245,8 +262,8 @@ class Trainer:
             bar.close()
             if acc.is_main_process:
                 log(summarize(logger.metrics_path) + f"; final model in {out / 'final'}")
-        except StopTraining as e:
-            log(f"error: {e}")
+        except (StopTraining, RewardFunctionError, OSError) as e:  # OSError: a full disk (rl/run_dir.py)
+            log(f"error: {one_line(e) if isinstance(e, OSError) else e}")
             code = 1
         finally:
             bar.close()
@@ -261,8 +278,10 @@ class Trainer:
         depths = cfg.eval_depths or list(range(1, self.depth + 1))
         results = evaluate_depths(self.policy.module, self.tokenizer, self.eval_dataset, depths, n=1,
                                   temperature=0.0, max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens,
-                                  reward_fn=cfg.accuracy_reward or "math_accuracy", seed=cfg.seed)
+                                  reward_fn=cfg.accuracy_reward or "math_accuracy", seed=cfg.seed,
+                                  guard=self.scorer.guard)
         rewards.pop_counters()  # drop eval's verifier counts: rewards/* count training rollouts only
+        self.scorer.guard.pop_counters()
         return {k: v for k, v in flat_metrics(results).items() if k.startswith("eval/accuracy_d")}
 
     def _warn_mismatch(self, mismatch: float) -> None:
@@ -282,11 +301,13 @@ class Trainer:
     def _maybe_resume(self) -> int | None:
         if not self.cfg.resume:
             return None
-        path = latest_checkpoint(self.cfg.output_dir)
-        if path is None:
-            log(f"--resume: no complete checkpoint in {self.cfg.output_dir}/checkpoints; starting fresh")
+        # a corrupt newest checkpoint is skipped with a warning naming it (rl/checkpoint.py)
+        found = load_latest_checkpoint(self.accelerator, self.cfg.output_dir, warn=log)
+        if found is None:
+            log(f"--resume: no checkpoint in {self.cfg.output_dir}/checkpoints; starting fresh")
             return None
-        state = load_checkpoint(self.accelerator, path)
+        path, state = found
+        check_resume_step(int(state["step"]), self.cfg.max_steps, path, log)
         self.global_step = int(state["step"])
         self.sampler.load_state_dict(state["sampler"])
         self.nan_streak = int(state.get("nan_streak", 0))
@@ -315,10 +336,9 @@ class Trainer:
     def _save_final(self) -> None:
         acc = self.accelerator
         acc.wait_for_everyone()
-        self.policy.save_pretrained(Path(self.cfg.output_dir) / "final", self.tokenizer)
-        if self.cfg.save_every:
-            self.save()
+        self.policy.save_pretrained(Path(self.cfg.output_dir) / "final", self.tokenizer)  # atomic, portable
         acc.wait_for_everyone()
+        self.save()  # always: --resume finds the end of the run (and can extend it with a larger max_steps)
 
 
 def _sampling_metrics(result: SamplingResult) -> dict[str, float]:
@@ -350,12 +370,14 @@ def main(argv: list[str] | None = None) -> int:
             "-m rl train ...`.")
     try:
         cfg = load_config(argv)
-        trainer = Trainer(cfg)
-    except ConfigError as e:
+        return Trainer(cfg).train()
+    except ConfigError as e:  # includes run-directory, model-loading and checkpoint problems
         print(f"{LOG_PREFIX} {e}", file=sys.stderr)
         return 2
-    try:
-        return trainer.train()
+    except KeyboardInterrupt:  # a second Ctrl-C: the first one's checkpoint was not waited for
+        print(f"{LOG_PREFIX} stopped at once by a second interrupt; --resume continues from the newest "
+              "checkpoint", file=sys.stderr)
+        return 130
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()  # a gloo group left open can abort the process at exit

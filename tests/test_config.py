@@ -57,8 +57,8 @@ def test_errors_name_the_key(argv, key):
 
 def test_unknown_key_in_yaml_names_file(tmp_path):
     path = tmp_path / "bad.yaml"
-    path.write_text("max_steps: 3\nlearning_rate: 0.1\n")
-    with pytest.raises(ConfigError, match=r"'learning_rate' in .*bad.yaml"):
+    path.write_text("max_steps: 3\nlearning_rat: 0.1\n")  # (learning_rate is TRL's name for lr: accepted)
+    with pytest.raises(ConfigError, match=r"'learning_rat' in .*bad.yaml"):
         load_config(["--config", str(path)])
 
 

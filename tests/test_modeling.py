@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
-import rl  # noqa: F401  (registers the Auto classes)
+import looped  # noqa: F401  (registers the Ouro classes with the Auto classes)
 from looped import OuroConfig, OuroForCausalLM, exit_probs_from_lambdas, threshold_exit_index
 from looped.hf_compat import CACHE_NAME, enable_activation_checkpointing
 
