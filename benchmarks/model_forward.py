@@ -16,10 +16,12 @@ import time
 
 import torch
 
-from rl.modeling import OuroConfig, OuroForCausalLM
+from looped import OuroConfig, OuroForCausalLM
 
 CONFIGS = {
     # name: (config kwargs, batch, seq_len)
+    "tiny": (dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=4, vocab_size=100), 2, 32),  # the embedded model's shape (smoke test)
     "small": (dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4,
                    num_key_value_heads=4, vocab_size=2048), 2, 128),
     "medium": (dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=6, num_attention_heads=8,

@@ -60,7 +60,7 @@ def stop_ids_for(vocab: int) -> list[int]:
 
 
 def build_model(size: Size):
-    from rl.modeling import OuroConfig, OuroForCausalLM
+    from looped import OuroConfig, OuroForCausalLM
 
     torch.manual_seed(0)
     config = OuroConfig(
@@ -184,16 +184,15 @@ def run_trainer_shape(repeats: int) -> None:
     """The default `looprl train` rollout: shipped tiny Ouro, arith prompts, 32 prompts x 8, 8 new tokens."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from looped.facts import max_depth
     from rl.data import EMBEDDED_MODEL, load_prompts
+    from rl.prompts import encode_prompts
     from rollout import SamplingParams, TorchRolloutWorker
 
     tokenizer = AutoTokenizer.from_pretrained(EMBEDDED_MODEL)
     model = AutoModelForCausalLM.from_pretrained(EMBEDDED_MODEL).eval()
-    depth, eos, pad = model.config.total_ut_steps, tokenizer.eos_token_id, tokenizer.pad_token_id
-    prompts = [
-        tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=False)
-        for p in load_prompts("arith", split="test", limit=32)["prompt"]
-    ]
+    depth, eos, pad = max_depth(model), tokenizer.eos_token_id, tokenizer.pad_token_id
+    prompts = encode_prompts(tokenizer, load_prompts("arith", split="test", limit=32)["prompt"])
     worker = TorchRolloutWorker(model, depth, eos_token_id=eos, pad_token_id=pad)
     best = {"worker": float("inf"), "hf": float("inf")}
     with torch.inference_mode():

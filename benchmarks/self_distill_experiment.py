@@ -47,7 +47,7 @@ def train(run_dir: Path, seed: int, steps: int, coef: float, extra: list[str], t
 def load(model_dir: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import rl  # noqa: F401  (registers the Ouro architecture)
+    import looped  # noqa: F401  (registers the Ouro classes with the Auto classes)
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -84,12 +84,14 @@ def evaluate(model_dir: str, limit: int, thresholds=THRESHOLDS, max_new_tokens: 
              batch_size: int = 64) -> dict:
     """Fixed-depth accuracy, early-exit accuracy vs mean depth, and exit alignment of one model."""
     import rewards
+    from looped.facts import max_depth
     from rl.data import load_prompts
-    from rl.evaluate import encode_prompts, evaluate_depths
+    from rl.evaluate import evaluate_depths
+    from rl.prompts import encode_prompts
     from rl.self_distill import early_exit_generate
 
     model, tokenizer = load(model_dir)
-    depth = int(model.config.total_ut_steps)
+    depth = max_depth(model)
     data = load_prompts("arith", split="test", limit=limit)
     score = rewards.get("math_accuracy")
     fixed = evaluate_depths(model, tokenizer, data, list(range(1, depth + 1)), max_new_tokens=max_new_tokens,

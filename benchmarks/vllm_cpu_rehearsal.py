@@ -49,7 +49,7 @@ def make_checkpoint(path: Path) -> dict:
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from rl.modeling import OuroConfig, OuroForCausalLM
+    from looped import OuroConfig, OuroForCausalLM
 
     start = time.perf_counter()
     chars = ["<pad>", "<bos>", "<eos>", "<unk>", "\n"] + [chr(c) for c in range(32, 127)]
@@ -77,7 +77,7 @@ def make_checkpoint(path: Path) -> dict:
 def engine_phase(path: Path, eager: bool) -> dict:
     import torch
 
-    from rl.modeling import OuroForCausalLM
+    from looped import OuroForCausalLM
     from rollout import SamplingParams
     from rollout.vllm_worker import VLLMRolloutWorker
 

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from rewards.math import _ANCHOR, Verdict, extract_answer, verify_batch
+from rewards.policy import Policy, resolve
 from rewards.registry import register
 
 GOLD_COLUMNS = ("ground_truth", "solution", "answer")
@@ -45,11 +46,11 @@ def _golds(fn_name: str, n: int, kwargs: dict[str, Any]) -> list[str]:
 
 
 def _verdicts(fn_name: str, completions: Sequence[Any] | None, kwargs: dict[str, Any],
-              timeout: float | None) -> list[Verdict]:
+              timeout: float | None, policy: Policy) -> list[Verdict]:
     if completions is None:
         raise ValueError(f"{fn_name}: no completions given")
     texts = [completion_text(c) for c in completions]
-    verdicts = verify_batch(texts, _golds(fn_name, len(texts), kwargs), timeout=timeout)
+    verdicts = verify_batch(texts, _golds(fn_name, len(texts), kwargs), timeout=timeout, policy=policy)
     log_metric: Callable | None = kwargs.get("log_metric")
     if callable(log_metric):  # TRL's GRPOTrainer hook; our trainer reads rewards.pop_counters() instead
         log_metric("rewards/timeouts", float(sum(v.path == "timeout" for v in verdicts)))
@@ -62,17 +63,25 @@ def _verdicts(fn_name: str, completions: Sequence[Any] | None, kwargs: dict[str,
 
 @register("dapo_math")
 def dapo_math(prompts: Sequence[Any] | None = None, completions: Sequence[Any] | None = None, *,
-              timeout: float | None = None, **kwargs: Any) -> list[float]:
+              timeout: float | None = None, policy: str | None = None, numeric_precision: int | None | str = "preset",
+              decimal_comma: bool | None = None, fallback: str | None = None, **kwargs: Any) -> list[float]:
     """DAPO's score: +1.0 when the final answer equals the gold answer, -1.0 otherwise (also when no
-    answer was found, or verification timed out / failed)."""
-    return [1.0 if v.correct else -1.0 for v in _verdicts("dapo_math", completions, kwargs, timeout)]
+    answer was found, or verification timed out / failed). Verifier options: `rewards.policy`."""
+    chosen = resolve(policy, numeric_precision=numeric_precision, decimal_comma=decimal_comma, fallback=fallback,
+                     where="dapo_math")
+    return [1.0 if v.correct else -1.0 for v in _verdicts("dapo_math", completions, kwargs, timeout, chosen)]
 
 
 @register("math_accuracy")
 def math_accuracy(prompts: Sequence[Any] | None = None, completions: Sequence[Any] | None = None, *,
-                  timeout: float | None = None, **kwargs: Any) -> list[float]:
-    """1.0 when the final answer equals the gold answer, else 0.0 (the usual accuracy metric)."""
-    return [1.0 if v.correct else 0.0 for v in _verdicts("math_accuracy", completions, kwargs, timeout)]
+                  timeout: float | None = None, policy: str | None = None,
+                  numeric_precision: int | None | str = "preset", decimal_comma: bool | None = None,
+                  fallback: str | None = None, **kwargs: Any) -> list[float]:
+    """1.0 when the final answer equals the gold answer, else 0.0 (the usual accuracy metric).
+    Verifier options: `rewards.policy`."""
+    chosen = resolve(policy, numeric_precision=numeric_precision, decimal_comma=decimal_comma, fallback=fallback,
+                     where="math_accuracy")
+    return [1.0 if v.correct else 0.0 for v in _verdicts("math_accuracy", completions, kwargs, timeout, chosen)]
 
 
 @register("overlong_penalty")
@@ -121,7 +130,7 @@ def format_reward(prompts: Sequence[Any] | None = None, completions: Sequence[An
         if style == "boxed":
             ok = bool(_BOXED.search(text))
         elif style == "any":
-            ok = extract_answer(text) is not None
+            ok = extract_answer(text, fallback="none") is not None  # an explicit final answer only
         else:
             lines = [line for line in text.strip().split("\n") if line.strip()]
             last = lines[-1].strip().lstrip("*_#> ") if lines else ""

@@ -12,7 +12,11 @@ Two halves, on purpose:
 Policy (documented choices, each covered by a test): `%`, degrees, `\\text{}` units and thousands
 separators are dropped; `34.0 == 34`; `0.5 == \\frac12`; a decimal never equals an irrational value
 (`3.14159 != \\pi`); several candidate answers (`3 or 4`, `3, 4`, two numbers side by side) never match
-a single gold answer; a partially parsed answer is not trusted.
+a single gold answer; a partially parsed answer is not trusted; a set never equals a tuple or an
+interval; units of different magnitude (`5 km` vs `5 m`) differ; in a chained equality (`x = 5+5+1 = 11`)
+every member must equal the gold answer. Options (`rewards.policy`, per reward function): exact
+(default) or rounded decimals, decimal commas, and the last-math fallback for responses without an
+`Answer:` line or a box.
 """
 
 from __future__ import annotations
@@ -26,6 +30,9 @@ from collections import Counter
 from dataclasses import dataclass
 from fractions import Fraction
 
+from rewards import forms
+from rewards.policy import Policy, resolve
+
 __all__ = ["Verdict", "extract_answer", "normalize_answer", "parse_literal", "is_equivalent", "explain",
            "verify_batch", "counters", "pop_counters", "configure", "shutdown"]
 
@@ -36,11 +43,18 @@ MAX_ANSWER_CHARS = 300  # longer "answers" are prose or garbage; MATH-500's long
 # ----------------------------------------------------------------------------------------- extraction
 
 _ANCHOR = re.compile(r"(?<![A-Za-z])answer\s*(?:\*\*|__|\*)?\s*[:：]", re.IGNORECASE)
+# Both kinds in one scan: group 1 set for `Answer:`; else a colon-less "Answer $ 9 $", "Answer \\[ 9 \\]",
+# "the answer is $9$." that counts only when the math is all that follows on its line
+_ANY_ANCHOR = re.compile(r"(?<![A-Za-z])answer\s*(?:\*\*|__|\*)?\s*(?:([:：])|(?:is\s+)?(?=\$|\\\[|\\\())",
+                         re.IGNORECASE)
+_MATH_SPAN = re.compile(r"(?<!\\)\$\$(.+?)(?<!\\)\$\$|(?<!\\)\$([^$\n]+?)(?<!\\)\$|\\\[(.+?)\\\]|\\\((.+?)\\\)", re.DOTALL)
+_LINE_REST_EMPTY = re.compile(r"[\s.!*_]*(?:\n|$)")
 _BOX_START = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _MATH_DELIMS = re.compile(r"\\\$|\$\$|\$|\\\(|\\\)|\\\[|\\\]")
 _LEADING_PROSE = re.compile(
     r"^(?:(?:so|thus|therefore|hence)\b,?\s*)?(?:[A-Za-z][A-Za-z' ]*?\s+)?(?:is|are|equals|was|=)\s*:?\s+(.+)$",
     re.IGNORECASE)
+_LONE_ASSIGNMENT = re.compile(r"\s*[A-Za-z](?:_\{?\w+\}?)?\s*=\s*")
 _SPECIAL_TOKENS = re.compile(r"<\|[^|<>\s]{1,40}\|>|</s>|<eos>|<end_of_turn>")
 _SENTENCE_END = re.compile(r"(?<=[^\s.])[.;!](?:\s+|$)")
 _CLAUSE = re.compile(r",\s+(?=(?:because|since|which|as|so|where|when|given|assuming)\b)", re.IGNORECASE)
@@ -143,27 +157,52 @@ def _clean_candidate(s: str) -> str:
     s = _MATH_DELIMS.sub(lambda m: "" if m.group(0) == "\\$" else " ", s)
     s = re.sub(r"\s+([.,;!])(?=\s|$)", r"\1", " ".join(s.split()))
     match = _LEADING_PROSE.match(s)
-    if match and not re.search(r"\d", s[: match.start(1)]):
+    # "so the total is 12" -> "12", but `y = 2x + 1` keeps its variable: it may be an equation answer
+    if match and not re.search(r"\d", s[: match.start(1)]) and not _LONE_ASSIGNMENT.fullmatch(s[: match.start(1)]):
         s = match.group(1)
     s = _strip_trailing_prose(s)
     return s.strip().rstrip(".;,!").strip()
 
 
-def extract_answer(text: str) -> str | None:
+def _anchor_ends(text: str) -> list[int]:
+    """Where the answer text starts after each `Answer:` (or a colon-less `Answer $..$` whose math is
+    the rest of its line), in order."""
+    ends = []
+    for match in _ANY_ANCHOR.finditer(text):
+        if match.group(1):
+            ends.append(match.end())
+        elif (span := _MATH_SPAN.match(text, match.end())) and _LINE_REST_EMPTY.match(text, span.end()):
+            ends.append(match.end())
+    return ends
+
+
+def _last_math(text: str) -> str | None:
+    """Content of the last `$..$` / `$$..$$` / `\\(..\\)` / `\\[..\\]` (math-verify's fallback)."""
+    spans = list(_MATH_SPAN.finditer(text))
+    if not spans:
+        return None
+    last = spans[-1]
+    content = next(g for g in last.groups() if g is not None)
+    return content.strip() or None
+
+
+def extract_answer(text: str, *, fallback: str = "last_math") -> str | None:
     """The final answer in a full model response, or None if there is none.
 
     Order: the last `Answer:` line (DAPO's format; bold, `$..$`, `\\(..\\)`, boxed, trailing period and
-    trailing prose tolerated) unless a `\\boxed{}` comes after it; else the last `\\boxed{}` (all boxes
-    on that line if there are several); else the whole response when it is one short line (a bare answer).
+    trailing prose tolerated; also `Answer $9$` without the colon) unless a `\\boxed{}` comes after it;
+    else the last `\\boxed{}` (all boxes on that line if there are several); else the whole response
+    when it is one short line (a bare answer); else, with `fallback="last_math"`, the last math
+    expression of the response (a long chain of thought that never states its answer otherwise).
     """
     if not isinstance(text, str) or not text.strip():
         return None
-    anchors = list(_ANCHOR.finditer(text))
+    anchors = _anchor_ends(text)
     spans = _boxed_spans(text)
     if anchors:
-        rest = text[anchors[-1].end():]
+        rest = text[anchors[-1]:]
         chunk = _chunk_after_anchor(rest)
-        chunk_end = anchors[-1].end() + rest.find(chunk) + len(chunk) if chunk else anchors[-1].end()
+        chunk_end = anchors[-1] + rest.find(chunk) + len(chunk) if chunk else anchors[-1]
         candidate = _clean_candidate(chunk)
         if candidate and not (spans and spans[-1][0] >= chunk_end):  # a later box is the final answer
             return candidate
@@ -177,6 +216,8 @@ def extract_answer(text: str) -> str | None:
     stripped = text.strip()
     if not anchors and "\n" not in stripped and len(stripped) <= 200:
         return _clean_candidate(stripped) or None
+    if fallback == "last_math" and not anchors and (math := _last_math(text)) is not None:
+        return _clean_candidate(math) or None
     return None
 
 
@@ -187,11 +228,16 @@ _UNITS = frozenset(
     "point feet foot ft minutes minute min digits digit cents cent degrees degree cm mm m gm g kg pounds pound "
     "lbs lb meters meter metres metre seconds second sec s days day years year miles mile students people "
     "percent liters liter ml grams gram ounces oz yards yard mm cm^2 cm^3 m^2 m^3 radians rad".split())
-_TEXT_COMMANDS = re.compile(r"\\(?:text|textbf|textrm|textit|mathrm|mathbf|mbox|operatorname)\s*\{")
+_TEXT_COMMANDS = re.compile(r"\\(?:text|textbf|textrm|textit|textnormal|textup|textsf|mathrm|mathbf|mathsf|mbox|hbox|"
+                            r"operatorname)\s*\{")
 _SPACING = re.compile(r"(?<!\\)\\[,;:! ]|\\q?quad\b|~")  # not the `\\` of matrix rows
 _DEGREES = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|\\circ|\\degree|°")
 _THOUSANDS = re.compile(r"^[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
 _ASSIGNMENT = re.compile(r"^\s*[A-Za-z](?:_\{?\w+\}?)?\s*=\s*([^=]+)$")
+_MEMBERSHIP = re.compile(r"^\s*[A-Za-z](?:_\{?\w+\}?)?\s*\\in\s+(.+)$")  # x \in [-2, 7]
+_COMMA_BANG = re.compile(r"(?<=\d),\s*\\!\s*(?=\d)")  # `32,\! 349`: LaTeX's thousands comma
+_PLAIN = re.compile(r"[+-]?[\d.]*")
+_PLAIN_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 _UNIT_POWER = re.compile(r"^\s*\^\s*\{?[23]\}?")
 
 
@@ -208,20 +254,29 @@ def _strip_text_commands(s: str) -> str:
             rest = _UNIT_POWER.sub("", s[end:]) if words else s[end:]
             s = s[: match.start()] + " " + rest
         else:
-            s = s[: match.start()] + inner + s[end:]
+            pad = " " if inner.lower() in ("and", "or") else ""  # `x=1\\text{or}x=2`: keep the word apart
+            s = s[: match.start()] + pad + inner + pad + s[end:]
     return s
 
 
 @functools.lru_cache(maxsize=65536)
-def normalize_answer(answer: str) -> str:
-    """Canonical string form of an answer (no delimiters, units, %, degrees, thousands separators)."""
+def normalize_answer(answer: str, keep_assignment: bool = False) -> str:
+    """Canonical string form of an answer (no delimiters, units, %, degrees, thousands separators; one
+    spelling per relation and per matrix environment; `x = 5` -> `5` unless `keep_assignment`, which
+    the caller asks for when the other side is an equation such as `2x + 4y - 3 = 0`)."""
     if len(answer) > 4 * MAX_ANSWER_CHARS:  # garbage; rejected as too long by the caller anyway
         return answer.strip()
+    if _PLAIN_NUMBER.fullmatch(answer):  # most DAPO answers: nothing below would change them
+        return answer
     s = _unbox(answer.strip())
     s = _MATH_DELIMS.sub(lambda m: "" if m.group(0) == "\\$" else " ", s)
     s = s.replace("−", "-").replace("–", "-").replace("\u2009", "").replace("\u00a0", " ")
     s = re.sub(r"\\[dtc]frac", r"\\frac", s)
+    if "\\begin" in s:
+        s = forms.canonical_matrices(s)  # before \\left / \\right go: `\\left[\\begin{array}..\\right]`
     s = re.sub(r"\\(?:left|right|big|Big|bigg|Bigg)(?![A-Za-z])", "", s)
+    if "\\!" in s:
+        s = _COMMA_BANG.sub(",", s)
     s = re.sub(r"(?<=\d)(?:\\,|\{,\}|\\!)(?=\d{3})", "", s)  # 1\,000 and 1{,}000
     s = _SPACING.sub(" ", s)
     s = _DEGREES.sub("", s)
@@ -236,8 +291,15 @@ def normalize_answer(answer: str) -> str:
         s = s.replace(" ", "")
     if _THOUSANDS.match(s):
         s = s.replace(",", "")
-    if (match := _ASSIGNMENT.match(s)) and "\\" not in s[: s.index("=")]:
-        s = match.group(1).strip()
+    if not _PLAIN.fullmatch(s):  # the new notations below never occur in a plain number
+        s = forms.canonical_relations(forms.and_to_comma(s))
+        if "\\in" in s and (match := _MEMBERSHIP.match(s)) and not forms.has_relation(s):
+            s = match.group(1).strip()
+    if not keep_assignment and "=" in s:
+        if (match := _ASSIGNMENT.match(s)) and "\\" not in s[: s.index("=")]:
+            s = match.group(1).strip()
+        elif (values := forms.assignment_list_values(s)) is not None:
+            s = values
     if re.fullmatch(r"\(\s*[A-Ea-e]\s*\)", s):  # multiple choice "(C)"
         s = s.strip("() ")
     return s
@@ -303,31 +365,109 @@ def _several_candidates(s: str) -> str | None:
     return None
 
 
-def fast_compare(pred: str, gold: str) -> tuple[bool | None, str]:
-    """Decide cheaply when possible: (True/False, reason), or (None, reason) when sympy is needed."""
+def _literal_equal(p: str, g: str, p_value: Fraction, g_value: Fraction, policy: Policy) -> tuple[bool, str]:
+    if p_value == g_value:
+        return True, f"exact number comparison ({p_value} vs {g_value})"
+    if policy.numeric_precision is not None:
+        for decimal, value in ((p, g_value), (g, p_value)):
+            if forms.rounded_match(decimal, value, policy.numeric_precision):
+                return True, f"{decimal} is {value} rounded (numeric_precision={policy.numeric_precision})"
+    return False, f"exact number comparison ({p_value} vs {g_value})"
+
+
+def _compare_matrices(p: str, g: str, policy: Policy) -> tuple[bool | None, str] | None:
+    p_cells, g_cells = forms.matrix_cells(p), forms.matrix_cells(g)
+    if p_cells is None or g_cells is None:
+        return None
+    if [len(r) for r in p_cells] != [len(r) for r in g_cells]:
+        return False, "matrices of different shapes"
+    values = [(parse_literal(a), parse_literal(b), a, b) for pr, gr in zip(p_cells, g_cells) for a, b in zip(pr, gr)]
+    if any(a is None or b is None for a, b, _, _ in values):
+        return None
+    for a, b, a_text, b_text in values:
+        if not _literal_equal(a_text, b_text, a, b, policy)[0]:
+            return False, f"matrix entry {a_text} vs {b_text}"
+    return True, "matrices equal entry by entry"
+
+
+def _compare_chain(members: list[str], g: str, policy: Policy) -> tuple[bool | None, str]:
+    """`x = 5+5+1 = 11` against `11`: the last member is the value; every plain-number member must
+    agree with it (a wrong step in the chain is not an answer). Undecided when a member needs sympy."""
+    g_value = parse_literal(g)
+    numbers = [(m, parse_literal(m)) for m in members if not forms.is_name(m)]
+    known = [(m, v) for m, v in numbers if v is not None]
+    if len({v for _, v in known}) > 1:
+        return False, "the members of the chained equality differ"
+    if g_value is not None and known:
+        m, v = known[-1]
+        equal, reason = _literal_equal(m, g, v, g_value, policy)
+        if not equal or len(known) == len(numbers):
+            return equal, f"chained equality: {reason}"
+    return None, "needs symbolic check"
+
+
+def _forms(pred: str, gold: str) -> tuple[str, str]:
+    """Normalised pair; an assignment is kept (`y = ...`) when the other side is an equation."""
     p, g = normalize_answer(pred), normalize_answer(gold)
+    if "=" in p and "=" not in g and g.startswith("(") and (point := forms.assignment_point(p)) is not None:
+        return point, g  # `x=2, y=3` against the ordered pair `(2, 3)`
+    if ("=" in p) != ("=" in g) and not forms.has_relation(p + g):
+        if "=" in p and forms.chain_members(p) is None:
+            g = normalize_answer(gold, keep_assignment=True)
+        elif "=" in g and forms.chain_members(g) is None:
+            p = normalize_answer(pred, keep_assignment=True)
+    return p, g
+
+
+def compare_forms(pred: str, gold: str, policy: Policy) -> tuple[bool | None, str, str, str]:
+    """Decide cheaply when possible: (True/False, reason, p, g), or (None, reason, p, g) when sympy is
+    needed for the normalised forms p and g."""
+    p, g = _forms(pred, gold)
     if not g:
-        return False, "empty gold answer"
+        return False, "empty gold answer", p, g
     if not p:
-        return False, "empty answer"
+        return False, "empty answer", p, g
     if len(p) > MAX_ANSWER_CHARS:
-        return False, f"answer longer than {MAX_ANSWER_CHARS} characters"
+        return False, f"answer longer than {MAX_ANSWER_CHARS} characters", p, g
+    p_units, g_units = forms.unit_signature(pred), forms.unit_signature(gold)
+    if p_units and g_units and not p_units & g_units:
+        return False, f"different units ({', '.join(sorted(p_units))} vs {', '.join(sorted(g_units))})", p, g
     if p == g:
-        return True, "identical after normalisation"
+        return True, "identical after normalisation", p, g
+    if forms.set_vs_tuple(p, g):  # math-verify calls {2, 3} and (2, 3) equal
+        return False, "a set is not a tuple or an interval", p, g
+    if g[:1] == "(" and "," in p and forms.assignment_list_values(normalize_answer(pred, keep_assignment=True)):
+        return False, "values of one unknown (x=2, x=3) are not an ordered pair or interval", p, g
+    if policy.decimal_comma:
+        p = forms.decimal_comma_to_point(p)
     if _CHOICE.fullmatch(g):
-        return p.upper() == g, "multiple-choice letter"
+        return p.upper() == g, "multiple-choice letter", p, g
     if _is_text(g) or _is_text(p):
         same = p.casefold().replace(" ", "") == g.casefold().replace(" ", "")
-        return same, "text comparison"
-    if "=" in p and "=" not in g and p.count("=") > 1:
-        return False, "several equations"
+        return same, "text comparison", p, g
+    if "=" in p and "=" not in g:
+        members = forms.chain_members(p)
+        if members is not None:
+            decided, reason = _compare_chain(members, g, policy)
+            return decided, reason, p, g
+        if p.count("=") > 1:
+            return False, "several equations", p, g
     p_value, g_value = parse_literal(p), parse_literal(g)
     if p_value is not None and g_value is not None:
-        return p_value == g_value, f"exact number comparison ({p_value} vs {g_value})"
+        return (*_literal_equal(p, g, p_value, g_value, policy), p, g)
+    if (matrices := _compare_matrices(p, g, policy)) is not None:
+        return (*matrices, p, g)
+    if "," not in g and "\\pm" not in g and not forms.has_relation(g) and len(forms.top_level_items(p)) > 1:
+        return False, "several answers for a single gold answer", p, g
     reason = _several_candidates(p)
     if reason and not _several_candidates(g) and "," not in g:  # a listed gold makes `3 and 5` fair
-        return False, reason
-    return None, "needs symbolic check"
+        return False, reason, p, g
+    return None, "needs symbolic check", p, g
+
+
+def fast_compare(pred: str, gold: str, policy: Policy | None = None) -> tuple[bool | None, str]:
+    """Decide cheaply when possible: (True/False, reason), or (None, reason) when sympy is needed."""
+    return compare_forms(pred, gold, policy or resolve())[:2]
 
 
 # ------------------------------------------------------------------------------- pool and counters
@@ -338,7 +478,7 @@ _POOL_LOCK = threading.Lock()
 _SETTINGS = {"workers": DEFAULT_WORKERS, "timeout": DEFAULT_TIMEOUT, "start_method": None}
 _COUNTS: Counter = Counter()
 _SINCE_POP: Counter = Counter()
-_CACHE: dict[tuple[str, str], tuple[bool, str]] = {}  # decided symbolic results (not timeouts/errors)
+_CACHE: dict[tuple, tuple[bool, str]] = {}  # decided symbolic results (not timeouts/errors)
 _CACHE_MAX = 100_000
 
 
@@ -411,25 +551,26 @@ class Verdict:
 
 
 def verify_batch(responses: list[str], ground_truths: list[str], *, timeout: float | None = None,
-                 inline: bool = False) -> list[Verdict]:
+                 inline: bool = False, policy: Policy | str | None = None) -> list[Verdict]:
     """Verdicts for many (response, gold) pairs. Undecided pairs go to the worker pool in one batch
     (hard `timeout` seconds each); `inline=True` runs sympy in this process instead (no hard limit;
-    for benchmarks and debugging only)."""
+    for benchmarks and debugging only). `policy`: "exact" (default), "rounded" or a `Policy`."""
     if len(responses) != len(ground_truths):
         raise ValueError(f"verify_batch: {len(responses)} responses but {len(ground_truths)} ground truths")
+    policy = policy if isinstance(policy, Policy) else resolve(policy, where="verify_batch")
     timeout = _SETTINGS["timeout"] if timeout is None else timeout
     verdicts: list[Verdict | None] = [None] * len(responses)
-    extracted_all = [extract_answer(response) for response in responses]
-    slow: dict[tuple[str, str], list[int]] = {}
+    extracted_all = [extract_answer(response, fallback=policy.fallback) for response in responses]
+    slow: dict[tuple, list[int]] = {}
     for i, (extracted, gold) in enumerate(zip(extracted_all, ground_truths)):
         if extracted is None:
             verdicts[i] = Verdict(None, False, "no answer found", "none")
             continue
-        decided, reason = fast_compare(extracted, str(gold))
+        decided, reason, p, g = compare_forms(extracted, str(gold), policy)
         if decided is not None:
             verdicts[i] = Verdict(extracted, decided, reason, "fast")
             continue
-        key = (normalize_answer(extracted), normalize_answer(str(gold)))
+        key = (p, g, policy.numeric_precision)
         if key in _CACHE:
             equal, reason = _CACHE[key]
             verdicts[i] = Verdict(extracted, equal, reason, "cached")
@@ -443,7 +584,7 @@ def verify_batch(responses: list[str], ground_truths: list[str], *, timeout: flo
     return [v for v in verdicts if v is not None]
 
 
-def _run_symbolic(slow: dict[tuple[str, str], list[int]], extracted: list[str | None], verdicts: list[Verdict | None],
+def _run_symbolic(slow: dict[tuple, list[int]], extracted: list[str | None], verdicts: list[Verdict | None],
                   timeout: float, inline: bool) -> None:
     from rewards.pool import TaskResult
 
@@ -476,11 +617,13 @@ def _run_symbolic(slow: dict[tuple[str, str], list[int]], extracted: list[str | 
             verdicts[i] = Verdict(extracted[i], equal, reason, path)
 
 
-def explain(response: str, ground_truth: str, *, timeout: float | None = None) -> Verdict:
+def explain(response: str, ground_truth: str, *, timeout: float | None = None,
+            policy: Policy | str | None = None) -> Verdict:
     """One verdict with its reason (what `looprl reward` prints)."""
-    return verify_batch([response], [ground_truth], timeout=timeout)[0]
+    return verify_batch([response], [ground_truth], timeout=timeout, policy=policy)[0]
 
 
-def is_equivalent(response: str, ground_truth: str, *, timeout: float | None = None) -> bool:
+def is_equivalent(response: str, ground_truth: str, *, timeout: float | None = None,
+                  policy: Policy | str | None = None) -> bool:
     """Does the final answer of `response` equal `ground_truth`? Timeouts and errors count as False."""
-    return explain(response, ground_truth, timeout=timeout).correct
+    return explain(response, ground_truth, timeout=timeout, policy=policy).correct

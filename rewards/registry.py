@@ -9,6 +9,8 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import os
+import sys
 from collections.abc import Callable
 
 RewardFn = Callable[..., list]
@@ -38,10 +40,19 @@ def available() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def _working_dir_importable() -> None:
+    """Make the current directory importable, as `python -m` does, so `rewards: [my_rewards:brevity]`
+    finds my_rewards.py next to the config without PYTHONPATH. Appended: installed modules still win."""
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.append(cwd)
+
+
 def _import(spec: str) -> RewardFn:
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise UnknownRewardError(f"reward {spec!r}: expected 'package.module:function'")
+    _working_dir_importable()
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
@@ -81,6 +92,13 @@ def get(name: str | RewardFn, **options) -> RewardFn:
     return bound
 
 
+def reward_name(spec: str | RewardFn) -> str:
+    """The name metrics use: the function part of "pkg.mod:fn", a registered name, or a callable's __name__."""
+    if callable(spec):
+        return getattr(spec, "__name__", type(spec).__name__)
+    return str(spec).split(":")[-1]
+
+
 def _accepts(fn: RewardFn, name: str) -> bool:
     try:
         return name in inspect.signature(fn).parameters
@@ -88,15 +106,20 @@ def _accepts(fn: RewardFn, name: str) -> bool:
         return False
 
 
+def invoke(fn: RewardFn, prompts: list, completions: list, **columns) -> object:
+    """`fn`'s raw result, called as TRL does (see `call`), without checking it (rewards.guard checks)."""
+    kwargs = dict(columns)
+    if "ground_truth" in kwargs and "solution" not in kwargs and _accepts(fn, "solution"):
+        kwargs["solution"] = kwargs["ground_truth"]
+    return fn(prompts=prompts, completions=completions, **kwargs)
+
+
 def call(fn: RewardFn, prompts: list, completions: list, **columns) -> list[float | None]:
     """Call any reward function as TRL's GRPOTrainer does: everything by keyword, because TRL's own
     functions do not take `prompts` positionally (`accuracy_reward(completions, solution, **kw)`).
     When the function has a `solution` parameter (TRL / open-r1) and only `ground_truth` is given,
     the gold answers are passed under both names. Checks one score per completion."""
-    kwargs = dict(columns)
-    if "ground_truth" in kwargs and "solution" not in kwargs and _accepts(fn, "solution"):
-        kwargs["solution"] = kwargs["ground_truth"]
-    scores = list(fn(prompts=prompts, completions=completions, **kwargs))
+    scores = list(invoke(fn, prompts, completions, **columns))
     if len(scores) != len(completions):
         name = getattr(fn, "__name__", type(fn).__name__)
         raise ValueError(f"reward {name!r} returned {len(scores)} scores for {len(completions)} completions")

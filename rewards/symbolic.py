@@ -14,6 +14,7 @@ from fractions import Fraction
 import sympy
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
+from rewards import forms
 from rewards.math import parse_literal
 
 logging.getLogger("math_verify").setLevel(logging.ERROR)  # "timeout is disabled" warnings on every call
@@ -32,33 +33,116 @@ def _covers_all_numbers(answer: str, parsed_text: str) -> bool:
     return "".join(_DIGITS.findall(answer)) == "".join(_DIGITS.findall(parsed_text))
 
 
-def _exact_vs_literal(literal: Fraction, expr: sympy.Basic) -> tuple[bool, str] | None:
+def _exact_vs_literal(literal: Fraction, literal_text: str, expr: sympy.Basic,
+                      precision: int | None) -> tuple[bool, str] | None:
     """A plain number against a sympy value: exact when the value is rational, never equal to an
-    irrational one (3.141593 is not pi). None when the value is not a number (sets, equations, ...)."""
+    irrational one (3.141593 is not pi) unless `precision` allows a rounded decimal. None when the
+    value is not a number (sets, equations, ...)."""
     if not isinstance(expr, sympy.Expr) or not expr.is_number:
         return None
-    if expr.is_rational is False or expr.is_real is False:
-        return False, "a plain number cannot equal an irrational/complex value"
+    if expr.is_real is False:
+        return False, "a plain number cannot equal a complex value"
+    if expr.is_rational is False:
+        if precision is not None and _number_equal(literal_text, expr, precision):
+            return True, f"{literal_text} is the value rounded (numeric_precision={precision})"
+        return False, "a plain number cannot equal an irrational value"
     if expr.is_rational:
         equal = sympy.simplify(expr - sympy.Rational(literal.numerator, literal.denominator)) == 0
+        if not equal and precision is not None and _number_equal(literal_text, expr, precision):
+            return True, f"{literal_text} is the value rounded (numeric_precision={precision})"
         return bool(equal), "exact rational comparison"
     return None
 
 
-def symbolic_equal(pred: str, gold: str) -> tuple[bool, str]:
-    """Is the normalised predicted answer mathematically equal to the normalised gold answer?"""
-    gold_parsed = _parse(gold)
-    if not gold_parsed:
-        return False, f"math-verify could not parse the gold answer {gold!r}"
-    pred_parsed = _parse(pred)
-    if not pred_parsed:
-        return False, "math-verify could not parse the answer"
+def _as_fraction(expr: sympy.Basic) -> Fraction | None:
+    if isinstance(expr, sympy.Rational):
+        return Fraction(int(expr.p), int(expr.q))
+    if isinstance(expr, sympy.Expr) and expr.is_number and expr.is_real:
+        return Fraction(str(sympy.N(expr, 30)))
+    return None
+
+
+def _decimal_text(expr: sympy.Basic) -> str | None:
+    """`2.6667` for the sympy Float math-verify made of it (trailing zeros dropped)."""
+    if not isinstance(expr, sympy.Float):
+        return None
+    text = str(expr)
+    return text.rstrip("0") if "." in text and "e" not in text.lower() else None
+
+
+def _number_equal(text: str, expr: sympy.Basic, precision: int) -> bool:
+    value = _as_fraction(expr)
+    return value is not None and forms.rounded_match(text, value, precision)
+
+
+def _rounded_equal(a, b, precision: int) -> bool:
+    """Structure-by-structure equality where a decimal may stand for the value it rounds (policy
+    "rounded"): numbers, intervals (same brackets), tuples, finite sets, matrices."""
+    if isinstance(a, sympy.Interval) and isinstance(b, sympy.Interval):
+        return (a.left_open, a.right_open) == (b.left_open, b.right_open) and \
+            _rounded_equal(a.start, b.start, precision) and _rounded_equal(a.end, b.end, precision)
+    if isinstance(a, (sympy.Tuple, tuple, list)) and isinstance(b, (sympy.Tuple, tuple, list)):
+        return len(a) == len(b) and all(_rounded_equal(x, y, precision) for x, y in zip(a, b))
+    if isinstance(a, sympy.MatrixBase) and isinstance(b, sympy.MatrixBase):
+        return a.shape == b.shape and all(_rounded_equal(x, y, precision) for x, y in zip(a, b))
+    if isinstance(a, sympy.FiniteSet) and isinstance(b, sympy.FiniteSet):
+        unused = list(b.args)
+        for x in a.args:
+            match = next((y for y in unused if _rounded_equal(x, y, precision)), None)
+            if match is None:
+                return False
+            unused.remove(match)
+        return not unused
+    if isinstance(a, sympy.Expr) and isinstance(b, sympy.Expr) and a.is_number and b.is_number:
+        if a == b or sympy.simplify(a - b) == 0:
+            return True
+        for decimal, other in ((a, b), (b, a)):
+            text = _decimal_text(decimal)
+            if text is not None and _number_equal(text, other, precision):
+                return True
+        return False
+    return a == b
+
+
+def _parse_checked(answer: str, what: str) -> tuple[list | None, str]:
+    parsed = _parse(answer)
+    if not parsed:
+        return None, f"math-verify could not parse the {what}" + (f" {answer!r}" if what == "gold answer" else "")
+    return parsed, ""
+
+
+def _equal(pred: str, gold: str, precision: int | None) -> tuple[bool, str]:
+    gold_parsed, error = _parse_checked(gold, "gold answer")
+    if gold_parsed is None:
+        return False, error
+    pred_parsed, error = _parse_checked(pred, "answer")
+    if pred_parsed is None:
+        return False, error
     if not _covers_all_numbers(pred, str(pred_parsed[-1])):
         return False, f"only part of the answer parsed ({pred_parsed[-1]!r})"
-    for literal, other in ((parse_literal(pred), gold_parsed[0]), (parse_literal(gold), pred_parsed[0])):
+    for literal, text, other in ((parse_literal(pred), pred, gold_parsed[0]), (parse_literal(gold), gold, pred_parsed[0])):
         if literal is not None:
-            decided = _exact_vs_literal(literal, other)
+            decided = _exact_vs_literal(literal, text, other, precision)
             if decided is not None:
                 return decided
-    equal = verify(gold_parsed, pred_parsed, timeout_seconds=None)
+    # set_relation: `-2 \le x \le 7` is the interval [-2, 7] (both ways round)
+    equal = verify(gold_parsed, pred_parsed, timeout_seconds=None, allow_set_relation_comp=True)
+    if not equal and precision is not None and _rounded_equal(pred_parsed[0], gold_parsed[0], precision):
+        return True, f"equal up to rounded decimals (numeric_precision={precision})"
     return bool(equal), "math-verify: equivalent" if equal else "math-verify: not equivalent"
+
+
+def symbolic_equal(pred: str, gold: str, numeric_precision: int | None = None) -> tuple[bool, str]:
+    """Is the normalised predicted answer mathematically equal to the normalised gold answer?
+
+    A chained equality (`5+5+1 = 11`) against a plain gold is equal when EVERY number-valued member is."""
+    members = forms.chain_members(pred) if "=" in pred and "=" not in gold else None
+    if members is None:
+        return _equal(pred, gold, numeric_precision)
+    for member in members:
+        if forms.is_name(member):
+            continue
+        equal, reason = _equal(member, gold, numeric_precision)
+        if not equal:
+            return False, f"chained equality: member {member!r}: {reason}"
+    return True, "chained equality: every member equals the gold answer"

@@ -1,12 +1,46 @@
-"""Group-relative advantages (GRPO): each completion's reward minus its group's mean, optionally scaled."""
+"""Advantage estimators, as a registry (`@register_advantage("name")`, config key `advantage_estimator`).
+
+One signature: rewards [N] in prompt-major order (N = groups * group_size), the group size and the config
+key `scale_rewards` -> advantages [N], one per completion (broadcast over its tokens by the loss).
+The built-in "grpo" is group-relative: each completion's reward minus its group's mean, optionally scaled.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
 
 import torch
 
 ZERO_STD_TOL = 1e-6  # a group whose rewards span less than this is "all equal" (fp32 noise is not signal)
 
 
+class AdvantageFn(Protocol):
+    def __call__(self, rewards: torch.Tensor, group_size: int, scale_rewards: str = "group") -> torch.Tensor: ...
+
+
+ADVANTAGES: dict[str, AdvantageFn] = {}
+
+
+def register_advantage(name: str) -> Callable[[AdvantageFn], AdvantageFn]:
+    """Register an estimator under `name` (the value of config key `advantage_estimator`)."""
+
+    def wrap(fn: AdvantageFn) -> AdvantageFn:
+        ADVANTAGES[name] = fn
+        return fn
+
+    return wrap
+
+
+def get_advantage(name: str) -> AdvantageFn:
+    try:
+        return ADVANTAGES[name]
+    except KeyError:
+        raise ValueError(f"config key 'advantage_estimator': unknown estimator {name!r} "
+                         f"(registered: {', '.join(ADVANTAGES)})") from None
+
+
+@register_advantage("grpo")
 def group_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: str = "group",
                      eps: float = 1e-4) -> torch.Tensor:
     """rewards [N] in prompt-major order (N = groups * group_size) -> advantages [N].

@@ -10,8 +10,11 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from rl.config import ConfigError
 
 STATE_FILE = "trainer_state.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -30,10 +33,18 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, state: dict[
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=False)
-    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(tmp), safe_serialization=False)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=1))
+    except Exception as e:  # a full disk: leave no half checkpoint behind, say so in one line
+        shutil.rmtree(tmp, ignore_errors=True)
+        from rl.run_dir import RunWriteError, one_line
+
+        raise RunWriteError(f"cannot write checkpoint {final}: {one_line(e, root)}; older checkpoints are "
+                            "intact") from e
     if accelerator.is_main_process:
-        (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=1))
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)  # atomic on one filesystem: readers see no checkpoint or a complete one
@@ -65,9 +76,34 @@ def load_checkpoint(accelerator, path: str | Path) -> dict[str, Any]:
     return json.loads((Path(path) / STATE_FILE).read_text())
 
 
-def prune_checkpoints(output_dir: str | Path, keep: int) -> None:
-    """Keep the newest `keep` complete checkpoints (0 = keep all). Main process only."""
-    if keep <= 0:
-        return
-    for _, path in list_checkpoints(output_dir)[:-keep]:
-        shutil.rmtree(path, ignore_errors=True)
+class CheckpointError(ConfigError):
+    """No checkpoint of the run could be read; the message names the newest one and why."""
+
+
+def load_latest_checkpoint(accelerator, output_dir: str | Path, warn: Callable[[str], None]
+                           ) -> tuple[Path, dict[str, Any]] | None:
+    """Restore the newest checkpoint that reads completely; None when the run has none.
+
+    A truncated or corrupt newest checkpoint (weights, optimizer, scheduler, RNG or trainer state)
+    is skipped with a warning naming it, and the next older one is tried: a crash while a disk
+    filled up must not cost the whole run. A partly restored bad checkpoint is harmless because the
+    fallback restores every piece again. Raises CheckpointError when none can be read.
+    """
+    found = list_checkpoints(output_dir)
+    failures = []
+    for _, path in reversed(found):
+        try:
+            state = json.loads((path / STATE_FILE).read_text())
+            if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+                raise ValueError(f"{STATE_FILE} has no integer 'step'")
+            accelerator.load_state(str(path))
+        except Exception as e:  # torch/pickle/json raise many types for a truncated file
+            reason = " ".join(str(e).split())[:200] or type(e).__name__
+            failures.append(f"{path} ({reason})")
+            warn(f"WARNING: checkpoint {path} is unreadable ({reason}); trying the previous one")
+            continue
+        return path, state
+    if failures:
+        raise CheckpointError(f"--resume: no readable checkpoint; newest: {failures[0]}")
+    return None
+

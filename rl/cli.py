@@ -17,6 +17,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "make-tiny": ("rl.make_tiny:main", "rebuild the embedded tiny looped model from a seed"),
 }
 
+MODEL_COMMANDS = ("train", "eval", "make-tiny")
+
 
 def _usage() -> str:
     width = max(len(n) for n in COMMANDS)
@@ -35,10 +37,16 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"looprl: unknown command {name!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    # transformers' own per-file load/save bars would interleave with ours and say nothing for small models
-    from transformers.utils import logging as hf_logging
+    if name == "train" and rest[:1] in (["-h"], ["--help"]):  # answered from rl.config alone: no torch
+        from rl.config import help_text
 
-    hf_logging.disable_progress_bar()
+        print(help_text())
+        return 0
+    if name in MODEL_COMMANDS:  # only these pay for transformers (start-up of the others stays < 1 s)
+        # transformers' own per-file load/save bars would interleave with ours and say nothing for small models
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     module_name, func_name = COMMANDS[name][0].split(":")
     func = getattr(importlib.import_module(module_name), func_name)
     return int(func(rest) or 0)

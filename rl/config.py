@@ -7,6 +7,7 @@ a config file fails in a second instead of after the first rollout.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -16,17 +17,25 @@ from typing import Any
 
 import yaml
 
-LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "cispo")
+from rl.self_distill_config import SELF_DISTILL_DEFAULTS, validate_self_distill
+
 SCALE_REWARDS = ("group", "batch", "none")
-ENGINES = ("torch", "vllm")
 SCHEDULERS = ("constant", "linear", "cosine")
 TIS_MODES = ("auto", "token", "off")
 DTYPES = ("float32", "bfloat16", "float16")
 REPORT_TO = ("none", "tensorboard", "wandb")
+REWARD_ON_ERROR = ("raise", "zero", "skip_group")
 
 
 class ConfigError(ValueError):
     """A user mistake in the configuration; the message names the key."""
+
+
+def option(default: Any, help: str) -> Any:
+    """A config field with its help text (shown by `looprl train --help`, TRL's `metadata={"help": ...}`)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
@@ -34,100 +43,122 @@ class TrainConfig:
     """Every knob of `looprl train`. The defaults are the embedded job (tiny looped model on `arith`)."""
 
     # --- model and depth: ONE depth drives rollout and update ---
-    model: str = "embedded"  # HF model dir / hub id, or "embedded" (the shipped tiny looped model)
-    depth: int | None = 4  # loops for rollout AND update; None = the model's total_ut_steps; 1 for HF LMs
-    update_depth: int | None = None  # experiment only: needs allow_depth_mismatch
-    allow_depth_mismatch: bool = False
-    engine: str = "torch"  # torch | vllm
-    dtype: str = "float32"  # trainer weights (fp32 master weights recommended)
-    gradient_checkpointing: bool = False  # recompute activations in backward (long completions)
-    vllm_dtype: str = "bfloat16"  # rollout engine weights (vllm only)
-    vllm_gpu_memory_utilization: float = 0.5
-    vllm_tensor_parallel_size: int = 1
-    vllm_max_model_len: int | None = None  # None = max_prompt_length + max_new_tokens
+    model: str = option("embedded", "HF model dir / hub id, or 'embedded' (the shipped tiny looped model)")
+    depth: int | None = option(4, "loops per token for rollout AND update (4 = the embedded model's T); "
+                                  "None = the loaded model's T (1 for a standard LM)")
+    update_depth: int | None = option(None, "experiment only: update at another depth (needs allow_depth_mismatch)")
+    allow_depth_mismatch: bool = option(False, "allow update_depth != depth (the update then scores another policy)")
+    engine: str = option("torch", "rollout engine: torch | vllm (rollout/engines.py registry)")
+    dtype: str = option("float32", "trainer weights: float32 | bfloat16 | float16 (fp32 master weights recommended)")
+    gradient_checkpointing: bool = option(False, "recompute activations in backward (long completions)")
+    vllm_dtype: str = option("bfloat16", "rollout engine weights (vllm only)")
+    vllm_gpu_memory_utilization: float = option(0.5, "fraction of GPU memory vLLM may take (vllm only)")
+    vllm_tensor_parallel_size: int = option(1, "GPUs per vLLM engine (vllm only)")
+    vllm_max_model_len: int | None = option(None, "vLLM context length; None = max_prompt_length + max_new_tokens")
 
     # --- data ---
-    data: str = "arith"  # a name known to rl.data.load_prompts or a local file
-    data_split: str = "train"
-    data_limit: int | None = None
-    max_prompt_length: int = 2048  # longer prompts are left-truncated (with a warning)
-    # Text added after the chat template's generation prompt (Ouro-Thinking: "<think>\n", which its
-    # template does not add), and bos/eos/pad token overrides for files that name the wrong ones
-    # (Ouro-Thinking: {bos_token: "<|im_start|>", eos_token: "<|im_end|>"}; rl/special_tokens.py).
-    prompt_suffix: str = ""
-    special_tokens: dict[str, str] = field(default_factory=dict)
+    data: str = option("arith", "training prompts: a name known to rl.data.load_prompts or a local file")
+    data_split: str = option("train", "split of `data`")
+    data_limit: int | None = option(None, "use only the first N prompts; None = all")
+    max_prompt_length: int = option(2048, "longer prompts are left-truncated (with a warning)")
+    prompt_suffix: str = option("", "text after the chat template's generation prompt (Ouro-Thinking: '<think>\\n', "
+                                    "which its template does not add)")
+    special_tokens: dict[str, str] = option({}, "bos_token/eos_token/pad_token overrides for files that name the wrong "
+                                               "ones (Ouro-Thinking: {eos_token: '<|im_end|>'}; rl/special_tokens.py)")
 
     # --- rewards: weighted list of registry names ("pkg.mod:fn" also works) ---
-    rewards: list[str] = field(default_factory=lambda: ["dapo_math"])
-    reward_weights: list[float] | None = None  # None = all 1.0
-    reward_kwargs: dict[str, Any] = field(default_factory=dict)  # {fn_name: {option: value}}
-    accuracy_reward: str = "math_accuracy"  # 1/0 function whose mean is logged as `accuracy`
+    rewards: list[str] = option(["dapo_math"], "reward functions: registry names, 'pkg.module:function' (the "
+                                               "working directory is importable) or, from Python, callables")
+    reward_weights: list[float] | None = option(None, "one weight per reward function; None = all 1.0")
+    reward_kwargs: dict[str, Any] = option({}, "options per reward function: {fn_name: {option: value}}")
+    accuracy_reward: str = option("math_accuracy", "1/0 reward function whose mean is logged as `accuracy`")
+    reward_on_error: str = option("raise", "a reward function that raises, times out or returns NaN/inf/non-numbers/"
+                                           "the wrong count: raise = stop with one line naming it; zero = score "
+                                           "those samples 0 and warn; skip_group = drop their groups and warn")
+    reward_timeout: float | None = option(None, "seconds one reward-function call may take (then reward_on_error "
+                                                "applies); it runs in a worker thread so a hung function cannot "
+                                                "hang the run. None = no limit, called on the main thread")
 
     # --- sampling ---
-    num_generations: int = 8  # n samples per prompt (the GRPO group)
-    max_new_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
+    num_generations: int = option(8, "samples per prompt (the GRPO group)")
+    max_new_tokens: int = option(16, "completion length limit (longer ones are truncated)")
+    temperature: float = option(1.0, "sampling temperature (the update scores at the same temperature)")
+    top_p: float = option(1.0, "nucleus sampling; 1.0 = off")
+    top_k: int = option(0, "top-k sampling; 0 = off")
+    rollout_draft_depth: int = option(0, "self-speculative rollouts (torch engine): draft with the exit after this "
+                                         "many loops, verify at depth; same distribution, other speed; 0 = off")
+    rollout_num_draft: int = option(0, "tokens drafted per verification pass (rollout/speculative.py); 0 = off")
 
     # --- algorithm ---
-    loss_type: str = "dapo"
-    eps_low: float = 0.2
-    eps_high: float = 0.28
-    cispo_cap: float = 5.0  # upper truncation of the CISPO importance weight
-    beta: float = 0.0  # KL to a frozen reference (k3 estimator); 0 = no reference model loaded
-    num_iterations: int = 1  # passes over each step's batch
-    scale_rewards: str = "group"
-    dynamic_sampling: bool = True
-    max_rounds: int = 4  # rollout rounds per step when refilling dropped groups
-    mask_truncated: bool = False  # overlong filtering: no loss on completions cut at max_new_tokens
-    overlong_buffer_len: int = 0  # >0 adds DAPO's soft overlong penalty over the last N tokens
-    overlong_penalty: float = 1.0
-    tis_mode: str = "auto"  # truncated IS on rollout-vs-update logprobs: auto = on for vllm only
-    tis_cap: float = 2.0
+    loss_type: str = option("dapo", "policy loss, a rl/losses.py registry name: grpo | dapo | dr_grpo | cispo")
+    advantage_estimator: str = option("grpo", "advantages, a rl/advantages.py registry name: grpo (group-relative)")
+    eps_low: float = option(0.2, "lower clip range of the importance ratio (1 - eps_low)")
+    eps_high: float = option(0.28, "upper clip range of the importance ratio (1 + eps_high; DAPO's clip-higher)")
+    cispo_cap: float = option(5.0, "upper truncation of the CISPO importance weight")
+    beta: float = option(0.0, "KL to a frozen reference (k3 estimator); 0 = no reference model loaded")
+    num_iterations: int = option(1, "passes over each step's batch")
+    scale_rewards: str = option("group", "advantage scaling: group (std per group) | batch | none (Dr. GRPO)")
+    dynamic_sampling: bool = option(True, "DAPO: drop groups whose rewards are all equal and sample more")
+    max_rounds: int = option(4, "rollout rounds per step when refilling dropped groups")
+    mask_truncated: bool = option(False, "overlong filtering: no loss on completions cut at max_new_tokens")
+    overlong_buffer_len: int = option(0, ">0 adds DAPO's soft overlong penalty over the last N tokens")
+    overlong_penalty: float = option(1.0, "size of the soft overlong penalty at max_new_tokens")
+    tis_mode: str = option("auto", "truncated IS on rollout-vs-update logprobs: auto (engines without exact "
+                                "logprobs, i.e. vllm) | token | off")
+    tis_cap: float = option(2.0, "upper truncation of the TIS weight")
 
-    # --- self-distillation of shallow exits (rl/self_distill.py) ---
-    self_distill_coef: float = 0.0
-    self_distill_exits: list[int] | str | None = None  # None = 2..T-1; "all" = 1..T-1
-    self_distill_weighting: str = "linear"  # uniform | linear (w_t proportional to t)
-    self_distill_temperature: float = 1.0
-    self_distill_top_k: int = 0  # 0 = full-vocabulary teacher
-    self_distill_variant: str = "kl"  # kl | mse (hidden states)
-    self_distill_chunk_size: int = 1024
+    # --- self-distillation of shallow exits (rl/self_distill.py owns the defaults and the rules) ---
+    self_distill_coef: float = option(SELF_DISTILL_DEFAULTS["self_distill_coef"],
+                                   "weight of the self-distillation loss; 0 = off")
+    self_distill_exits: list[int] | str | None = option(SELF_DISTILL_DEFAULTS["self_distill_exits"],
+                                                     "exits distilled toward exit T: None = 2..T-1, 'all' = 1..T-1, "
+                                                     "or a list")
+    self_distill_weighting: str = option(SELF_DISTILL_DEFAULTS["self_distill_weighting"],
+                                      "weights over the exits: uniform | linear (w_t proportional to t)")
+    self_distill_temperature: float = option(SELF_DISTILL_DEFAULTS["self_distill_temperature"],
+                                          "softmax temperature of teacher and students")
+    self_distill_top_k: int = option(SELF_DISTILL_DEFAULTS["self_distill_top_k"],
+                                  "teacher's top-k tokens plus a tail bucket; 0 = full vocabulary")
+    self_distill_variant: str = option(SELF_DISTILL_DEFAULTS["self_distill_variant"],
+                                    "kl (on logits) | mse (on hidden states)")
+    self_distill_chunk_size: int = option(SELF_DISTILL_DEFAULTS["self_distill_chunk_size"],
+                                       "tokens per checkpointed chunk of the vocabulary-sized logits")
 
     # --- optimisation ---
-    lr: float = 5e-4  # tuned for the embedded 120k-parameter model; ~1e-6 for Ouro-1.4B
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.99
-    warmup_steps: int = 0
-    lr_scheduler: str = "constant"
-    max_grad_norm: float = 1.0
+    lr: float = option(5e-4, "learning rate; tuned for the embedded 120k-parameter model (~1e-6 for Ouro-1.4B)")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    adam_beta1: float = option(0.9, "AdamW beta1")
+    adam_beta2: float = option(0.99, "AdamW beta2")
+    warmup_steps: int = option(0, "steps of linear learning-rate warmup")
+    lr_scheduler: str = option("constant", "constant | linear | cosine (after warmup)")
+    max_grad_norm: float = option(1.0, "gradient clipping; 0 = off")
 
     # --- batch sizes (in samples = completions) ---
-    max_steps: int = 300
-    prompts_per_step: int = 32
-    mini_batch_size: int = 0  # samples per optimizer update; 0 = the whole step's batch (one update)
-    micro_batch_size: int = 256  # samples per forward/backward on one process
+    max_steps: int = option(300, "training steps")
+    prompts_per_step: int = option(32, "prompts (groups) per step, after dynamic sampling")
+    mini_batch_size: int = option(0, "samples per optimizer update; 0 = the whole step's batch (one update)")
+    micro_batch_size: int = option(256, "samples per forward/backward on one process")
 
     # --- run ---
-    seed: int = 0
-    torch_threads: int = 0  # CPU threads for torch; 0 = auto (1 for a tiny model on CPU, else torch's default)
-    output_dir: str = "runs/default"
-    save_every: int = 0  # 0 = only at the end / on interrupt
-    resume: bool = False
-    report_to: str = "none"
-    log_samples: int = 4  # rows per step in samples.jsonl
-    max_nan_steps: int = 3  # consecutive non-finite losses before aborting
-    mismatch_warn: float = 1e-2  # warn loudly when mismatch/logp_abs_max exceeds this
-    progress: bool = True
+    seed: int = option(0, "seed of everything random (rollouts, data order, init)")
+    torch_threads: int = option(0, "CPU threads for torch; 0 = auto (1 for a tiny model on CPU, else torch's default)")
+    output_dir: str = option("runs/default", "run directory: config.yaml, metrics.jsonl, checkpoints/, final/")
+    save_every: int = option(0, "checkpoint every N steps; 0 = only at the end / on interrupt")
+    resume: bool = option(False, "continue the run in output_dir from its newest readable checkpoint")
+    overwrite: bool = option(False, "replace the run already in output_dir (its metrics, checkpoints and final/); "
+                                    "without it or --resume a used output_dir is refused")
+    report_to: str = option("none", "tracker: none | tensorboard | wandb")
+    log_samples: int = option(4, "rows per step in samples.jsonl")
+    max_nan_steps: int = option(3, "consecutive non-finite losses before aborting")
+    mismatch_warn: float = option(1e-2, "warn loudly when mismatch/logp_abs_max exceeds this")
+    progress: bool = option(True, "show the progress bar")
 
     # --- eval during training (rl/evaluate.py) ---
-    eval_every: int = 50  # greedy accuracy on eval_data at each depth, logged as eval/accuracy_d{t}
-    eval_data: str | None = "arith"  # its "test" split
-    eval_depths: list[int] | None = None  # None = every depth 1..depth
-    eval_limit: int | None = 200
-    eval_max_new_tokens: int | None = None  # None = max_new_tokens
+    eval_every: int = option(50, "greedy accuracy on eval_data at each depth every N steps (eval/accuracy_d{t}); 0 = off")
+    eval_data: str | None = option("arith", "eval prompts (its 'test' split)")
+    eval_depths: list[int] | None = option(None, "depths to evaluate; None = every depth 1..depth")
+    eval_limit: int | None = option(200, "evaluate only the first N prompts")
+    eval_max_new_tokens: int | None = option(None, "completion length limit in eval; None = max_new_tokens")
 
     @property
     def samples_per_step(self) -> int:
@@ -139,6 +170,16 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def engine_options(self) -> dict[str, Any]:
+        """Keyword options of `rollout.make_worker` for this config's engine (beyond model, depth, tokens)."""
+        if self.engine == "vllm":
+            return {"dtype": self.vllm_dtype, "seed": self.seed,
+                    "gpu_memory_utilization": self.vllm_gpu_memory_utilization,
+                    "tensor_parallel_size": self.vllm_tensor_parallel_size,
+                    "max_model_len": self.vllm_max_model_len or self.max_prompt_length + self.max_new_tokens,
+                    "enable_sleep_mode": True}
+        return {}
 
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -216,6 +257,40 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     raise ConfigError(f"config key {key!r}: unsupported type {hint}")
 
 
+# TRL GRPOConfig names accepted for ours: same meaning, so a TRL config's keys carry over. Note that
+# TRL's `epsilon` sets only our lower clip (eps_low); the upper one is `epsilon_high` / eps_high.
+TRL_ALIASES = {
+    "learning_rate": "lr",
+    "max_completion_length": "max_new_tokens",
+    "epsilon": "eps_low",
+    "epsilon_high": "eps_high",
+    "mask_truncated_completions": "mask_truncated",
+    "lr_scheduler_type": "lr_scheduler",
+    "save_steps": "save_every",
+    "eval_steps": "eval_every",
+}
+# TRL names without an equivalent here: say what to use instead of guessing a close key name.
+TRL_NO_EQUIVALENT = {
+    "num_train_epochs": "looprl counts optimizer steps: set max_steps (each step samples prompts_per_step prompts)",
+    "per_device_train_batch_size": "set prompts_per_step (prompts per step); num_generations samples each",
+    "gradient_accumulation_steps": "mini_batch_size (samples per optimizer update) and micro_batch_size "
+                                   "(samples per forward/backward) split a step",
+    "use_vllm": "set engine: vllm",
+}
+
+
+def canonical_key(key: str, where: str, seen: dict[str, Any] | None = None) -> str:
+    """Our name for `key` (a TRL alias is mapped); unknown keys raise ConfigError naming the key.
+    `seen`: keys already given in the same place, to refuse a key given under both names."""
+    if key in TRL_NO_EQUIVALENT:
+        raise ConfigError(f"config key {key!r} (TRL) in {where} has no equivalent here: {TRL_NO_EQUIVALENT[key]}")
+    name = TRL_ALIASES.get(key, key)
+    _check_known(name, where)
+    if seen is not None and name in seen:
+        raise ConfigError(f"config key {name!r} given twice in {where} (once as {key!r}, TRL's name for it)")
+    return name
+
+
 def _check_known(key: str, where: str) -> None:
     if key not in FIELDS:
         import difflib
@@ -242,22 +317,39 @@ def _positive(cfg: TrainConfig, *keys: str, allow_zero: bool = False) -> None:
             raise ConfigError(f"config key {key!r}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
+def check_depths(where: str, depths: list[int], max_depth: int | None) -> None:
+    """Loop counts must lie in 1..the model's total_ut_steps (1 for a standard LM): train and eval alike."""
+    bad = [d for d in depths if d < 1 or (max_depth is not None and d > max_depth)]
+    if bad:
+        bound = f"1..{max_depth}" if max_depth is not None else ">= 1"
+        shown = bad[0] if len(depths) == 1 else bad
+        raise ConfigError(f"{where}: {shown} is out of range ({bound} for this model)")
+
+
 def validate(cfg: TrainConfig, max_depth: int | None = None, num_processes: int = 1) -> TrainConfig:
     """Raise ConfigError naming the key for anything that cannot run. `max_depth` = the model's loops."""
-    _choice(cfg, "vllm_dtype", DTYPES)
-    for key in ("engine", "dtype", "loss_type", "scale_rewards", "lr_scheduler", "tis_mode", "report_to"):
-        _choice(cfg, key, {"engine": ENGINES, "dtype": DTYPES, "loss_type": LOSS_TYPES,
-                           "scale_rewards": SCALE_REWARDS, "lr_scheduler": SCHEDULERS, "tis_mode": TIS_MODES,
-                           "report_to": REPORT_TO}[key])
-    from rl.self_distill import validate_self_distill
+    # the registries' modules need torch: imported here, so `looprl train --help` (this module) starts fast
+    from rl.advantages import ADVANTAGES
+    from rl.losses import LOSSES
+    from rollout.engines import ENGINES
+    from rollout.speculative import check_spec_keys
 
+    choices = {"vllm_dtype": DTYPES, "engine": tuple(ENGINES), "dtype": DTYPES, "loss_type": tuple(LOSSES),
+               "advantage_estimator": tuple(ADVANTAGES), "scale_rewards": SCALE_REWARDS,
+               "lr_scheduler": SCHEDULERS, "tis_mode": TIS_MODES, "report_to": REPORT_TO,
+               "reward_on_error": REWARD_ON_ERROR}
+    for name, allowed in choices.items():
+        _choice(cfg, name, allowed)
     try:  # the self-distillation module owns its keys' rules
         validate_self_distill(cfg, depth=cfg.depth if cfg.self_distill_coef > 0 else None)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     _positive(cfg, "num_generations", "max_new_tokens", "max_prompt_length", "vllm_tensor_parallel_size", "temperature", "num_iterations", "max_rounds",
               "lr", "max_steps", "prompts_per_step", "micro_batch_size", "max_nan_steps", "cispo_cap",
-              "tis_cap")
+              "tis_cap", "reward_timeout")
+    if cfg.num_generations < 2:  # every loss here is group-relative: a group of one has zero advantage
+        raise ConfigError(f"config key 'num_generations': {cfg.num_generations} trains nothing with "
+                          f"advantage_estimator {cfg.advantage_estimator!r} (advantages are relative to the group); use >= 2")
     _positive(cfg, "beta", "warmup_steps", "save_every", "eval_every", "overlong_buffer_len", "weight_decay",
               "max_grad_norm", "log_samples", "torch_threads", "mini_batch_size", "top_k",
               "eps_low", "eps_high", "overlong_penalty", allow_zero=True)
@@ -279,13 +371,16 @@ def validate(cfg: TrainConfig, max_depth: int | None = None, num_processes: int 
     # depth: one number for rollout and update
     for key in ("depth", "update_depth"):
         value = getattr(cfg, key)
-        if value is not None and (value < 1 or (max_depth is not None and value > max_depth)):
-            bound = f"1..{max_depth}" if max_depth is not None else ">= 1"
-            raise ConfigError(f"config key {key!r}: {value} is out of range ({bound} for this model)")
+        if value is not None:
+            check_depths(f"config key {key!r}", [value], max_depth)
     if cfg.update_depth is not None and cfg.update_depth != cfg.depth and not cfg.allow_depth_mismatch:
         raise ConfigError(
             f"config key 'update_depth': {cfg.update_depth} differs from depth {cfg.depth}; the update must "
             "score at the rollout depth (set allow_depth_mismatch: true only for experiments)")
+    try:  # speculative rollouts: the rollout module owns the keys' rules
+        check_spec_keys(cfg.rollout_draft_depth, cfg.rollout_num_draft, cfg.depth or max_depth, cfg.engine)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
     # rewards
     if not cfg.rewards:
@@ -313,9 +408,7 @@ def validate(cfg: TrainConfig, max_depth: int | None = None, num_processes: int 
     if cfg.prompts_per_step % num_processes:
         raise ConfigError(
             f"config key 'prompts_per_step': {cfg.prompts_per_step} does not split over {num_processes} processes")
-    bad = [d for d in cfg.eval_depths or [] if d < 1 or (max_depth is not None and d > max_depth)]
-    if bad:
-        raise ConfigError(f"config key 'eval_depths': {bad} out of range (1..{max_depth or 'model depth'})")
+    check_depths("config key 'eval_depths'", cfg.eval_depths or [], max_depth)
     if cfg.eval_every and not cfg.eval_data:
         raise ConfigError("config key 'eval_data': required when eval_every > 0")
     if not 0.0 < cfg.vllm_gpu_memory_utilization <= 1.0:
@@ -343,6 +436,7 @@ def _read_yaml(path: str) -> dict[str, Any]:
 def parse_overrides(argv: list[str]) -> tuple[str | None, dict[str, Any]]:
     """`[--config FILE] --key value --flag ...` -> (config file, {key: raw value}). A bare boolean flag = true."""
     config_file, raw, i = None, {}, 0
+    aliased: set[str] = set()  # our names given under their TRL alias
     while i < len(argv):
         arg = argv[i]
         if not arg.startswith("--"):
@@ -361,7 +455,12 @@ def parse_overrides(argv: list[str]) -> tuple[str | None, dict[str, Any]]:
                 raise ConfigError("--config needs a file path")
             config_file = value
             continue
-        _check_known(key, "command line")
+        name = canonical_key(key, "command line")
+        if (key in TRL_ALIASES and name in raw) or (key not in TRL_ALIASES and name in aliased):
+            raise ConfigError(f"config key {name!r} given twice on the command line (also as TRL's name)")
+        if key in TRL_ALIASES:
+            aliased.add(name)
+        key = name
         if value is None:
             if _HINTS[key] is not bool:
                 raise ConfigError(f"config key {key!r}: --{key} needs a value")
@@ -371,9 +470,9 @@ def parse_overrides(argv: list[str]) -> tuple[str | None, dict[str, Any]]:
 
 
 def build_config(values: dict[str, Any], where: str = "config") -> TrainConfig:
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
     for key, value in values.items():
-        _check_known(key, where)
+        key = canonical_key(key, where, kwargs)
         kwargs[key] = _coerce(key, value, _HINTS[key])
     return TrainConfig(**kwargs)
 
@@ -383,21 +482,35 @@ def load_config(argv: list[str] | None = None) -> TrainConfig:
     config_file, overrides = parse_overrides(list(argv or []))
     values: dict[str, Any] = {}
     if config_file:
-        file_values = _read_yaml(config_file)
-        for key in file_values:
-            _check_known(key, config_file)
-        values.update({k: _coerce(k, v, _HINTS[k]) for k, v in file_values.items()})
+        for key, value in _read_yaml(config_file).items():
+            key = canonical_key(key, config_file, values)
+            values[key] = _coerce(key, value, _HINTS[key])
     values.update({k: _coerce(k, v, _HINTS[k]) for k, v in overrides.items()})
     return validate(build_config(values))
 
 
+def _portable(value: Any) -> Any:
+    """A Python-API callable (a reward function) as the "module:name" string a YAML config would use."""
+    if callable(value):
+        return f"{getattr(value, '__module__', '?')}:{getattr(value, '__qualname__', repr(value))}"
+    if isinstance(value, list):
+        return [_portable(v) for v in value]
+    return value
+
+
 def save_config(cfg: TrainConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    Path(path).write_text(yaml.safe_dump({k: _portable(v) for k, v in cfg.to_dict().items()}, sort_keys=False))
 
 
 def help_text() -> str:
-    lines = ["usage: looprl train [--config FILE] [--key value ...]", "", "keys (default):"]
-    lines += [f"  --{name} ({_fmt_default(f)})" for name, f in FIELDS.items()]
+    """`looprl train --help`: every key with its default and help text, in declaration order."""
+    lines = ["usage: looprl train [--config FILE] [--key value ...]", "", "keys (default): help"]
+    for name, f in FIELDS.items():
+        lines.append(f"  --{name} ({_fmt_default(f)})")
+        lines.append(f"      {f.metadata.get('help', '')}")
+    lines += ["", "TRL GRPOConfig names are accepted for ours: "
+              + ", ".join(f"--{alias} = --{ours}" for alias, ours in TRL_ALIASES.items())
+              + " (TRL's epsilon sets eps_low only)."]
     return "\n".join(lines)
 
 

@@ -118,6 +118,8 @@ def _read_local(path: Path) -> datasets.Dataset | list[dict]:
             data = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: invalid JSON at line {e.lineno} ({e.msg})") from None
+        except UnicodeDecodeError as e:  # a binary file under a .json name
+            raise DataError(f"{path}: not a UTF-8 text file (byte {e.start}); is it really JSON?") from None
         if isinstance(data, dict):  # {"data": [...]} or any single list-valued key
             lists = [v for v in data.values() if isinstance(v, list)]
             if len(lists) != 1:

@@ -6,12 +6,14 @@ uses, and scoring through the same reward registry, so eval numbers and training
 `--exit_threshold Q` instead decodes with the model's own exit gate (the adaptive-depth mode a
 deployed Ouro model runs in) and reports accuracy and the mean depth it used.
 
-`evaluate_depths(...)` is the library entry point; the trainer calls it every `eval_every` steps.
+`evaluate_depths(...)` is the library entry point; the trainer calls it every `eval_every` steps. Workers
+come from `rollout.make_worker` and scores from `rewards.score_completions`, as in the trainer.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import itertools
 import json
 import math
@@ -22,6 +24,25 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from tqdm.auto import tqdm
+
+import rewards
+from looped.facts import is_looped, max_depth
+from rewards import extract_answer, score_completions
+from rewards.guard import RewardGuard
+from rl.config import check_depths
+from rl.data import EMBEDDED_MODEL, load_prompts
+from rl.model_io import load_model, load_model_config, load_tokenizer
+from rl.prompts import encode_prompts
+from rl.run_dir import check_writable_file
+from rl.self_distill import early_exit_generate
+from rl.special_tokens import apply_special_tokens
+from rollout import SamplingParams, make_worker
+from rollout.speculative import accumulate_stats, check_spec_keys, rollout_metrics, spec_config
 
 # ----------------------------------------------------------------------------- estimators
 
@@ -127,51 +148,12 @@ def flat_metrics(depth_results: Mapping[str, Mapping[str, Any]], prefix: str = "
 # ----------------------------------------------------------------------------- generation
 
 
-def encode_prompts(tokenizer, prompts: Sequence[Any], suffix: str = "") -> list[list[int]]:
-    """Chat-template token ids of each prompt (messages list or a plain string), as the trainer does.
-
-    `suffix` is text placed right after the template's generation prompt (e.g. Ouro-Thinking's
-    "<think>\n", which its template does not write); the whole text is then tokenized at once, as if
-    the template had written it.
-    """
-    ids = []
-    for prompt in prompts:
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-        if suffix:
-            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            ids.append([int(t) for t in tokenizer(text + suffix, add_special_tokens=False)["input_ids"]])
-            continue
-        out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-        if isinstance(out, Mapping):  # older/newer transformers may return a BatchEncoding
-            out = out["input_ids"]
-        ids.append([int(t) for t in out])
-    return ids
-
-
 def _batches(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
 def _progress(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, desc=desc, unit="sample", disable=not enabled, leave=False, dynamic_ncols=True)
-
-
-def _score(reward_fn: Callable, prompts: list[Any], rows: list[int], columns: Mapping[str, list[Any]],
-           texts: list[str], completion_ids: list[list[int]], truncated: list[bool],
-           max_new_tokens: int) -> list[float | None]:
-    """Score samples as the trainer does: TRL's convention, everything by keyword, dataset columns as
-    keyword lists, and completions as assistant messages when the prompts are chat messages."""
-    import rewards
-
-    sample_prompts = [prompts[i] for i in rows]
-    completions: list[Any] = [
-        [{"role": "assistant", "content": t}] if isinstance(p, list) else t for p, t in zip(sample_prompts, texts)
-    ]
-    return rewards.call(reward_fn, sample_prompts, completions,
-                        **{name: [values[i] for i in rows] for name, values in columns.items()},
-                        completion_ids=completion_ids, max_completion_length=max_new_tokens, truncated=truncated)
 
 
 def _dataset_columns(dataset) -> tuple[list[Any], dict[str, list[Any]]]:
@@ -186,11 +168,8 @@ def _dataset_columns(dataset) -> tuple[list[Any], dict[str, list[Any]]]:
 
 
 def _release_memory() -> None:
-    import gc
-
     gc.collect()
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available():
+    if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
 
@@ -198,17 +177,17 @@ def evaluate_depths(model, tokenizer, dataset, depths: Sequence[int], n: int = 1
                     max_new_tokens: int = 256, reward_fn: str | Callable = "math_accuracy", batch_size: int = 16,
                     *, top_p: float = 1.0, seed: int = 0, progress: bool = False,
                     worker_factory: Callable[[int], Any] | None = None,
-                    prompt_suffix: str = "") -> dict[str, dict[str, Any]]:
+                    guard: RewardGuard | None = None,
+                    draft_depth: int = 0, num_draft: int = 0, prompt_suffix: str = "") -> dict[str, dict[str, Any]]:
     """Generate n completions per prompt at each depth and score them.
 
     Returns {str(depth): {"accuracy", "len_mean", "truncated_frac", ... (+ "pass@k", "maj@k", "k" if
     n > 1)}}. `worker_factory(depth)` builds the rollout worker (default: the torch worker around
-    `model`); batch_size counts prompts per generate call (each with n samples).
+    `model`); batch_size counts prompts per generate call (each with n samples). `guard` applies the
+    trainer's reward_on_error / reward_timeout (default: any bad reward result is a one-line error).
+    draft_depth, num_draft > 0: self-speculative decoding at the depths above draft_depth (same
+    distribution; adds "rollout/accept_rate", "rollout/tokens_per_verify").
     """
-    import rewards
-    from rewards.math import extract_answer
-    from rollout import SamplingParams
-
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     if not depths or any(int(d) < 1 for d in depths):
@@ -221,13 +200,11 @@ def evaluate_depths(model, tokenizer, dataset, depths: Sequence[int], n: int = 1
         raise ValueError("eval dataset is empty")
     prompt_ids = encode_prompts(tokenizer, prompts, prompt_suffix)
     if worker_factory is None:
-        from rollout import TorchRolloutWorker
-
         eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
         pad = eos if pad is None else pad
 
         def worker_factory(depth: int):
-            return TorchRolloutWorker(model, depth, eos_token_id=eos, pad_token_id=pad)
+            return make_worker("torch", depth=depth, model=model, eos_token_id=eos, pad_token_id=pad)
 
     was_training = getattr(model, "training", False)
     if model is not None and hasattr(model, "eval"):
@@ -242,21 +219,26 @@ def evaluate_depths(model, tokenizer, dataset, depths: Sequence[int], n: int = 1
             lengths: list[int] = []
             truncated: list[bool] = []
             answers: list[str | None] = []
-            start, gen_time = time.perf_counter(), 0.0
+            start, gen_time, spec_totals = time.perf_counter(), 0.0, {}
             bar.set_description(f"eval depth {depth}")
             for b, idx in enumerate(_batches(range(len(prompts)), batch_size)):
                 params = SamplingParams(n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                        seed=seed + 1000 * depth + b)
+                                        seed=seed + 1000 * depth + b,
+                                        speculative=spec_config(draft_depth, num_draft, depth))
                 t0 = time.perf_counter()
                 rollout = worker.generate([prompt_ids[i] for i in idx], params)
                 gen_time += time.perf_counter() - t0
+                accumulate_stats(spec_totals, rollout.stats)
                 if len(rollout.completion_ids) != len(idx) * n:
                     raise RuntimeError(f"worker returned {len(rollout.completion_ids)} samples for "
                                        f"{len(idx)} prompts x n={n}")
                 texts = [tokenizer.decode(c, skip_special_tokens=True) for c in rollout.completion_ids]
                 trunc = [r == "length" for r in rollout.finish_reasons]
-                rewards_d += _score(score_fn, prompts, [i for i in idx for _ in range(n)], columns, texts,
-                                    [list(c) for c in rollout.completion_ids], trunc, max_new_tokens)
+                rows = [i for i in idx for _ in range(n)]
+                rewards_d += score_completions(score_fn, [prompts[i] for i in rows], texts,
+                                               columns={k: [v[i] for i in rows] for k, v in columns.items()},
+                                               completion_ids=rollout.completion_ids, truncated=trunc,
+                                               max_completion_length=max_new_tokens, guard=guard)
                 lengths += [len(c) for c in rollout.completion_ids]
                 truncated += trunc
                 answers += [extract_answer(t) for t in texts] if n > 1 else [None] * len(texts)
@@ -266,6 +248,7 @@ def evaluate_depths(model, tokenizer, dataset, depths: Sequence[int], n: int = 1
             metrics["time_s"] = elapsed
             metrics["time_generate_s"] = gen_time
             metrics["tokens_per_s"] = sum(lengths) / gen_time if gen_time > 0 else 0.0  # generation only
+            metrics.update(rollout_metrics(spec_totals, gen_time, sum(lengths)))
             results[str(depth)] = metrics
             del worker, rollout  # a vLLM engine holds GPU memory until collected
             _release_memory()
@@ -278,21 +261,15 @@ def evaluate_depths(model, tokenizer, dataset, depths: Sequence[int], n: int = 1
 
 def evaluate_exit_threshold(model, tokenizer, dataset, exit_threshold: float, max_new_tokens: int = 256,
                             reward_fn: str | Callable = "math_accuracy", batch_size: int = 16,
-                            progress: bool = False, prompt_suffix: str = "") -> dict[str, Any]:
+                            progress: bool = False, guard: RewardGuard | None = None,
+                            prompt_suffix: str = "") -> dict[str, Any]:
     """Greedy decoding with the model's exit gate: each token is read from the first loop whose
-    cumulative exit probability reaches q (HF generate with `exit_threshold=q`).
+    cumulative exit probability reaches q (`early_exit_generate(rule="gate")`, the same rule as the
+    model's own `generate(exit_threshold=q)`).
 
-    Reports accuracy, lengths and `depth_mean`, the mean loop count the gate picked per generated
-    token. The Ouro forward runs every loop even when it reads an earlier exit (so the cache stays
-    complete), hence one teacher-forced forward over the finished sequences reproduces the gate's
-    per-token choices exactly; that is how the depths are recovered.
+    Reports accuracy, lengths and `depth_mean`, the mean loop count the gate picked per generated token.
     """
-    import torch
-
-    import rewards
-    from rl.modeling.modeling_ouro import threshold_exit_index
-
-    if not hasattr(model.config, "total_ut_steps"):
+    if not is_looped(model):
         raise ValueError(f"--exit_threshold needs a looped (Ouro) model with an exit gate, got "
                          f"{type(model).__name__}")
     if not 0.0 <= exit_threshold:
@@ -302,7 +279,6 @@ def evaluate_exit_threshold(model, tokenizer, dataset, exit_threshold: float, ma
     prompt_ids = encode_prompts(tokenizer, prompts, prompt_suffix)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     pad = eos if pad is None else pad
-    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     scores: list[float | None] = []
@@ -313,35 +289,19 @@ def evaluate_exit_threshold(model, tokenizer, dataset, exit_threshold: float, ma
     start = time.perf_counter()
     try:
         for idx in _batches(range(len(prompts)), batch_size):
-            batch = [prompt_ids[i] for i in idx]
-            width = max(len(p) for p in batch)
-            input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=device)
-            attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
-            with torch.no_grad():
-                sequences = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False,
-                                           max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad,
-                                           exit_threshold=exit_threshold)
-            completions = []
-            for seq in sequences[:, width:].tolist():
-                stopped = eos is not None and eos in seq  # generate pads finished rows after their EOS
-                completions.append(seq[: seq.index(eos) + 1] if stopped else seq)
-                truncated.append(not stopped)
-                lengths.append(len(completions[-1]))
-            # Re-read the gate: token j of a completion was predicted at position width - 1 + j.
-            new_len = max(len(c) for c in completions)
-            if new_len:
-                full_mask = torch.cat([attention_mask, torch.tensor(
-                    [[1] * len(c) + [0] * (new_len - len(c)) for c in completions], device=device)], dim=1)
-                with torch.no_grad():
-                    out = model(input_ids=sequences[:, : width + new_len], attention_mask=full_mask,
-                                use_cache=False, output_exits=True)
-                chosen = threshold_exit_index(out.exit_probs[:, width - 1: width - 1 + new_len], exit_threshold)
-                for row, c in zip((chosen + 1).tolist(), completions):
-                    depth_sum += sum(row[: len(c)])
-                    depth_count += len(c)
+            completions, depths = early_exit_generate(
+                model, [prompt_ids[i] for i in idx], threshold=exit_threshold, rule="gate",
+                max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad)
+            for c, d in zip(completions, depths):
+                truncated.append(not (eos is not None and c and c[-1] == eos))
+                lengths.append(len(c))
+                depth_sum += sum(d)
+                depth_count += len(d)
             texts = [tokenizer.decode(c, skip_special_tokens=True) for c in completions]
-            scores += _score(score_fn, prompts, list(idx), columns, texts, completions, truncated[-len(idx):],
-                             max_new_tokens)
+            scores += score_completions(score_fn, [prompts[i] for i in idx], texts,
+                                        columns={k: [v[i] for i in idx] for k, v in columns.items()},
+                                        completion_ids=completions, truncated=truncated[-len(idx):],
+                                        max_completion_length=max_new_tokens, guard=guard)
             bar.update(len(idx))
     finally:
         bar.close()
@@ -350,7 +310,7 @@ def evaluate_exit_threshold(model, tokenizer, dataset, exit_threshold: float, ma
     metrics: dict[str, Any] = summarize_depth(scores, lengths, truncated, [None] * len(scores), 1)
     metrics["exit_threshold"] = exit_threshold
     metrics["depth_mean"] = depth_sum / depth_count if depth_count else None
-    metrics["max_depth"] = int(model.config.total_ut_steps)
+    metrics["max_depth"] = max_depth(model)
     metrics["time_s"] = time.perf_counter() - start
     return metrics
 
@@ -360,9 +320,6 @@ def evaluate_exit_threshold(model, tokenizer, dataset, exit_threshold: float, ma
 
 def print_table(report: Mapping[str, Any], file=None) -> None:
     """Rich table: one row per depth (and one for the exit-gate mode)."""
-    from rich.console import Console
-    from rich.table import Table
-
     rows = dict(report.get("depths", {}))
     if "exit_threshold" in report:
         rows[f"exit q={report['exit_threshold']['exit_threshold']}"] = report["exit_threshold"]
@@ -409,7 +366,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="model directory (default: the embedded tiny model)")
     p.add_argument("--data", required=True, help="dataset name (arith, aime24, math500, ...) or local file")
     p.add_argument("--split", default="test", help="dataset split (default: test)")
-    p.add_argument("--depths", default=None, help="comma-separated loop counts (default: 1..total_ut_steps)")
+    p.add_argument("--depths", default=None, help="comma-separated loop counts (default: 1..T, the model's loops)")
     p.add_argument("--n", type=int, default=1, help="samples per prompt; n > 1 adds pass@n and maj@n")
     p.add_argument("--temperature", type=float, default=None,
                    help="sampling temperature (default: 0 = greedy for n=1, 1.0 for n>1)")
@@ -422,6 +379,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exit_threshold", type=float, default=None,
                    help="also decode greedily with the exit gate at this threshold q and report mean depth")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rollout_draft_depth", type=int, default=0,
+                   help="self-speculative decoding (torch engine): draft depth; same distribution; 0 = off")
+    p.add_argument("--rollout_num_draft", type=int, default=0, help="tokens drafted per verification (0 = off)")
     p.add_argument("--prompt_suffix", default="",
                    help="text after the chat template's generation prompt (Ouro-Thinking: $'<think>\\n')")
     p.add_argument("--eos_token", default=None,
@@ -433,35 +393,21 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _load_tokenizer_and_config(path: str):
-    from transformers import AutoConfig, AutoTokenizer
-
-    import rl  # noqa: F401  (registers the Ouro architecture with the Auto classes)
-
-    if not Path(path).is_dir():
-        raise ValueError(f"--model {path}: not a directory")
-    if not (Path(path) / "config.json").is_file():
-        raise ValueError(f"--model {path}: no config.json (not a saved model directory)")
-    return AutoTokenizer.from_pretrained(path), AutoConfig.from_pretrained(path)
+    config = load_model_config(path, "--model")  # one-line errors, shared with train (rl/model_io.py)
+    return load_tokenizer(path, "--model"), config
 
 
 def _load_model(path: str, device: str):
-    import torch
-    from transformers import AutoModelForCausalLM
-
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
-    return model.eval()
+    return load_model(path, "--model", dtype=dtype).to(device).eval()
 
 
 def _vllm_factory(model_path: str, tokenizer, max_model_len: int, seed: int,
                   gpu_memory_utilization: float) -> Callable[[int], Any]:
     """One vLLM engine per depth (vLLM fixes the loop count at load time via hf_overrides)."""
-    from rollout.vllm_worker import VLLMRolloutWorker
-
     def factory(depth: int):
-        return VLLMRolloutWorker(model_path, depth, eos_token_id=tokenizer.eos_token_id,
-                                 max_model_len=max_model_len, seed=seed,
-                                 gpu_memory_utilization=gpu_memory_utilization)
+        return make_worker("vllm", depth=depth, model_path=model_path, eos_token_id=tokenizer.eos_token_id,
+                           max_model_len=max_model_len, seed=seed, gpu_memory_utilization=gpu_memory_utilization)
 
     return factory
 
@@ -469,10 +415,8 @@ def _vllm_factory(model_path: str, tokenizer, max_model_len: int, seed: int,
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     try:
-        import torch
-
-        from rl.data import EMBEDDED_MODEL, load_prompts
-
+        if args.out:  # before minutes of generation, not after
+            check_writable_file(args.out, "--out")
         model_path = str(args.model or EMBEDDED_MODEL)
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         temperature = args.temperature if args.temperature is not None else (0.0 if args.n == 1 else 1.0)
@@ -481,16 +425,16 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
         if args.limit is not None and args.limit < 1:
             raise ValueError(f"--limit must be >= 1, got {args.limit}")
+        check_spec_keys(args.rollout_draft_depth, args.rollout_num_draft, engine=args.engine)
         dataset = load_prompts(args.data, split=args.split, limit=args.limit)
         tokenizer, config = _load_tokenizer_and_config(model_path)
         if args.eos_token:
-            from rl.special_tokens import apply_special_tokens
-
             apply_special_tokens(tokenizer, None, {"eos_token": args.eos_token})
         if args.depths:
             depths = parse_depths(args.depths)
+            check_depths("--depths", depths, max_depth(config))  # the same rule as train
         else:
-            depths = list(range(1, int(getattr(config, "total_ut_steps", 1) or 1) + 1))
+            depths = list(range(1, max_depth(config) + 1))
         model, factory = None, None
         if args.engine == "vllm":
             longest = max(len(p) for p in encode_prompts(tokenizer, list(dataset["prompt"]), args.prompt_suffix))
@@ -516,6 +460,7 @@ def main(argv: list[str] | None = None) -> int:
                                            max_new_tokens=args.max_new_tokens, reward_fn=args.reward,
                                            batch_size=args.batch_size, top_p=args.top_p, seed=args.seed,
                                            progress=progress, worker_factory=factory,
+                                           draft_depth=args.rollout_draft_depth, num_draft=args.rollout_num_draft,
                                            prompt_suffix=args.prompt_suffix)
         if args.exit_threshold is not None:
             if model is None:

@@ -18,7 +18,7 @@ def iter_jsonl(path: str | Path, error: type[Exception] = ValueError, unit: str 
     except OSError as e:
         raise error(f"{path}: cannot open ({e.strerror})") from None
     with f:
-        for number, line in enumerate(f, start=1):
+        for number, line in _lines(f, path, error, unit):
             if not line.strip():
                 continue
             try:
@@ -28,3 +28,13 @@ def iter_jsonl(path: str | Path, error: type[Exception] = ValueError, unit: str 
             if not isinstance(row, dict):
                 raise error(f"{path}: {unit} {number}: expected a JSON object, got {type(row).__name__}")
             yield number, row
+
+
+def _lines(f, path: str | Path, error: type[Exception], unit: str) -> Iterator[tuple[int, str]]:
+    """Numbered lines; a binary file (not UTF-8) is an error naming the file and line, not a traceback."""
+    number = 0
+    try:
+        for number, line in enumerate(f, start=1):  # noqa: B007  (number is read after a decode error)
+            yield number, line
+    except UnicodeDecodeError:
+        raise error(f"{path}: {unit} {number + 1}: not UTF-8 text (a binary file?)") from None

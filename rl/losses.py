@@ -1,30 +1,123 @@
-"""Policy-gradient losses of the GRPO family, on per-token log-probs.
+"""Policy-gradient losses of the GRPO family, as a registry: `@register_loss("name")`, one signature.
 
-All losses take per-token tensors of shape [B, L] plus a 0/1 completion mask and return a scalar
-whose *normaliser is supplied by the caller*. The normaliser is a property of the whole optimizer
-mini-batch (all micro-batches, all processes), not of one micro-batch, so gradient accumulation and
-data parallelism give the same gradient as one big batch:
+A loss turns per-token log-probs into a per-token surrogate (plus its clip counts); rl/objective.py adds
+the corrections every loss shares (TIS weights, KL to a reference, self-distillation) and aggregates.
+How a loss aggregates is part of its registration, because the *normaliser is a property of the whole
+optimizer mini-batch* (all micro-batches, all processes), not of one micro-batch: gradient accumulation
+and data parallelism then give the same gradient as one big batch.
 
 - grpo:    mean over each sequence's tokens, then mean over sequences   (norm = number of sequences)
 - dapo:    sum over every token of the mini-batch / number of tokens    (token-level, clip-higher)
 - dr_grpo: sum over tokens / (number of sequences * max_new_tokens)     (no length bias)
 - cispo:   token-level REINFORCE weighted by the truncated, detached IS ratio (never zero gradient)
+
+Adding a loss: write `fn(log_ratio_terms...)` with the signature of `LossFn` below, decorate it with
+`@register_loss("my_loss", normaliser="tokens")`, and `--loss_type my_loss` selects it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
+NORMALISERS = ("sequences", "tokens", "sequence_budget")
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    """The knobs a surrogate may read (config keys eps_low, eps_high, cispo_cap)."""
+
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+    cispo_cap: float = 5.0
+
 
 @dataclass
-class LossOutput:
-    loss: torch.Tensor  # scalar, already divided by the caller's normaliser
-    clip_low: torch.Tensor  # counts of tokens clipped on each side (for clip/frac_*), summed, no grad
+class TokenSurrogate:
+    """A loss's per-token output: the surrogate [B, L] and the counts of clipped tokens (no grad)."""
+
+    per_token: torch.Tensor
+    clip_low: torch.Tensor
     clip_high: torch.Tensor
-    kl_sum: torch.Tensor  # sum of per-token k3 KL to the reference over masked tokens (0 without ref)
-    tis_sum: torch.Tensor  # sum of the IS correction weights over masked tokens
+
+
+class LossFn(Protocol):
+    def __call__(self, logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                 opts: LossOptions) -> TokenSurrogate:
+        """logp/old_logp/mask: [B, L]; advantages: [B, 1] (broadcast over tokens), in logp's dtype."""
+        ...
+
+
+@dataclass(frozen=True)
+class RegisteredLoss:
+    name: str
+    fn: LossFn
+    normaliser: str  # one of NORMALISERS: what the mini-batch's token sum is divided by
+    sequence_mean: bool  # average each sequence's tokens before summing (grpo)
+
+
+LOSSES: dict[str, RegisteredLoss] = {}
+
+
+def register_loss(name: str, *, normaliser: str = "tokens",
+                  sequence_mean: bool = False) -> Callable[[LossFn], LossFn]:
+    """Register a surrogate under `name` (the value of config key `loss_type`)."""
+    if normaliser not in NORMALISERS:
+        raise ValueError(f"register_loss({name!r}): normaliser {normaliser!r} is not one of {NORMALISERS}")
+
+    def wrap(fn: LossFn) -> LossFn:
+        LOSSES[name] = RegisteredLoss(name, fn, normaliser, sequence_mean)
+        return fn
+
+    return wrap
+
+
+def get_loss(name: str) -> RegisteredLoss:
+    try:
+        return LOSSES[name]
+    except KeyError:
+        raise ValueError(f"config key 'loss_type': unknown loss {name!r} (registered: {', '.join(LOSSES)})") from None
+
+
+def loss_normaliser(loss_type: str, num_sequences: int, num_tokens: int, max_new_tokens: int) -> float:
+    """The divisor of one optimizer mini-batch for `loss_type` (see module docstring), counted globally."""
+    kind = get_loss(loss_type).normaliser
+    if kind == "sequences":
+        return float(max(num_sequences, 1))
+    if kind == "tokens":
+        return float(max(num_tokens, 1))
+    return float(max(num_sequences, 1) * max_new_tokens)
+
+
+def _clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                       opts: LossOptions) -> TokenSurrogate:
+    """PPO's clipped ratio objective with asymmetric bounds (DAPO's clip-higher when eps_high > eps_low)."""
+    ratio = torch.exp(logp - old_logp)
+    clipped = torch.clamp(ratio, 1.0 - opts.eps_low, 1.0 + opts.eps_high)
+    per_token = -torch.min(ratio * advantages, clipped * advantages)
+    clip_low = ((ratio < 1.0 - opts.eps_low) & (advantages < 0)).to(logp.dtype).mul(mask).sum().detach()
+    clip_high = ((ratio > 1.0 + opts.eps_high) & (advantages > 0)).to(logp.dtype).mul(mask).sum().detach()
+    return TokenSurrogate(per_token, clip_low, clip_high)
+
+
+register_loss("grpo", normaliser="sequences", sequence_mean=True)(_clipped_surrogate)
+register_loss("dapo", normaliser="tokens")(_clipped_surrogate)
+register_loss("dr_grpo", normaliser="sequence_budget")(_clipped_surrogate)
+
+
+@register_loss("cispo", normaliser="tokens")
+def cispo(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+          opts: LossOptions) -> TokenSurrogate:
+    """REINFORCE weighted by the detached IS ratio truncated at cispo_cap: clipped tokens keep a gradient."""
+    ratio = torch.exp(logp - old_logp)
+    weight = torch.clamp(ratio, max=opts.cispo_cap).detach()
+    per_token = -weight * advantages * logp
+    clip_low = torch.zeros((), dtype=logp.dtype)
+    clip_high = ((ratio > opts.cispo_cap) & (advantages > 0)).to(logp.dtype).mul(mask).sum().detach()
+    return TokenSurrogate(per_token, clip_low, clip_high)
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0,
@@ -44,71 +137,6 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
             probs = torch.softmax(scaled, dim=-1)
             entropy = logz - (probs * scaled).sum(-1)
     return logp, entropy
-
-
-def loss_normaliser(loss_type: str, num_sequences: int, num_tokens: int, max_new_tokens: int) -> float:
-    """The divisor of one optimizer mini-batch for `loss_type` (see module docstring), counted globally."""
-    if loss_type == "grpo":
-        return float(max(num_sequences, 1))
-    if loss_type in ("dapo", "cispo"):
-        return float(max(num_tokens, 1))
-    if loss_type == "dr_grpo":
-        return float(max(num_sequences, 1) * max_new_tokens)
-    raise ValueError(f"config key 'loss_type': unknown loss {loss_type!r}")
-
-
-def policy_loss(
-    loss_type: str,
-    logp: torch.Tensor,
-    old_logp: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    normaliser: float,
-    *,
-    eps_low: float = 0.2,
-    eps_high: float = 0.28,
-    cispo_cap: float = 5.0,
-    ref_logp: torch.Tensor | None = None,
-    beta: float = 0.0,
-    is_weights: torch.Tensor | None = None,
-) -> LossOutput:
-    """Clipped surrogate (or CISPO) + optional k3 KL, per token, aggregated with `normaliser`.
-
-    logp/old_logp/ref_logp/mask/is_weights: [B, L]; advantages: [B] (one per sequence, broadcast).
-    is_weights: detached truncated importance weights pi_old/pi_rollout when the rollout engine's
-    log-probs differ from the trainer's (the TIS correction); None means 1.
-    """
-    mask = mask.to(logp.dtype)
-    adv = advantages.to(logp.dtype).unsqueeze(-1)
-    log_ratio = logp - old_logp
-    ratio = torch.exp(log_ratio)
-    if loss_type == "cispo":
-        weight = torch.clamp(ratio, max=cispo_cap).detach()
-        per_token = -weight * adv * logp
-        clip_low = torch.zeros((), dtype=logp.dtype)
-        clip_high = ((ratio > cispo_cap) & (adv > 0)).to(logp.dtype).mul(mask).sum().detach()
-    else:
-        clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)
-        per_token = -torch.min(ratio * adv, clipped * adv)
-        clip_low = ((ratio < 1.0 - eps_low) & (adv < 0)).to(logp.dtype).mul(mask).sum().detach()
-        clip_high = ((ratio > 1.0 + eps_high) & (adv > 0)).to(logp.dtype).mul(mask).sum().detach()
-    if is_weights is not None:
-        per_token = per_token * is_weights.detach()
-    kl_sum = torch.zeros((), dtype=logp.dtype)
-    if ref_logp is not None and beta > 0:
-        delta = ref_logp - logp
-        kl = torch.exp(delta) - delta - 1.0  # k3: unbiased, non-negative estimate of KL(pi || ref)
-        per_token = per_token + beta * kl
-        kl_sum = (kl * mask).sum().detach()
-    if loss_type == "grpo":
-        lengths = mask.sum(-1).clamp(min=1.0)
-        loss = ((per_token * mask).sum(-1) / lengths).sum() / normaliser
-    elif loss_type in ("dapo", "dr_grpo", "cispo"):
-        loss = (per_token * mask).sum() / normaliser
-    else:
-        raise ValueError(f"config key 'loss_type': unknown loss {loss_type!r}")
-    tis_sum = (is_weights * mask).sum().detach() if is_weights is not None else mask.sum().detach()
-    return LossOutput(loss, clip_low, clip_high, kl_sum, tis_sum)
 
 
 def truncated_is_weights(old_logp: torch.Tensor, rollout_logp: torch.Tensor, cap: float) -> torch.Tensor:

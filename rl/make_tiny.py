@@ -28,10 +28,9 @@ import torch.nn.functional as F
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from looped import OuroConfig, OuroForCausalLM
 from rl import arith
-from rl.data import EMBEDDED_MODEL
-from rl.evaluate import encode_prompts
-from rl.modeling import OuroConfig, OuroForCausalLM
+from rl.prompts import encode_prompts
 
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 CHARS = ["\n"] + [chr(c) for c in range(32, 127)]  # newline + printable ASCII
@@ -49,7 +48,9 @@ class TinyConfig:
     """Everything that determines the shipped model (saved next to it as make_tiny.json)."""
 
     seed: int = 0
-    out: str = EMBEDDED_MODEL
+    # Not the shipped model by default: a pip-installed package must not be rewritten by a rebuild;
+    # rebuilding the shipped one is explicit (`--out rl/assets/tiny-ouro` in a checkout).
+    out: str = "tiny-ouro"
     data: str = "arith"  # task spec, e.g. "arith:digits=2,operands=3"
     # model
     hidden_size: int = 64

@@ -8,6 +8,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from rl.jsonl import iter_jsonl
 
 
@@ -95,3 +97,50 @@ def progress_bar(total: int, initial: int, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="step", dynamic_ncols=True)
+
+
+def _mean(xs) -> float:
+    xs = [float(x) for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def _std(xs: list[float]) -> float:
+    return float(torch.tensor(xs).std()) if len(xs) > 1 else 0.0
+
+
+def reward_metrics(samples, fn_names: list[str]) -> dict[str, float]:
+    """reward/*, accuracy and completion/* over every sample drawn this step (kept or not)."""
+    rewards = [s.reward for s in samples]
+    m = {"reward/mean": _mean(rewards), "reward/std": _std(rewards), "accuracy": _mean([s.correct for s in samples])}
+    for name in fn_names:
+        scores = [float(s.fn_rewards[name]) for s in samples if s.fn_rewards[name] is not None]
+        m[f"reward/{name}/mean"] = _mean(scores)
+        m[f"reward/{name}/std"] = _std(scores)
+    lengths = [len(s.completion_ids) for s in samples]
+    m["completion/len_mean"] = _mean(lengths)
+    m["completion/len_max"] = float(max(lengths)) if lengths else 0.0
+    m["completion/truncated_frac"] = _mean([float(s.truncated) for s in samples])
+    return m
+
+
+def sample_rows(samples, dataset, limit: int) -> list[dict[str, Any]]:
+    """The first `limit` samples as samples.jsonl rows (prompt text, completion, reward, advantage, ...)."""
+    rows = []
+    for s in samples[:limit]:
+        prompt = dataset[s.prompt_index]["prompt"]
+        rows.append({"prompt": prompt[-1]["content"] if isinstance(prompt, list) else prompt,
+                     "completion": s.text, "reward": s.reward, "advantage": s.advantage,
+                     "ground_truth": dataset[s.prompt_index].get("ground_truth"),
+                     "truncated": s.truncated, **{f"reward/{k}": v for k, v in s.fn_rewards.items()}})
+    return rows
+
+
+def summarize(metrics_path: str | Path, key: str = "accuracy") -> str:
+    """'accuracy: first tenth of steps X -> last tenth Y (+Z points)', the embedded job's success check."""
+    values = [r[key] for r in read_jsonl(metrics_path) if isinstance(r.get(key), (int, float))]
+    if not values:
+        return f"no {key} logged"
+    tenth = max(1, len(values) // 10)
+    first, last = sum(values[:tenth]) / tenth, sum(values[-tenth:]) / tenth
+    return (f"{key}: first tenth of steps {first:.3f} -> last tenth {last:.3f} "
+            f"({100 * (last - first):+.1f} points over {len(values)} steps)")

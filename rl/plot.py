@@ -198,8 +198,11 @@ def main(argv: list[str] | None = None) -> int:
         first = Path(args.run_dirs[0])
         out = (first.parent if first.is_file() else first) / "reward_curve.png"
     try:
+        from rl.run_dir import check_writable_file
+
+        check_writable_file(out, "--out")  # before reading and drawing every run
         path = plot_runs(args.run_dirs, out, title=args.title)
-    except PlotError as e:
+    except (PlotError, ValueError) as e:
         print(f"looprl plot: {e}", file=sys.stderr)
         return 2
     print(f"wrote {path}")

@@ -3,8 +3,11 @@
     looprl reward --fn dapo_math --completion "... Answer: 42" --answer 42
     looprl reward --fn math_accuracy --jsonl rows.jsonl          # fields: completion, answer (or ground_truth)
     looprl reward --fn overlong_penalty --completion "..." --option max_completion_length=20 --option buffer_len=5
+    looprl reward --jsonl labelled.jsonl --report [--option policy=rounded]   # + field expected: true/false
 
-Prints, per completion, the extracted answer, the score and the verifier's reason. `completion_ids`
+Prints, per completion, the extracted answer, the score and the verifier's reason. `--report` instead
+checks the math verifier (the one behind dapo_math / math_accuracy) against an `expected` column:
+agreement, then every false positive and false negative with its reason; exit code 1 when any. `completion_ids`
 are one id per character here (no tokenizer is loaded), which only matters for length-based rewards.
 """
 
@@ -16,6 +19,9 @@ import sys
 from typing import Any
 
 from rl.jsonl import iter_jsonl
+
+# Built-in rewards whose score is the math verifier's verdict (rewards.math.explain tells why).
+VERIFIER_FNS = ("dapo_math", "math_accuracy")
 
 
 class RewardCliError(ValueError):
@@ -33,22 +39,67 @@ def _parse_option(text: str) -> tuple[str, Any]:
     return key.strip(), parsed
 
 
-def _read_jsonl(path: str) -> list[tuple[Any, str]]:
+def _read_jsonl(path: str, labelled: bool = False) -> list[tuple[Any, str, bool | None, int, str | None]]:
+    """(completion, gold, expected, line, family) per row; `expected` is required when `labelled`."""
+    from rewards.report import parse_expected
+
     rows = []
-    for number, row in iter_jsonl(path, RewardCliError, unit="row"):
+    for number, row in iter_jsonl(path, RewardCliError, unit="line"):
         if "completion" not in row:
-            raise RewardCliError(f"{path}: row {number}: missing field 'completion'")
+            raise RewardCliError(f"{path}: line {number}: missing field 'completion'")
         gold = row.get("answer", row.get("ground_truth"))
         if gold is None:
-            raise RewardCliError(f"{path}: row {number}: missing field 'answer' (or 'ground_truth')")
+            raise RewardCliError(f"{path}: line {number}: missing field 'answer' (or 'ground_truth')")
         completion = row["completion"]
         if not isinstance(completion, (str, list)):
-            raise RewardCliError(f"{path}: row {number}: field 'completion' must be a string or a list of "
+            raise RewardCliError(f"{path}: line {number}: field 'completion' must be a string or a list of "
                                  f"messages, got {type(completion).__name__}")
-        rows.append((completion, str(gold)))
+        expected = None
+        if labelled:
+            if "expected" not in row:
+                raise RewardCliError(f"{path}: line {number}: missing field 'expected' (needed by --report)")
+            try:
+                expected = parse_expected(row["expected"], f"{path}: line {number}")
+            except ValueError as exc:
+                raise RewardCliError(str(exc)) from None
+        family = row.get("family")
+        rows.append((completion, str(gold), expected, number, None if family is None else str(family)))
     if not rows:
         raise RewardCliError(f"{path}: no rows")
     return rows
+
+
+_VERIFIER_OPTIONS = ("policy", "numeric_precision", "decimal_comma", "fallback")
+
+
+def run_report(path: str, options: dict[str, Any], timeout: float | None) -> int:
+    """`--report`: the verifier's verdicts against the `expected` column."""
+    from rewards.builtin import completion_text
+    from rewards.math import verify_batch
+    from rewards.policy import resolve
+    from rewards.report import build_report, format_report
+
+    unknown = sorted(set(options) - set(_VERIFIER_OPTIONS))
+    if unknown:
+        raise RewardCliError(f"--report: unknown verifier option(s) {', '.join(unknown)}; "
+                             f"choose from {', '.join(_VERIFIER_OPTIONS)}")
+    policy = resolve(options.get("policy"), numeric_precision=options.get("numeric_precision", "preset"),
+                     decimal_comma=options.get("decimal_comma"), fallback=options.get("fallback"), where="--report")
+    rows = _read_jsonl(path, labelled=True)
+    texts = []
+    for completion, _, _, line, _ in rows:
+        try:
+            texts.append(completion_text(completion))
+        except ValueError as exc:
+            raise RewardCliError(f"{path}: line {line}: field 'completion': {exc}") from None
+    golds = [g for _, g, *_ in rows]
+    verdicts = verify_batch(texts, golds, timeout=timeout, policy=policy)
+    families = [f for *_, f in rows]
+    report = build_report([r[3] for r in rows], golds, [r[2] for r in rows], verdicts,
+                          families if any(f is not None for f in families) else None)
+    print(format_report(report, path, f"numeric_precision={policy.numeric_precision}, "
+                                      f"decimal_comma={policy.decimal_comma}, fallback={policy.fallback}"))
+    return 0 if report.agree == report.total else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,8 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--jsonl", help="file of rows with 'completion' and 'answer' (or 'ground_truth')")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="extra keyword for the reward function (JSON values), repeatable")
-    parser.add_argument("--timeout", type=float, default=None, help="per-item verification limit in seconds")
+    parser.add_argument("--timeout", type=float, default=None,
+                        help="seconds per completion: the verifier's per-item limit, and a user function's whole "
+                             "call is stopped after timeout x rows")
     parser.add_argument("--list", action="store_true", help="list the registered reward functions and exit")
+    parser.add_argument("--report", action="store_true",
+                        help="with --jsonl: agreement of the math verifier with an 'expected' field (true/false), "
+                             "false positives and false negatives with reasons; --option sets policy, "
+                             "numeric_precision, decimal_comma, fallback")
     return parser
 
 
@@ -73,10 +130,14 @@ def run(args: argparse.Namespace) -> int:
     if args.list:
         print("\n".join(rewards.available()))
         return 0
+    if args.report and not args.jsonl:
+        raise RewardCliError("--report needs --jsonl FILE (rows with completion, answer, expected)")
     if args.jsonl:
         if args.completion is not None or args.answer is not None:
             raise RewardCliError("give either --jsonl or --completion/--answer, not both")
-        rows = _read_jsonl(args.jsonl)
+        if args.report:
+            return run_report(args.jsonl, dict(_parse_option(o) for o in args.option), args.timeout)
+        rows = [(c, g) for c, g, *_ in _read_jsonl(args.jsonl)]
     elif args.completion is None or args.answer is None:
         raise RewardCliError("give --completion TEXT and --answer GOLD, or --jsonl FILE")
     else:
@@ -93,15 +154,20 @@ def run(args: argparse.Namespace) -> int:
     # as TRL calls reward functions (by keyword, completions as assistant messages), so TRL's own
     # functions work here too; ours accept strings and messages alike
     messages = [c if isinstance(c, list) else [{"role": "assistant", "content": c}] for c in completions]
-    try:
-        scores = rewards.call(fn, [None] * len(rows), messages, **kwargs)
-    except TypeError as exc:
-        raise RewardCliError(f"reward {args.fn!r} rejected its arguments: {exc}") from exc
-    except ValueError as exc:  # wrong number of scores
-        raise RewardCliError(str(exc)) from exc
+    from rewards.guard import RewardGuard
+
+    # the trainer's checks (one line naming the function and the first bad row); --timeout bounds the call
+    # built-ins bound themselves per item (the verifier's pool, whose start-up must not count); user code cannot
+    user_code = args.fn not in rewards.available()
+    guard = RewardGuard("raise", timeout=args.timeout * len(rows) if args.timeout and user_code else None, hint="")
+    scores, _ = guard.score(rewards.reward_name(args.fn), fn, [None] * len(rows), messages, **kwargs)
+    verifier = args.fn in VERIFIER_FNS  # only these decide by the verifier: its reason explains their score
     for index, (text, gold, score) in enumerate(zip(texts, golds, scores), start=1):
-        verdict = explain(text, gold)
         prefix = f"[{index}] " if len(rows) > 1 else ""
+        if not verifier:
+            print(f"{prefix}gold: {gold!r}  score: {score}")
+            continue
+        verdict = explain(text, gold)
         print(f"{prefix}extracted: {verdict.extracted!r}  gold: {gold!r}  score: {score}  "
               f"reason: {verdict.reason} ({verdict.path})")
     if len(rows) > 1:

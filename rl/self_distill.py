@@ -22,161 +22,32 @@ Variants: `top_k` (the teacher keeps its k most likely tokens plus one tail buck
 of the mass; the student is compared on the same k+1 bins) and `variant="mse"` (LoopFormer-style
 mean squared error between normed hidden states, stop-gradient on the deep state).
 
-The trainer's flat config keys are defined and validated here (`SELF_DISTILL_DEFAULTS`,
-`validate_self_distill`); rl/config.py only has to carry them.
+The trainer's flat config keys are defined and validated in rl/self_distill_config.py (torch-free,
+re-exported here: `SelfDistillConfig` holds the defaults, `SELF_DISTILL_DEFAULTS` maps them to the flat
+key names, `validate_self_distill` checks them); rl/config.py only carries them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-WEIGHTINGS = ("uniform", "linear")
-VARIANTS = ("kl", "mse")
-DEFAULT_CHUNK_SIZE = 1024
-
-# Flat trainer config keys -> defaults. `self_distill_coef` 0 turns the loss off (metrics still run).
-SELF_DISTILL_DEFAULTS: dict[str, object] = {
-    "self_distill_coef": 0.0,
-    "self_distill_exits": None,  # None / "default" -> 2..T-1; or a list like [2, 3] / "2,3" / "all"
-    "self_distill_weighting": "linear",  # "uniform" | "linear" (w_t proportional to t)
-    "self_distill_temperature": 1.0,
-    "self_distill_top_k": 0,  # 0 = full-vocabulary teacher
-    "self_distill_variant": "kl",  # "kl" | "mse" (hidden-state MSE)
-    "self_distill_chunk_size": DEFAULT_CHUNK_SIZE,
-}
-
-
-@dataclass
-class SelfDistillConfig:
-    """Validated self-distillation settings (built from the trainer's flat keys by validate_self_distill)."""
-
-    coef: float = 0.0
-    exits: list[int] | str | None = None
-    weighting: str = "linear"
-    temperature: float = 1.0
-    top_k: int = 0
-    variant: str = "kl"
-    chunk_size: int = DEFAULT_CHUNK_SIZE
-
-    @property
-    def enabled(self) -> bool:
-        return self.coef > 0
-
-    def loss(self, exit_hidden_states, lm_head, mask, normalizer=None):
-        """self_distill_loss with these settings (coef NOT applied)."""
-        return self_distill_loss(
-            exit_hidden_states, lm_head, mask, exits=self.exits, weighting=self.weighting,
-            temperature=self.temperature, top_k=self.top_k or None, chunk_size=self.chunk_size,
-            variant=self.variant, normalizer=normalizer,
-        )
-
-
-def _parse_exits(value, key: str = "self_distill_exits") -> list[int] | str | None:
-    """None / "default" -> None (2..T-1 at call time), "all" -> "all" (1..T-1), else a sorted list of ints."""
-    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "default", "none")):
-        return None
-    if isinstance(value, str) and value.strip().lower() == "all":
-        return "all"
-    if isinstance(value, str):
-        parts = [p for p in value.replace(" ", "").split(",") if p]
-    elif isinstance(value, int) and not isinstance(value, bool):
-        parts = [value]
-    elif isinstance(value, Sequence):
-        parts = list(value)
-    else:
-        raise ValueError(f"config key {key}: expected a list of exit numbers like [2, 3], got {value!r}")
-    exits = []
-    for p in parts:
-        try:
-            t = int(p)
-        except (TypeError, ValueError):
-            raise ValueError(f"config key {key}: {p!r} is not an exit number (integers >= 1)") from None
-        if isinstance(p, bool) or t < 1 or (isinstance(p, float) and p != t):
-            raise ValueError(f"config key {key}: {p!r} is not an exit number (integers >= 1)")
-        exits.append(t)
-    if not exits:
-        raise ValueError(f"config key {key}: empty list of exits (leave it unset for the default 2..T-1)")
-    if len(set(exits)) != len(exits):
-        raise ValueError(f"config key {key}: exit listed twice in {value!r}")
-    return sorted(exits)
-
-
-def validate_self_distill(values: Mapping[str, object] | object, depth: int | None = None) -> SelfDistillConfig:
-    """Check the self_distill_* keys of a config (a mapping or an object with those attributes).
-
-    Missing keys take SELF_DISTILL_DEFAULTS. With `depth` (the training depth T) the exits are also
-    checked against 1..T-1. Raises ValueError naming the config key on bad input.
-    """
-    def get(key):
-        if isinstance(values, Mapping):
-            return values.get(key, SELF_DISTILL_DEFAULTS[key])
-        return getattr(values, key, SELF_DISTILL_DEFAULTS[key])
-
-    def number(key, kind):
-        v = get(key)
-        if isinstance(v, bool):
-            raise ValueError(f"config key {key}: expected a number, got {v!r}")
-        try:
-            return kind(v)
-        except (TypeError, ValueError):
-            raise ValueError(f"config key {key}: expected a number, got {v!r}") from None
-
-    coef = number("self_distill_coef", float)
-    if coef < 0:
-        raise ValueError(f"config key self_distill_coef: must be >= 0 (0 = off), got {coef}")
-    temperature = number("self_distill_temperature", float)
-    if not temperature > 0:
-        raise ValueError(f"config key self_distill_temperature: must be > 0, got {temperature}")
-    top_k = number("self_distill_top_k", int)
-    if top_k < 0:
-        raise ValueError(f"config key self_distill_top_k: must be >= 0 (0 = full vocabulary), got {top_k}")
-    chunk_size = number("self_distill_chunk_size", int)
-    if chunk_size < 1:
-        raise ValueError(f"config key self_distill_chunk_size: must be >= 1, got {chunk_size}")
-    weighting = str(get("self_distill_weighting")).lower()
-    if weighting not in WEIGHTINGS:
-        raise ValueError(f"config key self_distill_weighting: {weighting!r} is not one of {WEIGHTINGS}")
-    variant = str(get("self_distill_variant")).lower()
-    if variant not in VARIANTS:
-        raise ValueError(f"config key self_distill_variant: {variant!r} is not one of {VARIANTS}")
-    exits = _parse_exits(get("self_distill_exits"))
-    if depth is not None:
-        resolve_exits(exits, depth)
-    return SelfDistillConfig(coef=coef, exits=exits, weighting=weighting, temperature=temperature,
-                             top_k=top_k, variant=variant, chunk_size=chunk_size)
-
-
-def resolve_exits(exits, depth: int) -> list[int]:
-    """The shallow exits to distil for a forward of `depth` loops (see module docstring for the default)."""
-    if depth < 2:
-        raise ValueError(f"self-distillation needs depth >= 2 (a shallow and a deep exit), got depth {depth}")
-    exits = _parse_exits(exits) if not isinstance(exits, list) else exits
-    if exits is None:
-        return list(range(2, depth)) if depth > 2 else [1]
-    if exits == "all":
-        return list(range(1, depth))
-    bad = [t for t in exits if not 1 <= t < depth]
-    if bad:
-        raise ValueError(f"config key self_distill_exits: exits {bad} are outside 1..{depth - 1} "
-                         f"(the deep exit {depth} is the teacher)")
-    return list(exits)
-
-
-def exit_weights(exits: Sequence[int], weighting: str) -> list[float]:
-    """Normalised weights over the exits: uniform, or proportional to the exit number ("linear")."""
-    if weighting == "uniform":
-        raw = [1.0] * len(exits)
-    elif weighting == "linear":
-        raw = [float(t) for t in exits]
-    else:
-        raise ValueError(f"config key self_distill_weighting: {weighting!r} is not one of {WEIGHTINGS}")
-    total = sum(raw)
-    return [r / total for r in raw]
+from looped.facts import max_depth
+from looped.modeling_ouro import threshold_exit_index
+from rl.self_distill_config import (  # noqa: F401  (the config keys' defaults and rules, re-exported)
+    DEFAULT_CHUNK_SIZE,
+    SELF_DISTILL_DEFAULTS,
+    VARIANTS,
+    WEIGHTINGS,
+    SelfDistillConfig,
+    _parse_exits,
+    exit_weights,
+    resolve_exits,
+    validate_self_distill,
+)
 
 
 def _kl_full(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
@@ -361,7 +232,8 @@ def early_exit_generate(
     """Greedy decoding where each token is read from the first exit that is confident enough.
 
     rule "maxprob": the first loop t whose max softmax probability is >= threshold (else loop T).
-    rule "gate": the first loop whose exit-gate CDF (model exit_probs) reaches threshold (Ouro's q).
+    rule "gate": the first loop whose exit-gate CDF (model exit_probs) reaches threshold (Ouro's q; q >= 1
+    always reads loop T), i.e. `looped.modeling_ouro.threshold_exit_index`, the rule of the model's generate.
     All T loops are computed for every token ("compute, then select", like Ouro's released code), so
     deeper KV slots of an early-exited token exist for later tokens; the token itself only depends on
     loops 1..t (loop t attends to loop-t keys only), so "depth used" counts the loops a true early-exit
@@ -369,7 +241,7 @@ def early_exit_generate(
     """
     if rule not in EXIT_RULES:
         raise ValueError(f"early exit rule {rule!r} is not one of {EXIT_RULES}")
-    depth = int(depth or model.config.total_ut_steps)
+    depth = int(depth or max_depth(model))
     device = next(model.parameters()).device
     pad = pad_token_id if pad_token_id is not None else (eos_token_id if eos_token_id is not None else 0)
     width = max(len(p) for p in prompt_ids)
@@ -382,16 +254,16 @@ def early_exit_generate(
     past = None
     step_ids = input_ids
     for _ in range(max_new_tokens):
-        out = model(input_ids=step_ids, attention_mask=attention_mask, past_key_values=past, use_cache=True,
+        out = model(input_ids=step_ids, attention_mask=attention_mask, cache=past, use_cache=True,
                     depth=depth, output_exits=True, logits_to_keep=1)
-        past = out.past_key_values
+        past = out.cache
         logits = torch.stack([model.lm_head(h[:, -1]).float() for h in out.exit_hidden_states], 1)  # [B,T,V]
         if rule == "maxprob":
             confident = logits.softmax(-1).amax(-1) >= threshold  # [B,T]
-        else:
-            confident = out.exit_probs[:, -1].float().cumsum(-1) >= threshold
-        confident[:, -1] = True
-        chosen = confident.int().argmax(-1)  # first confident exit (0-based)
+            confident[:, -1] = True
+            chosen = confident.int().argmax(-1)  # first confident exit (0-based)
+        else:  # the model's own exit-gate rule (what generate(exit_threshold=q) reads)
+            chosen = threshold_exit_index(out.exit_probs[:, -1], threshold)
         tokens = logits[torch.arange(batch, device=device), chosen].argmax(-1)
         for b in range(batch):
             if not done[b]:

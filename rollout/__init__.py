@@ -1,11 +1,14 @@
 """Fixed-depth rollout workers (torch engine, vLLM engine). Never imports the trainer (`rl`).
 
-`from rollout.vllm_worker import VLLMRolloutWorker` for the optional vLLM engine.
+`make_worker(engine, depth=..., model=... | model_path=...)` builds one by name (rollout/engines.py);
+`from rollout.vllm_worker import VLLMRolloutWorker` for the optional vLLM engine itself.
 """
 
-from rollout.base import Rollout, RolloutWorker, SamplingParams
+from rollout.base import Rollout, RolloutWorker, SamplingParams, SpecConfig
+from rollout.engines import ENGINES, get_engine, make_worker, register_engine
 
-__all__ = ["Rollout", "RolloutWorker", "SamplingParams", "TorchRolloutWorker"]
+__all__ = ["ENGINES", "Rollout", "RolloutWorker", "SamplingParams", "SpecConfig", "TorchRolloutWorker", "get_engine",
+           "make_worker", "register_engine"]
 
 
 def __getattr__(name: str):

@@ -1,5 +1,6 @@
 """Engine-independent rollout types: what to sample (SamplingParams), what came back (Rollout),
-and the protocol every engine implements (RolloutWorker).
+and the protocol every engine implements (RolloutWorker). Engines are built by name with
+`rollout.engines.make_worker` (the trainer and `looprl eval` both do).
 
 The trainer only talks to these types, so the torch and vLLM engines are interchangeable.
 """
@@ -11,6 +12,26 @@ from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 
+@dataclass(frozen=True)
+class SpecConfig:
+    """Self-speculative decoding for looped models (torch engine; see rollout/speculative.py).
+
+    Draft `num_draft` tokens with the model's own exit after `draft_depth` loops, then verify them with
+    the rollout depth T in one pass that reuses the draft's loop 1..draft_depth K/V. The output
+    distribution (and the returned logprobs) are exactly those of plain depth-T decoding; only the
+    speed changes. Needs 1 <= draft_depth < T and num_draft >= 1.
+    """
+
+    draft_depth: int
+    num_draft: int
+
+    def __post_init__(self) -> None:
+        for name in ("draft_depth", "num_draft"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"SpecConfig.{name} must be an integer >= 1, got {value!r}")
+
+
 @dataclass
 class SamplingParams:
     """How to sample completions.
@@ -18,6 +39,7 @@ class SamplingParams:
     temperature 0 means greedy (argmax). top_k 0 and top_p 1.0 disable truncation.
     stop_token_ids None means "stop at the model/tokenizer EOS"; [] means never stop early
     (every sample runs to max_new_tokens).
+    speculative: None = plain decoding; a SpecConfig = self-speculative decoding (same distribution).
     """
 
     n: int = 1
@@ -27,6 +49,7 @@ class SamplingParams:
     top_k: int = 0
     seed: int | None = None
     stop_token_ids: list[int] | None = None
+    speculative: SpecConfig | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.n, int) or self.n < 1:
@@ -41,6 +64,8 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
         if self.stop_token_ids is not None:
             self.stop_token_ids = [int(t) for t in self.stop_token_ids]
+        if self.speculative is not None and not isinstance(self.speculative, SpecConfig):
+            raise ValueError(f"SamplingParams.speculative must be a SpecConfig or None, got {self.speculative!r}")
 
     @property
     def greedy(self) -> bool:
@@ -58,6 +83,8 @@ class Rollout:
     rollout depth (temperature 0: log softmax(logits)). top-k / top-p only restrict which tokens can
     be drawn; the reported value is NOT renormalised over the kept set, so it is exactly what the
     update recomputes. With top_p=1, top_k=0 it is also the sampling distribution's logprob.
+
+    `stats`: engine counters of this call (speculative decoding: `accept_rate`, `tokens_per_verify`, ...).
     """
 
     prompt_ids: list[list[int]] = field(default_factory=list)
@@ -65,6 +92,7 @@ class Rollout:
     logprobs: list[list[float]] = field(default_factory=list)
     finish_reasons: list[str] = field(default_factory=list)
     depth: int = 1
+    stats: dict[str, float] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.completion_ids)
@@ -76,13 +104,26 @@ class Rollout:
 
 @runtime_checkable
 class RolloutWorker(Protocol):
-    """A generation engine pinned to one depth (number of loops per token)."""
+    """A generation engine pinned to one depth (number of loops per token), with the trainer's lifecycle:
+
+    generate -> sleep (free memory while the update runs) -> sync_weights (the updated policy; wakes the
+    weights) -> generate (wakes whatever is still asleep), and close() once at the end (an engine's
+    processes and process groups go before the trainer's own). Engines that hold the trainer's own module
+    make sync_weights free and sleep/wake_up/close no-ops. Logprob convention: see `Rollout`; whether an engine's
+    logprobs equal the trainer's recomputation is declared at registration (rollout.engines).
+    """
 
     depth: int
 
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> Rollout: ...
 
     def sync_weights(self, model) -> None: ...
+
+    def sleep(self, level: int = 1) -> None: ...
+
+    def wake_up(self) -> None: ...
+
+    def close(self) -> None: ...
 
 
 # Path parts that training wrappers (DDP, torch.compile, activation checkpointing, FSDP) insert into

@@ -32,6 +32,38 @@ def truncate_logits(scaled: torch.Tensor, top_k: int, top_p: float) -> torch.Ten
     return scaled
 
 
+def scale_logits(logits: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 logits / temperature (temperature 0 = greedy scores logits at temperature 1) and their logsumexp.
+
+    `scaled[token] - log_norm` is the reported logprob (the convention above)."""
+    scaled = logits.float()
+    if temperature not in (0, 1):
+        scaled = scaled / temperature
+    # logprob = scaled[token] - logsumexp(scaled): no [B, V] log-softmax tensor is materialised.
+    return scaled, scaled.logsumexp(dim=-1, keepdim=True)
+
+
+def sampling_probs(scaled: torch.Tensor, log_norm: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """The distribution tokens are actually drawn from: softmax of the top-k / nucleus-truncated scaled logits.
+
+    Speculative decoding needs it explicitly (target and draft probabilities of the same token)."""
+    if top_k > 0 or top_p < 1.0:
+        return truncate_logits(scaled, top_k, top_p).softmax(dim=-1)
+    return (scaled - log_norm).exp_()
+
+
+def race_draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row from non-negative weights [..., V] (need not be normalised).
+
+    Exponential race (Gumbel-max in disguise): argmax p_i / E_i with E_i = -log(U_i) ~ Exp(1) draws token i
+    with probability p_i / sum(p). No host sync (unlike torch.multinomial on GPU), and on CPU torch.rand + log
+    is ~5x faster than Tensor.exponential_ / torch.multinomial. U = 0 gives E = inf, i.e. that token is never
+    drawn; U < 1 always, so E > 0 and there is no 0/0. Zero-weight tokens are never drawn.
+    """
+    race = torch.rand(probs.shape, generator=generator, device=probs.device).log_().neg_()
+    return (probs / race).argmax(dim=-1)
+
+
 def sample_next(
     logits: torch.Tensor,
     temperature: float,
@@ -40,23 +72,10 @@ def sample_next(
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one token per row from [B, V] logits. Returns (tokens [B] int64, logprobs [B] fp32)."""
-    scaled = logits.float()
-    if temperature not in (0, 1):
-        scaled = scaled / temperature
-    # logprob = scaled[token] - logsumexp(scaled): no [B, V] log-softmax tensor is materialised.
-    log_norm = scaled.logsumexp(dim=-1, keepdim=True)
+    scaled, log_norm = scale_logits(logits, temperature)
     if temperature == 0:
         tokens = scaled.argmax(dim=-1)
     else:
-        if top_k > 0 or top_p < 1.0:
-            probs = truncate_logits(scaled, top_k, top_p).softmax(dim=-1)
-        else:
-            probs = (scaled - log_norm).exp_()
-        # Exponential race (Gumbel-max in disguise): argmax p_i / E_i with E_i = -log(U_i) ~ Exp(1)
-        # draws token i with probability p_i. No host sync (unlike torch.multinomial on GPU), and on CPU
-        # torch.rand + log is ~5x faster than Tensor.exponential_ / torch.multinomial. U = 0 gives
-        # E = inf, i.e. that token is never drawn; U < 1 always, so E > 0 and there is no 0/0.
-        race = torch.rand(probs.shape, generator=generator, device=probs.device).log_().neg_()
-        tokens = (probs / race).argmax(dim=-1)
+        tokens = race_draw(sampling_probs(scaled, log_norm, top_k, top_p), generator)
     logprobs = scaled.gather(-1, tokens.unsqueeze(-1)) - log_norm
     return tokens, logprobs.squeeze(-1)

@@ -12,12 +12,16 @@ One generate() call:
   2. fan the cache out to the n samples of each prompt (prompt-major) with `reorder_cache`;
   3. decode one token per step for all live rows; rows stop on their own stop token; when enough
      rows have finished, the cache and the row state are compacted so finished rows cost nothing.
-     For Ouro-layout models each step is the fused OuroDecodeStep (rollout/fast_decode.py, checked
+     For Ouro-layout models each step is the fused OuroDecodeStep (looped/fast_decode.py, checked
      against the model's forward on first use); otherwise the model's own forward with
      `depth=`, the 2-D mask, explicit position ids and `logits_to_keep=1`.
 The cache is allocated once per generate() call (never per step); sampling uses the worker's own
 torch.Generator seeded from SamplingParams.seed.
 Logprob convention: see rollout/sampling.py (untruncated log softmax(logits / T), fp32).
+
+`SamplingParams(speculative=SpecConfig(draft_depth=d, num_draft=k))` switches step 3 to self-speculative
+decoding (rollout/speculative.py): same prefill and first token, then rounds of k drafts at depth d
+verified at the worker's depth; same output distribution and logprobs, different speed.
 """
 
 from __future__ import annotations
@@ -28,17 +32,20 @@ from collections.abc import Sequence
 
 import torch
 
+from looped.facts import is_looped, max_depth
+from looped.fast_decode import OuroDecodeStep
+from looped.hf_compat import StaticCache
 from rollout.base import Rollout, SamplingParams, as_id_list, checkpoint_name
-from rollout.fast_decode import OuroDecodeStep
 from rollout.sampling import sample_next
+from rollout.speculative import speculative_decode
 
 
 class TorchRolloutWorker:
     """Fixed-depth sampler over a model object (an Ouro looped LM or any HF causal LM at depth 1).
 
     Args:
-        model: the rollout model. Looped models expose `make_static_cache(...)` and take `depth=`.
-        depth: loops per token; None means the model's `config.total_ut_steps` (1 if not looped).
+        model: the rollout model. Looped models (looped.facts.is_looped) build per-loop caches and take `depth=`.
+        depth: loops per token; None means the model's T (looped.facts.max_depth; 1 if not looped).
         eos_token_id: stop token(s) used when `SamplingParams.stop_token_ids` is None; defaults to
             the model's generation_config / config EOS.
         pad_token_id: filler for left padding; defaults to the model's pad, else the first EOS, else 0.
@@ -54,16 +61,16 @@ class TorchRolloutWorker:
         self, model, depth: int | None = None, eos_token_id=None, pad_token_id=None, fast_decode: bool = True
     ):
         self.model = model
-        self.looped = callable(getattr(model, "make_static_cache", None))
+        self.looped = is_looped(model)
         config = model.config
         if depth is None:
-            depth = int(getattr(config, "total_ut_steps", 1)) if self.looped else 1
+            depth = max_depth(model)
         if not isinstance(depth, int) or depth < 1:
             raise ValueError(f"TorchRolloutWorker: depth must be an integer >= 1, got {depth!r}")
         if not self.looped and depth != 1:
             raise ValueError(
                 f"TorchRolloutWorker: depth={depth} but {type(model).__name__} is not a looped model "
-                "(no make_static_cache); use depth=1"
+                "(looped.facts.is_looped); use depth=1"
             )
         self.depth = depth
         gen_config = getattr(model, "generation_config", None)
@@ -80,8 +87,12 @@ class TorchRolloutWorker:
                 pad_token_id = self.eos_token_ids[0] if self.eos_token_ids else 0
         self.pad_token_id = int(as_id_list(pad_token_id)[0])
         self.vocab_size = model.get_input_embeddings().num_embeddings
+        forward_params = inspect.signature(model.forward).parameters
         # Older HF architectures lack `logits_to_keep`; then the full logits are computed and sliced.
-        self._keep_last = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self._keep_last = "logits_to_keep" in forward_params
+        # transformers >= 5.24 calls the KV cache argument `cache`; earlier releases (and remote code written
+        # for them) call it `past_key_values`. Ask the model which one its forward takes.
+        self._cache_arg = "cache" if "cache" in forward_params else "past_key_values"
         # Fused decode step for Ouro-layout models; verified against the model's forward on first use.
         self._fast = OuroDecodeStep(model, depth) if fast_decode and OuroDecodeStep.supports(model) else None
         self._fast_verified = False
@@ -119,26 +130,67 @@ class TorchRolloutWorker:
         if missing:
             raise ValueError(f"sync_weights: source model lacks parameters {missing[:5]} (of {len(missing)})")
 
+    # ------------------------------------------------------------------ lifecycle
+    def sleep(self, level: int = 1) -> None:
+        """Nothing to release: the worker holds no memory between generate() calls (the model is the trainer's)."""
+
+    def wake_up(self) -> None:
+        """Nothing to restore (see sleep)."""
+
+    def close(self) -> None:
+        """Nothing to shut down (no engine of its own)."""
+
     # ------------------------------------------------------------------ generation
     def generate(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams) -> Rollout:
         prompts = self._check_prompts(prompt_ids)
+        if params.speculative is not None:
+            self._check_speculative(params)
         was_training = self.model.training
         self.model.eval()
         try:
             with torch.inference_mode():
                 if self._fast is not None and not self._fast_verified:
                     self._verify_fast_decode()
-                tokens, logprobs, lengths, stopped = self._decode(prompts, params)
+                stats: dict[str, float] = {}
+                if params.speculative is None:
+                    tokens, logprobs, lengths, stopped = self._decode(prompts, params)
+                else:
+                    if self._fast is None:
+                        raise ValueError("speculative decoding needs the fused Ouro decode step, which failed "
+                                         "its check against this model's forward")
+                    generator = self._generator(params.seed)
+                    tokens, logprobs, lengths, stopped, stats = speculative_decode(self, prompts, params, generator)
         finally:
             self.model.train(was_training)
         n = params.n
-        rollout = Rollout(depth=self.depth)
+        rollout = Rollout(depth=self.depth, stats=stats)
         for row, (toks, lps, length, hit) in enumerate(zip(tokens, logprobs, lengths, stopped)):
             rollout.prompt_ids.append(list(prompts[row // n]))
             rollout.completion_ids.append(toks[:length])
             rollout.logprobs.append(lps[:length])
             rollout.finish_reasons.append("stop" if hit else "length")
         return rollout
+
+    def _check_speculative(self, params: SamplingParams) -> None:
+        spec = params.speculative
+        if self._fast is None:
+            raise ValueError(
+                "SamplingParams.speculative needs an Ouro-layout looped model and fast_decode=True "
+                f"(the drafts and the verify pass run through looped/fast_decode.py); got {type(self.model).__name__}"
+            )
+        if not spec.draft_depth < self.depth:
+            raise ValueError(
+                f"SpecConfig.draft_depth={spec.draft_depth} must be below the rollout depth {self.depth}"
+            )
+
+    def _generator(self, seed: int | None) -> torch.Generator:
+        """The worker's own RNG: seeded from SamplingParams.seed, fresh entropy when None."""
+        generator = torch.Generator(device=self._device())
+        if seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(int(seed))
+        return generator
 
     def _check_prompts(self, prompt_ids) -> list[list[int]]:
         if isinstance(prompt_ids, torch.Tensor) or not isinstance(prompt_ids, Sequence) or not prompt_ids:
@@ -160,8 +212,6 @@ class TorchRolloutWorker:
     def _new_cache(self, batch_size: int, max_len: int, device: torch.device):
         if self.looped:
             return self.model.make_static_cache(batch_size, max_len, depth=self.depth, device=device)
-        from transformers import StaticCache
-
         return StaticCache(config=self.model.config, max_cache_len=max_len)
 
     def _forward(self, input_ids, attention_mask, position_ids, cache, start: int):
@@ -173,8 +223,8 @@ class TorchRolloutWorker:
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=cache,
             use_cache=True,
+            **{self._cache_arg: cache},
             **kwargs,
         )
         return out.logits[:, -1]
@@ -251,11 +301,7 @@ class TorchRolloutWorker:
             fast.bind(cache)
             bias = torch.zeros(mask.shape, device=device).masked_fill(mask == 0, float("-inf"))
 
-        generator = torch.Generator(device=device)
-        if params.seed is None:
-            generator.seed()
-        else:
-            generator.manual_seed(int(params.seed))
+        generator = self._generator(params.seed)
 
         stop_ids = self.eos_token_ids if params.stop_token_ids is None else params.stop_token_ids
         stop = torch.tensor(stop_ids, dtype=torch.long, device=device) if stop_ids else None

@@ -5,9 +5,9 @@ in the module's registered name. A looped model runs every physical layer `depth
 run computes different K/V for the same tokens, so it needs `depth * L` caches. vLLM's generic
 Transformers backend attaches one cache per module and silently mixes the loops' K/V. Here every
 physical layer owns one `Attention` per loop, registered as KV slot `loop * L + layer` (the slot
-numbering of rl/modeling), while the weights (projections, MLP, the four norms) are shared.
+numbering of looped/), while the weights (projections, MLP, the four norms) are shared.
 
-The forward pass follows shared/docs/ouro_spec.md section 3 (as rl/modeling does):
+The forward pass follows shared/docs/ouro_spec.md section 3 (as looped/ does):
   h = embed(ids); for each loop: h = layers(h); h = norm(h)   (the normed state feeds the next loop)
 and the logits read the last loop's normed state. The exit gate is never evaluated: the engine runs
 a fixed depth, `config.total_ut_steps`, which the worker pins with `hf_overrides`.
@@ -44,12 +44,12 @@ SKIPPED_WEIGHTS = ("model.early_exit_gate.", "rotary_emb.inv_freq")
 def register() -> None:
     """vLLM plugin entry point: make `OuroForCausalLM` resolve to this module. Idempotent.
 
-    Also registers OuroConfig with transformers' AutoConfig (rl.modeling, importable by rollout),
+    Also registers OuroConfig with transformers' AutoConfig (the `looped` package),
     so vLLM reads `model_type: ouro` directories without trust_remote_code.
     """
     from vllm import ModelRegistry
 
-    import rl.modeling  # noqa: F401  (AutoConfig.register("ouro", OuroConfig))
+    import looped  # noqa: F401  (AutoConfig.register("ouro", OuroConfig))
 
     ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS_PATH)
 

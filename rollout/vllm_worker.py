@@ -67,13 +67,14 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from looped.facts import LOOP_COUNT_KEYS
 from rollout.base import Rollout, SamplingParams, as_id_list, checkpoint_name
 
 INSTALL_HINT = ("vLLM is not installed; the 'vllm' engine needs it: pip install looprl[vllm] "
                 "(CPU: tools/vllm_cpu_env.sh)")
 
-# Loop-count override key of Ouro's HF config, read by vLLM's native Ouro model at construction.
-LOOPED_MODEL_TYPES = {"ouro": "total_ut_steps"}
+# Loop-count override key of a looped family's HF config (looped.facts), read by vLLM's model at construction.
+LOOPED_MODEL_TYPES = LOOP_COUNT_KEYS
 
 # vLLM clamps 0 < temperature < 0.01 up to 0.01, which would silently change the sampled policy.
 VLLM_MIN_TEMPERATURE = 0.01
@@ -486,6 +487,9 @@ class VLLMRolloutWorker:
     # -- RolloutWorker protocol ----------------------------------------------------------------
 
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> Rollout:
+        if params.speculative is not None:
+            raise ValueError("SamplingParams.speculative (self-speculative decoding) is a torch-engine feature; "
+                             "the vLLM engine does not support it")
         if self.tp_group is not None:
             return self._generate_tp(prompt_ids, params)
         return self._generate_local(prompt_ids, params)

@@ -198,7 +198,7 @@ def test_embedded_model_and_tokenizer_load():
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import rl  # noqa: F401  (registers the Ouro classes)
+    import looped  # noqa: F401  (registers the Ouro classes with the Auto classes)
 
     tok = AutoTokenizer.from_pretrained(EMBEDDED_MODEL)
     model = AutoModelForCausalLM.from_pretrained(EMBEDDED_MODEL)

@@ -7,7 +7,8 @@ import torch
 
 from rl.advantages import group_advantages, zero_std_groups
 from rl.dynamic_sampling import Group, collect_groups
-from rl.losses import loss_normaliser, policy_loss, token_logprobs, truncated_is_weights
+from rl.losses import loss_normaliser, token_logprobs, truncated_is_weights
+from rl.objective import policy_loss
 
 # two sequences: 2 and 3 completion tokens (padded to 3), advantages +2 and -1
 MASK = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
@@ -181,3 +182,33 @@ def test_dynamic_sampling_off_keeps_everything_and_max_rounds_bounds():
     hopeless = FakeSampler(informative_every=10**9)  # only group 0 is informative
     res = collect_groups(hopeless, target=4, enabled=True, max_rounds=3)
     assert res.rounds == 3 and len(res.kept) == 1 and res.zero_std_all > 0.9
+
+
+def test_a_registered_loss_gets_the_shared_terms_and_is_a_config_choice():
+    from rl.config import load_config
+    from rl.losses import LOSSES, TokenSurrogate, register_loss
+
+    @register_loss("test_reinforce", normaliser="sequences")
+    def reinforce(logp, old_logp, advantages, mask, opts):
+        zero = torch.zeros(())
+        return TokenSurrogate(-advantages * logp, zero, zero)
+
+    try:
+        assert load_config(["--loss_type", "test_reinforce"]).loss_type == "test_reinforce"
+        assert loss_normaliser("test_reinforce", 2, 5, 4) == 2.0
+        logp = torch.full((2, 3), -1.0, requires_grad=True)
+        weights = torch.full((2, 3), 0.5)
+        out = policy_loss("test_reinforce", logp, logp.detach(), ADV, MASK, 2.0, is_weights=weights)
+        # token sum of -A * logp * 0.5 = (2 * 2 * 0.5) + (-1 * 3 * 0.5) over 2 sequences
+        assert out.loss.item() == pytest.approx((2.0 - 1.5) / 2)
+        assert out.tis_sum.item() == pytest.approx(2.5)
+    finally:
+        del LOSSES["test_reinforce"]
+
+
+def test_advantage_registry_names_the_key():
+    from rl.advantages import ADVANTAGES, get_advantage
+
+    assert get_advantage("grpo") is group_advantages and "grpo" in ADVANTAGES
+    with pytest.raises(ValueError, match="advantage_estimator"):
+        get_advantage("nope")

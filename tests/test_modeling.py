@@ -1,4 +1,4 @@
-"""Tests for rl.modeling (Ouro looped LM) on tiny CPU configs; the whole file runs in seconds."""
+"""Tests for looped (Ouro looped LM) on tiny CPU configs; the whole file runs in seconds."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
-import rl  # noqa: F401  (registers the Auto classes)
-from rl.modeling import OuroConfig, OuroForCausalLM, exit_probs_from_lambdas, threshold_exit_index
+import looped  # noqa: F401  (registers the Ouro classes with the Auto classes)
+from looped import OuroConfig, OuroForCausalLM, exit_probs_from_lambdas, threshold_exit_index
+from looped.hf_compat import CACHE_NAME, enable_activation_checkpointing
 
 T = 4
 VOCAB = 100
@@ -204,7 +205,7 @@ def test_exit_threshold_selects_the_loop_and_keeps_cache_complete():
         last = model(ids).logits
         early = model(ids, exit_threshold=0.5, use_cache=True)
         torch.testing.assert_close(early.logits, depth1, atol=1e-6, rtol=0)
-        assert len(early.past_key_values.layers) == 2 * T  # all loops still ran
+        assert len(early.cache.layers) == 2 * T  # all loops still ran
         torch.testing.assert_close(model(ids, exit_threshold=1.0).logits, last, atol=0, rtol=0)
         with pytest.raises(ValueError, match="exit_threshold"):
             model(ids, exit_threshold=-0.1)
@@ -232,11 +233,11 @@ def _decode_logits(model, ids, mask, cache, prefill, depth, static=False):
             ids[:, start:end],
             attention_mask=mask[:, :end],
             position_ids=positions[:, start:end],
-            past_key_values=cache,
+            cache=cache,
             depth=depth,
             **extra,
         )
-        cache = out.past_key_values
+        cache = out.cache
         logits.append(out.logits)
     return torch.cat(logits, dim=1), cache
 
@@ -290,10 +291,10 @@ def test_cache_depth_and_size_errors():
     ids = torch.randint(1, VOCAB, (1, 4))
     cache = model.make_static_cache(1, 8, depth=2)
     with pytest.raises(ValueError, match="depth"):
-        model(ids, past_key_values=cache, depth=3)
+        model(ids, cache=cache, depth=3)
     filled = DynamicCache(config=model.config)  # generic L-slot cache: extended while empty
     with torch.no_grad():
-        model(ids, past_key_values=filled, use_cache=True)
+        model(ids, cache=filled, use_cache=True)
     assert len(filled.layers) == 2 * T
 
 
@@ -301,11 +302,11 @@ def test_scoring_and_training_forwards_allocate_no_cache():
     model = tiny_model()
     ids = torch.randint(1, VOCAB, (2, 6))
     with torch.no_grad():
-        assert model(ids).past_key_values is None
+        assert model(ids).cache is None
         out = model(ids, labels=ids, use_cache=True)
-        assert out.past_key_values is None and torch.isfinite(out.loss)
+        assert out.cache is None and torch.isfinite(out.loss)
     model.train()
-    assert model(ids, labels=ids).past_key_values is None
+    assert model(ids, labels=ids).cache is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -333,7 +334,7 @@ def test_generate_greedy_left_padded_batch_equals_per_row(depth):
         ids[i, width - len(p):], mask[i, width - len(p):] = p, 1
     kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None, depth=depth)
     out = model.generate(ids, attention_mask=mask, return_dict_in_generate=True, **kwargs)
-    assert len(out.past_key_values.layers) == 2 * (depth or T)
+    assert len(getattr(out, CACHE_NAME).layers) == 2 * (depth or T)  # generate()'s output names it per release
     batched = out.sequences[:, width:].tolist()
     for i, p in enumerate(prompts):
         single = model.generate(p[None], **kwargs)[0, len(p):].tolist()
@@ -377,7 +378,7 @@ def test_gradients_reach_all_weights_with_and_without_checkpointing(reentrant):
     names = {n for n, _ in model.named_parameters()}
     assert plain.keys() == names
     assert all(g.abs().sum() > 0 for g in plain.values())
-    model.activation_checkpointing_enable({"use_reentrant": reentrant})
+    enable_activation_checkpointing(model, use_reentrant=reentrant)
     assert all(layer.gradient_checkpointing for layer in model.model.layers)
     checkpointed = _grads(model, ids)
     assert checkpointed.keys() == names

@@ -302,11 +302,11 @@ def test_cli_jsonl_and_errors(tmp_path, capsys) -> None:
     bad.write_text(json.dumps({"completion": "Answer: 4", "answer": "4"}) + "\n{not json\n")
     assert main(["--jsonl", str(bad)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith(f"looprl reward: {bad}: row 2: not valid JSON") and "\n" not in err
+    assert err.startswith(f"looprl reward: {bad}: line 2: not valid JSON") and "\n" not in err
     missing = tmp_path / "missing.jsonl"
     missing.write_text(json.dumps({"completion": "Answer: 4"}) + "\n")
     assert main(["--jsonl", str(missing)]) == 2
-    assert "row 1: missing field 'answer'" in capsys.readouterr().err
+    assert "line 1: missing field 'answer'" in capsys.readouterr().err
     assert main(["--fn", "nope", "--completion", "x", "--answer", "1"]) == 2
     assert "registered: dapo_math" in capsys.readouterr().err
     assert main(["--completion", "x"]) == 2

@@ -342,9 +342,9 @@ def test_weight_names_strip_wrappers_and_keep_unfused_checkpoint_names():
 
 
 def test_our_ouro_model_uses_checkpoint_names():
-    modeling = pytest.importorskip("rl.modeling")
+    modeling = pytest.importorskip("looped")
     if not hasattr(modeling, "OuroForCausalLM"):
-        pytest.skip("rl.modeling.OuroForCausalLM not written yet")
+        pytest.skip("looped.OuroForCausalLM not written yet")
     config = modeling.OuroConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                                  num_attention_heads=2, num_key_value_heads=2, total_ut_steps=2)
     names = {name for name, _ in iter_vllm_weights(modeling.OuroForCausalLM(config))}
@@ -517,8 +517,8 @@ def vllm_model_dir(tmp_path_factory):
     """A random tiny Ouro that vLLM-CPU's attention accepts (head_dim 32; the shipped model has 16), with
     GQA and head_dim != hidden_size / heads, saved with the embedded model's char tokenizer so that
     `looprl train/eval` can run it. A larger init spread keeps greedy argmaxes away from near-ties."""
+    from looped import OuroConfig, OuroForCausalLM
     from rl.make_tiny import build_tokenizer
-    from rl.modeling import OuroConfig, OuroForCausalLM
 
     tok = build_tokenizer()
     torch.manual_seed(0)
@@ -534,7 +534,7 @@ def vllm_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def hf_model(vllm_model_dir):
-    from rl.modeling import OuroForCausalLM
+    from looped import OuroForCausalLM
 
     return OuroForCausalLM.from_pretrained(vllm_model_dir, dtype=torch.float32).eval()
 
@@ -630,7 +630,7 @@ def test_real_engine_stop_tokens_and_seeds(engines, hf_model):
 @pytest.mark.vllm
 @needs_vllm
 def test_real_engine_sync_weights_after_an_optimizer_step(engines, hf_model, vllm_model_dir):
-    from rl.modeling import OuroForCausalLM
+    from looped import OuroForCausalLM
 
     worker = engines(T)
     before = worker.generate(PROMPTS, GREEDY).completion_ids
@@ -673,7 +673,7 @@ def test_real_engine_loads_the_published_ouro_config_layout(tmp_path):
     depth of the stack, the MLP width and the vocabulary are cut down, to keep the test quick."""
     from transformers import AutoConfig
 
-    from rl.modeling import OuroForCausalLM
+    from looped import OuroForCausalLM
 
     published = {
         "architectures": ["OuroForCausalLM"], "model_type": "ouro",

@@ -273,9 +273,9 @@ def test_config_loss_uses_its_settings():
 
 
 def tiny_ouro():
-    modeling = pytest.importorskip("rl.modeling")
+    modeling = pytest.importorskip("looped")
     if not hasattr(modeling, "OuroForCausalLM"):
-        pytest.skip("rl.modeling.OuroForCausalLM not available")
+        pytest.skip("looped.OuroForCausalLM not available")
     torch.manual_seed(0)
     cfg = modeling.OuroConfig(vocab_size=37, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                               num_attention_heads=4, total_ut_steps=4, max_position_embeddings=128,

@@ -41,8 +41,7 @@ def build_thinking_tokenizer():
 
 @pytest.fixture(scope="module")
 def thinking_dir(tmp_path_factory):
-    import rl  # noqa: F401
-    from rl.modeling import OuroConfig, OuroForCausalLM
+    from looped import OuroConfig, OuroForCausalLM
 
     tok = build_thinking_tokenizer()
     torch.manual_seed(0)
@@ -76,7 +75,7 @@ def test_the_files_are_wrong_and_special_tokens_fixes_tokenizer_and_model(thinki
 def test_prompt_suffix_opens_the_think_block_after_the_generation_prompt(thinking_dir):
     from transformers import AutoTokenizer
 
-    from rl.evaluate import encode_prompts
+    from rl.prompts import encode_prompts
 
     tok = AutoTokenizer.from_pretrained(thinking_dir)
     plain = encode_prompts(tok, ["1+1=?"])[0]
@@ -98,7 +97,7 @@ def test_trainer_applies_both_from_the_job_config_and_saves_a_fixed_model(thinki
             "--dynamic_sampling", "false", "--eval_every", "0", "--progress", "false", "--output_dir", str(out)]
     trainer = Trainer(load_config(argv))
     assert trainer.worker.eos_token_ids == [2]  # rollouts stop at <|im_end|>, not at the files' 0
-    assert trainer._prompt_ids(0)[-2:] == [SPECIALS.index("<think>"), trainer.tokenizer.convert_tokens_to_ids("\n")]
+    assert trainer.prompt_ids(0)[-2:] == [SPECIALS.index("<think>"), trainer.tokenizer.convert_tokens_to_ids("\n")]
     assert trainer.train() == 0
     saved = AutoConfig.from_pretrained(out / "final")
     assert (saved.eos_token_id, saved.bos_token_id) == (2, 1)

@@ -2,9 +2,8 @@
 process plans the same number of micro-batches (DDP makes the same number of backward calls)."""
 
 import random
-from types import SimpleNamespace
 
-from rl.train import Sample, Trainer, length_buckets
+from rl.batch import Sample, length_buckets, shard_plan
 
 
 def _padded(lengths: list[int], cuts: list[int]) -> int:
@@ -34,8 +33,7 @@ def test_shards_equal_count_on_every_rank():
     rng = random.Random(1)
     samples = [_sample(8, rng.choice([1, 2, 3, 120])) for _ in range(32)]
     samples[0::2] = [_sample(8, 2) for _ in range(16)]  # rank 0 gets short rows only: fewer buckets
-    shards = [Trainer._shards(SimpleNamespace(rank=r, world=2, cfg=SimpleNamespace(micro_batch_size=16)), samples)
-              for r in range(2)]
+    shards = [shard_plan(samples, rank=r, world=2, micro_batch_size=16) for r in range(2)]
     assert len(shards[0]) == len(shards[1])
     for rank, plan in enumerate(shards):
         real = [s for chunk in plan for s in chunk]

@@ -28,8 +28,9 @@ def digit_sum(prompts, completions, **kw):
 def is_zero(prompts, completions, **kw):
     return [float(sum(map(ord, _text(c))) % 3 == 0) for c in completions]
 
-def nan_reward(prompts, completions, **kw):
-    return [float("nan") if i % 2 else 1.0 for i in range(len(completions))]
+def huge_reward(prompts, completions, **kw):
+    """Finite rewards (a NaN reward is refused by rewards.guard) whose advantages overflow the loss."""
+    return [3e38 if i % 2 else -3e38 for i in range(len(completions))]
 
 CALLS = [0]
 
@@ -50,8 +51,8 @@ def _tokenizer():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A 1-layer, 3-loop random Ouro model + char tokenizer + a reward module on sys.path."""
-    import rl  # noqa: F401
-    from rl.modeling import OuroConfig, OuroForCausalLM
+    import looped  # noqa: F401  (registers the Ouro classes with the Auto classes)
+    from looped import OuroConfig, OuroForCausalLM
 
     root = tmp_path_factory.mktemp("tiny")
     tok = _tokenizer()
@@ -171,16 +172,19 @@ def test_sigterm_checkpoints_and_exits_cleanly(tiny, tmp_path):
                  "--dynamic_sampling", "false")
     assert _train(args) == 0
     rows = _rows(out)
-    assert [r["step"] for r in rows] == [1, 2]  # the signal came during step 2: it finished, then stopped
-    assert (out / "checkpoints" / "step-2" / "trainer_state.json").is_file()
+    # the signal came inside step 2's reward function: it is abandoned at once (a hung reward function
+    # must not hold the run), step 2 is dropped and the checkpoint is the last finished step
+    assert [r["step"] for r in rows] == [1]
+    assert (out / "checkpoints" / "step-1" / "trainer_state.json").is_file()
+    assert not (out / "checkpoints" / "step-2").exists()
     assert not (out / "final").exists()
     assert signal.getsignal(signal.SIGTERM) is before  # the trainer's handler is uninstalled
 
 
 def test_non_finite_loss_skips_then_aborts(tiny, tmp_path, capsys):
     out = tmp_path / "nan"
-    args = _args(tiny, out, "--max_steps", "6", "--rewards", "tinyreward:nan_reward", "--max_nan_steps", "2",
-                 "--dynamic_sampling", "false")
+    args = _args(tiny, out, "--max_steps", "6", "--rewards", "tinyreward:huge_reward", "--max_nan_steps", "2",
+                 "--dynamic_sampling", "false", "--scale_rewards", "none")
     with pytest.warns(RuntimeWarning, match="non-finite"):
         code = _train(args)
     assert code == 1

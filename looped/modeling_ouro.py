@@ -14,44 +14,52 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, StaticCache, StaticLayer
 from transformers.generation import GenerationMixin
-from transformers.integrations.sdpa_attention import repeat_kv
-from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .configuration_ouro import OuroConfig
+from .hf_compat import (
+    CACHE_NAME,
+    Cache,
+    DynamicCache,
+    DynamicLayer,
+    StaticCache,
+    StaticLayer,
+    causal_mask,
+    model_output,
+    pick_cache,
+    repeat_kv,
+)
 
 # --------------------------------------------------------------------------------------------------
 # Outputs
 
 
-@dataclass
+@model_output
 class OuroModelOutput(ModelOutput):
     """Backbone output. `exit_hidden_states` (one normed state per loop) only when asked for."""
 
     last_hidden_state: torch.Tensor | None = None
-    past_key_values: Cache | None = None
+    cache: Cache | None = None
     exit_hidden_states: tuple[torch.Tensor, ...] | None = None
 
 
-@dataclass
+@model_output
 class OuroCausalLMOutput(ModelOutput):
     """`logits` come from the last loop run (or the threshold-selected loop); per-loop logits are
     `lm_head(exit_hidden_states[t - 1])`, computed on demand so T full-vocab tensors never coexist."""
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
-    past_key_values: Cache | None = None
+    cache: Cache | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
     exit_hidden_states: tuple[torch.Tensor, ...] | None = None
@@ -215,7 +223,7 @@ class OuroAttention(nn.Module):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         cache_slot: int = 0,
         **kwargs,
     ) -> torch.Tensor:
@@ -226,8 +234,8 @@ class OuroAttention(nn.Module):
         value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         cos, sin = position_embeddings
         query, key = apply_rotary_pos_emb(query, key, cos, sin)
-        if past_key_values is not None:
-            key, value = past_key_values.update(key, value, cache_slot)
+        if cache is not None:
+            key, value = cache.update(key, value, cache_slot)
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -266,7 +274,7 @@ class OuroDecoderLayer(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         cache_slot: int = 0,
         **kwargs,
     ) -> torch.Tensor:
@@ -274,7 +282,7 @@ class OuroDecoderLayer(GradientCheckpointingLayer):
             self.input_layernorm(hidden_states),
             position_embeddings=position_embeddings,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
+            cache=cache,
             cache_slot=cache_slot,
             **kwargs,
         )
@@ -329,7 +337,7 @@ class OuroPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["OuroDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = [CACHE_NAME]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_attention_backend = True
@@ -365,12 +373,13 @@ class OuroModel(OuroPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         cache_position: torch.LongTensor | None = None,
         depth: int | None = None,
         return_exits: bool = False,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> OuroModelOutput:
         """Run `depth` loops. A new cache is allocated only when `use_cache=True` is passed explicitly:
@@ -381,6 +390,7 @@ class OuroModel(OuroPreTrainedModel):
         equal arange(cache_len, cache_len + seq_len).
         """
         depth = check_depth(depth, self.config.total_ut_steps)
+        cache = pick_cache(cache, past_key_values)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -388,25 +398,19 @@ class OuroModel(OuroPreTrainedModel):
         batch_size, seq_len = inputs_embeds.shape[:2]
 
         if use_cache is False:
-            past_key_values = None
-        elif use_cache and past_key_values is None:
-            past_key_values = DynamicCache()  # grows to one slot per (loop, layer) on demand
+            cache = None
+        elif use_cache and cache is None:
+            cache = DynamicCache()  # grows to one slot per (loop, layer) on demand
         num_layers = self.config.num_hidden_layers
-        if past_key_values is not None:
-            _ensure_loop_slots(past_key_values, num_layers * depth, depth)
+        if cache is not None:
+            _ensure_loop_slots(cache, num_layers * depth, depth)
 
         if isinstance(attention_mask, dict):  # masks prebuilt by generate() for compileable caches
             attention_mask = attention_mask["full_attention"]
         if position_ids is None:
-            position_ids = self._positions(attention_mask, past_key_values, batch_size, seq_len, inputs_embeds.device)
+            position_ids = self._positions(attention_mask, cache, batch_size, seq_len, inputs_embeds.device)
 
-        mask = create_causal_mask(
-            config=self.config,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            past_key_values=past_key_values,
-            position_ids=position_ids,
-        )
+        mask = causal_mask(self.config, inputs_embeds, attention_mask, cache, position_ids)
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
 
         hidden_states = inputs_embeds
@@ -417,7 +421,7 @@ class OuroModel(OuroPreTrainedModel):
                     hidden_states,
                     attention_mask=mask,
                     position_embeddings=position_embeddings,
-                    past_key_values=past_key_values,
+                    cache=cache,
                     cache_slot=loop * num_layers + layer_idx,
                     position_ids=position_ids,
                     **kwargs,
@@ -429,7 +433,7 @@ class OuroModel(OuroPreTrainedModel):
 
         return OuroModelOutput(
             last_hidden_state=hidden_states,
-            past_key_values=past_key_values,
+            cache=cache,
             exit_hidden_states=tuple(exits) if return_exits else None,
         )
 
@@ -472,7 +476,7 @@ class OuroForCausalLM(OuroPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -481,6 +485,7 @@ class OuroForCausalLM(OuroPreTrainedModel, GenerationMixin):
         depth: int | None = None,
         output_exits: bool = False,
         exit_threshold: float | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> OuroCausalLMOutput:
         """Args beyond the usual HF ones:
@@ -490,6 +495,7 @@ class OuroForCausalLM(OuroPreTrainedModel, GenerationMixin):
         exit_threshold: q; per token, read the logits of the first loop whose exit CDF reaches q
             (q >= 1 or None: the last loop). All loops still run, so the cache stays complete.
         labels: mean next-token cross-entropy of the returned logits (no cache is allocated).
+        past_key_values: the pre-5.24 name of `cache`, still accepted.
         """
         depth = check_depth(depth, self.config.total_ut_steps)
         if exit_threshold is not None and exit_threshold < 0:
@@ -502,7 +508,7 @@ class OuroForCausalLM(OuroPreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=pick_cache(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             cache_position=cache_position,
@@ -531,7 +537,7 @@ class OuroForCausalLM(OuroPreTrainedModel, GenerationMixin):
         return OuroCausalLMOutput(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            cache=outputs.cache,
             exit_hidden_states=outputs.exit_hidden_states if output_exits else None,
             exit_probs=exit_probs if output_exits else None,
         )

@@ -11,7 +11,9 @@ step computes the same function with far fewer ops:
   * the K/V buffers are the very tensors of the model's static cache (prefill is the model's own
     forward), so prefill and decode share one preallocated cache.
 It reads the model's parameters by reference (except the two concatenations), so it follows
-in-place weight updates. The worker checks it against the model's forward once (`matches_model`)
+in-place weight updates, and it calls the layer's own modules for everything that is not fused: the
+RMSNorms, the RoPE rotation (`rotate_half`), the MLP activation and the o/down projections. What is
+its own is only the fusing (one q|k|v and one gate|up matmul) and single-query attention over the cache. The worker checks it against the model's forward once (`matches_model`)
 and falls back to the model's forward if they disagree, so a model change cannot silently change
 the rollout policy.
 """
@@ -20,6 +22,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from looped.modeling_ouro import rotate_half
 
 
 class OuroDecodeStep:
@@ -33,7 +37,6 @@ class OuroDecodeStep:
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
-        self.eps = config.rms_norm_eps
         self.backbone = model.model
         self.layers = list(self.backbone.layers)
         self.scaling = self.layers[0].self_attn.scaling
@@ -55,11 +58,7 @@ class OuroDecodeStep:
                      layer.post_attention_layernorm_2, model.model.norm)
         except AttributeError:
             return False
-        return (
-            all(p.bias is None for p in projections)
-            and all(hasattr(n, "weight") for n in norms)
-            and getattr(config, "hidden_act", "silu") == "silu"
-        )
+        return all(p.bias is None for p in projections) and all(callable(n) for n in norms)
 
     def refresh(self) -> None:
         """Rebuild the concatenated q|k|v and gate|up weights from the current parameters."""
@@ -83,13 +82,6 @@ class OuroDecodeStep:
         """Drop the cache tensors and the concatenated weights between generate() calls (memory)."""
         self.keys, self.values, self.fused = [], [], []
 
-    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:
-            return F.rms_norm(x, (x.shape[-1],), weight, self.eps)
-        # Reduced precision: round exactly where the model's RMSNorm does (fp32 normalise, cast, scale).
-        xf = x.float()
-        return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
-
     def __call__(self, token: torch.Tensor, position: torch.Tensor, index: int, bias: torch.Tensor) -> torch.Tensor:
         """token, position: [B] int64; index: cache column of this token (same for all rows);
         bias: [B, >= index + 1] additive attention bias (0 attend, -inf padding). Returns [B, V] logits."""
@@ -97,22 +89,21 @@ class OuroDecodeStep:
         heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
         groups = heads // kv_heads
         q_size, kv_size = heads * dim, kv_heads * dim
-        half = dim // 2
         hidden = self.backbone.embed_tokens(token)
         cos, sin = self.backbone.rotary_emb(hidden, position.unsqueeze(1))  # [B, 1, D], shared by all loops
         length = index + 1
         attn_bias = bias[:, None, None, :length]
         attn_keep = attn_bias == 0  # boolean form for SDPA
 
-        def rope(x: torch.Tensor) -> torch.Tensor:  # x: [B, heads, D]
-            return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+        def rope(x: torch.Tensor) -> torch.Tensor:  # x: [B, heads, D]; the model's apply_rotary_pos_emb
+            return x * cos + rotate_half(x) * sin
 
         for loop in range(self.depth):
             for layer_idx, layer in enumerate(self.layers):
                 slot = loop * self.num_layers + layer_idx
                 wqkv, wgu = self.fused[layer_idx]
                 attn = layer.self_attn
-                qkv = F.linear(self._norm(hidden, layer.input_layernorm.weight), wqkv)
+                qkv = F.linear(layer.input_layernorm(hidden), wqkv)
                 q = rope(qkv[:, :q_size].view(batch, heads, dim))
                 k = rope(qkv[:, q_size : q_size + kv_size].view(batch, kv_heads, dim))
                 keys, values = self.keys[slot], self.values[slot]
@@ -130,10 +121,77 @@ class OuroDecodeStep:
                         q.unsqueeze(2), keys[:, :, :length], values[:, :, :length], attn_mask=attn_keep,
                         scale=self.scaling, enable_gqa=groups > 1,
                     ).reshape(batch, q_size)
-                hidden = hidden + self._norm(attn.o_proj(out), layer.input_layernorm_2.weight)
-                gate_up = F.linear(self._norm(hidden, layer.post_attention_layernorm.weight), wgu)
+                hidden = hidden + layer.input_layernorm_2(attn.o_proj(out))
+                gate_up = F.linear(layer.post_attention_layernorm(hidden), wgu)
                 gate, up = gate_up.chunk(2, dim=-1)
-                mlp = layer.mlp.down_proj(F.silu(gate) * up)
-                hidden = hidden + self._norm(mlp, layer.post_attention_layernorm_2.weight)
-            hidden = self._norm(hidden, self.backbone.norm.weight)
+                mlp = layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
+                hidden = hidden + layer.post_attention_layernorm_2(mlp)
+            hidden = self.backbone.norm(hidden)
         return self.model.lm_head(hidden)
+
+    def run_loops(
+        self,
+        hidden: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        columns: torch.Tensor,
+        bias: torch.Tensor,
+        loops: range,
+    ) -> torch.Tensor:
+        """Run loops `loops` (0-based) of S new tokens per row, each row at its OWN cache columns.
+
+        Why a second entry point: self-speculative decoding (rollout/speculative.py) drafts at loops
+        0..d-1 and verifies several tokens at once at loops d..T-1, and rows that accepted different
+        numbers of tokens sit at different cache columns.
+        hidden: [B, S, H], the state entering loop `loops.start` (embeddings for loop 0, else the normed
+            state after loop `loops.start - 1`); cos, sin: [B, S, D] RoPE tables of the tokens' positions;
+        columns: [B, S] cache column of each token (K/V of every loop in `loops` are written there);
+        bias: [B, S, C] additive attention bias over cache columns [0, C) (0 attend, -inf not), which must
+            hide every column that is not a real token at or before the query (stale drafts included).
+        Returns the normed state after the last loop, [B, S, H].
+        """
+        batch, seq = hidden.shape[:2]
+        heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
+        groups = heads // kv_heads
+        q_size, kv_size = heads * dim, kv_heads * dim
+        width = bias.shape[-1]
+        rows = torch.arange(batch, device=hidden.device).unsqueeze(1)  # [B, 1], with columns [B, S]
+        # Token-major layout [B, S, heads, D] throughout: K/V go to the cache without a transpose, and with
+        # S = 1 the grouped query below is a free view (same op count as the one-token __call__).
+        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # [B, S, 1, D]: broadcast over heads
+        attn_keep = (bias == 0).unsqueeze(1)  # [B, 1, S, C] for SDPA
+        group_bias = bias[:, None, None]  # [B, 1, 1, S, C] for the grouped fp32 matmul path
+
+        def rope(x: torch.Tensor) -> torch.Tensor:  # x: [B, S, heads, D]; the model's apply_rotary_pos_emb
+            return x * cos + rotate_half(x) * sin
+
+        for loop in loops:
+            for layer_idx, layer in enumerate(self.layers):
+                slot = loop * self.num_layers + layer_idx
+                wqkv, wgu = self.fused[layer_idx]
+                qkv = F.linear(layer.input_layernorm(hidden), wqkv)  # [B, S, q + 2 kv]
+                q = rope(qkv[..., :q_size].view(batch, seq, heads, dim))
+                keys, values = self.keys[slot], self.values[slot]
+                keys[rows, :, columns] = rope(qkv[..., q_size : q_size + kv_size].view(batch, seq, kv_heads, dim))
+                values[rows, :, columns] = qkv[..., q_size + kv_size :].view(batch, seq, kv_heads, dim)
+                if hidden.dtype == torch.float32:
+                    # [B, kv, groups * S, D] x [B, kv, D, C]: head h uses kv head h // groups.
+                    grouped = q.view(batch, seq, kv_heads, groups, dim).permute(0, 2, 3, 1, 4)
+                    grouped = grouped.reshape(batch, kv_heads, groups * seq, dim)
+                    scores = torch.matmul(grouped, keys[:, :, :width].transpose(-1, -2))
+                    scores = scores.view(batch, kv_heads, groups, seq, width) * self.scaling + group_bias
+                    weights = torch.softmax(scores, dim=-1).view(batch, kv_heads, groups * seq, width)
+                    out = torch.matmul(weights, values[:, :, :width]).view(batch, kv_heads, groups, seq, dim)
+                    out = out.permute(0, 3, 1, 2, 4).reshape(batch, seq, q_size)
+                else:
+                    out = F.scaled_dot_product_attention(
+                        q.transpose(1, 2), keys[:, :, :width], values[:, :, :width], attn_mask=attn_keep,
+                        scale=self.scaling, enable_gqa=groups > 1,
+                    ).transpose(1, 2).reshape(batch, seq, q_size)
+                hidden = hidden + layer.input_layernorm_2(layer.self_attn.o_proj(out))
+                gate_up = F.linear(layer.post_attention_layernorm(hidden), wgu)
+                gate, up = gate_up.chunk(2, dim=-1)
+                mlp = layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
+                hidden = hidden + layer.post_attention_layernorm_2(mlp)
+            hidden = self.backbone.norm(hidden)
+        return hidden

@@ -25,7 +25,7 @@ class OuroConfig(PreTrainedConfig):
     """
 
     model_type = "ouro"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]
 
     vocab_size: int = 49152
     hidden_size: int = 2048

@@ -1,0 +1,169 @@
+"""Loading and saving models with one-line errors, shared by `looprl train` and `looprl eval`.
+
+Why: transformers reports a missing directory as "Repo id must be in the form ...", a corrupt
+config.json or `hidden_size: "big"` as a traceback deep inside torch, and a truncated
+model.safetensors as "invalid header length" without the file. Both commands load models the same
+way here, so both say the same one line naming the path and the file.
+
+`save_portable` writes a model directory that loads anywhere: for a model class that transformers
+does not ship (our looped Ouro model), the modeling and configuration source files are copied next to
+the weights and `auto_map` is set, as the published Ouro checkpoints do, so
+`AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` works without looprl installed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from rl.config import ConfigError
+from rl.special_tokens import apply_special_tokens
+
+# Integer sizes a config.json must hold as positive integers (checked when present): a string here
+# otherwise fails inside torch's tensor allocation with a message that names no key.
+SIZE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "num_key_value_heads", "max_position_embeddings", "total_ut_steps", "head_dim")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
+
+
+class ModelLoadError(ConfigError):
+    """A model path that cannot be loaded; the message names the path (and the file) in one line."""
+
+
+def _short(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _missing(path: str, where: str) -> ModelLoadError:
+    # transformers' own words ("Repo id must be in the form ...") describe the hub lookup, not the mistake
+    return ModelLoadError(f"{where}: no such model directory or hub id: {path}")
+
+
+def load_model_config(path: str, where: str):
+    """AutoConfig of `path` (a directory or a hub id); checks config.json and its size keys first."""
+    from transformers import AutoConfig
+
+    import looped  # noqa: F401  (registers the looped architecture with the Auto classes)
+
+    local = Path(path)
+    if local.is_dir():
+        config_file = local / "config.json"
+        if not config_file.is_file():
+            raise ModelLoadError(f"{where}: {path} has no config.json (not a saved model directory)")
+        try:
+            raw = json.loads(config_file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ModelLoadError(f"{where}: {config_file}: not valid JSON ({_short(e)})") from None
+        if not isinstance(raw, dict):
+            raise ModelLoadError(f"{where}: {config_file}: expected a JSON object")
+        check_sizes(raw, str(config_file), where)
+    elif local.exists():
+        raise ModelLoadError(f"{where}: {path} is a file, not a model directory")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as e:
+        if not local.exists():
+            raise _missing(path, where) from None
+        raise ModelLoadError(f"{where}: cannot load the config of {path} ({_short(e)})") from None
+    check_sizes(config.to_dict(), f"{path} config", where)
+    return config
+
+
+def check_sizes(raw: dict[str, Any], source: str, where: str) -> None:
+    for key in SIZE_KEYS:
+        value = raw.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ModelLoadError(f"{where}: {source}: {key!r} must be a positive integer, got {value!r}")
+
+
+def load_tokenizer(path: str, where: str, special_tokens: Mapping[str, str] | None = None):
+    """AutoTokenizer of `path`, with the job's bos/eos/pad overrides applied (rl/special_tokens.py; e.g.
+    Ouro-Thinking's files name <|endoftext|> as eos while its turns end with <|im_end|>)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # tokenizers raise many types for a bad tokenizer.json
+        if not Path(path).exists():
+            raise _missing(path, where) from None
+        raise ModelLoadError(f"{where}: cannot load the tokenizer of {path} ({_short(e)})") from None
+    if special_tokens:
+        try:
+            apply_special_tokens(tokenizer, None, special_tokens)
+        except ValueError as e:
+            raise ConfigError(f"config key 'special_tokens': {e}") from None
+    return tokenizer
+
+
+def _weight_files(path: str) -> list[str]:
+    local = Path(path)
+    return sorted(p.name for p in local.iterdir() if p.suffix in WEIGHT_SUFFIXES) if local.is_dir() else []
+
+
+def load_model(path: str, where: str, **kwargs: Any):
+    """AutoModelForCausalLM of `path`; a truncated or corrupt weights file is one line naming it."""
+    from transformers import AutoModelForCausalLM
+
+    import looped  # noqa: F401
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except Exception as e:
+        if not Path(path).exists():
+            raise _missing(path, where) from None
+        files = _weight_files(path)
+        named = f"{path}/{files[0]}" if len(files) == 1 else f"{path} ({', '.join(files) or 'no weights file'})"
+        raise ModelLoadError(f"{where}: cannot load the weights {named}: {_short(e)} "
+                             "(truncated or corrupt file?)") from None
+
+
+def save_portable(model, tokenizer, path: str | Path, special_tokens: Mapping[str, str] | None = None,
+                  **save_kwargs: Any) -> None:
+    """save_pretrained of model and tokenizer; a model class transformers does not ship gets its source
+    files and `auto_map` (see the module docstring). The model's config keeps the auto_map.
+    `special_tokens` (the job's bos/eos/pad overrides) are written into the model's config and generation
+    config too, so the saved model agrees with its tokenizer."""
+    if special_tokens:
+        apply_special_tokens(tokenizer, model, special_tokens)
+    import inspect
+    import sys
+
+    path = Path(path)
+    cls = type(model)
+    own_code = not cls.__module__.startswith("transformers.")
+    if own_code:
+        source = Path(inspect.getfile(cls)).parent
+        module, stem = sys.modules[cls.__module__], Path(inspect.getfile(cls)).stem
+        config_cls = type(model.config)
+        auto_map = {"AutoConfig": f"{Path(inspect.getfile(config_cls)).stem}.{config_cls.__name__}",
+                    "AutoModelForCausalLM": f"{stem}.{cls.__name__}"}
+        base = cls.__name__.replace("ForCausalLM", "Model")
+        if hasattr(module, base):
+            auto_map["AutoModel"] = f"{stem}.{base}"
+        model.config.auto_map = auto_map
+    model.save_pretrained(path, **save_kwargs)
+    tokenizer.save_pretrained(path)
+    if own_code:  # the modeling file, its config file and what they import relatively (hf_compat.py)
+        for name in sorted(_code_files(source, [Path(inspect.getfile(cls)).name,
+                                                Path(inspect.getfile(type(model.config))).name])):
+            shutil.copy2(source / name, path / name)
+
+
+def _code_files(package: Path, roots: list[str]) -> set[str]:
+    """`roots` and the sibling modules they import with `from .x import`, transitively (not __init__.py:
+    it registers with looprl's Auto classes, which a remote-code checkpoint does not want)."""
+    import re
+
+    found: set[str] = set()
+    todo = list(roots)
+    while todo:
+        name = todo.pop()
+        if name in found or not (package / name).is_file():
+            continue
+        found.add(name)
+        todo += [f"{m}.py" for m in re.findall(r"^from \.(\w+) import", (package / name).read_text(), re.M)]
+    return found

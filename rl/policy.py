@@ -1,0 +1,339 @@
+"""The actor role: the policy model, its frozen reference, the optimizer, and the update at ONE depth.
+
+    policy = Policy(cfg, accelerator, model_path, use_tis=...)
+    logp, entropy, out = policy.logprobs(batch)        # fp32 per-token logprobs at the update depth
+    metrics = policy.update(samples, step)             # num_iterations x mini-batches, one optimizer step each
+
+The update scores the very policy that sampled: same depth as the rollout, dropout off, fp32
+log-softmax(logits / temperature) (rl/losses.py token_logprobs, the convention of rollout/sampling.py).
+Before the first optimizer step it measures how far the rollout's logprobs are from its own (mismatch/*).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from looped.facts import is_looped
+from looped.hf_compat import enable_activation_checkpointing
+from rl.batch import Sample, collate, exit_mask, shard_plan, trained_tokens
+from rl.config import ConfigError, TrainConfig
+from rl.dist import reduce_max, reduce_sum
+from rl.losses import loss_normaliser, token_logprobs, truncated_is_weights
+from rl.model_io import load_model, save_portable
+from rl.objective import objective, policy_loss
+from rl.self_distill import SelfDistillConfig, exit_metrics
+
+# Below this many parameters, CPU matmuls are too small for intra-op threads to pay; on a busy
+# machine the threads' spin-waits made a 120k-parameter step 10x slower (measured, docs/EXPERIMENTS.md).
+TINY_PARAMS = 5_000_000
+
+
+def lr_lambda(kind: str, warmup: int, total: int):
+    """Multiplier of the base learning rate after `i` optimizer updates (linear warmup, then `kind`)."""
+    def fn(i: int) -> float:
+        if warmup and i < warmup:
+            return (i + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (i - warmup) / max(1, total - warmup))
+        if kind == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return fn
+
+
+def disable_dropout(model) -> None:
+    """The update must score the very policy that sampled: no dropout anywhere."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):  # HF attention modules copy it
+            module.attention_dropout = 0.0
+    for key in ("attention_dropout", "hidden_dropout", "dropout"):
+        if isinstance(getattr(model.config, key, None), float):
+            setattr(model.config, key, 0.0)
+
+
+@dataclass
+class Mismatch:
+    """Rollout-vs-update logprob differences over the tokens scored before the first optimizer step."""
+
+    abs_max: float = 0.0
+    abs_sum: float = 0.0
+    kl_sum: float = 0.0
+    tokens: float = 0.0
+
+    def add(self, logp: torch.Tensor, batch: dict) -> None:
+        mask = (torch.arange(logp.shape[1], device=logp.device)[None] < batch["real_len"][:, None]).double()
+        diff = (logp.detach().double() - batch["rollout_logprobs"].double()) * mask
+        self.abs_max = max(self.abs_max, float(diff.abs().max()) if mask.any() else 0.0)
+        self.abs_sum += float(diff.abs().sum())
+        # k3 estimate of KL(rollout || update) from tokens drawn by the rollout policy
+        self.kl_sum += float(((torch.exp(diff) - diff - 1.0) * mask).sum())
+        self.tokens += float(mask.sum())
+
+
+@dataclass
+class UpdateStats:
+    """What one update() accumulates on this process; `metrics` reduces it over processes."""
+
+    sums: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
+        ("loss", "clip_low", "clip_high", "kl", "tis", "tokens", "entropy", "entropy_tokens", "sd"), 0.0))
+    mismatch: Mismatch = field(default_factory=Mismatch)
+    grad_norms: list[float] = field(default_factory=list)
+    skipped: int = 0
+    exits: dict[str, float] = field(default_factory=dict)  # exit/* alignment metrics of one micro-batch
+
+
+@dataclass
+class MicroBatch:
+    """One forward/backward: its rows and what to measure on it."""
+
+    rows: list[Sample]
+    dummy: bool  # this process ran out of rows: zero-weight pass so every process calls backward equally
+    first_pass: bool  # first pass over the batch: entropy is measured
+    exit_metrics: bool  # measure exit/* alignment on this one
+
+
+class Policy:
+    """Owns the policy model (accelerate-prepared), the reference model, optimizer and LR schedule."""
+
+    def __init__(self, cfg: TrainConfig, accelerator, model_path: str, *, use_tis: bool,
+                 self_distill: SelfDistillConfig, pad_id: int):
+        self.cfg, self.accelerator = cfg, accelerator
+        self.depth = cfg.effective_update_depth
+        self.use_tis, self.sd, self.pad_id = use_tis, self_distill, pad_id
+        self.rank, self.world = accelerator.process_index, accelerator.num_processes
+        dtype = getattr(torch, cfg.dtype)
+        model = load_model(model_path, "config key 'model'", dtype=dtype)  # one-line errors (rl/model_io.py)
+        model.to(accelerator.device)
+        threads = cfg.torch_threads or (
+            1 if accelerator.device.type == "cpu" and model.num_parameters() < TINY_PARAMS else 0)
+        if threads:
+            torch.set_num_threads(threads)
+        if cfg.gradient_checkpointing:
+            if not getattr(model, "supports_gradient_checkpointing", False):
+                raise ConfigError(f"config key 'gradient_checkpointing': {type(model).__name__} does not support it")
+            enable_activation_checkpointing(model, use_reentrant=False)
+            model.config.use_cache = False
+        disable_dropout(model)
+        # transformers only checkpoints layers in train mode; without checkpointing eval mode is the safe one
+        model.train(cfg.gradient_checkpointing)
+        self.looped = is_looped(model)
+
+        self.ref_model = None
+        if cfg.beta > 0:
+            self.ref_model = load_model(model_path, "config key 'model'", dtype=dtype).to(accelerator.device)
+            self.ref_model.eval().requires_grad_(False)
+
+        updates_per_step = cfg.num_iterations * (cfg.samples_per_step // (cfg.mini_batch_size or
+                                                                          cfg.samples_per_step))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                      weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_lambda(cfg.lr_scheduler, cfg.warmup_steps * updates_per_step,
+                                 cfg.max_steps * updates_per_step))
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        # Not prepared: accelerate would step it once per process; ours counts global updates.
+        accelerator.register_for_checkpointing(self.scheduler)
+        self.module = accelerator.unwrap_model(self.model)  # the bare model: rollout worker, lm_head, saving
+
+    @property
+    def objective_uses_exits(self) -> bool:
+        """The objective has a term over the exits of a looped model (self-distillation; the multi-exit
+        policy term joins here), so every update forward returns the per-loop hidden states."""
+        return self.looped and self.sd.enabled
+
+    @property
+    def lr(self) -> float:
+        """The rate the next optimizer update uses."""
+        return self.scheduler.get_last_lr()[0]
+
+    # ------------------------------------------------------------------ scoring
+
+    def logprobs(self, batch: dict, *, model=None, output_exits: bool = False, with_entropy: bool = False):
+        """Per-token fp32 logprobs of the completion tokens at the update depth (+ entropy, + model output).
+
+        The lm_head runs only on the c_len + 1 last positions (logits_to_keep), of which the first c_len
+        predict the completion tokens. `model` defaults to the policy; the reference model is the other.
+        """
+        model = self.model if model is None else model
+        ids, attn, p_len = batch["input_ids"], batch["attention_mask"], batch["prompt_len"]
+        c_len = ids.shape[1] - p_len
+        position_ids = (attn.cumsum(-1) - 1).clamp(min=0)
+        kwargs: dict[str, Any] = {}
+        if self.looped:  # the reference model is loaded from the same path: same class
+            kwargs["depth"] = self.depth
+            if output_exits:
+                kwargs["output_exits"] = True
+        # The last column predicts nothing we train on, but it is still fed: dropping it changed the
+        # logprobs by up to 1.4e-4 vs the rollout's (vs <= 4e-5 with it) on the embedded model.
+        out = model(input_ids=ids, attention_mask=attn, position_ids=position_ids, use_cache=False,
+                    logits_to_keep=c_len + 1, **kwargs)
+        logits = out.logits[:, -(c_len + 1):-1]
+        logp, entropy = token_logprobs(logits, ids[:, p_len:], self.cfg.temperature, with_entropy=with_entropy)
+        return logp, entropy, out
+
+    def _collate(self, rows: list[Sample], old: list[list[float]] | None = None) -> dict:
+        return collate(rows, self.pad_id, mask_truncated=self.cfg.mask_truncated, device=self.accelerator.device,
+                       old_logprobs=old)
+
+    def _shards(self, samples: list[Sample]) -> list[list[Sample]]:
+        return shard_plan(samples, self.rank, self.world, self.cfg.micro_batch_size)
+
+    @torch.no_grad()
+    def _old_logprobs(self, samples: list[Sample], mismatch: Mismatch) -> dict[int, list[float]]:
+        """Update-side logprobs of the whole batch before any update (needed when several updates run)."""
+        old = {}
+        for chunk in self._shards(samples):
+            if not chunk:
+                continue
+            batch = self._collate(chunk)
+            logp, _, _ = self.logprobs(batch)
+            mismatch.add(logp, batch)
+            for i, s in enumerate(chunk):
+                old[id(s)] = logp[i, :len(s.completion_ids)].tolist()
+        return old
+
+    # ------------------------------------------------------------------ update
+
+    def update(self, samples: list[Sample], step: int) -> dict[str, float]:
+        """num_iterations passes over mini-batches, one optimizer step each; returns global metrics.
+        `step`: training steps done before this one (warnings name step + 1, as metrics.jsonl counts)."""
+        cfg = self.cfg
+        mini = cfg.mini_batch_size or len(samples)
+        mini_batches = [samples[i:i + mini] for i in range(0, len(samples), mini)]
+        stats = UpdateStats()
+        # One update: the update forward itself is "before the first update" and old = current.
+        # Several: score the whole batch first (old logprobs for the ratio, and the mismatch).
+        single_update = cfg.num_iterations == 1 and len(mini_batches) == 1
+        old = None if single_update else self._old_logprobs(samples, stats.mismatch)
+        for it in range(cfg.num_iterations):
+            for mb in mini_batches:
+                tokens = trained_tokens(mb, cfg.mask_truncated)
+                norm = loss_normaliser(cfg.loss_type, len(mb), tokens, cfg.max_new_tokens) / self.world
+                sd_norm = max(tokens, 1) / self.world
+                shards = self._shards(mb)
+                biggest = max(range(len(shards)), key=lambda k: len(shards[k]))  # exit metrics: most rows
+                finite = True
+                for k, chunk in enumerate(shards):
+                    micro = MicroBatch(chunk or mb[:1], dummy=not chunk, first_pass=it == 0,
+                                       exit_metrics=it == 0 and k == biggest and not stats.exits)
+                    sync = k == len(shards) - 1  # DDP all-reduces on the last micro-batch only
+                    with contextlib.nullcontext() if sync else self.accelerator.no_sync(self.model):
+                        finite &= self._backward(micro, norm, sd_norm, old, stats)
+                grad_norm = self._optimizer_step(finite, step)
+                if grad_norm is None:
+                    stats.skipped += 1
+                else:
+                    stats.grad_norms.append(grad_norm)
+        return self._metrics(stats, cfg.num_iterations * len(mini_batches))
+
+    def _backward(self, micro: MicroBatch, norm: float, sd_norm: float, old: dict[int, list[float]] | None,
+                  stats: UpdateStats) -> bool:
+        """Forward at the update depth, objective, backward; adds to `stats`. Returns whether the loss is finite."""
+        cfg = self.cfg
+        batch = self._collate(micro.rows, [old[id(s)] for s in micro.rows] if old is not None else None)
+        measure = not micro.dummy
+        want_exits = self.objective_uses_exits or (self.looped and micro.exit_metrics and measure)
+        logp, entropy, out = self.logprobs(batch, output_exits=want_exits, with_entropy=micro.first_pass)
+        if old is None:  # a single update: this forward is the policy that sampled
+            old_lp = logp.detach()
+            if measure:
+                stats.mismatch.add(logp, batch)
+        else:
+            old_lp = batch["old_logprobs"]
+        ref_lp = None
+        if self.ref_model is not None:
+            with torch.no_grad():
+                ref_lp, _, _ = self.logprobs(batch, model=self.ref_model)
+        is_w = truncated_is_weights(old_lp, batch["rollout_logprobs"], cfg.tis_cap) if self.use_tis else None
+        cmask = batch["completion_mask"]
+        token_terms = policy_loss(cfg.loss_type, logp, old_lp, batch["advantages"], cmask, norm,
+                                  eps_low=cfg.eps_low, eps_high=cfg.eps_high, cispo_cap=cfg.cispo_cap,
+                                  ref_logp=ref_lp, beta=cfg.beta, is_weights=is_w)
+        exits = out.exit_hidden_states if want_exits else None
+        mask = exit_mask(batch) if want_exits else None
+        total = objective(token_terms, exits=exits, self_distill=self.sd if want_exits else None,
+                          exit_mask=mask, lm_head=self.module.lm_head, sd_normaliser=sd_norm)
+        if micro.exit_metrics and measure and want_exits:
+            stats.exits = exit_metrics([h.detach() for h in exits], self.module.lm_head, mask,
+                                       getattr(out, "exit_probs", None))
+        loss = total.loss * 0.0 if micro.dummy else total.loss
+        finite = bool(torch.isfinite(loss))
+        self.accelerator.backward(loss)
+        if measure:
+            sums = stats.sums
+            sums["sd"] += total.terms.get("self_distill", 0.0)
+            sums["loss"] += float(token_terms.loss.detach())
+            sums["clip_low"] += float(token_terms.clip_low)
+            sums["clip_high"] += float(token_terms.clip_high)
+            sums["kl"] += float(token_terms.kl_sum)
+            sums["tis"] += float(token_terms.tis_sum)
+            sums["tokens"] += float(cmask.sum())
+            if entropy is not None:
+                sums["entropy"] += float((entropy * cmask).sum())
+                sums["entropy_tokens"] += float(cmask.sum())
+        return finite
+
+    def _optimizer_step(self, finite: bool, step: int) -> float | None:
+        """Clip, step, zero. A non-finite loss or gradient skips the step (returns None)."""
+        grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm or float("inf"))
+        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        if not finite or not math.isfinite(grad_norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            warnings.warn(f"step {step + 1}: non-finite loss or gradient (grad_norm={grad_norm}); update skipped",
+                          RuntimeWarning, stacklevel=3)
+            return None
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def _metrics(self, stats: UpdateStats, n_updates: int) -> dict[str, float]:
+        acc, mm = self.accelerator, stats.mismatch
+        totals = reduce_sum(acc, stats.sums)
+        mm_sums = reduce_sum(acc, {"abs_sum": mm.abs_sum, "kl_sum": mm.kl_sum, "tokens": mm.tokens})
+        tokens = max(totals["tokens"], 1.0)
+        metrics = {
+            # each process's loss is (its token sum) * world / normaliser: sum over processes / world
+            "loss/policy": totals["loss"] / self.world / n_updates,
+            "clip/frac_low": totals["clip_low"] / tokens,
+            "clip/frac_high": totals["clip_high"] / tokens,
+            "clip/frac": (totals["clip_low"] + totals["clip_high"]) / tokens,
+            "entropy": totals["entropy"] / max(totals["entropy_tokens"], 1.0),
+            "mismatch/logp_abs_max": reduce_max(acc, mm.abs_max),
+            "mismatch/logp_abs_mean": mm_sums["abs_sum"] / max(mm_sums["tokens"], 1.0),
+            "mismatch/kl": mm_sums["kl_sum"] / max(mm_sums["tokens"], 1.0),
+            "grad_norm": sum(stats.grad_norms) / len(stats.grad_norms) if stats.grad_norms else float("nan"),
+            "updates/skipped": stats.skipped,
+        }
+        if self.ref_model is not None:
+            metrics["kl_ref"] = totals["kl"] / tokens
+        if self.use_tis:
+            metrics["tis/weight_mean"] = totals["tis"] / tokens
+        if self.sd.enabled:
+            metrics["loss/self_distill"] = totals["sd"] / self.world / n_updates
+        metrics.update(stats.exits)
+        return metrics
+
+    # ------------------------------------------------------------------ saving
+
+    def save_pretrained(self, path, tokenizer) -> None:
+        """The final model directory, written atomically and loadable without looprl (rl/model_io.py
+        save_portable); the main process writes, every process joins the state-dict gather."""
+        acc = self.accelerator
+        state = acc.get_state_dict(self.model)  # collective under ZeRO-3
+        if acc.is_main_process:
+            from rl.run_dir import atomic_dir
+
+            with atomic_dir(path) as tmp:  # a full disk leaves the previous final/ (or none), never half of one
+                save_portable(self.module, tokenizer, tmp, special_tokens=self.cfg.special_tokens,
+                              state_dict=state)  # + model code and auto_map

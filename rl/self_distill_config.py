@@ -1,0 +1,151 @@
+"""The self_distill_* config keys: defaults (`SelfDistillConfig`, `SELF_DISTILL_DEFAULTS`) and rules
+(`validate_self_distill`, `resolve_exits`, `exit_weights`). The loss itself is in rl/self_distill.py,
+which re-exports these names.
+
+Kept free of torch so that rl/config.py, and with it `looprl train --help`, starts without torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+
+WEIGHTINGS = ("uniform", "linear")
+VARIANTS = ("kl", "mse")
+DEFAULT_CHUNK_SIZE = 1024
+
+
+@dataclass
+class SelfDistillConfig:
+    """Validated self-distillation settings (built from the trainer's flat keys by validate_self_distill)."""
+
+    coef: float = 0.0
+    exits: list[int] | str | None = None
+    weighting: str = "linear"
+    temperature: float = 1.0
+    top_k: int = 0
+    variant: str = "kl"
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+
+    @property
+    def enabled(self) -> bool:
+        return self.coef > 0
+
+    def loss(self, exit_hidden_states, lm_head, mask, normalizer=None):
+        """self_distill_loss with these settings (coef NOT applied)."""
+        from rl.self_distill import self_distill_loss
+
+        return self_distill_loss(
+            exit_hidden_states, lm_head, mask, exits=self.exits, weighting=self.weighting,
+            temperature=self.temperature, top_k=self.top_k or None, chunk_size=self.chunk_size,
+            variant=self.variant, normalizer=normalizer,
+        )
+
+
+# Flat trainer config keys -> defaults, derived from SelfDistillConfig (the one declaration; rl/config.py's
+# self_distill_* keys take their defaults from here). `self_distill_coef` 0 turns the loss off.
+SELF_DISTILL_DEFAULTS: dict[str, object] = {
+    f"self_distill_{f.name}": f.default for f in fields(SelfDistillConfig)}
+
+
+def _parse_exits(value, key: str = "self_distill_exits") -> list[int] | str | None:
+    """None / "default" -> None (2..T-1 at call time), "all" -> "all" (1..T-1), else a sorted list of ints."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "default", "none")):
+        return None
+    if isinstance(value, str) and value.strip().lower() == "all":
+        return "all"
+    if isinstance(value, str):
+        parts = [p for p in value.replace(" ", "").split(",") if p]
+    elif isinstance(value, int) and not isinstance(value, bool):
+        parts = [value]
+    elif isinstance(value, Sequence):
+        parts = list(value)
+    else:
+        raise ValueError(f"config key {key}: expected a list of exit numbers like [2, 3], got {value!r}")
+    exits = []
+    for p in parts:
+        try:
+            t = int(p)
+        except (TypeError, ValueError):
+            raise ValueError(f"config key {key}: {p!r} is not an exit number (integers >= 1)") from None
+        if isinstance(p, bool) or t < 1 or (isinstance(p, float) and p != t):
+            raise ValueError(f"config key {key}: {p!r} is not an exit number (integers >= 1)")
+        exits.append(t)
+    if not exits:
+        raise ValueError(f"config key {key}: empty list of exits (leave it unset for the default 2..T-1)")
+    if len(set(exits)) != len(exits):
+        raise ValueError(f"config key {key}: exit listed twice in {value!r}")
+    return sorted(exits)
+
+
+def validate_self_distill(values: Mapping[str, object] | object, depth: int | None = None) -> SelfDistillConfig:
+    """Check the self_distill_* keys of a config (a mapping or an object with those attributes).
+
+    Missing keys take SELF_DISTILL_DEFAULTS. With `depth` (the training depth T) the exits are also
+    checked against 1..T-1. Raises ValueError naming the config key on bad input.
+    """
+    def get(key):
+        if isinstance(values, Mapping):
+            return values.get(key, SELF_DISTILL_DEFAULTS[key])
+        return getattr(values, key, SELF_DISTILL_DEFAULTS[key])
+
+    def number(key, kind):
+        v = get(key)
+        if isinstance(v, bool):
+            raise ValueError(f"config key {key}: expected a number, got {v!r}")
+        try:
+            return kind(v)
+        except (TypeError, ValueError):
+            raise ValueError(f"config key {key}: expected a number, got {v!r}") from None
+
+    coef = number("self_distill_coef", float)
+    if coef < 0:
+        raise ValueError(f"config key self_distill_coef: must be >= 0 (0 = off), got {coef}")
+    temperature = number("self_distill_temperature", float)
+    if not temperature > 0:
+        raise ValueError(f"config key self_distill_temperature: must be > 0, got {temperature}")
+    top_k = number("self_distill_top_k", int)
+    if top_k < 0:
+        raise ValueError(f"config key self_distill_top_k: must be >= 0 (0 = full vocabulary), got {top_k}")
+    chunk_size = number("self_distill_chunk_size", int)
+    if chunk_size < 1:
+        raise ValueError(f"config key self_distill_chunk_size: must be >= 1, got {chunk_size}")
+    weighting = str(get("self_distill_weighting")).lower()
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"config key self_distill_weighting: {weighting!r} is not one of {WEIGHTINGS}")
+    variant = str(get("self_distill_variant")).lower()
+    if variant not in VARIANTS:
+        raise ValueError(f"config key self_distill_variant: {variant!r} is not one of {VARIANTS}")
+    exits = _parse_exits(get("self_distill_exits"))
+    if depth is not None:
+        resolve_exits(exits, depth)
+    return SelfDistillConfig(coef=coef, exits=exits, weighting=weighting, temperature=temperature,
+                             top_k=top_k, variant=variant, chunk_size=chunk_size)
+
+
+def resolve_exits(exits, depth: int) -> list[int]:
+    """The shallow exits to distil for a forward of `depth` loops (see module docstring for the default)."""
+    if depth < 2:
+        raise ValueError(f"self-distillation needs depth >= 2 (a shallow and a deep exit), got depth {depth}")
+    exits = _parse_exits(exits) if not isinstance(exits, list) else exits
+    if exits is None:
+        return list(range(2, depth)) if depth > 2 else [1]
+    if exits == "all":
+        return list(range(1, depth))
+    bad = [t for t in exits if not 1 <= t < depth]
+    if bad:
+        raise ValueError(f"config key self_distill_exits: exits {bad} are outside 1..{depth - 1} "
+                         f"(the deep exit {depth} is the teacher)")
+    return list(exits)
+
+
+def exit_weights(exits: Sequence[int], weighting: str) -> list[float]:
+    """Normalised weights over the exits: uniform, or proportional to the exit number ("linear")."""
+    if weighting == "uniform":
+        raw = [1.0] * len(exits)
+    elif weighting == "linear":
+        raw = [float(t) for t in exits]
+    else:
+        raise ValueError(f"config key self_distill_weighting: {weighting!r} is not one of {WEIGHTINGS}")
+    total = sum(raw)
+    return [r / total for r in raw]

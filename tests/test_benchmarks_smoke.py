@@ -1,0 +1,83 @@
+"""Every benchmark in benchmarks/ runs end to end at a toy size, so a refactor cannot break one unseen.
+
+They load by file path (benchmarks/ is not a package, and benchmarks/rollout.py would shadow the `rollout`
+package on sys.path) and run in-process with tiny arguments; the numbers are not checked, only that each
+produces its report.
+"""
+
+import importlib.util
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_model_forward_benchmark(capsys):
+    assert load("model_forward").main(["--configs", "tiny", "--max-depth", "2", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "ms/fwd" in out and out.count("tiny ") == 2  # one row per depth
+
+
+def test_rollout_benchmark(capsys):
+    code = load("rollout").main(["--sizes", "tiny", "--workloads", "decode", "--repeats", "1",
+                                 "--max-new-tokens", "4", "--batch", "2"])
+    assert code == 0
+    assert "tiny" in capsys.readouterr().out
+
+
+def test_speculative_benchmark():
+    """Plain and speculative rows for both workloads, with an accept rate in [0, 1]."""
+    text = load("speculative").main(["--models", "tiny", "--batches", "2", "--specs", "1:2", "--repeats", "1",
+                                     "--max_new", "6"])
+    rows = [line.split("|")[1:-1] for line in text.splitlines() if line.startswith("| tiny")]
+    assert [(r[1].strip(), r[3].strip()) for r in rows] == [
+        ("decode", "plain"), ("decode", "d1k2"), ("rl", "plain"), ("rl", "d1k2")]
+    for r in rows:
+        assert int(r[4]) > 0 and float(r[5]) > 0  # tokens produced, tokens/s
+    assert 0.0 <= float(rows[1][7]) <= 1.0  # accept rate of the speculative row
+
+
+@pytest.mark.slow
+def test_trainer_vs_trl_benchmark(capsys, monkeypatch):
+    from rewards import registry
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # its reward stays out of the others'
+    code = load("trainer_vs_trl").main(["--steps", "2", "--repeats", "1", "--prompts", "2", "--group", "2",
+                                        "--max-new-tokens", "4", "--hidden", "64", "--layers", "1"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "looprl (torch engine)" in out and "TRL 1.x GRPOTrainer" in out
+
+
+@pytest.mark.slow
+def test_self_distill_experiment_benchmark(tmp_path, capsys):
+    out = tmp_path / "exp"
+    code = load("self_distill_experiment").main([
+        "--seeds", "0", "--steps", "1", "--arms", "rl_sd", "--limit", "2", "--thresholds", "0.9",
+        "--out", str(out), "--train_args", "--prompts_per_step 2 --num_generations 2 --max_new_tokens 4 "
+        "--eval_every 0 --progress false"])
+    assert code == 0
+    assert (out / "table.md").is_file() and (out / "report.json").is_file()
+
+
+def test_verify_benchmark_smallest_size() -> None:
+    """It must also keep agreeing between the inline and the pooled verifier (a subprocess: it starts a pool)."""
+    out = subprocess.run([sys.executable, str(BENCHMARKS / "verify.py"), "--n", "16", "--batch", "8", "--workers", "1"],
+                         capture_output=True, text=True, timeout=300, check=True).stdout
+    assert "short (integer)" in out and "mixed (MATH-like)" in out
+    disagreements = re.findall(r"inline vs pool disagree on (\d+)", out)
+    assert disagreements == ["0", "0"]
+    fast = re.search(r"pool run: (\d+) fast-path, (\d+) symbolic", out)
+    assert fast and int(fast.group(2)) == 0  # the integer set never reaches the symbolic pool
