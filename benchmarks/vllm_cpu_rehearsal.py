@@ -128,7 +128,7 @@ def train_phase(path: Path, work: Path) -> dict:
            "--max_steps", "1", "--prompts_per_step", "1", "--num_generations", "2", "--max_new_tokens", "8",
            "--max_prompt_length", "64", "--vllm_max_model_len", "128", "--mini_batch_size", "2",
            "--micro_batch_size", "2", "--dynamic_sampling", "false", "--eval_every", "0", "--save_every", "0",
-           "--report_to", "none", "--progress", "false", "--output_dir", str(out_dir)]
+           "--report_to", "none", "--progress", "false", "--overwrite", "true", "--output_dir", str(out_dir)]
     env = {**os.environ, "PYTHONPATH": f"{work}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     start = time.perf_counter()
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
