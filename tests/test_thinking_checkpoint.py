@@ -107,3 +107,14 @@ def test_trainer_applies_both_from_the_job_config_and_saves_a_fixed_model(thinki
     with pytest.raises(ConfigError, match="special_tokens"):
         load_config(argv[:8] + ["--special_tokens", "{eos: x}"])
     assert Path(out / "metrics.jsonl").is_file()
+
+
+def test_load_tokenizer_applies_special_tokens_and_names_the_key_of_a_bad_one(thinking_dir):
+    from rl.config import ConfigError
+    from rl.model_io import load_tokenizer
+
+    tok = load_tokenizer(str(thinking_dir), "config key 'model'", special_tokens={"eos_token": "<|im_end|>"})
+    assert (tok.eos_token_id, tok.bos_token_id) == (2, 0)
+    with pytest.raises(ConfigError, match=r"^config key 'special_tokens': special_tokens.eos_token: '<\|eot\|>' "
+                                          r"is not a token of this tokenizer$"):
+        load_tokenizer(str(thinking_dir), "config key 'model'", special_tokens={"eos_token": "<|eot|>"})
