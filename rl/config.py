@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from rl.advantages import ADVANTAGES
+from rl.exit_policy import validate_exit_policy
 from rl.losses import LOSSES
 from rl.self_distill import SELF_DISTILL_DEFAULTS, validate_self_distill
 from rollout.engines import ENGINES
@@ -111,6 +112,17 @@ class TrainConfig:
                                     "kl (on logits) | mse (on hidden states)")
     self_distill_chunk_size: int = option(SELF_DISTILL_DEFAULTS["self_distill_chunk_size"],
                                        "tokens per checkpointed chunk of the vocabulary-sized logits")
+
+    # --- exit-weighted policy term and gate fitting (rl/exit_policy.py, rl/exit_gate.py own the rules) ---
+    policy_exits: list[int] | str = option("last", "exits trained as policies: last (exit T only, the plain loss) "
+                                                   "| all (1..T) | a list like [1,2,4]; each exit has its own "
+                                                   "ratio and clip, the token's TIS weight is shared")
+    policy_exit_weights: str = option("uniform", "weights over policy_exits: uniform | progressive (t^alpha) | "
+                                                 "gate (the model's exit distribution p(t), detached) | learned "
+                                                 "(softmax of free logits, checkpointed)")
+    policy_exit_alpha: float = option(1.0, "exponent of the progressive weights t^alpha")
+    gate_loss_coef: float = option(0.0, "weight of Ouro's Stage-II exit-gate loss on the rollout tokens (trains "
+                                        "only the gate; LM untouched); 0 = off")
 
     # --- optimisation ---
     lr: float = option(5e-4, "learning rate; tuned for the embedded 120k-parameter model (~1e-6 for Ouro-1.4B)")
@@ -280,6 +292,12 @@ def validate(cfg: TrainConfig, max_depth: int | None = None, num_processes: int 
         validate_self_distill(cfg, depth=cfg.depth if cfg.self_distill_coef > 0 else None)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    try:
+        validate_exit_policy(cfg.policy_exits, cfg.policy_exit_weights, cfg.policy_exit_alpha,
+                             depth=cfg.effective_update_depth)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    _positive(cfg, "gate_loss_coef", allow_zero=True)
     _positive(cfg, "num_generations", "max_new_tokens", "max_prompt_length", "vllm_tensor_parallel_size", "temperature", "num_iterations", "max_rounds",
               "lr", "max_steps", "prompts_per_step", "micro_batch_size", "max_nan_steps", "cispo_cap",
               "tis_cap")
