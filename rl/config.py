@@ -205,7 +205,10 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     if origin is list:
         (item_hint,) = typing.get_args(hint)
         if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
+            text = value.strip()
+            if text.startswith("[") and text.endswith("]"):  # `--eval_depths [1,2]`, the YAML spelling
+                text = text[1:-1]
+            value = [v.strip() for v in text.split(",") if v.strip()]
             value = [yaml.safe_load(v) if item_hint is not str else v for v in value]
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             value = [value]
