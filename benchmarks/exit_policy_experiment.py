@@ -71,6 +71,35 @@ def run_facts(run_dir: Path) -> dict:
     return {"time_step_median": statistics.median(r["time/step"] for r in rows), "gate_p": gate}
 
 
+def figure(grouped: dict[str, list[dict]], base: dict, depth: int, path: Path) -> Path:
+    """Accuracy vs loops used per token: fixed depths (lines) and max-prob early exit (markers), seed means."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    depths = list(range(1, depth + 1))
+    ax.plot(depths, [base["fixed"][d] for d in depths], color="grey", linestyle=":", label="pre-RL, fixed depth")
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (arm, runs) in enumerate(grouped.items()):
+        c = colors[i % len(colors)]
+        ax.plot(depths, [statistics.mean(r["fixed"][d] for r in runs) for d in depths], color=c, alpha=0.6,
+                label=f"{arm} (n={len(runs)}), fixed depth")
+        taus = sorted(runs[0]["early_exit"])
+        xs = [statistics.mean(r["early_exit"][t]["depth_mean"] for r in runs) for t in taus]
+        ys = [statistics.mean(r["early_exit"][t]["accuracy"] for r in runs) for t in taus]
+        ax.plot(xs, ys, color=c, marker="o", linestyle="none")
+    ax.set_xlabel("loops per token (fixed depth, or mean depth of max-prob early exit: dots)")
+    ax.set_ylabel("greedy accuracy, arith test")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", default="0,1,2,3,4")
@@ -82,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--thresholds", default="0.6,0.7,0.8,0.9")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--train_args", default=DEFAULT_TRAIN_ARGS, help="`looprl train` overrides shared by every arm")
+    p.add_argument("--figure", default=None, help="also draw accuracy vs depth to this PNG")
+    p.add_argument("--table_only", action="store_true", help="no new runs: table (and figure) from report.json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     sd = _sd_module()
@@ -106,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     for seed in seeds:  # seeds outermost: a partial run still compares every arm
         for arm in arms:
             key, run_dir = f"{arm}/{seed}", out / f"{arm}_s{seed}"
-            if key in report["runs"]:
+            if key in report["runs"] or args.table_only:
                 continue
             arm_args = [a.format(coef=args.coef) for a in ARMS[arm]]
             report.setdefault("train_s", {})[key] = train(run_dir, seed, args.steps, arm_args,
@@ -132,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     md = md + "\n\n" + "\n".join(times)
     print(md)
     (out / "table.md").write_text(md + "\n")
+    if args.figure:
+        print(f"wrote {figure(grouped, report['base'], depth, Path(args.figure))}")
     return 0
 
 
