@@ -12,9 +12,11 @@ Before the first optimizer step it measures how far the rollout's logprobs are f
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -419,3 +421,8 @@ class Policy:
         if acc.is_main_process:
             self.module.save_pretrained(path, state_dict=state)
             tokenizer.save_pretrained(path)
+            if self.exit_weights is not None:  # the learned policy-exit weights travel with the model
+                weights = self.exit_weights().detach().cpu().tolist()
+                (Path(path) / "policy_exit_weights.json").write_text(json.dumps(
+                    {"exits": self.policy_exits, "weights": weights,
+                     "logits": self.exit_weights.logits.detach().cpu().tolist()}, indent=1) + "\n")

@@ -267,6 +267,8 @@ def test_kill9_then_resume_restores_learned_exit_weights(tiny, tmp_path):
     assert _train(_args(tiny, ref, *common)) == 0
     last = _rows(ref)[-1]
     assert abs(last["policy/w_t1"] - 1 / 3) > 1e-4, "the learned weights never moved: the test would be vacuous"
+    saved = json.loads((ref / "final" / "policy_exit_weights.json").read_text())
+    assert saved["exits"] == [1, 2, 3] and sum(saved["weights"]) == pytest.approx(1.0)
 
     out = tmp_path / "killed"
     env = {**os.environ, "PYTHONPATH": f"{tiny}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
