@@ -123,6 +123,8 @@ class TrainConfig:
     policy_exit_alpha: float = option(1.0, "exponent of the progressive weights t^alpha")
     gate_loss_coef: float = option(0.0, "weight of Ouro's Stage-II exit-gate loss on the rollout tokens (trains "
                                         "only the gate; LM untouched); 0 = off")
+    gate_lr: float | None = option(None, "learning rate of the exit gate's parameters when gate_loss_coef > 0 "
+                                         "(Adam makes the gate's step ~lr whatever the coefficient); None = lr")
 
     # --- optimisation ---
     lr: float = option(5e-4, "learning rate; tuned for the embedded 120k-parameter model (~1e-6 for Ouro-1.4B)")
@@ -301,6 +303,7 @@ def validate(cfg: TrainConfig, max_depth: int | None = None, num_processes: int 
     except ValueError as e:
         raise ConfigError(str(e)) from None
     _positive(cfg, "gate_loss_coef", allow_zero=True)
+    _positive(cfg, "gate_lr")
     _positive(cfg, "num_generations", "max_new_tokens", "max_prompt_length", "vllm_tensor_parallel_size", "temperature", "num_iterations", "max_rounds",
               "lr", "max_steps", "prompts_per_step", "micro_batch_size", "max_nan_steps", "cispo_cap",
               "tis_cap")

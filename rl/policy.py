@@ -155,6 +155,10 @@ class Policy:
         updates_per_step = cfg.num_iterations * (cfg.samples_per_step // (cfg.mini_batch_size or
                                                                           cfg.samples_per_step))
         groups = [{"params": list(model.parameters())}]
+        if cfg.gate_loss_coef > 0 and cfg.gate_lr is not None:  # the gate in its own group, at its own rate
+            gate_ids = {id(p) for p in model.model.early_exit_gate.parameters()}
+            groups = [{"params": [p for p in model.parameters() if id(p) not in gate_ids]},
+                      {"params": [p for p in model.parameters() if id(p) in gate_ids], "lr": cfg.gate_lr}]
         if self.exit_weights is not None:  # own group: no weight decay on the weight logits
             groups.append({"params": list(self.exit_weights.parameters()), "weight_decay": 0.0})
         optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),

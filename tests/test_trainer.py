@@ -293,9 +293,12 @@ def test_gate_loss_moves_the_gate(tiny, tmp_path):
 
     initial = AutoModelForCausalLM.from_pretrained(tiny / "model").model.early_exit_gate
     runs = {}
-    for name, extra in (("off", []), ("on", ["--gate_loss_coef", "1.0"])):
+    for name, extra in (("off", []), ("on", ["--gate_loss_coef", "1.0"]),
+                        ("fast", ["--gate_loss_coef", "1.0", "--gate_lr", "1e-1"])):
         assert _train(_args(tiny, tmp_path / name, "--max_steps", "2", *extra)) == 0
         runs[name] = AutoModelForCausalLM.from_pretrained(tmp_path / name / "final").model.early_exit_gate
     assert torch.equal(runs["off"].weight, initial.weight)
     assert not torch.equal(runs["on"].weight, initial.weight)
+    moved = {k: float((runs[k].weight - initial.weight).detach().abs().max()) for k in ("on", "fast")}
+    assert moved["fast"] > 3 * moved["on"]  # gate_lr: the gate's own rate (Adam steps ~ lr)
     assert "loss/gate" in _rows(tmp_path / "on")[0]
