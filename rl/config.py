@@ -124,6 +124,19 @@ class TrainConfig:
     self_distill_chunk_size: int = option(SELF_DISTILL_DEFAULTS["self_distill_chunk_size"],
                                        "tokens per checkpointed chunk of the vocabulary-sized logits")
 
+    # --- exit-weighted policy term and gate fitting (rl/exit_policy.py, rl/exit_gate.py own the rules) ---
+    policy_exits: list[int] | str = option("last", "exits trained as policies: last (exit T only, the plain loss) "
+                                                   "| all (1..T) | a list like [1,2,4]; each exit has its own "
+                                                   "ratio and clip, the token's TIS weight is shared")
+    policy_exit_weights: str = option("uniform", "weights over policy_exits: uniform | progressive (t^alpha) | "
+                                                 "gate (the model's exit distribution p(t), detached) | learned "
+                                                 "(softmax of free logits, checkpointed)")
+    policy_exit_alpha: float = option(1.0, "exponent of the progressive weights t^alpha")
+    gate_loss_coef: float = option(0.0, "weight of Ouro's Stage-II exit-gate loss on the rollout tokens (trains "
+                                        "only the gate; LM untouched); 0 = off")
+    gate_lr: float | None = option(None, "learning rate of the exit gate's parameters when gate_loss_coef > 0 "
+                                         "(Adam makes the gate's step ~lr whatever the coefficient); None = lr")
+
     # --- optimisation ---
     lr: float = option(5e-4, "learning rate; tuned for the embedded 120k-parameter model (~1e-6 for Ouro-1.4B)")
     weight_decay: float = option(0.0, "AdamW weight decay")
@@ -207,7 +220,10 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     if origin is list:
         (item_hint,) = typing.get_args(hint)
         if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
+            text = value.strip()
+            if text.startswith("[") and text.endswith("]"):  # `--eval_depths [1,2]`, the YAML spelling
+                text = text[1:-1]
+            value = [v.strip() for v in text.split(",") if v.strip()]
             value = [yaml.safe_load(v) if item_hint is not str else v for v in value]
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             value = [value]
@@ -330,6 +346,7 @@ def validate(cfg: TrainConfig, max_depth: int | None = None, num_processes: int 
     """Raise ConfigError naming the key for anything that cannot run. `max_depth` = the model's loops."""
     # the registries' modules need torch: imported here, so `looprl train --help` (this module) starts fast
     from rl.advantages import ADVANTAGES
+    from rl.exit_policy import validate_exit_policy
     from rl.losses import LOSSES
     from rollout.engines import ENGINES
     from rollout.speculative import check_spec_keys
@@ -344,6 +361,13 @@ def validate(cfg: TrainConfig, max_depth: int | None = None, num_processes: int 
         validate_self_distill(cfg, depth=cfg.depth if cfg.self_distill_coef > 0 else None)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    try:
+        validate_exit_policy(cfg.policy_exits, cfg.policy_exit_weights, cfg.policy_exit_alpha,
+                             depth=cfg.effective_update_depth)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    _positive(cfg, "gate_loss_coef", allow_zero=True)
+    _positive(cfg, "gate_lr")
     _positive(cfg, "num_generations", "max_new_tokens", "max_prompt_length", "vllm_tensor_parallel_size", "temperature", "num_iterations", "max_rounds",
               "lr", "max_steps", "prompts_per_step", "micro_batch_size", "max_nan_steps", "cispo_cap",
               "tis_cap", "reward_timeout")

@@ -47,7 +47,11 @@ class TokenSurrogate:
 class LossFn(Protocol):
     def __call__(self, logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                  opts: LossOptions) -> TokenSurrogate:
-        """logp/old_logp/mask: [B, L]; advantages: [B, 1] (broadcast over tokens), in logp's dtype."""
+        """logp/old_logp/mask: [B, L]; advantages: [B, 1] (broadcast over tokens), in logp's dtype.
+
+        `mask` only counts clipped tokens (the caller masks and aggregates the surrogate); it may hold
+        fractional token weights (the exit-weighted policy term passes mask * w_t).
+        """
         ...
 
 

@@ -3,8 +3,9 @@
 Reads each run's `metrics.jsonl` (one JSON object per step, written by the trainer) and draws one
 panel per quantity a looped-LM RL run is judged by: reward and accuracy (raw + smoothed), the
 fraction of zero-variance groups (no learning signal), completion length, rollout/update mismatch
-(the depth-mismatch failure looprl exists to prevent), per-exit KL to the deepest exit, and eval
-accuracy per depth. Several runs overlay with one colour each, so GRPO vs DAPO or self-distillation
+(the depth-mismatch failure looprl exists to prevent), per-exit KL to the deepest exit, the
+exit-weighted policy term's per-exit log-prob and weight (policy/logp_t{t}, policy/w_t{t}), the exit
+gate's mean distribution, and eval accuracy per depth. Several runs overlay with one colour each, so GRPO vs DAPO or self-distillation
 on/off can be compared at a glance. A metric no run logged simply has no panel.
 """
 
@@ -117,6 +118,10 @@ PANELS: list[Panel] = [
           log=True),
     Panel("rollout/update mismatch: KL", "nats / token", _fixed(("KL", "mismatch/kl")), log=True),
     Panel("per-exit KL to the last exit", "nats / token", _numbered(r"exit/kl_t(\d+)(?:_\w+)?", "t={t}")),
+    Panel("policy log-prob per exit (sampled tokens)", "nats / token", _numbered(r"policy/logp_t(\d+)", "t={t}"),
+          smooth=True),
+    Panel("policy weight per exit w_t", "mean weight", _numbered(r"policy/w_t(\d+)", "t={t}")),
+    Panel("exit gate p(t)", "mean probability", _numbered(r"exit/p_mean_t(\d+)", "t={t}")),
     Panel("eval accuracy per depth", "fraction correct", _numbered(r"eval/accuracy_d(\d+)", "depth {t}"),
           markers=True),
 ]

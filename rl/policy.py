@@ -12,9 +12,11 @@ Before the first optimizer step it measures how far the rollout's logprobs are f
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,9 +26,17 @@ from looped.hf_compat import enable_activation_checkpointing
 from rl.batch import Sample, collate, exit_mask, shard_plan, trained_tokens
 from rl.config import ConfigError, TrainConfig
 from rl.dist import reduce_max, reduce_sum
+from rl.exit_policy import (
+    ExitPolicyConfig,
+    ExitWeights,
+    exit_policy_metrics,
+    exit_token_logprobs,
+    resolve_policy_exits,
+    weights_for,
+)
 from rl.losses import loss_normaliser, token_logprobs, truncated_is_weights
 from rl.model_io import load_model, save_portable
-from rl.objective import objective, policy_loss
+from rl.objective import GateTerm, objective, policy_loss
 from rl.self_distill import SelfDistillConfig, exit_metrics
 
 # Below this many parameters, CPU matmuls are too small for intra-op threads to pay; on a busy
@@ -85,7 +95,7 @@ class UpdateStats:
     """What one update() accumulates on this process; `metrics` reduces it over processes."""
 
     sums: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
-        ("loss", "clip_low", "clip_high", "kl", "tis", "tokens", "entropy", "entropy_tokens", "sd"), 0.0))
+        ("loss", "clip_low", "clip_high", "kl", "tis", "tokens", "entropy", "entropy_tokens", "sd", "gate"), 0.0))
     mismatch: Mismatch = field(default_factory=Mismatch)
     grad_norms: list[float] = field(default_factory=list)
     skipped: int = 0
@@ -106,10 +116,11 @@ class Policy:
     """Owns the policy model (accelerate-prepared), the reference model, optimizer and LR schedule."""
 
     def __init__(self, cfg: TrainConfig, accelerator, model_path: str, *, use_tis: bool,
-                 self_distill: SelfDistillConfig, pad_id: int):
+                 self_distill: SelfDistillConfig, pad_id: int, exit_policy: ExitPolicyConfig | None = None):
         self.cfg, self.accelerator = cfg, accelerator
         self.depth = cfg.effective_update_depth
         self.use_tis, self.sd, self.pad_id = use_tis, self_distill, pad_id
+        self.exit_policy = exit_policy or ExitPolicyConfig()
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
         dtype = getattr(torch, cfg.dtype)
         model = load_model(model_path, "config key 'model'", dtype=dtype)  # one-line errors (rl/model_io.py)
@@ -127,6 +138,14 @@ class Policy:
         # transformers only checkpoints layers in train mode; without checkpointing eval mode is the safe one
         model.train(cfg.gradient_checkpointing)
         self.looped = is_looped(model)
+        if not self.looped and (self.exit_policy.enabled or cfg.gate_loss_coef > 0):
+            key = "policy_exits" if self.exit_policy.enabled else "gate_loss_coef"
+            raise ConfigError(f"config key {key!r}: {type(model).__name__} is not a looped model (it has one exit)")
+        # the exit-weighted policy term's exits S (None: the plain loss on exit T) and learned weights
+        self.policy_exits = resolve_policy_exits(self.exit_policy.exits, self.depth) \
+            if self.exit_policy.enabled else None
+        self.exit_weights = ExitWeights(len(self.policy_exits)).to(accelerator.device) \
+            if self.policy_exits and self.exit_policy.weighting == "learned" else None
 
         self.ref_model = None
         if cfg.beta > 0:
@@ -135,7 +154,14 @@ class Policy:
 
         updates_per_step = cfg.num_iterations * (cfg.samples_per_step // (cfg.mini_batch_size or
                                                                           cfg.samples_per_step))
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+        groups = [{"params": list(model.parameters())}]
+        if cfg.gate_loss_coef > 0 and cfg.gate_lr is not None:  # the gate in its own group, at its own rate
+            gate_ids = {id(p) for p in model.model.early_exit_gate.parameters()}
+            groups = [{"params": [p for p in model.parameters() if id(p) not in gate_ids]},
+                      {"params": [p for p in model.parameters() if id(p) in gate_ids], "lr": cfg.gate_lr}]
+        if self.exit_weights is not None:  # own group: no weight decay on the weight logits
+            groups.append({"params": list(self.exit_weights.parameters()), "weight_decay": 0.0})
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                       weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambda(cfg.lr_scheduler, cfg.warmup_steps * updates_per_step,
@@ -143,13 +169,15 @@ class Policy:
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         # Not prepared: accelerate would step it once per process; ours counts global updates.
         accelerator.register_for_checkpointing(self.scheduler)
+        if self.exit_weights is not None:  # checkpoints/step-N/custom_checkpoint_1.pkl; --resume restores it
+            accelerator.register_for_checkpointing(self.exit_weights)
         self.module = accelerator.unwrap_model(self.model)  # the bare model: rollout worker, lm_head, saving
 
     @property
     def objective_uses_exits(self) -> bool:
-        """The objective has a term over the exits of a looped model (self-distillation; the multi-exit
-        policy term joins here), so every update forward returns the per-loop hidden states."""
-        return self.looped and self.sd.enabled
+        """The objective has a term over the exits of a looped model (self-distillation, the exit-weighted
+        policy term, the gate loss), so every update forward returns the per-loop hidden states."""
+        return self.looped and (self.sd.enabled or self.policy_exits is not None or self.cfg.gate_loss_coef > 0)
 
     @property
     def lr(self) -> float:
@@ -188,18 +216,32 @@ class Policy:
     def _shards(self, samples: list[Sample]) -> list[list[Sample]]:
         return shard_plan(samples, self.rank, self.world, self.cfg.micro_batch_size)
 
+    def _exit_logprobs(self, out, batch: dict, logp: torch.Tensor) -> torch.Tensor:
+        """[B, |S|, C] log-probs of the completion tokens at the policy exits S, from this forward's exits."""
+        tokens = batch["input_ids"][:, batch["prompt_len"]:]
+        return exit_token_logprobs(out.exit_hidden_states, self.module.lm_head, tokens, self.policy_exits,
+                                   self.cfg.temperature, deep_logp=logp)
+
     @torch.no_grad()
-    def _old_logprobs(self, samples: list[Sample], mismatch: Mismatch) -> dict[int, list[float]]:
-        """Update-side logprobs of the whole batch before any update (needed when several updates run)."""
+    def _old_logprobs(self, samples: list[Sample], mismatch: Mismatch,
+                      old_exits: dict[int, torch.Tensor] | None = None) -> dict[int, list[float]]:
+        """Update-side logprobs of the whole batch before any update (needed when several updates run).
+
+        With the exit-weighted policy term the same pass also stores each exit's old log-probs in
+        `old_exits` (id(sample) -> [|S|, len]): every exit's ratio is taken against its own scoring pass.
+        """
         old = {}
         for chunk in self._shards(samples):
             if not chunk:
                 continue
             batch = self._collate(chunk)
-            logp, _, _ = self.logprobs(batch)
+            logp, _, out = self.logprobs(batch, output_exits=old_exits is not None)
             mismatch.add(logp, batch)
+            exit_lp = self._exit_logprobs(out, batch, logp) if old_exits is not None else None
             for i, s in enumerate(chunk):
                 old[id(s)] = logp[i, :len(s.completion_ids)].tolist()
+                if exit_lp is not None:
+                    old_exits[id(s)] = exit_lp[i, :, :len(s.completion_ids)].clone()
         return old
 
     # ------------------------------------------------------------------ update
@@ -211,10 +253,14 @@ class Policy:
         mini = cfg.mini_batch_size or len(samples)
         mini_batches = [samples[i:i + mini] for i in range(0, len(samples), mini)]
         stats = UpdateStats()
+        for t in self.policy_exits or []:  # same keys on every process (reduce_sum packs them in order)
+            stats.sums.update({f"policy/logp_t{t}": 0.0, f"policy/w_t{t}": 0.0})
         # One update: the update forward itself is "before the first update" and old = current.
         # Several: score the whole batch first (old logprobs for the ratio, and the mismatch).
         single_update = cfg.num_iterations == 1 and len(mini_batches) == 1
-        old = None if single_update else self._old_logprobs(samples, stats.mismatch)
+        old_exits: dict[int, torch.Tensor] | None = {} if self.policy_exits is not None else None
+        old = None if single_update else self._old_logprobs(samples, stats.mismatch, old_exits)
+        self._old_exits = old_exits
         for it in range(cfg.num_iterations):
             for mb in mini_batches:
                 tokens = trained_tokens(mb, cfg.mask_truncated)
@@ -256,13 +302,16 @@ class Policy:
                 ref_lp, _, _ = self.logprobs(batch, model=self.ref_model)
         is_w = truncated_is_weights(old_lp, batch["rollout_logprobs"], cfg.tis_cap) if self.use_tis else None
         cmask = batch["completion_mask"]
+        exit_terms = self._exit_terms(out, batch, logp, micro.rows, old is None) \
+            if self.policy_exits is not None else {}
         token_terms = policy_loss(cfg.loss_type, logp, old_lp, batch["advantages"], cmask, norm,
                                   eps_low=cfg.eps_low, eps_high=cfg.eps_high, cispo_cap=cfg.cispo_cap,
-                                  ref_logp=ref_lp, beta=cfg.beta, is_weights=is_w)
+                                  ref_logp=ref_lp, beta=cfg.beta, is_weights=is_w, **exit_terms)
         exits = out.exit_hidden_states if want_exits else None
         mask = exit_mask(batch) if want_exits else None
+        gate = self._gate_term(out, batch, sd_norm) if cfg.gate_loss_coef > 0 else None
         total = objective(token_terms, exits=exits, self_distill=self.sd if want_exits else None,
-                          exit_mask=mask, lm_head=self.module.lm_head, sd_normaliser=sd_norm)
+                          exit_mask=mask, lm_head=self.module.lm_head, sd_normaliser=sd_norm, gate=gate)
         if micro.exit_metrics and measure and want_exits:
             stats.exits = exit_metrics([h.detach() for h in exits], self.module.lm_head, mask,
                                        getattr(out, "exit_probs", None))
@@ -272,6 +321,13 @@ class Policy:
         if measure:
             sums = stats.sums
             sums["sd"] += total.terms.get("self_distill", 0.0)
+            sums["gate"] += total.terms.get("gate", 0.0)
+            if exit_terms and micro.first_pass:
+                for key, value in exit_policy_metrics(self.policy_exits, exit_terms["exit_logp"],
+                                                      exit_terms["exit_weights"], cmask).items():
+                    sums[key] = sums.get(key, 0.0) + value
+            if micro.exit_metrics and gate is not None:
+                stats.exits.update({k: v for k, v in total.terms.items() if k.startswith("gate/")})
             sums["loss"] += float(token_terms.loss.detach())
             sums["clip_low"] += float(token_terms.clip_low)
             sums["clip_high"] += float(token_terms.clip_high)
@@ -283,8 +339,39 @@ class Policy:
                 sums["entropy_tokens"] += float(cmask.sum())
         return finite
 
+    def _exit_terms(self, out, batch: dict, logp: torch.Tensor, rows: list[Sample], on_policy: bool) -> dict:
+        """policy_loss's exit arguments: per-exit log-probs, their old values, the weights w_t."""
+        exit_lp = self._exit_logprobs(out, batch, logp)
+        if on_policy:  # a single update: this forward is the scoring pass
+            old = exit_lp.detach()
+        else:
+            old = torch.zeros_like(exit_lp)
+            for i, s in enumerate(rows):
+                stored = self._old_exits[id(s)]
+                old[i, :, :stored.shape[1]] = stored
+        c_len = exit_lp.shape[-1]
+        probs = out.exit_probs[:, -(c_len + 1):-1] if getattr(out, "exit_probs", None) is not None else None
+        weights = weights_for(self.exit_policy, self.policy_exits, probs, self.exit_weights,
+                              (exit_lp.shape[0], c_len))
+        return {"exit_logp": exit_lp, "exit_old_logp": old, "exit_weights": weights}
+
+    def _gate_term(self, out, batch: dict, normaliser: float) -> GateTerm:
+        """The Stage-II gate loss's inputs: every exit's sampled-token log-probs (no grad), the gate."""
+        tokens = batch["input_ids"][:, batch["prompt_len"]:]
+        with torch.no_grad():
+            all_lp = exit_token_logprobs(out.exit_hidden_states, self.module.lm_head, tokens,
+                                         list(range(1, len(out.exit_hidden_states) + 1)), self.cfg.temperature)
+        return GateTerm(self.cfg.gate_loss_coef, out.exit_hidden_states, self.module.model.exit_gate_logits,
+                        all_lp, batch["completion_mask"], normaliser)
+
     def _optimizer_step(self, finite: bool, step: int) -> float | None:
         """Clip, step, zero. A non-finite loss or gradient skips the step (returns None)."""
+        if self.exit_weights is not None and self.world > 1:  # not inside DDP: average its gradient by hand
+            grad = self.exit_weights.logits.grad
+            if grad is None:
+                self.exit_weights.logits.grad = grad = torch.zeros_like(self.exit_weights.logits)
+            torch.distributed.all_reduce(grad)
+            grad /= self.world
         grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm or float("inf"))
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
         if not finite or not math.isfinite(grad_norm):
@@ -321,6 +408,12 @@ class Policy:
             metrics["tis/weight_mean"] = totals["tis"] / tokens
         if self.sd.enabled:
             metrics["loss/self_distill"] = totals["sd"] / self.world / n_updates
+        if self.cfg.gate_loss_coef > 0:
+            metrics["loss/gate"] = totals["gate"] / self.world / n_updates
+        if self.policy_exits is not None:  # token means over the first pass (entropy's tokens)
+            for t in self.policy_exits:
+                for name in (f"policy/logp_t{t}", f"policy/w_t{t}"):
+                    metrics[name] = totals.get(name, 0.0) / max(totals["entropy_tokens"], 1.0)
         metrics.update(stats.exits)
         return metrics
 
@@ -337,3 +430,8 @@ class Policy:
             with atomic_dir(path) as tmp:  # a full disk leaves the previous final/ (or none), never half of one
                 save_portable(self.module, tokenizer, tmp, special_tokens=self.cfg.special_tokens,
                               state_dict=state)  # + model code and auto_map
+                if self.exit_weights is not None:  # the learned policy-exit weights travel with the model
+                    weights = self.exit_weights().detach().cpu().tolist()
+                    (Path(tmp) / "policy_exit_weights.json").write_text(json.dumps(
+                        {"exits": self.policy_exits, "weights": weights,
+                         "logits": self.exit_weights.logits.detach().cpu().tolist()}, indent=1) + "\n")

@@ -40,6 +40,7 @@ from rl.data import EMBEDDED_MODEL, load_prompts
 from rl.dist import reduce_max, reduce_sum
 from rl.dynamic_sampling import Group, SamplingResult, collect_groups
 from rl.evaluate import evaluate_depths, flat_metrics
+from rl.exit_policy import validate_exit_policy
 from rl.metrics import RunLogger, progress_bar, reward_metrics, sample_rows, summarize
 from rl.model_io import load_model_config, load_tokenizer
 from rl.policy import Policy
@@ -90,6 +91,8 @@ class Trainer:
         self.depth = cfg.depth
         update_depth = cfg.effective_update_depth
         self_distill = validate_self_distill(cfg, depth=update_depth if cfg.self_distill_coef > 0 else None)
+        exit_policy = validate_exit_policy(cfg.policy_exits, cfg.policy_exit_weights, cfg.policy_exit_alpha,
+                                           depth=update_depth)
 
         # the actor: model, reference, optimizer, update
         set_seed(cfg.seed)
@@ -100,7 +103,7 @@ class Trainer:
         engine = get_engine(cfg.engine)
         use_tis = cfg.tis_mode == "token" or (cfg.tis_mode == "auto" and not engine.exact_logprobs)
         self.policy = Policy(cfg, acc, self.model_path, use_tis=use_tis, self_distill=self_distill,
-                             pad_id=int(pad if pad is not None else 0))
+                             pad_id=int(pad if pad is not None else 0), exit_policy=exit_policy)
 
         # the rollout worker (the torch engine holds the policy's own module: sync is free)
         self.worker = make_worker(cfg.engine, depth=self.depth, model=self.policy.module,

@@ -6,6 +6,7 @@ produces its report.
 """
 
 import importlib.util
+import json
 import re
 import subprocess
 import sys
@@ -81,3 +82,17 @@ def test_verify_benchmark_smallest_size() -> None:
     assert disagreements == ["0", "0"]
     fast = re.search(r"pool run: (\d+) fast-path, (\d+) symbolic", out)
     assert fast and int(fast.group(2)) == 0  # the integer set never reaches the symbolic pool
+
+
+@pytest.mark.slow
+def test_exit_policy_experiment_benchmark(tmp_path, capsys):
+    out = tmp_path / "exp"
+    code = load("exit_policy_experiment").main([
+        "--seeds", "0", "--steps", "1", "--arms", "dapo,dapo_exits_gatefit", "--limit", "2", "--thresholds", "0.9",
+        "--out", str(out), "--figure", str(tmp_path / "fig.png"), "--train_args",
+        "--prompts_per_step 2 --num_generations 2 --max_new_tokens 4 --eval_every 0 --progress false"])
+    assert code == 0
+    assert (tmp_path / "fig.png").stat().st_size > 1000
+    table = (out / "table.md").read_text()
+    assert "dapo_exits_gatefit" in table and "median time/step" in table
+    assert set(json.loads((out / "report.json").read_text())["runs"]) == {"dapo/0", "dapo_exits_gatefit/0"}

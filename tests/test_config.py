@@ -49,10 +49,22 @@ def test_saved_config_round_trips(tmp_path):
     (["--eval_depths", "0,2"], "'eval_depths'"),
     (["--top_p", "0"], "'top_p'"),
     (["--self_distill_coef", "0.1", "--self_distill_exits", "4"], "self_distill_exits"),  # T = 4 is the teacher
+    (["--policy_exits", "5"], "policy_exits"),  # the embedded model has 4 exits
+    (["--policy_exits", "first"], "policy_exits"),
+    (["--policy_exit_weights", "softmax"], "policy_exit_weights"),
+    (["--gate_loss_coef", "-1"], "gate_loss_coef"),
 ])
+
 def test_errors_name_the_key(argv, key):
     with pytest.raises(ConfigError, match=key):
         load_config(argv)
+
+
+def test_policy_exits_spellings():
+    assert load_config([]).policy_exits == "last"
+    assert load_config(["--policy_exits", "[1,2,4]"]).policy_exits == [1, 2, 4]
+    assert load_config(["--policy_exits", "1,2,4"]).policy_exits == [1, 2, 4]
+    assert load_config(["--policy_exits", "all", "--policy_exit_weights", "gate"]).policy_exits == "all"
 
 
 def test_unknown_key_in_yaml_names_file(tmp_path):

@@ -27,6 +27,10 @@ def write_run(path, steps=12, reward_offset=0.0, with_eval=True):
                 "mismatch/kl": 1e-8 * step,
                 "exit/kl_t1": 0.9 / step,
                 "exit/kl_t2_T": 0.4 / step,
+                "policy/logp_t1": -1.0 / step,
+                "policy/logp_t4": -0.5 / step,
+                "policy/w_t1": 0.25,
+                "policy/w_t4": 0.75,
                 "lr": 1e-5,
                 "note": "strings are ignored",
             }
@@ -70,6 +74,8 @@ def test_load_metrics_series_and_panel_selection(tmp_path):
     assert "note" not in run.series and "step" not in run.series
     picks = {p.title: p.select(list(run.series)) for p in PANELS}
     assert picks["per-exit KL to the last exit"] == [("t=1", "exit/kl_t1"), ("t=2", "exit/kl_t2_T")]
+    assert picks["policy log-prob per exit (sampled tokens)"] == [("t=1", "policy/logp_t1"), ("t=4", "policy/logp_t4")]
+    assert picks["policy weight per exit w_t"] == [("t=1", "policy/w_t1"), ("t=4", "policy/w_t4")]
     assert [label for label, _ in picks["eval accuracy per depth"]] == ["depth 1", "depth 2", "depth 4"]
 
 

@@ -246,3 +246,63 @@ def test_lone_cpu_launch_is_detected():
     assert not lone_cpu_launch({**simple, "WORLD_SIZE": "2", "RANK": "0"})  # torchrun / cpu-2proc.yaml
     assert not lone_cpu_launch({"ACCELERATE_USE_CPU": "True"})  # --cpu with one process: nothing asked
     assert not lone_cpu_launch({})
+
+
+def test_policy_exits_last_exit_path_matches_the_plain_trainer(tiny, tmp_path):
+    """`policy_exits [T]` runs the exit-weighted path (per-exit old log-probs from the scoring pass, w_T = 1)
+    and must log the same metrics as the default `last`, off-policy too (2 iterations x 2 mini-batches)."""
+    common = ["--max_steps", "2", "--num_iterations", "2", "--mini_batch_size", "4", "--loss_type", "dapo"]
+    plain, exits = tmp_path / "plain", tmp_path / "exits"
+    assert _train(_args(tiny, plain, *common)) == 0
+    assert _train(_args(tiny, exits, *common, "--policy_exits", "3")) == 0
+    rows = _rows(exits)
+    assert all(r["policy/w_t3"] == pytest.approx(1.0) and r["policy/logp_t3"] < 0 for r in rows)
+    assert rows[0]["clip/frac"] > 0 or rows[1]["clip/frac"] > 0  # off-policy: the clip is exercised
+    stripped = [{k: v for k, v in r.items() if not k.startswith("policy/")} for r in rows]
+    _assert_same_metrics(_rows(plain), stripped)
+
+
+def test_kill9_then_resume_restores_learned_exit_weights(tiny, tmp_path):
+    """Learned exit weights live in the checkpoint: a killed run resumed with --resume logs the same
+    policy/w_t{t} (and every other metric) as an uninterrupted one."""
+    common = ["--max_steps", "8", "--save_every", "1", "--policy_exits", "all", "--policy_exit_weights", "learned",
+              "--num_iterations", "2", "--loss_type", "cispo", "--lr", "5e-2"]
+    ref = tmp_path / "ref"
+    assert _train(_args(tiny, ref, *common)) == 0
+    last = _rows(ref)[-1]
+    assert abs(last["policy/w_t1"] - 1 / 3) > 1e-4, "the learned weights never moved: the test would be vacuous"
+    saved = json.loads((ref / "final" / "policy_exit_weights.json").read_text())
+    assert saved["exits"] == [1, 2, 3] and sum(saved["weights"]) == pytest.approx(1.0)
+
+    out = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": f"{tiny}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "rl", "train", *_args(tiny, out, *common)], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = out / "checkpoints" / "step-2"
+    deadline = time.time() + 120
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert ckpt.exists(), "the subprocess never wrote checkpoints/step-2"
+    assert not (out / "final").exists(), "killed too late: the run had already finished"
+    assert _train(_args(tiny, out, *common, "--resume")) == 0
+    _assert_same_metrics(_rows(ref), _rows(out))
+
+
+def test_gate_loss_moves_the_gate(tiny, tmp_path):
+    """gate_loss_coef > 0: the exit gate's parameters change during RL (they get no gradient otherwise)."""
+    from transformers import AutoModelForCausalLM
+
+    initial = AutoModelForCausalLM.from_pretrained(tiny / "model").model.early_exit_gate
+    runs = {}
+    for name, extra in (("off", []), ("on", ["--gate_loss_coef", "1.0"]),
+                        ("fast", ["--gate_loss_coef", "1.0", "--gate_lr", "1e-1"])):
+        assert _train(_args(tiny, tmp_path / name, "--max_steps", "2", *extra)) == 0
+        runs[name] = AutoModelForCausalLM.from_pretrained(tmp_path / name / "final").model.early_exit_gate
+    assert torch.equal(runs["off"].weight, initial.weight)
+    assert not torch.equal(runs["on"].weight, initial.weight)
+    moved = {k: float((runs[k].weight - initial.weight).detach().abs().max()) for k in ("on", "fast")}
+    assert moved["fast"] > 3 * moved["on"]  # gate_lr: the gate's own rate (Adam steps ~ lr)
+    assert "loss/gate" in _rows(tmp_path / "on")[0]

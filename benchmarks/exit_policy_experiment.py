@@ -1,0 +1,172 @@
+"""Head-to-head on the embedded task (issue 15): DAPO on exit T vs self-distillation vs the exit-weighted
+policy term (RLTT-style) vs both, optionally with the Stage-II gate fit.
+
+For each arm and seed: `looprl train` from the embedded model (same budget; the arms differ only in the
+keys listed in ARMS), then the final model is evaluated exactly as benchmarks/self_distill_experiment.py
+does (fixed-depth greedy accuracy at every depth, max-prob early exit at several thresholds with the
+mean depth used, teacher-forced exit alignment), plus the run's median wall time per step and the exit
+gate's mean distribution p(t) at the first and last step (exit/p_mean_t{t}).
+
+Usage (CPU; arms and seeds run one after another; re-running skips finished (arm, seed) pairs):
+    HF_HUB_OFFLINE=1 python benchmarks/exit_policy_experiment.py --seeds 0,1,2,3,4 --steps 200 \\
+        --out runs/exit_policy_exp
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+# benchmarks/ is not a package; as a script its own dir would shadow the `rollout` package
+HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+
+ARMS: dict[str, list[str]] = {
+    "dapo": [],
+    "dapo_sd": ["--self_distill_coef", "{coef}"],
+    "dapo_exits_gate": ["--policy_exits", "all", "--policy_exit_weights", "gate"],
+    "dapo_exits_prog": ["--policy_exits", "all", "--policy_exit_weights", "progressive"],
+    "dapo_exits_sd": ["--policy_exits", "all", "--policy_exit_weights", "progressive", "--self_distill_coef", "{coef}"],
+    "dapo_exits_gatefit": ["--policy_exits", "all", "--policy_exit_weights", "gate", "--gate_loss_coef", "1.0"],
+}
+DEFAULT_ARMS = "dapo,dapo_sd,dapo_exits_gate,dapo_exits_prog,dapo_exits_sd"
+DEFAULT_TRAIN_ARGS = "--prompts_per_step 16 --lr 2e-4 --eval_every 0 --progress false"
+
+
+def _sd_module():
+    """benchmarks/self_distill_experiment.py (its evaluation and table are reused unchanged)."""
+    spec = importlib.util.spec_from_file_location("bench_self_distill_experiment", HERE / "self_distill_experiment.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def train(run_dir: Path, seed: int, steps: int, arm_args: list[str], extra: list[str], threads: int) -> float:
+    cmd = [sys.executable, "-m", "rl", "train", "--output_dir", str(run_dir), "--seed", str(seed),
+           "--max_steps", str(steps), *extra, *arm_args]
+    print("+", " ".join(cmd), flush=True)
+    start = time.perf_counter()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads)}
+    subprocess.run(cmd, check=True, env=env)
+    return time.perf_counter() - start
+
+
+def run_facts(run_dir: Path) -> dict:
+    """Median time/step and the gate's mean p(t) at the first and last logged step."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "time/step" in r]
+    gate = {}
+    for name, row in (("first", rows[0]), ("last", rows[-1])):
+        gate[name] = [row[k] for k in sorted(k for k in row if k.startswith("exit/p_mean_t"))]
+    return {"time_step_median": statistics.median(r["time/step"] for r in rows), "gate_p": gate}
+
+
+def figure(grouped: dict[str, list[dict]], base: dict, depth: int, path: Path) -> Path:
+    """Accuracy vs loops used per token: fixed depths (lines) and max-prob early exit (markers), seed means."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    depths = list(range(1, depth + 1))
+    ax.plot(depths, [base["fixed"][d] for d in depths], color="grey", linestyle=":", label="pre-RL, fixed depth")
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (arm, runs) in enumerate(grouped.items()):
+        c = colors[i % len(colors)]
+        ax.plot(depths, [statistics.mean(r["fixed"][d] for r in runs) for d in depths], color=c, alpha=0.6,
+                label=f"{arm} (n={len(runs)}), fixed depth")
+        taus = sorted(runs[0]["early_exit"])
+        xs = [statistics.mean(r["early_exit"][t]["depth_mean"] for r in runs) for t in taus]
+        ys = [statistics.mean(r["early_exit"][t]["accuracy"] for r in runs) for t in taus]
+        ax.plot(xs, ys, color=c, marker="o", linestyle="none")
+    ax.set_xlabel("loops per token (fixed depth, or mean depth of max-prob early exit: dots)")
+    ax.set_ylabel("greedy accuracy, arith test")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seeds", default="0,1,2,3,4")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--coef", type=float, default=1.0, help="self_distill_coef of the *_sd arms")
+    p.add_argument("--arms", default=DEFAULT_ARMS, help=f"comma list of {', '.join(ARMS)}")
+    p.add_argument("--out", default="runs/exit_policy_exp")
+    p.add_argument("--limit", type=int, default=500, help="arith test prompts to evaluate")
+    p.add_argument("--thresholds", default="0.6,0.7,0.8,0.9")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--train_args", default=DEFAULT_TRAIN_ARGS, help="`looprl train` overrides shared by every arm")
+    p.add_argument("--figure", default=None, help="also draw accuracy vs depth to this PNG")
+    p.add_argument("--table_only", action="store_true", help="no new runs: table (and figure) from report.json")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    sd = _sd_module()
+    from rl.data import EMBEDDED_MODEL
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    thresholds = [float(t) for t in args.thresholds.split(",")]
+    arms = args.arms.split(",")
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        p.error(f"unknown arms {unknown}; known: {', '.join(ARMS)}")
+    report_path = out / "report.json"
+    report = json.loads(report_path.read_text()) if report_path.exists() else {}
+    report.setdefault("runs", {})
+    report.setdefault("facts", {})
+    report["settings"] = {"steps": args.steps, "coef": args.coef, "seeds": seeds, "limit": args.limit,
+                          "train_args": args.train_args, "arms": {a: ARMS[a] for a in arms}}
+    if "base" not in report:
+        report["base"] = sd.evaluate(str(EMBEDDED_MODEL), args.limit, thresholds)
+    for seed in seeds:  # seeds outermost: a partial run still compares every arm
+        for arm in arms:
+            key, run_dir = f"{arm}/{seed}", out / f"{arm}_s{seed}"
+            if key in report["runs"] or args.table_only:
+                continue
+            arm_args = [a.format(coef=args.coef) for a in ARMS[arm]]
+            report.setdefault("train_s", {})[key] = train(run_dir, seed, args.steps, arm_args,
+                                                          args.train_args.split(), args.threads)
+            report["facts"][key] = run_facts(run_dir)
+            report["runs"][key] = sd.evaluate(str(run_dir / "final"), args.limit, thresholds)
+            report_path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+            print(key, json.dumps(report["runs"][key]["fixed"]), flush=True)
+    for r in [report["base"], *report["runs"].values()]:  # JSON turned the int/float keys into strings
+        r["fixed"] = {int(k): v for k, v in r["fixed"].items()}
+        r["early_exit"] = {float(k): v for k, v in r["early_exit"].items()}
+    grouped: dict[str, list[dict]] = {}
+    for key, r in report["runs"].items():
+        grouped.setdefault(key.split("/")[0], []).append(r)
+    depth = max(report["base"]["fixed"])
+    md = sd.table(grouped, report["base"], depth, thresholds)
+    times = ["| arm | median time/step (s) | gate p(t) first step | gate p(t) last step |", "|---|---|---|---|"]
+    for arm in grouped:
+        facts = [f for k, f in report["facts"].items() if k.split("/")[0] == arm]
+        med = statistics.mean(f["time_step_median"] for f in facts)
+        fmt = lambda ps: " / ".join(f"{x:.2f}" for x in ps)  # noqa: E731
+        times.append(f"| {arm} | {med:.2f} | {fmt(facts[0]['gate_p']['first'])} | {fmt(facts[0]['gate_p']['last'])} |")
+    md = md + "\n\n" + "\n".join(times)
+    print(md)
+    (out / "table.md").write_text(md + "\n")
+    if args.figure:
+        print(f"wrote {figure(grouped, report['base'], depth, Path(args.figure))}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
