@@ -48,6 +48,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from rl.exits import exit_numbers
 from rl.losses import token_logprobs
 
 WEIGHTINGS = ("uniform", "progressive", "gate", "learned")
@@ -85,18 +86,7 @@ def parse_policy_exits(value: object, key: str = "policy_exits") -> tuple[int, .
         value = [value]
     if not isinstance(value, Sequence) or not value:
         raise ValueError(f"config key policy_exits: expected last | all | a list like [1, 2, 4], got {value!r}")
-    exits = []
-    for p in value:
-        try:
-            t = int(p)
-        except (TypeError, ValueError):
-            raise ValueError(f"config key {key}: {p!r} is not an exit number (integers >= 1)") from None
-        if isinstance(p, bool) or t < 1 or (isinstance(p, float) and p != t):
-            raise ValueError(f"config key {key}: {p!r} is not an exit number (integers >= 1)")
-        exits.append(t)
-    if len(set(exits)) != len(exits):
-        raise ValueError(f"config key {key}: exit listed twice in {value!r}")
-    return tuple(sorted(exits))
+    return tuple(sorted(exit_numbers(value, key, shown=value)))
 
 
 def resolve_policy_exits(exits: tuple[int, ...] | str | None, depth: int) -> list[int]:

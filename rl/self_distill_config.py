@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 
+from rl.exits import exit_numbers
+
 WEIGHTINGS = ("uniform", "linear")
 VARIANTS = ("kl", "mse")
 DEFAULT_CHUNK_SIZE = 1024
@@ -62,20 +64,9 @@ def _parse_exits(value, key: str = "self_distill_exits") -> list[int] | str | No
         parts = list(value)
     else:
         raise ValueError(f"config key {key}: expected a list of exit numbers like [2, 3], got {value!r}")
-    exits = []
-    for p in parts:
-        try:
-            t = int(p)
-        except (TypeError, ValueError):
-            raise ValueError(f"config key {key}: {p!r} is not an exit number (integers >= 1)") from None
-        if isinstance(p, bool) or t < 1 or (isinstance(p, float) and p != t):
-            raise ValueError(f"config key {key}: {p!r} is not an exit number (integers >= 1)")
-        exits.append(t)
-    if not exits:
+    if not parts:
         raise ValueError(f"config key {key}: empty list of exits (leave it unset for the default 2..T-1)")
-    if len(set(exits)) != len(exits):
-        raise ValueError(f"config key {key}: exit listed twice in {value!r}")
-    return sorted(exits)
+    return sorted(exit_numbers(parts, key, shown=value))
 
 
 def validate_self_distill(values: Mapping[str, object] | object, depth: int | None = None) -> SelfDistillConfig:

@@ -140,14 +140,8 @@ def test_run_layout_metrics_and_depth_matched_scores(tiny, tmp_path):
     assert any(moved)
 
 
-def test_kill9_then_resume_matches_uninterrupted(tiny, tmp_path):
-    """A run killed with SIGKILL after a checkpoint, then --resume: every step once, same metrics."""
-    # enough steps after the step-2 checkpoint that the run cannot finish before the kill lands
-    common = ["--max_steps", "10", "--save_every", "1", "--loss_type", "grpo", "--scale_rewards", "batch"]
-    ref = tmp_path / "ref"
-    assert _train(_args(tiny, ref, *common)) == 0
-
-    out = tmp_path / "killed"
+def _kill9_after_step2_checkpoint(tiny, out, common) -> None:
+    """Start `looprl train` in a subprocess and SIGKILL it once checkpoints/step-2 exists (before it finishes)."""
     env = {**os.environ, "PYTHONPATH": f"{tiny}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "rl", "train", *_args(tiny, out, *common)], cwd=REPO, env=env,
@@ -160,6 +154,17 @@ def test_kill9_then_resume_matches_uninterrupted(tiny, tmp_path):
     proc.wait()
     assert ckpt.exists(), "the subprocess never wrote checkpoints/step-2"
     assert not (out / "final").exists(), "killed too late: the run had already finished"
+
+
+def test_kill9_then_resume_matches_uninterrupted(tiny, tmp_path):
+    """A run killed with SIGKILL after a checkpoint, then --resume: every step once, same metrics."""
+    # enough steps after the step-2 checkpoint that the run cannot finish before the kill lands
+    common = ["--max_steps", "10", "--save_every", "1", "--loss_type", "grpo", "--scale_rewards", "batch"]
+    ref = tmp_path / "ref"
+    assert _train(_args(tiny, ref, *common)) == 0
+
+    out = tmp_path / "killed"
+    _kill9_after_step2_checkpoint(tiny, out, common)
 
     assert _train(_args(tiny, out, *common, "--resume")) == 0
     _assert_same_metrics(_rows(ref), _rows(out))
@@ -275,18 +280,7 @@ def test_kill9_then_resume_restores_learned_exit_weights(tiny, tmp_path):
     assert saved["exits"] == [1, 2, 3] and sum(saved["weights"]) == pytest.approx(1.0)
 
     out = tmp_path / "killed"
-    env = {**os.environ, "PYTHONPATH": f"{tiny}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "rl", "train", *_args(tiny, out, *common)], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = out / "checkpoints" / "step-2"
-    deadline = time.time() + 120
-    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert ckpt.exists(), "the subprocess never wrote checkpoints/step-2"
-    assert not (out / "final").exists(), "killed too late: the run had already finished"
+    _kill9_after_step2_checkpoint(tiny, out, common)
     assert _train(_args(tiny, out, *common, "--resume")) == 0
     _assert_same_metrics(_rows(ref), _rows(out))
 
