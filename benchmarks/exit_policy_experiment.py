@@ -37,6 +37,11 @@ ARMS: dict[str, list[str]] = {
     "dapo_exits_prog": ["--policy_exits", "all", "--policy_exit_weights", "progressive"],
     "dapo_exits_sd": ["--policy_exits", "all", "--policy_exit_weights", "progressive", "--self_distill_coef", "{coef}"],
     "dapo_exits_gatefit": ["--policy_exits", "all", "--policy_exit_weights", "gate", "--gate_loss_coef", "1.0"],
+    # self-distillation recipes (issue 15 item 4): a weaker coefficient, and the same ramped in
+    "dapo_sd_c0.1": ["--self_distill_coef", "0.1"],
+    "dapo_sd_c0.3": ["--self_distill_coef", "0.3"],
+    "dapo_sd_c0.3_w100": ["--self_distill_coef", "0.3", "--self_distill_warmup_steps", "100"],
+    "dapo_sd_c1_w200": ["--self_distill_coef", "1.0", "--self_distill_warmup_steps", "200"],
 }
 DEFAULT_ARMS = "dapo,dapo_sd,dapo_exits_gate,dapo_exits_prog,dapo_exits_sd"
 DEFAULT_TRAIN_ARGS = "--prompts_per_step 16 --lr 2e-4 --eval_every 0 --progress false"
@@ -109,10 +114,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/exit_policy_exp")
     p.add_argument("--limit", type=int, default=500, help="arith test prompts to evaluate")
     p.add_argument("--thresholds", default="0.6,0.7,0.8,0.9")
+    p.add_argument("--gate_thresholds", default="", help="also early exit with the model's exit gate (rule "
+                                                         "'gate', Ouro's CDF threshold q) at these q; finished "
+                                                         "runs without it are re-evaluated")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--train_args", default=DEFAULT_TRAIN_ARGS, help="`looprl train` overrides shared by every arm")
     p.add_argument("--figure", default=None, help="also draw accuracy vs depth to this PNG")
     p.add_argument("--table_only", action="store_true", help="no new runs: table (and figure) from report.json")
+    p.add_argument("--merge", default="", help="comma list of other --out dirs (runs made in parallel) whose "
+                                               "report.json runs join this table")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     sd = _sd_module()
@@ -122,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     seeds = [int(s) for s in args.seeds.split(",")]
     thresholds = [float(t) for t in args.thresholds.split(",")]
+    gate_qs = [float(q) for q in filter(None, args.gate_thresholds.split(","))]
     arms = args.arms.split(",")
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
@@ -132,20 +143,28 @@ def main(argv: list[str] | None = None) -> int:
     report.setdefault("facts", {})
     report["settings"] = {"steps": args.steps, "coef": args.coef, "seeds": seeds, "limit": args.limit,
                           "train_args": args.train_args, "arms": {a: ARMS[a] for a in arms}}
-    if "base" not in report:
-        report["base"] = sd.evaluate(str(EMBEDDED_MODEL), args.limit, thresholds)
+    if "base" not in report or (gate_qs and "early_exit_gate" not in report["base"]):
+        report["base"] = sd.evaluate(str(EMBEDDED_MODEL), args.limit, thresholds, gate_thresholds=gate_qs)
     for seed in seeds:  # seeds outermost: a partial run still compares every arm
         for arm in arms:
             key, run_dir = f"{arm}/{seed}", out / f"{arm}_s{seed}"
+            if key in report["runs"] and gate_qs and "early_exit_gate" not in report["runs"][key]:
+                report["runs"][key] = sd.evaluate(str(run_dir / "final"), args.limit, thresholds,
+                                                  gate_thresholds=gate_qs)
+                report_path.write_text(json.dumps(report, indent=2, default=str) + "\n")
             if key in report["runs"] or args.table_only:
                 continue
             arm_args = [a.format(coef=args.coef) for a in ARMS[arm]]
             report.setdefault("train_s", {})[key] = train(run_dir, seed, args.steps, arm_args,
                                                           args.train_args.split(), args.threads)
             report["facts"][key] = run_facts(run_dir)
-            report["runs"][key] = sd.evaluate(str(run_dir / "final"), args.limit, thresholds)
+            report["runs"][key] = sd.evaluate(str(run_dir / "final"), args.limit, thresholds, gate_thresholds=gate_qs)
             report_path.write_text(json.dumps(report, indent=2, default=str) + "\n")
             print(key, json.dumps(report["runs"][key]["fixed"]), flush=True)
+    for other in filter(None, args.merge.split(",")):
+        extra = json.loads((Path(other) / "report.json").read_text())
+        for part in ("runs", "facts", "train_s"):
+            report.setdefault(part, {}).update(extra.get(part, {}))
     for r in [report["base"], *report["runs"].values()]:  # JSON turned the int/float keys into strings
         r["fixed"] = {int(k): v for k, v in r["fixed"].items()}
         r["early_exit"] = {float(k): v for k, v in r["early_exit"].items()}
@@ -161,6 +180,21 @@ def main(argv: list[str] | None = None) -> int:
         fmt = lambda ps: " / ".join(f"{x:.2f}" for x in ps)  # noqa: E731
         times.append(f"| {arm} | {med:.2f} | {fmt(facts[0]['gate_p']['first'])} | {fmt(facts[0]['gate_p']['last'])} |")
     md = md + "\n\n" + "\n".join(times)
+    gated = {arm: [r for r in runs if "early_exit_gate" in r] for arm, runs in grouped.items()}
+    gated = {arm: runs for arm, runs in gated.items() if runs}
+    if gated:  # early exit by the model's own gate (meaningful once the gate is fitted)
+        qs = sorted(float(q) for q in next(iter(gated.values()))[0]["early_exit_gate"])
+        rows = [("base (pre-RL)", [report["base"]])] if "early_exit_gate" in report["base"] else []
+        lines = ["| arm | seeds | " + " | ".join(f"gate q={q}: acc / depth" for q in qs) + " |",
+                 "|---|---|" + "---|" * len(qs)]
+        for arm, runs in rows + list(gated.items()):
+            cells = []
+            for q in qs:
+                got = [r["early_exit_gate"].get(q, r["early_exit_gate"].get(str(q))) for r in runs]
+                depth_mean = statistics.mean(g["depth_mean"] for g in got)
+                cells.append(f"{sd.mean_sd([g['accuracy'] for g in got])} / {depth_mean:.2f}")
+            lines.append(f"| {arm} | {len(runs)} | " + " | ".join(cells) + " |")
+        md = md + "\n\n" + "\n".join(lines)
     print(md)
     (out / "table.md").write_text(md + "\n")
     if args.figure:

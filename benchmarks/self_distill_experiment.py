@@ -81,8 +81,9 @@ def alignment(model, prompt_ids, completions, batch_size: int = 64) -> dict[str,
 
 
 def evaluate(model_dir: str, limit: int, thresholds=THRESHOLDS, max_new_tokens: int = 16,
-             batch_size: int = 64) -> dict:
-    """Fixed-depth accuracy, early-exit accuracy vs mean depth, and exit alignment of one model."""
+             batch_size: int = 64, gate_thresholds=()) -> dict:
+    """Fixed-depth accuracy, early-exit accuracy vs mean depth, and exit alignment of one model.
+    `gate_thresholds`: also early exit with the model's own gate (rule "gate", Ouro's CDF threshold q)."""
     import rewards
     from looped.facts import max_depth
     from rl.data import load_prompts
@@ -101,10 +102,10 @@ def evaluate(model_dir: str, limit: int, thresholds=THRESHOLDS, max_new_tokens: 
     eos = tokenizer.eos_token_id
     gold = [str(g) for g in data["ground_truth"]]
 
-    def decode(threshold):
+    def decode(threshold, rule="maxprob"):
         comps, depths = [], []
         for i in range(0, len(prompt_ids), batch_size):
-            c, d = early_exit_generate(model, prompt_ids[i:i + batch_size], threshold=threshold,
+            c, d = early_exit_generate(model, prompt_ids[i:i + batch_size], threshold=threshold, rule=rule,
                                        max_new_tokens=max_new_tokens, eos_token_id=eos,
                                        pad_token_id=tokenizer.pad_token_id)
             comps += c
@@ -117,6 +118,11 @@ def evaluate(model_dir: str, limit: int, thresholds=THRESHOLDS, max_new_tokens: 
     for tau in thresholds:
         _, acc, mean_depth = decode(tau)
         result["early_exit"][tau] = {"accuracy": acc, "depth_mean": mean_depth}
+    if gate_thresholds:
+        result["early_exit_gate"] = {}
+    for q in gate_thresholds:
+        _, acc, mean_depth = decode(q, rule="gate")
+        result["early_exit_gate"][q] = {"accuracy": acc, "depth_mean": mean_depth}
     deep_comps, deep_acc, _ = decode(2.0)  # never confident = always loop T (checks the decoder)
     result["deep_greedy_check"] = deep_acc
     result["alignment"] = alignment(model, prompt_ids, deep_comps, batch_size)

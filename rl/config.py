@@ -123,6 +123,9 @@ class TrainConfig:
                                     "kl (on logits) | mse (on hidden states)")
     self_distill_chunk_size: int = option(SELF_DISTILL_DEFAULTS["self_distill_chunk_size"],
                                        "tokens per checkpointed chunk of the vocabulary-sized logits")
+    self_distill_warmup_steps: int = option(SELF_DISTILL_DEFAULTS["self_distill_warmup_steps"],
+                                         "steps over which the coefficient ramps linearly from 0 to "
+                                         "self_distill_coef; 0 = full coefficient from step 1")
 
     # --- exit-weighted policy term and gate fitting (rl/exit_policy.py, rl/exit_gate.py own the rules) ---
     policy_exits: list[int] | str = option("last", "exits trained as policies: last (exit T only, the plain loss) "

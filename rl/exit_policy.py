@@ -47,9 +47,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from rl.exits import exit_numbers
 from rl.losses import token_logprobs
+from rl.self_distill_config import DEFAULT_CHUNK_SIZE
 
 WEIGHTINGS = ("uniform", "progressive", "gate", "learned")
 
@@ -157,25 +159,39 @@ def weights_for(cfg: ExitPolicyConfig, exits: Sequence[int], exit_probs: torch.T
     return static_weights(exits, cfg.weighting, cfg.alpha).view(1, 1, -1)
 
 
+def _chunk_token_logprobs(lm_head, h: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    return token_logprobs(lm_head(h), tokens, temperature)[0]
+
+
 def exit_token_logprobs(exit_hidden_states: Sequence[torch.Tensor], lm_head, tokens: torch.Tensor,
                         exits: Sequence[int], temperature: float,
-                        deep_logp: torch.Tensor | None = None) -> torch.Tensor:
+                        deep_logp: torch.Tensor | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
     """[B, |S|, C] fp32 log-probs of the completion tokens at each exit in S (same convention as exit T).
 
     exit_hidden_states: per-loop normed states [B, P + C, H]; position j predicts token j + 1, so the
     completion (last C tokens) is predicted by positions P - 1 .. P + C - 2. `deep_logp` (the forward's
     own exit-T log-probs) is reused for t = T instead of a second lm_head pass.
+    Why chunks: each extra exit would otherwise hold B x C x vocabulary fp32 logits for backward (49k vocab,
+    8k tokens: ~1.6 GB per exit); here at most `chunk_size` tokens' logits exist at a time, in forward and in
+    the checkpointed backward (which recomputes them), as in rl/self_distill.py.
     """
-    c_len = tokens.shape[1]
+    batch, c_len = tokens.shape
     depth = len(exit_hidden_states)
+    flat_tokens = tokens.reshape(-1)
     out = []
     for t in exits:
         if t == depth and deep_logp is not None:
             out.append(deep_logp)
             continue
-        h = exit_hidden_states[t - 1][:, -(c_len + 1):-1]
-        logp, _ = token_logprobs(lm_head(h), tokens, temperature)
-        out.append(logp)
+        h = exit_hidden_states[t - 1][:, -(c_len + 1):-1].reshape(batch * c_len, -1)
+        parts = []
+        for start in range(0, batch * c_len, chunk_size):
+            args = (lm_head, h[start:start + chunk_size], flat_tokens[start:start + chunk_size], temperature)
+            if torch.is_grad_enabled() and h.requires_grad:
+                parts.append(checkpoint(_chunk_token_logprobs, *args, use_reentrant=False))
+            else:
+                parts.append(_chunk_token_logprobs(*args))
+        out.append(torch.cat(parts).view(batch, c_len))
     return torch.stack(out, dim=1)
 
 

@@ -12,6 +12,7 @@ Before the first optimizer step it measures how far the rollout's logprobs are f
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import warnings
@@ -261,6 +262,7 @@ class Policy:
         old_exits: dict[int, torch.Tensor] | None = {} if self.policy_exits is not None else None
         old = None if single_update else self._old_logprobs(samples, stats.mismatch, old_exits)
         self._old_exits = old_exits
+        self._sd_now = dataclasses.replace(self.sd, coef=self.sd.coef_at(step + 1))  # self_distill_warmup_steps
         for it in range(cfg.num_iterations):
             for mb in mini_batches:
                 tokens = trained_tokens(mb, cfg.mask_truncated)
@@ -310,7 +312,7 @@ class Policy:
         exits = out.exit_hidden_states if want_exits else None
         mask = exit_mask(batch) if want_exits else None
         gate = self._gate_term(out, batch, sd_norm) if cfg.gate_loss_coef > 0 else None
-        total = objective(token_terms, exits=exits, self_distill=self.sd if want_exits else None,
+        total = objective(token_terms, exits=exits, self_distill=self._sd_now if want_exits else None,
                           exit_mask=mask, lm_head=self.module.lm_head, sd_normaliser=sd_norm, gate=gate)
         if micro.exit_metrics and measure and want_exits:
             stats.exits = exit_metrics([h.detach() for h in exits], self.module.lm_head, mask,
@@ -408,6 +410,7 @@ class Policy:
             metrics["tis/weight_mean"] = totals["tis"] / tokens
         if self.sd.enabled:
             metrics["loss/self_distill"] = totals["sd"] / self.world / n_updates
+            metrics["self_distill/coef"] = self._sd_now.coef
         if self.cfg.gate_loss_coef > 0:
             metrics["loss/gate"] = totals["gate"] / self.world / n_updates
         if self.policy_exits is not None:  # token means over the first pass (entropy's tokens)

@@ -28,10 +28,20 @@ class SelfDistillConfig:
     top_k: int = 0
     variant: str = "kl"
     chunk_size: int = DEFAULT_CHUNK_SIZE
+    warmup_steps: int = 0
 
     @property
     def enabled(self) -> bool:
         return self.coef > 0
+
+    def coef_at(self, step: int) -> float:
+        """The coefficient in force at training step `step` (1-based, as metrics.jsonl counts): linear ramp
+        from coef / warmup_steps at step 1 to coef at step warmup_steps, then coef. Why a ramp: the distillation
+        gradient runs through the weights every loop shares, and early in RL, before the shallow exits have
+        drifted, it only competes with the policy gradient (docs/EXPERIMENTS.md, issue 15)."""
+        if self.warmup_steps <= 0:
+            return self.coef
+        return self.coef * min(1.0, max(step, 0) / self.warmup_steps)
 
     def loss(self, exit_hidden_states, lm_head, mask, normalizer=None):
         """self_distill_loss with these settings (coef NOT applied)."""
@@ -101,6 +111,9 @@ def validate_self_distill(values: Mapping[str, object] | object, depth: int | No
     chunk_size = number("self_distill_chunk_size", int)
     if chunk_size < 1:
         raise ValueError(f"config key self_distill_chunk_size: must be >= 1, got {chunk_size}")
+    warmup_steps = number("self_distill_warmup_steps", int)
+    if warmup_steps < 0:
+        raise ValueError(f"config key self_distill_warmup_steps: must be >= 0 (0 = no ramp), got {warmup_steps}")
     weighting = str(get("self_distill_weighting")).lower()
     if weighting not in WEIGHTINGS:
         raise ValueError(f"config key self_distill_weighting: {weighting!r} is not one of {WEIGHTINGS}")
@@ -111,7 +124,8 @@ def validate_self_distill(values: Mapping[str, object] | object, depth: int | No
     if depth is not None:
         resolve_exits(exits, depth)
     return SelfDistillConfig(coef=coef, exits=exits, weighting=weighting, temperature=temperature,
-                             top_k=top_k, variant=variant, chunk_size=chunk_size)
+                             top_k=top_k, variant=variant, chunk_size=chunk_size,
+                             warmup_steps=warmup_steps)
 
 
 def resolve_exits(exits, depth: int) -> list[int]:

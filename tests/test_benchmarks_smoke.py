@@ -86,13 +86,19 @@ def test_verify_benchmark_smallest_size() -> None:
 
 @pytest.mark.slow
 def test_exit_policy_experiment_benchmark(tmp_path, capsys):
-    out = tmp_path / "exp"
-    code = load("exit_policy_experiment").main([
+    out, other = tmp_path / "exp", tmp_path / "other"
+    train_args = "--prompts_per_step 2 --num_generations 2 --max_new_tokens 4 --eval_every 0 --progress false"
+    bench = load("exit_policy_experiment")
+    # a second process's runs (here: run first), merged into the first table with --merge
+    assert bench.main(["--seeds", "0", "--steps", "1", "--arms", "dapo_sd_c0.3_w100", "--limit", "2",
+                       "--thresholds", "0.9", "--out", str(other), "--train_args", train_args]) == 0
+    code = bench.main([
         "--seeds", "0", "--steps", "1", "--arms", "dapo,dapo_exits_gatefit", "--limit", "2", "--thresholds", "0.9",
-        "--out", str(out), "--figure", str(tmp_path / "fig.png"), "--train_args",
-        "--prompts_per_step 2 --num_generations 2 --max_new_tokens 4 --eval_every 0 --progress false"])
+        "--gate_thresholds", "0.5", "--out", str(out), "--figure", str(tmp_path / "fig.png"),
+        "--merge", str(other), "--train_args", train_args])
     assert code == 0
     assert (tmp_path / "fig.png").stat().st_size > 1000
     table = (out / "table.md").read_text()
-    assert "dapo_exits_gatefit" in table and "median time/step" in table
+    assert "dapo_exits_gatefit" in table and "median time/step" in table and "| dapo_sd_c0.3_w100 | 1 |" in table
+    assert "gate q=0.5: acc / depth" in table  # the gate-rule early-exit table
     assert set(json.loads((out / "report.json").read_text())["runs"]) == {"dapo/0", "dapo_exits_gatefit/0"}

@@ -243,3 +243,36 @@ def test_config_parsing_and_errors():
         validate_exit_policy([5], "uniform", 1.0, depth=4)
     with pytest.raises(ValueError, match="policy_exit_weights"):
         validate_exit_policy("all", "softmax", 1.0)
+
+
+def test_exit_logprobs_are_chunked_and_equal_unchunked(model):
+    """Per-exit log-probs come in checkpointed token chunks: same values and gradients as one pass, and
+    autograd never keeps a tokens x vocabulary tensor (the logits are recomputed per chunk in backward)."""
+    ids, _, _ = _batch(seed=3)
+    params = [p for p in model.parameters() if p.requires_grad]
+    rows = []
+
+    def run(chunk_size):
+        out = model(input_ids=ids, depth=T, output_exits=True)
+        calls = []
+        head = model.lm_head
+        hook = head.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            lp = exit_token_logprobs(out.exit_hidden_states, head, ids[:, P:], [1, 2, 3], 1.0, chunk_size=chunk_size)
+        grads = torch.autograd.grad(lp.sum(), params, allow_unused=True)
+        hook.remove()
+        rows.append(max(calls))
+        return lp.detach(), grads, saved
+
+    full, g_full, _ = run(10_000)
+    chunked, g_chunk, saved = run(2)
+    assert rows == [B * C, 2]  # one pass over all B x C tokens vs never more than 2 (forward and recompute)
+    torch.testing.assert_close(chunked, full)
+    for a, b in zip(g_chunk, g_full):
+        if b is None:
+            assert a is None
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    vocab = model.config.vocab_size
+    assert max(saved) < 2 * vocab  # nothing saved is as large as the chunk logits of two exits

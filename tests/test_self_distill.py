@@ -253,10 +253,19 @@ def test_validate_config_keys():
         ({"self_distill_exits": [2, 2]}, "self_distill_exits"),
         ({"self_distill_exits": [4]}, "self_distill_exits.*outside"),
         ({"self_distill_top_k": -3}, "self_distill_top_k"),
+        ({"self_distill_warmup_steps": -1}, "self_distill_warmup_steps"),
+        ({"self_distill_warmup_steps": "soon"}, "self_distill_warmup_steps"),
     ]
     for values, msg in bad:
         with pytest.raises(ValueError, match=msg):
             validate_self_distill(values, depth=4)
+
+
+def test_warmup_ramps_the_coefficient_linearly():
+    cfg = validate_self_distill({"self_distill_coef": 2.0, "self_distill_warmup_steps": 4})
+    assert [cfg.coef_at(s) for s in (1, 2, 3, 4, 5, 100)] == pytest.approx([0.5, 1.0, 1.5, 2.0, 2.0, 2.0])
+    flat = validate_self_distill({"self_distill_coef": 2.0})
+    assert flat.warmup_steps == 0 and flat.coef_at(1) == 2.0
 
 
 def test_config_loss_uses_its_settings():

@@ -300,3 +300,21 @@ def test_gate_loss_moves_the_gate(tiny, tmp_path):
     moved = {k: float((runs[k].weight - initial.weight).detach().abs().max()) for k in ("on", "fast")}
     assert moved["fast"] > 3 * moved["on"]  # gate_lr: the gate's own rate (Adam steps ~ lr)
     assert "loss/gate" in _rows(tmp_path / "on")[0]
+
+
+def test_self_distill_warmup_ramps_the_coefficient(tiny, tmp_path):
+    """self_distill_warmup_steps N: the coefficient in force at step s is coef * min(1, s / N), logged as
+    self_distill/coef, and it is the one the update uses: one step of a ramp (coef 0.8, N = 2) moves the
+    weights exactly as one step at a flat 0.4, and not as one at 0.8."""
+    from safetensors.torch import load_file
+
+    assert _train(_args(tiny, tmp_path / "ramp", "--max_steps", "4", "--self_distill_coef", "0.8",
+                        "--self_distill_warmup_steps", "2")) == 0
+    assert [r["self_distill/coef"] for r in _rows(tmp_path / "ramp")] == pytest.approx([0.4, 0.8, 0.8, 0.8])
+    weights = {}
+    for name, extra in (("ramp1", ["0.8", "--self_distill_warmup_steps", "2"]), ("half", ["0.4"]),
+                        ("full", ["0.8"])):
+        assert _train(_args(tiny, tmp_path / name, "--max_steps", "1", "--self_distill_coef", *extra)) == 0
+        weights[name] = load_file(tmp_path / name / "final" / "model.safetensors")
+    assert all(torch.equal(weights["ramp1"][k], weights["half"][k]) for k in weights["half"])
+    assert not all(torch.equal(weights["ramp1"][k], weights["full"][k]) for k in weights["full"])
