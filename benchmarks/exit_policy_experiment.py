@@ -37,6 +37,8 @@ ARMS: dict[str, list[str]] = {
     "dapo_exits_prog": ["--policy_exits", "all", "--policy_exit_weights", "progressive"],
     "dapo_exits_sd": ["--policy_exits", "all", "--policy_exit_weights", "progressive", "--self_distill_coef", "{coef}"],
     "dapo_exits_gatefit": ["--policy_exits", "all", "--policy_exit_weights", "gate", "--gate_loss_coef", "1.0"],
+    "dapo_exits_gatefit_fast": ["--policy_exits", "all", "--policy_exit_weights", "gate", "--gate_loss_coef", "1.0",
+                                "--gate_lr", "1e-2"],
     # self-distillation recipes (issue 15 item 4): a weaker coefficient, and the same ramped in
     "dapo_sd_c0.1": ["--self_distill_coef", "0.1"],
     "dapo_sd_c0.3": ["--self_distill_coef", "0.3"],
@@ -105,6 +107,25 @@ def figure(grouped: dict[str, list[dict]], base: dict, depth: int, path: Path) -
     return path
 
 
+def paired_table(by_seed: dict[str, dict[str, dict]], reference: str, depth: int, thresholds) -> str:
+    """Each arm minus the reference arm on the same seed (mean ± sd of the per-seed differences, points):
+    the seed-to-seed spread of the arms themselves is larger than that of their difference."""
+    head = ["arm - " + reference, "seeds", f"Δ acc d{depth}"] + [f"Δ EE τ={t}" for t in thresholds]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    ref = by_seed[reference]
+    for arm, runs in by_seed.items():
+        seeds = sorted(s for s in runs if s in ref)
+        if arm == reference or not seeds:
+            continue
+        diffs = [[100 * (runs[s]["fixed"][depth] - ref[s]["fixed"][depth]) for s in seeds]]
+        diffs += [[100 * (runs[s]["early_exit"][t]["accuracy"] - ref[s]["early_exit"][t]["accuracy"]) for s in seeds]
+                  for t in thresholds]
+        cells = [f"{statistics.mean(d):+.1f}" + (f" ± {statistics.stdev(d):.1f}" if len(d) > 1 else "")
+                 for d in diffs]
+        lines.append(f"| {arm} | {','.join(seeds)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", default="0,1,2,3,4")
@@ -121,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train_args", default=DEFAULT_TRAIN_ARGS, help="`looprl train` overrides shared by every arm")
     p.add_argument("--figure", default=None, help="also draw accuracy vs depth to this PNG")
     p.add_argument("--table_only", action="store_true", help="no new runs: table (and figure) from report.json")
+    p.add_argument("--reference", default="dapo", help="arm the others are compared with seed by seed")
     p.add_argument("--merge", default="", help="comma list of other --out dirs (runs made in parallel) whose "
                                                "report.json runs join this table")
     args = p.parse_args(argv)
@@ -169,8 +191,10 @@ def main(argv: list[str] | None = None) -> int:
         r["fixed"] = {int(k): v for k, v in r["fixed"].items()}
         r["early_exit"] = {float(k): v for k, v in r["early_exit"].items()}
     grouped: dict[str, list[dict]] = {}
+    by_seed: dict[str, dict[str, dict]] = {}
     for key, r in report["runs"].items():
         grouped.setdefault(key.split("/")[0], []).append(r)
+        by_seed.setdefault(key.split("/")[0], {})[key.split("/")[1]] = r
     depth = max(report["base"]["fixed"])
     md = sd.table(grouped, report["base"], depth, thresholds)
     times = ["| arm | median time/step (s) | gate p(t) first step | gate p(t) last step |", "|---|---|---|---|"]
@@ -180,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
         fmt = lambda ps: " / ".join(f"{x:.2f}" for x in ps)  # noqa: E731
         times.append(f"| {arm} | {med:.2f} | {fmt(facts[0]['gate_p']['first'])} | {fmt(facts[0]['gate_p']['last'])} |")
     md = md + "\n\n" + "\n".join(times)
+    if args.reference in by_seed:
+        md = md + "\n\n" + paired_table(by_seed, args.reference, depth, thresholds)
     gated = {arm: [r for r in runs if "early_exit_gate" in r] for arm, runs in grouped.items()}
     gated = {arm: runs for arm, runs in gated.items() if runs}
     if gated:  # early exit by the model's own gate (meaningful once the gate is fitted)

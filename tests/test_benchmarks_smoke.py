@@ -101,4 +101,5 @@ def test_exit_policy_experiment_benchmark(tmp_path, capsys):
     table = (out / "table.md").read_text()
     assert "dapo_exits_gatefit" in table and "median time/step" in table and "| dapo_sd_c0.3_w100 | 1 |" in table
     assert "gate q=0.5: acc / depth" in table  # the gate-rule early-exit table
+    assert re.search(r"\| dapo_exits_gatefit \| 0 \| [+-]\d+\.\d \|", table)  # paired with dapo, seed 0
     assert set(json.loads((out / "report.json").read_text())["runs"]) == {"dapo/0", "dapo_exits_gatefit/0"}
