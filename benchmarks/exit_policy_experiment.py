@@ -96,8 +96,8 @@ def figure(grouped: dict[str, list[dict]], base: dict, depth: int, path: Path) -
         taus = sorted(runs[0]["early_exit"])
         xs = [statistics.mean(r["early_exit"][t]["depth_mean"] for r in runs) for t in taus]
         ys = [statistics.mean(r["early_exit"][t]["accuracy"] for r in runs) for t in taus]
-        ax.plot(xs, ys, color=c, marker="o", linestyle="none")
-    ax.set_xlabel("loops per token (fixed depth, or mean depth of max-prob early exit: dots)")
+        ax.plot(xs, ys, color=c, marker="o", linestyle="--", linewidth=0.8)  # early-exit curve
+    ax.set_xlabel("loops per token (fixed depth: solid; mean depth of max-prob early exit: dashed, dots)")
     ax.set_ylabel("greedy accuracy, arith test")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -141,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--train_args", default=DEFAULT_TRAIN_ARGS, help="`looprl train` overrides shared by every arm")
     p.add_argument("--figure", default=None, help="also draw accuracy vs depth to this PNG")
+    p.add_argument("--figure_arms", default="", help="comma list of the arms drawn (default: all in the table)")
     p.add_argument("--table_only", action="store_true", help="no new runs: table (and figure) from report.json")
     p.add_argument("--reference", default="dapo", help="arm the others are compared with seed by seed")
     p.add_argument("--merge", default="", help="comma list of other --out dirs (runs made in parallel) whose "
@@ -224,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     print(md)
     (out / "table.md").write_text(md + "\n")
     if args.figure:
-        print(f"wrote {figure(grouped, report['base'], depth, Path(args.figure))}")
+        drawn = {a: grouped[a] for a in args.figure_arms.split(",") if a in grouped} if args.figure_arms else grouped
+        print(f"wrote {figure(drawn, report['base'], depth, Path(args.figure))}")
     return 0
 
 
