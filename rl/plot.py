@@ -5,7 +5,8 @@ panel per quantity a looped-LM RL run is judged by: reward and accuracy (raw + s
 fraction of zero-variance groups (no learning signal), completion length, rollout/update mismatch
 (the depth-mismatch failure looprl exists to prevent), per-exit KL to the deepest exit, the
 exit-weighted policy term's per-exit log-prob and weight (policy/logp_t{t}, policy/w_t{t}), the exit
-gate's mean distribution, and eval accuracy per depth. Several runs overlay with one colour each, so GRPO vs DAPO or self-distillation
+gate's mean distribution, the self-distillation loss and its (possibly ramped) coefficient, and eval
+accuracy per depth. Several runs overlay with one colour each, so GRPO vs DAPO or self-distillation
 on/off can be compared at a glance. A metric no run logged simply has no panel.
 """
 
@@ -122,6 +123,8 @@ PANELS: list[Panel] = [
           smooth=True),
     Panel("policy weight per exit w_t", "mean weight", _numbered(r"policy/w_t(\d+)", "t={t}")),
     Panel("exit gate p(t)", "mean probability", _numbered(r"exit/p_mean_t(\d+)", "t={t}")),
+    Panel("self-distillation", "nats / token; coefficient", _fixed(("loss", "loss/self_distill"),
+                                                                   ("coefficient", "self_distill/coef"))),
     Panel("eval accuracy per depth", "fraction correct", _numbered(r"eval/accuracy_d(\d+)", "depth {t}"),
           markers=True),
 ]

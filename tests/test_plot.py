@@ -31,6 +31,8 @@ def write_run(path, steps=12, reward_offset=0.0, with_eval=True):
                 "policy/logp_t4": -0.5 / step,
                 "policy/w_t1": 0.25,
                 "policy/w_t4": 0.75,
+                "loss/self_distill": 0.05 / step,
+                "self_distill/coef": min(1.0, step / 4),
                 "lr": 1e-5,
                 "note": "strings are ignored",
             }
@@ -76,6 +78,7 @@ def test_load_metrics_series_and_panel_selection(tmp_path):
     assert picks["per-exit KL to the last exit"] == [("t=1", "exit/kl_t1"), ("t=2", "exit/kl_t2_T")]
     assert picks["policy log-prob per exit (sampled tokens)"] == [("t=1", "policy/logp_t1"), ("t=4", "policy/logp_t4")]
     assert picks["policy weight per exit w_t"] == [("t=1", "policy/w_t1"), ("t=4", "policy/w_t4")]
+    assert picks["self-distillation"] == [("loss", "loss/self_distill"), ("coefficient", "self_distill/coef")]
     assert [label for label, _ in picks["eval accuracy per depth"]] == ["depth 1", "depth 2", "depth 4"]
 
 
