@@ -109,9 +109,9 @@ class TrainConfig:
 
     # --- self-distillation of shallow exits (rl/self_distill.py owns the defaults and the rules) ---
     self_distill_coef: float = option(SELF_DISTILL_DEFAULTS["self_distill_coef"],
-                                   "weight of the self-distillation loss; 0 = off. On the embedded job 0.3 with "
-                                   "self_distill_warmup_steps 100 kept the deep exit and gained early exit; 1.0 cost "
-                                   "the deep exit on some seeds (docs/EXPERIMENTS.md)")
+                                   "weight of the self-distillation loss; 0 = off. Trades deep-exit for early-exit "
+                                   "accuracy when too strong: ramp it in (self_distill_warmup_steps) and watch depth T "
+                                   "(docs/EXPERIMENTS.md)")
     self_distill_exits: list[int] | str | None = option(SELF_DISTILL_DEFAULTS["self_distill_exits"],
                                                      "exits distilled toward exit T: None = 2..T-1, 'all' = 1..T-1, "
                                                      "or a list")
