@@ -47,10 +47,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from rl.exits import exit_numbers
-from rl.losses import token_logprobs
+from rl.losses import checkpointed_chunks, token_logprobs
 from rl.self_distill_config import DEFAULT_CHUNK_SIZE
 
 WEIGHTINGS = ("uniform", "progressive", "gate", "learned")
@@ -159,7 +158,7 @@ def weights_for(cfg: ExitPolicyConfig, exits: Sequence[int], exit_probs: torch.T
     return static_weights(exits, cfg.weighting, cfg.alpha).view(1, 1, -1)
 
 
-def _chunk_token_logprobs(lm_head, h: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+def _chunk_token_logprobs(lm_head, temperature: float, h: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return token_logprobs(lm_head(h), tokens, temperature)[0]
 
 
@@ -184,14 +183,8 @@ def exit_token_logprobs(exit_hidden_states: Sequence[torch.Tensor], lm_head, tok
             out.append(deep_logp)
             continue
         h = exit_hidden_states[t - 1][:, -(c_len + 1):-1].reshape(batch * c_len, -1)
-        parts = []
-        for start in range(0, batch * c_len, chunk_size):
-            args = (lm_head, h[start:start + chunk_size], flat_tokens[start:start + chunk_size], temperature)
-            if torch.is_grad_enabled() and h.requires_grad:
-                parts.append(checkpoint(_chunk_token_logprobs, *args, use_reentrant=False))
-            else:
-                parts.append(_chunk_token_logprobs(*args))
-        out.append(torch.cat(parts).view(batch, c_len))
+        parts = checkpointed_chunks(_chunk_token_logprobs, [h, flat_tokens], chunk_size, lm_head, temperature)
+        out.append(torch.cat(list(parts)).view(batch, c_len))
     return torch.stack(out, dim=1)
 
 

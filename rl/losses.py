@@ -17,11 +17,12 @@ Adding a loss: write `fn(log_ratio_terms...)` with the signature of `LossFn` bel
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 NORMALISERS = ("sequences", "tokens", "sequence_budget")
 
@@ -141,6 +142,20 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
             probs = torch.softmax(scaled, dim=-1)
             entropy = logz - (probs * scaled).sum(-1)
     return logp, entropy
+
+
+def checkpointed_chunks(fn: Callable[..., torch.Tensor], rows: Sequence[torch.Tensor], chunk_size: int,
+                        *args) -> Iterator[torch.Tensor]:
+    """fn(*args, *row_chunks) for successive chunks of `chunk_size` rows of `rows` (same first dimension).
+
+    Why: fn projects hidden states to vocabulary-sized logits. Chunking bounds those logits to `chunk_size`
+    rows at a time, and when any row needs a gradient each chunk runs under activation checkpointing, so
+    backward recomputes the logits instead of autograd storing them (self-distillation, the exit term).
+    """
+    need_grad = torch.is_grad_enabled() and any(r.requires_grad for r in rows)
+    for start in range(0, rows[0].shape[0], chunk_size):
+        chunk = [r[start:start + chunk_size] for r in rows]
+        yield checkpoint(fn, *args, *chunk, use_reentrant=False) if need_grad else fn(*args, *chunk)
 
 
 def truncated_is_weights(old_logp: torch.Tensor, rollout_logp: torch.Tensor, cap: float) -> torch.Tensor:

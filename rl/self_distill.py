@@ -33,10 +33,10 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from looped.facts import max_depth
 from looped.modeling_ouro import threshold_exit_index
+from rl.losses import checkpointed_chunks
 from rl.self_distill_config import (  # noqa: F401  (the config keys' defaults and rules, re-exported)
     DEFAULT_CHUNK_SIZE,
     SELF_DISTILL_DEFAULTS,
@@ -151,15 +151,8 @@ def self_distill_loss(
         per_exit = torch.stack([((h.float() - teacher_rows) ** 2).mean(-1).sum() for h in student_rows])
     else:
         per_exit = torch.zeros(len(chosen), dtype=torch.float32, device=deep.device)
-        need_grad = torch.is_grad_enabled() and any(h.requires_grad for h in student_rows)
-        for start in range(0, n_tokens, chunk_size):
-            chunk = [h[start:start + chunk_size] for h in student_rows]
-            t_chunk = teacher_rows[start:start + chunk_size]
-            if need_grad:  # recompute the vocab-sized logits per chunk in backward instead of storing them
-                sums = checkpoint(_chunk_kl_sums, lm_head, temperature, top_k, t_chunk, *chunk,
-                                  use_reentrant=False)
-            else:
-                sums = _chunk_kl_sums(lm_head, temperature, top_k, t_chunk, *chunk)
+        for sums in checkpointed_chunks(_chunk_kl_sums, [teacher_rows, *student_rows], chunk_size,
+                                        lm_head, temperature, top_k):
             per_exit = per_exit + sums
     loss = (w * per_exit).sum() / denom
     metrics = {"loss/self_distill": float(loss.detach())}
