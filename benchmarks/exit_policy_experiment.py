@@ -192,11 +192,14 @@ def main(argv: list[str] | None = None) -> int:
     for r in [report["base"], *report["runs"].values()]:  # JSON turned the int/float keys into strings
         r["fixed"] = {int(k): v for k, v in r["fixed"].items()}
         r["early_exit"] = {float(k): v for k, v in r["early_exit"].items()}
+        if "early_exit_gate" in r:
+            r["early_exit_gate"] = {float(k): v for k, v in r["early_exit_gate"].items()}
     grouped: dict[str, list[dict]] = {}
     by_seed: dict[str, dict[str, dict]] = {}
     for key, r in report["runs"].items():
-        grouped.setdefault(key.split("/")[0], []).append(r)
-        by_seed.setdefault(key.split("/")[0], {})[key.split("/")[1]] = r
+        arm, seed = key.split("/")
+        grouped.setdefault(arm, []).append(r)
+        by_seed.setdefault(arm, {})[seed] = r
     depth = max(report["base"]["fixed"])
     md = sd.table(grouped, report["base"], depth, thresholds)
     times = ["| arm | median time/step (s) | gate p(t) first step | gate p(t) last step |", "|---|---|---|---|"]
@@ -211,14 +214,14 @@ def main(argv: list[str] | None = None) -> int:
     gated = {arm: [r for r in runs if "early_exit_gate" in r] for arm, runs in grouped.items()}
     gated = {arm: runs for arm, runs in gated.items() if runs}
     if gated:  # early exit by the model's own gate (meaningful once the gate is fitted)
-        qs = sorted(float(q) for q in next(iter(gated.values()))[0]["early_exit_gate"])
+        qs = sorted(next(iter(gated.values()))[0]["early_exit_gate"])
         rows = [("base (pre-RL)", [report["base"]])] if "early_exit_gate" in report["base"] else []
         lines = ["| arm | seeds | " + " | ".join(f"gate q={q}: acc / depth" for q in qs) + " |",
                  "|---|---|" + "---|" * len(qs)]
         for arm, runs in rows + list(gated.items()):
             cells = []
             for q in qs:
-                got = [r["early_exit_gate"].get(q, r["early_exit_gate"].get(str(q))) for r in runs]
+                got = [r["early_exit_gate"][q] for r in runs]
                 depth_mean = statistics.mean(g["depth_mean"] for g in got)
                 cells.append(f"{sd.mean_sd([g['accuracy'] for g in got])} / {depth_mean:.2f}")
             lines.append(f"| {arm} | {len(runs)} | " + " | ".join(cells) + " |")

@@ -120,9 +120,9 @@ def evaluate(model_dir: str, limit: int, thresholds=THRESHOLDS, max_new_tokens: 
         result["early_exit"][tau] = {"accuracy": acc, "depth_mean": mean_depth}
     if gate_thresholds:
         result["early_exit_gate"] = {}
-    for q in gate_thresholds:
-        _, acc, mean_depth = decode(q, rule="gate")
-        result["early_exit_gate"][q] = {"accuracy": acc, "depth_mean": mean_depth}
+        for q in gate_thresholds:
+            _, acc, mean_depth = decode(q, rule="gate")
+            result["early_exit_gate"][q] = {"accuracy": acc, "depth_mean": mean_depth}
     deep_comps, deep_acc, _ = decode(2.0)  # never confident = always loop T (checks the decoder)
     result["deep_greedy_check"] = deep_acc
     result["alignment"] = alignment(model, prompt_ids, deep_comps, batch_size)
