@@ -123,3 +123,14 @@ def shard_plan(samples: list[Sample], rank: int, world: int, micro_batch_size: i
     count = max(len(p) for p in plans)
     mine = plans[rank]
     return mine + [[] for _ in range(count - len(mine))]
+
+
+def own_filler(plan: list[list[Sample]]) -> list[Sample]:
+    """The rows of this process's zero-weight filler micro-batch (the empty lists of its shard plan).
+
+    Its shortest row of the mini-batch: cheap to run, and a row this process owns, so what the update
+    keeps per own row (the old log-probs scored before the first optimizer step) has it. A row of
+    another process is not there: with several updates per step that was a KeyError on every rank
+    but the first whenever completion lengths gave the processes different bucket counts.
+    """
+    return [min((s for chunk in plan for s in chunk), key=lambda s: s.length)]

@@ -94,7 +94,8 @@ class TrainConfig:
     advantage_estimator: str = option("grpo", "advantages, a rl/advantages.py registry name: grpo (group-relative)")
     eps_low: float = option(0.2, "lower clip range of the importance ratio (1 - eps_low)")
     eps_high: float = option(0.28, "upper clip range of the importance ratio (1 + eps_high; DAPO's clip-higher)")
-    cispo_cap: float = option(5.0, "upper truncation of the CISPO importance weight")
+    cispo_cap: float = option(5.0, "upper truncation of the CISPO importance weight (TRL: "
+                                      "epsilon_high under loss_type cispo)")
     beta: float = option(0.0, "KL to a frozen reference (k3 estimator); 0 = no reference model loaded")
     num_iterations: int = option(1, "passes over each step's batch")
     scale_rewards: str = option("group", "advantage scaling: group (std per group) | batch | none (Dr. GRPO)")
@@ -290,6 +291,10 @@ TRL_ALIASES = {
     "save_steps": "save_every",
     "eval_steps": "eval_every",
 }
+# TRL names whose meaning follows TRL's loss_type: {TRL name: {loss_type: our key}}; under any other loss
+# type TRL_ALIASES holds. TRL's CISPO truncates the importance weight at epsilon_high itself (not 1 + it):
+# our cispo_cap, while eps_high is a clip that CISPO does not use.
+TRL_LOSS_ALIASES = {"epsilon_high": {"cispo": "cispo_cap"}}
 # TRL names without an equivalent here: say what to use instead of guessing a close key name.
 TRL_NO_EQUIVALENT = {
     "num_train_epochs": "looprl counts optimizer steps: set max_steps (each step samples prompts_per_step prompts)",
@@ -300,15 +305,21 @@ TRL_NO_EQUIVALENT = {
 }
 
 
-def canonical_key(key: str, where: str, seen: dict[str, Any] | None = None) -> str:
-    """Our name for `key` (a TRL alias is mapped); unknown keys raise ConfigError naming the key.
+def _our_name(key: str, loss_type: str | None) -> str:
+    return TRL_LOSS_ALIASES.get(key, {}).get(loss_type) or TRL_ALIASES.get(key, key)
+
+
+def canonical_key(key: str, where: str, seen: dict[str, Any] | None = None, loss_type: str | None = None) -> str:
+    """Our name for `key` (a TRL alias is mapped, by the run's `loss_type` where TRL's meaning depends on
+    it); unknown keys raise ConfigError naming the key.
     `seen`: keys already given in the same place, to refuse a key given under both names."""
     if key in TRL_NO_EQUIVALENT:
         raise ConfigError(f"config key {key!r} (TRL) in {where} has no equivalent here: {TRL_NO_EQUIVALENT[key]}")
-    name = TRL_ALIASES.get(key, key)
+    name = _our_name(key, loss_type)
     _check_known(name, where)
     if seen is not None and name in seen:
-        raise ConfigError(f"config key {name!r} given twice in {where} (once as {key!r}, TRL's name for it)")
+        trl = key if key != name else next((a for a in TRL_ALIASES if _our_name(a, loss_type) == name), key)
+        raise ConfigError(f"config key {name!r} given twice in {where} (once as {trl!r}, TRL's name for it)")
     return name
 
 
@@ -462,8 +473,9 @@ def _read_yaml(path: str) -> dict[str, Any]:
     return data
 
 
-def parse_overrides(argv: list[str]) -> tuple[str | None, dict[str, Any]]:
-    """`[--config FILE] --key value --flag ...` -> (config file, {key: raw value}). A bare boolean flag = true."""
+def parse_overrides(argv: list[str], loss_type: str | None = None) -> tuple[str | None, dict[str, Any]]:
+    """`[--config FILE] --key value --flag ...` -> (config file, {key: raw value}). A bare boolean flag = true.
+    `loss_type`: the run's, for the TRL names whose meaning depends on it (TRL_LOSS_ALIASES)."""
     config_file, raw, i = None, {}, 0
     aliased: set[str] = set()  # our names given under their TRL alias
     while i < len(argv):
@@ -484,7 +496,7 @@ def parse_overrides(argv: list[str]) -> tuple[str | None, dict[str, Any]]:
                 raise ConfigError("--config needs a file path")
             config_file = value
             continue
-        name = canonical_key(key, "command line")
+        name = canonical_key(key, "command line", loss_type=loss_type)
         if (key in TRL_ALIASES and name in raw) or (key not in TRL_ALIASES and name in aliased):
             raise ConfigError(f"config key {name!r} given twice on the command line (also as TRL's name)")
         if key in TRL_ALIASES:
@@ -508,12 +520,17 @@ def build_config(values: dict[str, Any], where: str = "config") -> TrainConfig:
 
 def load_config(argv: list[str] | None = None) -> TrainConfig:
     """YAML file (if `--config`) then command-line overrides, then validation (without model facts)."""
-    config_file, overrides = parse_overrides(list(argv or []))
+    argv = list(argv or [])
+    config_file, overrides = parse_overrides(argv)
+    file_values = _read_yaml(config_file) if config_file else {}
+    # the run's loss type (command line, else file, else default) decides what TRL's epsilon_high means
+    loss_type = overrides.get("loss_type", file_values.get("loss_type", FIELDS["loss_type"].default))
+    loss_type = loss_type if isinstance(loss_type, str) else None  # a wrong type is refused by _coerce
+    config_file, overrides = parse_overrides(argv, loss_type)
     values: dict[str, Any] = {}
-    if config_file:
-        for key, value in _read_yaml(config_file).items():
-            key = canonical_key(key, config_file, values)
-            values[key] = _coerce(key, value, _HINTS[key])
+    for key, value in file_values.items():
+        key = canonical_key(key, config_file, values, loss_type)
+        values[key] = _coerce(key, value, _HINTS[key])
     values.update({k: _coerce(k, v, _HINTS[k]) for k, v in overrides.items()})
     return validate(build_config(values))
 
@@ -539,7 +556,10 @@ def help_text() -> str:
         lines.append(f"      {f.metadata.get('help', '')}")
     lines += ["", "TRL GRPOConfig names are accepted for ours: "
               + ", ".join(f"--{alias} = --{ours}" for alias, ours in TRL_ALIASES.items())
-              + " (TRL's epsilon sets eps_low only)."]
+              + " (TRL's epsilon sets eps_low only; "
+              + "; ".join(f"under loss_type {loss}, --{alias} = --{ours}, TRL's meaning"
+                          for alias, by_loss in TRL_LOSS_ALIASES.items() for loss, ours in by_loss.items())
+              + ")."]
     return "\n".join(lines)
 
 

@@ -24,7 +24,7 @@ import torch
 
 from looped.facts import is_looped
 from looped.hf_compat import enable_activation_checkpointing
-from rl.batch import Sample, collate, exit_mask, shard_plan, trained_tokens
+from rl.batch import Sample, collate, exit_mask, own_filler, shard_plan, trained_tokens
 from rl.config import ConfigError, TrainConfig
 from rl.dist import reduce_max, reduce_sum
 from rl.exit_policy import (
@@ -269,13 +269,13 @@ class Policy:
                 norm = loss_normaliser(cfg.loss_type, len(mb), tokens, cfg.max_new_tokens) / self.world
                 sd_norm = max(tokens, 1) / self.world
                 shards = self._shards(mb)
+                filler = own_filler(shards)  # a row this process scored: its old log-probs are here
                 biggest = max(range(len(shards)), key=lambda k: len(shards[k]))  # exit metrics: most rows
                 finite = True
                 for k, chunk in enumerate(shards):
-                    micro = MicroBatch(chunk or mb[:1], dummy=not chunk, first_pass=it == 0,
+                    micro = MicroBatch(chunk or filler, dummy=not chunk, first_pass=it == 0,
                                        exit_metrics=it == 0 and k == biggest and not stats.exits)
-                    sync = k == len(shards) - 1  # DDP all-reduces on the last micro-batch only
-                    with contextlib.nullcontext() if sync else self.accelerator.no_sync(self.model):
+                    with self._gradient_sync(last=k == len(shards) - 1):
                         finite &= self._backward(micro, norm, sd_norm, old, stats)
                 grad_norm = self._optimizer_step(finite, step)
                 if grad_norm is None:
@@ -283,6 +283,25 @@ class Policy:
                 else:
                     stats.grad_norms.append(grad_norm)
         return self._metrics(stats, cfg.num_iterations * len(mini_batches))
+
+    @contextlib.contextmanager
+    def _gradient_sync(self, last: bool):
+        """One micro-batch's gradient-sync state: only an update's last micro-batch syncs.
+
+        accelerate's `sync_gradients` flag drives every backend, so it is set for each micro-batch:
+        DDP and FSDP2 skip the all-reduce inside `no_sync`, and under DeepSpeed `accelerator.backward`
+        marks the gradient-accumulation boundary with it and calls `engine.step()` (clip, optimizer
+        step, zero) only where it is set; left alone it stays True and DeepSpeed stepped once per
+        micro-batch. It is True again afterwards: accelerate's optimizer wrapper skips its step while
+        it is False, and `_optimizer_step` runs after the last micro-batch.
+        """
+        acc = self.accelerator
+        acc.sync_gradients = last
+        try:
+            with contextlib.nullcontext() if last else acc.no_sync(self.model):
+                yield
+        finally:
+            acc.sync_gradients = True
 
     def _backward(self, micro: MicroBatch, norm: float, sd_norm: float, old: dict[int, list[float]] | None,
                   stats: UpdateStats) -> bool:
@@ -319,7 +338,9 @@ class Policy:
                                        getattr(out, "exit_probs", None))
         loss = total.loss * 0.0 if micro.dummy else total.loss
         finite = bool(torch.isfinite(loss))
-        self.accelerator.backward(loss)
+        # accelerate (DeepSpeed: its engine) divides the loss by gradient_accumulation_steps; ours already
+        # carries the mini-batch's global normaliser, so that division is undone (x 1 by default)
+        self.accelerator.backward(loss * self.accelerator.gradient_accumulation_steps)
         if measure:
             sums = stats.sums
             sums["sd"] += total.terms.get("self_distill", 0.0)

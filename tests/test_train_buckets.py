@@ -3,7 +3,7 @@ process plans the same number of micro-batches (DDP makes the same number of bac
 
 import random
 
-from rl.batch import Sample, length_buckets, shard_plan
+from rl.batch import Sample, length_buckets, own_filler, shard_plan
 
 
 def _padded(lengths: list[int], cuts: list[int]) -> int:
@@ -40,3 +40,7 @@ def test_shards_equal_count_on_every_rank():
         assert sorted(map(id, real)) == sorted(map(id, samples[rank::2]))  # every local sample exactly once
         assert all(len(chunk) <= 16 for chunk in plan)
     assert [] in shards[0]  # the short rank pads with zero-weight dummies
+    for rank, plan in enumerate(shards):  # the filler runs one of the rank's own rows: the shortest
+        (filler,) = own_filler(plan)
+        assert any(filler is s for s in samples[rank::2])
+        assert filler.length == min(s.length for s in samples[rank::2])

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rl.config import ConfigError, help_text, load_config
+from rl.config import ConfigError, TrainConfig, help_text, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,9 +34,38 @@ def test_trl_key_names_are_aliases(tmp_path):
         load_config(["--num_train_epochs", "3"])
 
 
+def test_epsilon_high_is_the_cispo_cap_under_cispo(tmp_path):
+    """TRL's CISPO truncates its importance weight at epsilon_high: a migrated TRL CISPO config must set
+    cispo_cap (eps_high is a clip CISPO does not use), wherever loss_type and epsilon_high are given."""
+    default = TrainConfig()
+    cfg = load_config(["--loss_type", "cispo", "--epsilon_high", "3.0"])
+    assert (cfg.cispo_cap, cfg.eps_high) == (3.0, default.eps_high)
+    cfg = load_config(["--epsilon_high", "4", "--loss_type=cispo"])  # order does not matter
+    assert (cfg.cispo_cap, cfg.eps_high) == (4.0, default.eps_high)
+    path = tmp_path / "trl.yaml"
+    path.write_text("loss_type: cispo\nepsilon_high: 6.0\n")
+    cfg = load_config(["--config", str(path)])
+    assert (cfg.cispo_cap, cfg.eps_high) == (6.0, default.eps_high)
+    path.write_text("epsilon_high: 7.0\n")  # the loss type from the command line decides for the file
+    cfg = load_config(["--config", str(path), "--loss_type", "cispo"])
+    assert (cfg.cispo_cap, cfg.eps_high) == (7.0, default.eps_high)
+    path.write_text("loss_type: cispo\nepsilon_high: 6.0\n")  # the command line's loss type wins
+    cfg = load_config(["--config", str(path), "--loss_type", "dapo", "--cispo_cap", "2"])
+    assert (cfg.eps_high, cfg.cispo_cap) == (6.0, 2.0)
+    for loss in ("grpo", "dapo", "dr_grpo"):  # a clip-range loss: TRL's epsilon_high is the upper clip
+        cfg = load_config(["--loss_type", loss, "--epsilon_high", "0.3"])
+        assert (cfg.eps_high, cfg.cispo_cap) == (0.3, default.cispo_cap)
+    with pytest.raises(ConfigError, match="'cispo_cap' given twice"):
+        load_config(["--loss_type", "cispo", "--epsilon_high", "3", "--cispo_cap", "4"])
+    path.write_text("loss_type: cispo\nepsilon_high: 6.0\ncispo_cap: 5.0\n")
+    with pytest.raises(ConfigError, match="'cispo_cap' given twice .*'epsilon_high'"):
+        load_config(["--config", str(path)])
+
+
 def test_help_lists_the_trl_aliases():
     text = help_text()  # (help text for every key: tests/test_config.py)
     assert "--learning_rate = --lr" in text and "--max_completion_length = --max_new_tokens" in text
+    assert "under loss_type cispo, --epsilon_high = --cispo_cap" in text.splitlines()[-1]
 
 
 def test_reward_module_in_the_working_directory_is_found_by_the_cli(tmp_path):
