@@ -4,7 +4,8 @@ one process), several optimizer updates per step, and one optimizer step per upd
 The reference is brute force in one process: every row scored on its own, the DAPO token terms summed
 over the mini-batch by hand, AdamW. Against it: a real 2-process gloo run (tests/update_worker.py), and
 accelerate's own `backward` routed as DeepSpeed (a counting stub engine: DeepSpeed cannot run here) and
-as FSDP2 (its no_sync switch recorded), each with gradient_accumulation_steps 2 set in accelerate.
+as FSDP2 (its no_sync switch recorded), each with gradient_accumulation_steps 2 set in accelerate; and
+each process's side of a 2-process update simulated in one process, with the exit-weighted term.
 """
 
 import dataclasses
@@ -102,12 +103,12 @@ def test_two_processes_match_the_single_process_brute_force(tmp_path):
 # ----------------------------------------------------------------------------- backends, routed in-process
 
 
-def _policy(cfg):
+def _policy(cfg, exit_policy=None):
     from rl.policy import Policy
     from rl.self_distill import SelfDistillConfig
 
     policy = Policy(cfg, Accelerator(cpu=True), EMBEDDED_MODEL, use_tis=False, self_distill=SelfDistillConfig(),
-                    pad_id=0)
+                    pad_id=0, exit_policy=exit_policy)
     grads, step = [], policy._optimizer_step
 
     def recording_step(finite, at):
@@ -123,6 +124,19 @@ def _micro_batches_per_update(cfg) -> list[int]:
     per_mini = [len(shard_plan(rows[m:m + MINI], 0, 1, cfg.micro_batch_size)) for m in range(0, len(rows), MINI)]
     assert min(per_mini) > 1  # several micro-batches per update, or there is nothing to test
     return per_mini * cfg.num_iterations
+
+
+def test_each_rank_of_two_runs_its_filler_with_the_exit_weighted_term():
+    """Each process's side of the 2-process update, simulated in one process (rank and world set), with
+    the exit-weighted policy term: its filler's per-exit old log-probs are there too (no KeyError)."""
+    from rl.exit_policy import ExitPolicyConfig
+
+    policy, grads = _policy(config(), ExitPolicyConfig(exits=(2, 4)))
+    for rank in (0, 1):
+        policy.rank, policy.world = rank, 2
+        metrics = policy.update(samples(), 0)
+        assert metrics["updates/skipped"] == 0 and torch.isfinite(torch.tensor(metrics["loss/policy"]))
+    assert len(grads) == 2 * UPDATES
 
 
 class CountingEngine:
