@@ -125,10 +125,9 @@ def reward_ids(specs: Sequence[str | RewardFn]) -> list[str]:
     "mod_b:reward"); a lambda is `lambda_<position>` (1-based); the same function listed twice gets
     "#1", "#2" (`format#1`, `format#2`). Two functions never share a name, so neither overwrites the other.
     """
-    names = [f"lambda_{i}" if _is_lambda(s) else reward_name(s) for i, s in enumerate(specs, start=1)]
-    for i, s in enumerate(specs):
-        if names.count(names[i]) > 1 and not _is_lambda(s):
-            names[i] = _qualified(s)
+    short = [f"lambda_{i}" if _is_lambda(s) else reward_name(s) for i, s in enumerate(specs, start=1)]
+    names = [_qualified(s) if short.count(name) > 1 and not _is_lambda(s) else name
+             for name, s in zip(short, specs)]
     seen: dict[str, int] = {}
     ids = []
     for name in names:

@@ -34,6 +34,8 @@ def _lines(f, path: str | Path, error: type[Exception], unit: str) -> Iterator[t
     """Numbered decoded lines; bytes that are not UTF-8 are an error naming the file, line and column,
     not a traceback (decoding the whole stream would report the line where its read buffer began)."""
     for number, raw in enumerate(f, start=1):
+        if b"\0" in raw:  # valid UTF-8, but no text file holds NUL bytes
+            raise error(f"{path}: {unit} {number}: not UTF-8 text (NUL bytes: a binary file?)")
         try:
             yield number, raw.decode("utf-8-sig" if number == 1 else "utf-8")
         except UnicodeDecodeError as e:
