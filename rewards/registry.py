@@ -64,7 +64,9 @@ def _import(spec: str) -> RewardFn:
     fn = module
     for part in attr.split("."):
         if not hasattr(fn, part):
-            raise UnknownRewardError(f"reward {spec!r}: module {module_name!r} has no attribute {attr!r}")
+            close = difflib.get_close_matches(part, [n for n in dir(fn) if not n.startswith("_")], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise UnknownRewardError(f"reward {spec!r}: module {module_name!r} has no attribute {attr!r}{hint}")
         fn = getattr(fn, part)
     if not callable(fn):
         raise UnknownRewardError(f"reward {spec!r} is not callable")

@@ -10,10 +10,10 @@ prompt template.
 
 The column contract (TRL's convention), in one place:
 - reward functions get every column except `prompt` by name, as keyword lists (`reward_columns`);
-- the gold answer, stored as `ground_truth`, is taken by `rewards.gold.gold_answer`: the first present of
-  `reward_model.ground_truth`, `ground_truth`, `answer`, else `solution` (the content of its last
-  `\\boxed{}`; a solution without one only when it is a bare one-line answer; a worked solution without a
-  boxed answer is refused with the file, row and field). The column used is printed at load;
+- the gold answer, stored as `ground_truth`, is taken by `rewards.gold.gold_answer`: from the first present
+  of `reward_model.ground_truth`, `ground_truth`, `answer`, `solution`; a GSM8K `#### 42` or a `\\boxed{}`
+  in it marks the answer, a worked solution without either is refused with the file, row and field. The
+  column used is printed at load;
 - a column named like a keyword the trainer passes itself (`RESERVED_COLUMNS`) is refused, not shadowed.
 
 Rows are de-duplicated on `extra_info.index` (DAPO-Math-17K's raw file repeats every problem ~100x)
@@ -96,7 +96,10 @@ def load_prompts(source: str, split: str = "train", limit: int | None = None) ->
     elif Path(source).exists() or source.endswith(LOCAL_SUFFIXES):
         table, where = _read_local(Path(source)), source
     elif _HUB_ID.fullmatch(source):  # not a local path: a hub dataset id
-        table, where = _read_hub(source, HubSource(source, split)), source
+        try:
+            table, where = _read_hub(source, HubSource(source, split)), source
+        except DataError as e:
+            raise DataError(f"no local file or directory {source!r}, and as a hub dataset id: {e}") from None
     elif os.sep in source:
         table, where = _read_local(Path(source)), source
     else:
@@ -293,6 +296,8 @@ def _normalize(row, i: int, where: str) -> dict:
             f"fields present: {', '.join(map(str, row)) or 'none'}"
         )
     ground_truth, gt_field = gold
+    raw = row["reward_model"]["ground_truth"] if gt_field == "reward_model.ground_truth" else row[gt_field]
+    extracted = isinstance(raw, str) and raw.strip() != str(ground_truth).strip()  # from a \boxed{} / '#### '
     if isinstance(ground_truth, bool) or not isinstance(ground_truth, (str, int, float)):
         raise fail(gt_field, f"must be a string or number, got {_show(ground_truth)}")
     ground_truth = str(ground_truth).strip()
@@ -312,7 +317,7 @@ def _normalize(row, i: int, where: str) -> dict:
         "data_source": str(row.get("data_source") or where),
         "index": str(index if index is not None else i),
         "problem": problem,
-        "gold_field": gt_field,
+        "gold_field": (gt_field, extracted),
         "extra": {k: v for k, v in row.items() if k not in OUTPUT_COLUMNS},
     }
 
@@ -362,10 +367,12 @@ def _to_dataset(rows: list[dict], where: str) -> datasets.Dataset:
             "problem": datasets.Value("string"),
         }
     )
-    fields = Counter(row["gold_field"] for row in rows)
     if where != "arith":
-        boxed = " (the answer in its \\boxed{}, or the bare answer)" if "solution" in fields else ""
-        print(f"{where}: gold answers from {', '.join(f'{f!r} ({n} rows)' for f, n in fields.items())}{boxed}")
+        fields = Counter(field for field, _ in (row["gold_field"] for row in rows))
+        extracted = sum(extracted for _, extracted in (row["gold_field"] for row in rows))
+        note = f"; {extracted} of them the \\boxed{{}} / '#### ' answer of a longer text" if extracted else ""
+        print(f"{where}: gold answers from {', '.join(f'{f!r} ({n} rows)' for f, n in fields.items())}{note} "
+              "(rule: rewards/gold.py)")
     table = datasets.Dataset.from_list([{k: row[k] for k in OUTPUT_COLUMNS} for row in rows], features=features)
     names = list(dict.fromkeys(k for row in rows for k in row["extra"]))
     for name in names:

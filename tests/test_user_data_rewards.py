@@ -101,7 +101,7 @@ def test_ambiguous_reward_kwargs_key_and_worked_solution_are_one_line(user_dir: 
     proc = _train(user_dir, *TINY, "--data", "worked.jsonl", "--output_dir", str(out))
     assert proc.returncode == 2
     line = _one_line(proc, "worked.jsonl")
-    assert "row 1: field 'solution' is a worked solution with no \\boxed{} answer" in line
+    assert "row 1: field 'solution' is a worked solution (2 lines) with no \\boxed{} or '#### ' answer" in line
     assert "config key 'data'" in line and not (out / "metrics.jsonl").exists()
 
 
@@ -149,18 +149,22 @@ def test_gold_answer_rule_for_the_loader_and_the_builtin_rewards(tmp_path: Path)
     rows = [{"problem": "a", "solution": WORKED, "answer": "7"},  # answer wins over a solution
             {"problem": "b", "solution": WORKED},  # the boxed answer of a worked solution
             {"problem": "c", "solution": "\\frac{1}{2}"},  # a bare answer (TRL's convention)
-            {"problem": "d", "ground_truth": 3, "level": "hard"}]
+            {"problem": "d", "ground_truth": 3, "level": "hard"},
+            {"question": "e", "answer": "Half of 144 is 72.\n#### 72"}]  # GSM8K's answer column
     ds = load_prompts(str(_write_jsonl(tmp_path / "mixed.jsonl", rows)))
-    assert ds["ground_truth"] == ["7", "5", "\\frac{1}{2}", "3"]
+    assert ds["ground_truth"] == ["7", "5", "\\frac{1}{2}", "3", "72"]
     # every other column passes through unchanged (None where a row lacks it): reward functions get them
-    assert ds["solution"] == [WORKED, WORKED, "\\frac{1}{2}", None] and ds["level"] == [None, None, None, "hard"]
+    assert ds["solution"] == [WORKED, WORKED, "\\frac{1}{2}", None, None]
+    assert ds["level"] == [None, None, None, "hard", None]
 
     fn = rewards.get("math_accuracy")  # as TRL calls it, with the raw columns
     completions = ["The answer is \\boxed{5}", "Answer: 7"]
     assert fn(prompts=None, completions=completions, solution=[WORKED, WORKED]) == [1.0, 0.0]
     assert fn(prompts=None, completions=completions, solution=[WORKED] * 2, answer=["7", "7"]) == [0.0, 1.0]
     with pytest.raises(ValueError, match="sample 1: field 'solution' is a worked solution"):
-        fn(prompts=None, completions=completions, solution=[WORKED, "We add.\nThen we stop."])
+        fn(prompts=None, completions=completions, solution=[WORKED, "We add. Then we stop."])
+    with pytest.raises(ValueError, match=r"sample 0: field 'answer' is a worked solution \(2 lines\)"):
+        fn(prompts=None, completions=completions, answer=["We add.\nIt is 5.", "7"])
 
 
 def test_reserved_and_mixed_columns(tmp_path: Path):
