@@ -168,11 +168,13 @@ def _read_local(path: Path) -> datasets.Dataset | list[dict]:
         return [row for _, row in iter_jsonl(path, DataError)]
     if suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            raw = path.read_bytes()
+            data = json.loads(raw.decode("utf-8-sig"))
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: invalid JSON at line {e.lineno} ({e.msg})") from None
-        except UnicodeDecodeError as e:  # a binary file under a .json name
-            raise DataError(f"{path}: not a UTF-8 text file (byte {e.start}); is it really JSON?") from None
+        except UnicodeDecodeError as e:  # a binary file under a .json name, or another encoding
+            line = raw.count(b"\n", 0, e.start) + 1
+            raise DataError(f"{path}: line {line}: not UTF-8 text (byte {e.start}); is it really JSON?") from None
         if isinstance(data, dict):  # {"data": [...]} or any single list-valued key
             lists = [v for v in data.values() if isinstance(v, list)]
             if len(lists) != 1:

@@ -193,6 +193,10 @@ def test_non_utf8_byte_is_reported_on_its_own_line(tmp_path: Path):
     path.write_bytes(b"\n".join([good] * 700 + [b'{"problem": "caf\xe9", "answer": "1"}'] + [good] * 50) + b"\n")
     with pytest.raises(DataError, match=r"latin1\.jsonl: line 701: not UTF-8 text \(byte 17 of the line"):
         load_prompts(str(path))
+    whole = tmp_path / "latin1.json"
+    whole.write_bytes(b"[\n" + b",\n".join([good] * 3 + [b'{"problem": "caf\xe9", "answer": "1"}']) + b"\n]")
+    with pytest.raises(DataError, match=r"latin1\.json: line 5: not UTF-8 text"):
+        load_prompts(str(whole))
 
 
 def test_directory_and_offline_hub_id_say_what_they_are(tmp_path: Path, monkeypatch):
