@@ -1,9 +1,10 @@
 """Built-in reward functions, in TRL's convention: `fn(prompts, completions, **kwargs) -> list[float]`.
 
 Completions may be strings or chat-message lists (`[{"role": "assistant", "content": ...}]`);
-dataset columns arrive as keyword lists (`ground_truth=[...]`, also accepted as `solution` / `answer`
-as in TRL/open-r1 datasets). The trainer adds `completion_ids`, `max_completion_length`, `truncated`;
-TRL adds `log_metric` / `log_extra`, which we use when present (timeouts, extracted answers).
+dataset columns arrive as keyword lists. The math rewards read the gold answer from `ground_truth`, else
+`answer`, else `solution` (its `\\boxed{}` answer; a worked solution without one is refused): the rule
+is `rewards.gold`, shared with the data loader. The trainer adds `completion_ids`, `max_completion_length`,
+`truncated`; TRL adds `log_metric` / `log_extra`, which we use when present (timeouts, extracted answers).
 """
 
 from __future__ import annotations
@@ -12,11 +13,10 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from rewards.gold import gold_column
 from rewards.math import _ANCHOR, Verdict, extract_answer, verify_batch
 from rewards.policy import Policy, resolve
 from rewards.registry import register
-
-GOLD_COLUMNS = ("ground_truth", "solution", "answer")
 
 
 def completion_text(completion: Any) -> str:
@@ -31,26 +31,12 @@ def completion_text(completion: Any) -> str:
                      f"got {type(completion).__name__}: {str(completion)[:80]!r}")
 
 
-def _golds(fn_name: str, n: int, kwargs: dict[str, Any]) -> list[str]:
-    for column in GOLD_COLUMNS:
-        if kwargs.get(column) is not None:
-            golds = kwargs[column]
-            if isinstance(golds, (str, bytes)) or not isinstance(golds, Sequence):
-                raise ValueError(f"{fn_name}: column {column!r} must be a list (one per completion), "
-                                 f"got {type(golds).__name__}")
-            if len(golds) != n:
-                raise ValueError(f"{fn_name}: {n} completions but {len(golds)} values in column {column!r}")
-            return [str(g) for g in golds]
-    raise ValueError(f"{fn_name}: needs the gold answers as a keyword list named one of {', '.join(GOLD_COLUMNS)}; "
-                     f"got keywords: {', '.join(sorted(kwargs)) or 'none'}")
-
-
 def _verdicts(fn_name: str, completions: Sequence[Any] | None, kwargs: dict[str, Any],
               timeout: float | None, policy: Policy) -> list[Verdict]:
     if completions is None:
         raise ValueError(f"{fn_name}: no completions given")
     texts = [completion_text(c) for c in completions]
-    verdicts = verify_batch(texts, _golds(fn_name, len(texts), kwargs), timeout=timeout, policy=policy)
+    verdicts = verify_batch(texts, gold_column(fn_name, len(texts), kwargs), timeout=timeout, policy=policy)
     log_metric: Callable | None = kwargs.get("log_metric")
     if callable(log_metric):  # TRL's GRPOTrainer hook; our trainer reads rewards.pop_counters() instead
         log_metric("rewards/timeouts", float(sum(v.path == "timeout" for v in verdicts)))

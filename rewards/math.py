@@ -186,6 +186,17 @@ def _last_math(text: str) -> str | None:
     return content.strip() or None
 
 
+def boxed_answer(text: str, spans: list[tuple[int, int, str]] | None = None) -> str | None:
+    """The content of the last `\\boxed{}` (all boxes on its line, joined by ", "), or None without one."""
+    spans = _boxed_spans(text) if spans is None else spans
+    if not spans:
+        return None
+    line_start = text.rfind("\n", 0, spans[-1][0]) + 1
+    same_line = [content.strip() for start, _, content in spans if start >= line_start]
+    distinct = list(dict.fromkeys(c for c in same_line if c))
+    return (_clean_candidate(", ".join(distinct)) if distinct else "") or None
+
+
 def extract_answer(text: str, *, fallback: str = "last_math") -> str | None:
     """The final answer in a full model response, or None if there is none.
 
@@ -207,12 +218,7 @@ def extract_answer(text: str, *, fallback: str = "last_math") -> str | None:
         if candidate and not (spans and spans[-1][0] >= chunk_end):  # a later box is the final answer
             return candidate
     if spans:
-        last_start = spans[-1][0]
-        line_start = text.rfind("\n", 0, last_start) + 1
-        same_line = [content.strip() for start, _, content in spans if start >= line_start]
-        distinct = list(dict.fromkeys(c for c in same_line if c))
-        candidate = _clean_candidate(", ".join(distinct)) if distinct else ""
-        return candidate or None
+        return boxed_answer(text, spans)
     stripped = text.strip()
     if not anchors and "\n" not in stripped and len(stripped) <= 200:
         return _clean_candidate(stripped) or None

@@ -6,12 +6,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import difflib
 import functools
 import importlib
 import inspect
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 RewardFn = Callable[..., list]
 _REGISTRY: dict[str, RewardFn] = {}
@@ -60,7 +64,9 @@ def _import(spec: str) -> RewardFn:
     fn = module
     for part in attr.split("."):
         if not hasattr(fn, part):
-            raise UnknownRewardError(f"reward {spec!r}: module {module_name!r} has no attribute {attr!r}")
+            close = difflib.get_close_matches(part, [n for n in dir(fn) if not n.startswith("_")], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise UnknownRewardError(f"reward {spec!r}: module {module_name!r} has no attribute {attr!r}{hint}")
         fn = getattr(fn, part)
     if not callable(fn):
         raise UnknownRewardError(f"reward {spec!r} is not callable")
@@ -82,8 +88,10 @@ def get(name: str | RewardFn, **options) -> RewardFn:
     elif name in _REGISTRY:
         fn = _REGISTRY[name]
     else:
+        close = difflib.get_close_matches(name, available(), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise UnknownRewardError(
-            f"unknown reward {name!r}; registered: {', '.join(available())} "
+            f"unknown reward {name!r}{hint}; registered: {', '.join(available())} "
             "(or give 'package.module:function')")
     if not options:
         return fn
@@ -93,10 +101,85 @@ def get(name: str | RewardFn, **options) -> RewardFn:
 
 
 def reward_name(spec: str | RewardFn) -> str:
-    """The name metrics use: the function part of "pkg.mod:fn", a registered name, or a callable's __name__."""
+    """A readable name for one function on its own (messages, `looprl eval`): the function part of
+    "pkg.mod:fn", a registered name, or a callable's __name__ ("lambda" for a lambda). A run's list of
+    functions is named by `reward_ids`, which also makes the names unique."""
     if callable(spec):
-        return getattr(spec, "__name__", type(spec).__name__)
+        name = getattr(spec, "__name__", None) or getattr(getattr(spec, "func", None), "__name__", None)
+        name = name or type(spec).__name__
+        return "lambda" if name == "<lambda>" else name
     return str(spec).split(":")[-1]
+
+
+def _qualified(spec: str | RewardFn) -> str:
+    """The spec as a config writes it: "pkg.mod:fn" / a registered name; a callable as "module:qualname"."""
+    if callable(spec):
+        fn = getattr(spec, "func", spec)  # a functools.partial names its function
+        return f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', reward_name(spec))}"
+    return str(spec)
+
+
+def reward_ids(specs: Sequence[str | RewardFn]) -> list[str]:
+    """One unique, readable name per reward function, by position in `rewards` -- the identity used by
+    metrics (`reward/<id>/mean`), samples.jsonl, `reward_kwargs` keys and error messages.
+
+    The short name (`reward_name`) when it is unique in the list; else the qualified one ("mod_a:reward" vs
+    "mod_b:reward"); a lambda is `lambda_<position>` (1-based); the same function listed twice gets
+    "#1", "#2" (`format#1`, `format#2`). Two functions never share a name, so neither overwrites the other.
+    """
+    short = [f"lambda_{i}" if _is_lambda(s) else reward_name(s) for i, s in enumerate(specs, start=1)]
+    names = [_qualified(s) if short.count(name) > 1 and not _is_lambda(s) else name
+             for name, s in zip(short, specs)]
+    seen: dict[str, int] = {}
+    ids = []
+    for name in names:
+        if names.count(name) > 1:
+            seen[name] = seen.get(name, 0) + 1
+            name = f"{name}#{seen[name]}"
+        ids.append(name)
+    return ids
+
+
+def _is_lambda(spec: str | RewardFn) -> bool:
+    return callable(spec) and getattr(getattr(spec, "func", spec), "__name__", "") == "<lambda>"
+
+
+def resolve_reward_key(key: str, specs: Sequence[str | RewardFn], where: str) -> int | None:
+    """The position in `specs` that a name given by the user (a `reward_kwargs` key, `accuracy_reward`)
+    refers to: its id (`reward_ids`), the spec as written, or its short name when only one function has
+    it. None when it names none of them; ValueError (naming `where` and the candidates) when it names
+    several, e.g. `reward` for both `mod_a:reward` and `mod_b:reward`."""
+    ids = reward_ids(specs)
+    exact = [i for i, name in enumerate(ids) if key == name]
+    if exact:
+        return exact[0]
+    hits = [i for i, s in enumerate(specs) if key in (_qualified(s), reward_name(s))]
+    if len(hits) > 1:
+        raise ValueError(f"{where}: {key!r} names {len(hits)} reward functions "
+                         f"({', '.join(ids[i] for i in hits)}); use one of those names")
+    return hits[0] if hits else None
+
+
+def options_by_position(specs: Sequence[str | RewardFn], reward_kwargs: Mapping[str, Any],
+                        where: str = "reward_kwargs") -> list[dict[str, Any]]:
+    """The options (`reward_kwargs`) of each function in `specs`, by position; each key is resolved by
+    `resolve_reward_key`. ValueError naming `where` and the key for a key that names no function (with a
+    close match), names several, repeats another key's function, or holds no mapping."""
+    ids = reward_ids(specs)
+    out: list[dict[str, Any]] = [{} for _ in specs]
+    claimed: dict[int, str] = {}
+    for key, opts in reward_kwargs.items():
+        position = resolve_reward_key(str(key), specs, where)
+        if position is None:
+            close = difflib.get_close_matches(str(key), ids, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"{where}: {key!r} is not one of the rewards ({', '.join(ids)}){hint}")
+        if not isinstance(opts, Mapping):
+            raise ValueError(f"{where}: options of {key!r} must be a mapping")
+        if position in claimed:
+            raise ValueError(f"{where}: {claimed[position]!r} and {key!r} both name reward {ids[position]!r}")
+        claimed[position], out[position] = str(key), dict(opts)
+    return out
 
 
 def _accepts(fn: RewardFn, name: str) -> bool:
@@ -107,11 +190,25 @@ def _accepts(fn: RewardFn, name: str) -> bool:
 
 
 def invoke(fn: RewardFn, prompts: list, completions: list, **columns) -> object:
-    """`fn`'s raw result, called as TRL does (see `call`), without checking it (rewards.guard checks)."""
+    """`fn`'s raw result, called as TRL does (see `call`), without checking it (rewards.guard checks).
+    An `async def` function (TRL accepts them) is run to completion here, one event loop per call."""
     kwargs = dict(columns)
     if "ground_truth" in kwargs and "solution" not in kwargs and _accepts(fn, "solution"):
         kwargs["solution"] = kwargs["ground_truth"]
-    return fn(prompts=prompts, completions=completions, **kwargs)
+    result = fn(prompts=prompts, completions=completions, **kwargs)
+    return _await(result) if inspect.isawaitable(result) else result
+
+
+def _await(awaitable) -> object:
+    async def wait():
+        return await awaitable
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:  # the usual case: no loop in this thread
+        return asyncio.run(wait())
+    with ThreadPoolExecutor(1) as pool:  # called from inside a running loop (a notebook): a fresh thread's loop
+        return pool.submit(asyncio.run, wait()).result()
 
 
 def call(fn: RewardFn, prompts: list, completions: list, **columns) -> list[float | None]:

@@ -14,6 +14,10 @@ from typing import Any
 from rewards.guard import RewardGuard
 from rewards.registry import RewardFn, reward_name
 
+# Keywords every call passes itself (and TRL's own); a dataset column may not take one of these names.
+RESERVED_COLUMNS = ("prompts", "completions", "completion", "completion_ids", "max_completion_length", "truncated",
+                    "log_metric", "log_extra")
+
 
 def as_completions(prompts: Sequence[Any], texts: Sequence[str]) -> list[Any]:
     """TRL's convention: a chat prompt (list of messages) gets an assistant-message completion."""

@@ -70,7 +70,8 @@ class TrainConfig:
     rewards: list[str] = option(["dapo_math"], "reward functions: registry names, 'pkg.module:function' (the "
                                                "working directory is importable) or, from Python, callables")
     reward_weights: list[float] | None = option(None, "one weight per reward function; None = all 1.0")
-    reward_kwargs: dict[str, Any] = option({}, "options per reward function: {fn_name: {option: value}}")
+    reward_kwargs: dict[str, Any] = option({}, "options per reward function: {name: {option: value}}; name = as in "
+                                                  "rewards, its function name when unique, or its metric name")
     accuracy_reward: str = option("math_accuracy", "1/0 reward function whose mean is logged as `accuracy`")
     reward_on_error: str = option("raise", "a reward function that raises, times out or returns NaN/inf/non-numbers/"
                                            "the wrong count: raise = stop with one line naming it; zero = score "
@@ -186,6 +187,12 @@ class TrainConfig:
     @property
     def effective_update_depth(self) -> int | None:
         return self.depth if self.update_depth is None else self.update_depth
+
+    def reward_specs(self) -> list:
+        """The reward functions that run, by position: `rewards`, plus overlong_penalty when
+        overlong_buffer_len adds it."""
+        extra = ["overlong_penalty"] if self.overlong_buffer_len and "overlong_penalty" not in self.rewards else []
+        return [*self.rewards, *extra]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -327,8 +334,9 @@ def _check_known(key: str, where: str) -> None:
     if key not in FIELDS:
         import difflib
 
-        close = difflib.get_close_matches(key, FIELDS, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        close = difflib.get_close_matches(key, [*FIELDS, *TRL_ALIASES], n=1)  # TRL's names too
+        ours = TRL_ALIASES.get(close[0]) if close else None
+        hint = (f" (did you mean {close[0]!r}{f', TRL name of {ours!r}' if ours else ''}?)" if close else "")
         raise ConfigError(f"unknown config key {key!r} in {where}{hint}")
 
 
@@ -428,11 +436,12 @@ def validate(cfg: TrainConfig, max_depth: int | None = None, num_processes: int 
     if cfg.reward_weights is not None and len(cfg.reward_weights) != len(cfg.rewards):
         raise ConfigError(
             f"config key 'reward_weights': {len(cfg.reward_weights)} weights for {len(cfg.rewards)} rewards")
-    for name, opts in cfg.reward_kwargs.items():
-        if name not in cfg.rewards and name != "overlong_penalty":
-            raise ConfigError(f"config key 'reward_kwargs': {name!r} is not in rewards {cfg.rewards}")
-        if not isinstance(opts, dict):
-            raise ConfigError(f"config key 'reward_kwargs': options of {name!r} must be a mapping")
+    from rewards.registry import options_by_position  # torch-free
+
+    try:  # each key names exactly one function (by position: rewards.reward_ids)
+        options_by_position(cfg.reward_specs(), cfg.reward_kwargs, "config key 'reward_kwargs'")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
     # batch sizes must divide
     total = cfg.samples_per_step

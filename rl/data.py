@@ -1,10 +1,20 @@
-"""Prompt data for training and evaluation: one loader, one output shape.
+"""Prompt data for training and evaluation: one loader, one output shape, one column contract.
 
 `load_prompts(source)` returns a `datasets.Dataset` with the columns the trainer and evaluator use:
 `prompt` (chat messages, DAPO-Math-17K's schema), `ground_truth` (str), `data_source`, `index` and
-`problem` (the bare problem text, for logs). `source` is a registered name (the hub datasets of the
-reference job, or the embedded `arith` task) or a local .parquet / .jsonl / .json file in DAPO's
-schema or with plain `problem` + `answer` columns (wrapped in DAPO's prompt template).
+`problem` (the bare problem text, for logs), plus every other column of the source, unchanged.
+`source` is a registered name (the hub datasets of the reference job, or the embedded `arith` task), a
+local .parquet / .jsonl / .json file, or a Hugging Face hub dataset id (`owner/name`), in DAPO's schema
+(`prompt` + `reward_model.ground_truth`) or with a `problem` (or `question`) column wrapped in DAPO's
+prompt template.
+
+The column contract (TRL's convention), in one place:
+- reward functions get every column except `prompt` by name, as keyword lists (`reward_columns`);
+- the gold answer, stored as `ground_truth`, is taken by `rewards.gold.gold_answer`: from the first present
+  of `reward_model.ground_truth`, `ground_truth`, `answer`, `solution`; a GSM8K `#### 42` or a `\\boxed{}`
+  in it marks the answer, a worked solution without either is refused with the file, row and field. The
+  column used is printed at load;
+- a column named like a keyword the trainer passes itself (`RESERVED_COLUMNS`) is refused, not shadowed.
 
 Rows are de-duplicated on `extra_info.index` (DAPO-Math-17K's raw file repeats every problem ~100x)
 and the counts are printed, so nobody trains on 1.79M rows believing they are 17k distinct ones.
@@ -14,11 +24,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import socket
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import datasets
 
+from rewards.gold import GoldError, gold_answer
+from rewards.scoring import RESERVED_COLUMNS
 from rl import arith
 from rl.jsonl import iter_jsonl
 
@@ -31,6 +47,8 @@ DAPO_PREFIX = (
 )
 DAPO_SUFFIX = '\n\nRemember to put your answer on its own line after "Answer:".'
 LOCAL_SUFFIXES = (".parquet", ".jsonl", ".json")
+OUTPUT_COLUMNS = ("prompt", "ground_truth", "data_source", "index", "problem")  # the loader's own columns
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name
 
 
 class DataError(ValueError):
@@ -58,10 +76,10 @@ def dapo_prompt(problem: str) -> list[dict[str, str]]:
 
 
 def load_prompts(source: str, split: str = "train", limit: int | None = None) -> datasets.Dataset:
-    """Load prompts + gold answers from a registered name, `arith[:key=value,...]`, or a local file.
+    """Load prompts + gold answers from a registered name, `arith[:key=value,...]`, a local file or a hub id.
 
-    `split` selects the `arith` split; registered eval sets have a single split that is always used,
-    and local files are read whole. `limit` keeps the first rows after de-duplication.
+    `split` selects the `arith` split and a hub id's split; registered eval sets have a single split that is
+    always used, and local files are read whole. `limit` keeps the first rows after de-duplication.
     """
     if limit is not None and limit < 1:
         raise DataError(f"limit must be >= 1 or None, got {limit!r}")
@@ -72,35 +90,70 @@ def load_prompts(source: str, split: str = "train", limit: int | None = None) ->
             rows = arith.generate(split, arith.ArithConfig.from_spec(spec), n=limit)
         except ValueError as e:
             raise DataError(f"{source}: {e}") from None
-        return _to_dataset([_normalize(r, i, "arith") for i, r in enumerate(rows)])
+        return _to_dataset([_normalize(r, i, "arith") for i, r in enumerate(rows)], "arith")
     if source in REGISTERED:
         table, where = _read_hub(source, REGISTERED[source]), f"{source} ({REGISTERED[source].hub_id})"
-    elif source.endswith(LOCAL_SUFFIXES) or os.sep in source or Path(source).exists():
+    elif Path(source).exists() or source.endswith(LOCAL_SUFFIXES):
+        table, where = _read_local(Path(source)), source
+    elif _HUB_ID.fullmatch(source):  # not a local path: a hub dataset id
+        try:
+            table, where = _read_hub(source, HubSource(source, split)), source
+        except DataError as e:
+            raise DataError(f"no local file or directory {source!r}, and as a hub dataset id: {e}") from None
+    elif os.sep in source:
         table, where = _read_local(Path(source)), source
     else:
         names = ", ".join([*REGISTERED, "arith"])
-        raise DataError(f"unknown data source {source!r}: use one of {names} or a .parquet/.jsonl/.json file")
+        raise DataError(f"unknown data source {source!r}: use one of {names}, a .parquet/.jsonl/.json file "
+                        "or a hub dataset id (owner/name)")
     rows = _dedup(table, where, limit)
-    return _to_dataset([_normalize(row, i, where) for i, row in rows])
+    return _to_dataset([_normalize(row, i, where) for i, row in rows], where)
+
+
+def reward_columns(dataset: datasets.Dataset) -> list[str]:
+    """The columns every reward function gets by name (TRL's convention: all but the prompt)."""
+    return [c for c in dataset.column_names if c != "prompt"]
 
 
 # --- reading -------------------------------------------------------------------------------------
 
 
 def _read_hub(name: str, hub: HubSource) -> datasets.Dataset:
+    offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
+                  for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    instead = (f"Download it where the hub is reachable and pass the local file instead, e.g. --data "
+               f"/path/to/{hub.hub_id.split('/')[-1]}.parquet (DAPO schema or problem+answer columns; .parquet, "
+               ".jsonl or .json)")
+    where = f"cannot load {name!r} from the Hugging Face hub ({hub.hub_id}, split {hub.split})"
+    if not offline and (why := _no_hub_connection()):  # fail in a second, not after datasets' retries
+        raise DataError(f"{where}: the hub is unreachable ({why}); set HF_HUB_OFFLINE=1 to use a copy in the "
+                        f"local cache. {instead}")
     try:
         return datasets.load_dataset(hub.hub_id, hub.config, split=hub.split)
     except Exception as e:  # offline mode, no network, missing repo: all mean "get the file yourself"
-        raise DataError(
-            f"cannot load {name!r} from the Hugging Face hub ({hub.hub_id}, split {hub.split}): the hub is "
-            f"unreachable or the dataset is unavailable ({type(e).__name__}: {str(e)[:200]}). Download it "
-            f"where the hub is reachable and pass the local file instead, e.g. --data /path/to/{name}.parquet "
-            f"(DAPO schema or problem+answer columns; .parquet, .jsonl or .json)"
-        ) from e
+        state = ("offline mode is on (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE) and it is not in the local cache, "
+                 "so the hub is unreachable" if offline else "the hub is unreachable or the dataset is unavailable")
+        raise DataError(f"{where}: {state} ({type(e).__name__}: {str(e)[:200]}). {instead}") from e
+
+
+def _no_hub_connection() -> str | None:
+    """Why the hub cannot be reached (no connection to its host), or None. Behind a proxy: not checked."""
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=5).close()
+    except OSError as e:
+        return f"no connection to {host}: {e.strerror or e}"
+    return None
 
 
 def _read_local(path: Path) -> datasets.Dataset | list[dict]:
     """A parquet file as an Arrow-backed Dataset (lazy rows), json/jsonl as a list of dicts."""
+    if path.is_dir():
+        inside = sorted(p.name for p in path.iterdir() if p.suffix.lower() in LOCAL_SUFFIXES)
+        holds = f" (it holds {', '.join(inside[:5])}{', ...' if len(inside) > 5 else ''})" if inside else ""
+        raise DataError(f"data {path} is a directory; give one file: .parquet, .jsonl or .json{holds}")
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
     suffix = path.suffix.lower()
@@ -115,11 +168,13 @@ def _read_local(path: Path) -> datasets.Dataset | list[dict]:
         return [row for _, row in iter_jsonl(path, DataError)]
     if suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            raw = path.read_bytes()
+            data = json.loads(raw.decode("utf-8-sig"))
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: invalid JSON at line {e.lineno} ({e.msg})") from None
-        except UnicodeDecodeError as e:  # a binary file under a .json name
-            raise DataError(f"{path}: not a UTF-8 text file (byte {e.start}); is it really JSON?") from None
+        except UnicodeDecodeError as e:  # a binary file under a .json name, or another encoding
+            line = raw.count(b"\n", 0, e.start) + 1
+            raise DataError(f"{path}: line {line}: not UTF-8 text (byte {e.start}); is it really JSON?") from None
         if isinstance(data, dict):  # {"data": [...]} or any single list-valued key
             lists = [v for v in data.values() if isinstance(v, list)]
             if len(lists) != 1:
@@ -208,16 +263,24 @@ def _dedup(table: datasets.Dataset | list[dict], where: str, limit: int | None) 
 
 
 def _normalize(row, i: int, where: str) -> dict:
-    """One raw row (DAPO schema or problem+answer) -> the loader's output columns, or a DataError."""
+    """One raw row (DAPO schema or problem+answer) -> the loader's output columns plus the row's other
+    columns (under `extra`), or a DataError naming the file, row and field."""
 
     def fail(field: str, problem: str) -> DataError:
         return DataError(f"{where}: row {i}: field {field!r} {problem}")
 
     if not isinstance(row, dict):
         raise DataError(f"{where}: row {i}: expected an object with fields, got {type(row).__name__}")
+    try:
+        gold = gold_answer(row)  # the gold-answer rule: rewards/gold.py
+    except GoldError as e:
+        raise DataError(f"{where}: row {i}: {e}") from None
     if "prompt" in row:
         prompt = _validate_prompt(row["prompt"], fail)
-        ground_truth, gt_field = _dapo_ground_truth(row, fail)
+        if gold is None:
+            reward_model = row.get("reward_model")
+            raise fail("reward_model.ground_truth", "is missing (no reward_model column)" if reward_model is None
+                       else f"is missing; reward_model is {_show(reward_model)}")
         extra = row.get("extra_info") if isinstance(row.get("extra_info"), dict) else {}
         problem = extra.get("problem") or extra.get("raw_problem") or _problem_text(prompt)
     elif "problem" in row or "question" in row:
@@ -225,15 +288,18 @@ def _normalize(row, i: int, where: str) -> dict:
         text = row[text_field]
         if not isinstance(text, str) or not text.strip():
             raise fail(text_field, f"must be a non-empty string, got {_show(text)}")
-        if "answer" not in row:
-            raise fail("answer", "is missing (a problem+answer file needs both columns)")
-        ground_truth, gt_field = row["answer"], "answer"
+        if gold is None:
+            raise fail("answer", "is missing (a problem+answer file needs both columns; 'ground_truth' or a "
+                                 "'solution' with a \\boxed{} answer also work)")
         prompt, problem = dapo_prompt(text.strip()), text.strip()
     else:
         raise DataError(
             f"{where}: row {i}: no field 'prompt' (DAPO schema) and no 'problem' + 'answer' fields; "
             f"fields present: {', '.join(map(str, row)) or 'none'}"
         )
+    ground_truth, gt_field = gold
+    raw = row["reward_model"]["ground_truth"] if gt_field == "reward_model.ground_truth" else row[gt_field]
+    extracted = isinstance(raw, str) and raw.strip() != str(ground_truth).strip()  # from a \boxed{} / '#### '
     if isinstance(ground_truth, bool) or not isinstance(ground_truth, (str, int, float)):
         raise fail(gt_field, f"must be a string or number, got {_show(ground_truth)}")
     ground_truth = str(ground_truth).strip()
@@ -243,12 +309,18 @@ def _normalize(row, i: int, where: str) -> dict:
     index = extra.get("index") if isinstance(extra, dict) else None
     for col in ("index", "id", "unique_id"):
         index = row.get(col) if index is None else index
+    reserved = [c for c in row if c in RESERVED_COLUMNS]
+    if reserved:
+        raise DataError(f"{where}: row {i}: column {reserved[0]!r} has the name of a keyword the trainer passes "
+                        f"to reward functions itself ({', '.join(RESERVED_COLUMNS)}); rename the column")
     return {
         "prompt": prompt,
         "ground_truth": ground_truth,
         "data_source": str(row.get("data_source") or where),
         "index": str(index if index is not None else i),
         "problem": problem,
+        "gold_field": (gt_field, extracted),
+        "extra": {k: v for k, v in row.items() if k not in OUTPUT_COLUMNS},
     }
 
 
@@ -270,18 +342,6 @@ def _validate_prompt(prompt, fail) -> list[dict[str, str]]:
     return messages
 
 
-def _dapo_ground_truth(row: dict, fail):
-    reward_model = row.get("reward_model")
-    if isinstance(reward_model, dict) and reward_model.get("ground_truth") is not None:
-        return reward_model["ground_truth"], "reward_model.ground_truth"
-    for col in ("ground_truth", "answer", "solution"):
-        if row.get(col) is not None:
-            return row[col], col
-    if reward_model is None:
-        raise fail("reward_model.ground_truth", "is missing (no reward_model column)")
-    raise fail("reward_model.ground_truth", f"is missing; reward_model is {_show(reward_model)}")
-
-
 def _problem_text(prompt: list[dict[str, str]]) -> str:
     """The last user message, without DAPO's fixed template parts when they are present."""
     text = next((m["content"] for m in reversed(prompt) if m["role"] == "user"), prompt[-1]["content"])
@@ -297,7 +357,9 @@ def _show(value) -> str:
     return (text[:60] + "...") if len(text) > 63 else text
 
 
-def _to_dataset(rows: list[dict]) -> datasets.Dataset:
+def _to_dataset(rows: list[dict], where: str) -> datasets.Dataset:
+    """The loader's columns with their fixed types, then every other column of the source (None in rows
+    that lack it); prints where the gold answers came from."""
     features = datasets.Features(
         {
             "prompt": [{"role": datasets.Value("string"), "content": datasets.Value("string")}],
@@ -307,4 +369,29 @@ def _to_dataset(rows: list[dict]) -> datasets.Dataset:
             "problem": datasets.Value("string"),
         }
     )
-    return datasets.Dataset.from_list(rows, features=features)
+    if where != "arith":
+        fields = Counter(field for field, _ in (row["gold_field"] for row in rows))
+        extracted = sum(extracted for _, extracted in (row["gold_field"] for row in rows))
+        note = f"; {extracted} of them the \\boxed{{}} / '#### ' answer of a longer text" if extracted else ""
+        print(f"{where}: gold answers from {', '.join(f'{f!r} ({n} rows)' for f, n in fields.items())}{note} "
+              "(rule: rewards/gold.py)")
+    table = datasets.Dataset.from_list([{k: row[k] for k in OUTPUT_COLUMNS} for row in rows], features=features)
+    names = list(dict.fromkeys(k for row in rows for k in row["extra"]))
+    for name in names:
+        table = _add_column(table, name, [row["extra"].get(name) for row in rows], where)
+    return table
+
+
+def _add_column(table: datasets.Dataset, name: str, values: list, where: str) -> datasets.Dataset:
+    """One passed-through column. Numbers mixed with strings (`answer: 2` next to `answer: "9"`) become
+    strings, said on stdout; other mixtures are refused, since reward functions get one typed list."""
+    try:
+        return table.add_column(name, values)
+    except Exception as e:  # pyarrow's ArrowInvalid / ArrowTypeError: values of several types
+        kinds = list(dict.fromkeys(type(v).__name__ for v in values if v is not None))
+        if all(isinstance(v, (str, int, float, bool)) for v in values if v is not None):
+            print(f"{where}: column {name!r} mixes {', '.join(kinds)} values; reward functions get it as strings")
+            return table.add_column(name, [None if v is None else str(v) for v in values])
+        raise DataError(f"{where}: column {name!r} holds values of several types ({', '.join(kinds)}); reward "
+                        f"functions get each column as one list, so give it one type "
+                        f"({type(e).__name__}: {str(e)[:120]})") from None

@@ -110,6 +110,14 @@ def validate_exit_policy(policy_exits: object, weighting: str, alpha: float,
         raise ValueError(f"config key policy_exit_weights: {weighting!r} is not one of {', '.join(WEIGHTINGS)}")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha != alpha:
         raise ValueError(f"config key policy_exit_alpha: expected a number, got {alpha!r}")
+    # a setting that would change nothing is refused, not silently ignored
+    if exits is None and weighting != "uniform":
+        raise ValueError(f"config key policy_exit_weights: {weighting!r} has no effect with policy_exits: last "
+                         "(only exit T is trained, with weight 1); set policy_exits (all or a list) or leave "
+                         "policy_exit_weights at uniform")
+    if float(alpha) != 1.0 and weighting != "progressive":
+        raise ValueError(f"config key policy_exit_alpha: {alpha!r} is used only by policy_exit_weights: progressive "
+                         f"(it is {weighting!r}); drop it or set policy_exit_weights: progressive")
     if depth is not None:
         resolve_policy_exits(exits, depth)
     return ExitPolicyConfig(exits, weighting, float(alpha))

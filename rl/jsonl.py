@@ -14,7 +14,7 @@ def iter_jsonl(path: str | Path, error: type[Exception] = ValueError, unit: str 
     """Yield (1-based line number, object) for every non-blank line; raise `error` naming file and line
     for a line that is not valid JSON or not a JSON object. `unit` is how messages call a line ("row")."""
     try:
-        f = Path(path).open(encoding="utf-8")
+        f = Path(path).open("rb")  # decoded line by line, so a bad byte is reported on its own line
     except OSError as e:
         raise error(f"{path}: cannot open ({e.strerror})") from None
     with f:
@@ -31,10 +31,13 @@ def iter_jsonl(path: str | Path, error: type[Exception] = ValueError, unit: str 
 
 
 def _lines(f, path: str | Path, error: type[Exception], unit: str) -> Iterator[tuple[int, str]]:
-    """Numbered lines; a binary file (not UTF-8) is an error naming the file and line, not a traceback."""
-    number = 0
-    try:
-        for number, line in enumerate(f, start=1):  # noqa: B007  (number is read after a decode error)
-            yield number, line
-    except UnicodeDecodeError:
-        raise error(f"{path}: {unit} {number + 1}: not UTF-8 text (a binary file?)") from None
+    """Numbered decoded lines; bytes that are not UTF-8 are an error naming the file, line and column,
+    not a traceback (decoding the whole stream would report the line where its read buffer began)."""
+    for number, raw in enumerate(f, start=1):
+        if b"\0" in raw:  # valid UTF-8, but no text file holds NUL bytes
+            raise error(f"{path}: {unit} {number}: not UTF-8 text (NUL bytes: a binary file?)")
+        try:
+            yield number, raw.decode("utf-8-sig" if number == 1 else "utf-8")
+        except UnicodeDecodeError as e:
+            raise error(f"{path}: {unit} {number}: not UTF-8 text (byte {e.start + 1} of the line; a binary "
+                        "file or another encoding?)") from None

@@ -20,6 +20,15 @@ from rl.config import ConfigError, TrainConfig
 from rollout import Rollout
 
 
+def _resolve(key: str, specs: list, where: str) -> int | None:
+    """The position in `specs` a user's name refers to (rewards.resolve_reward_key); ConfigError when it
+    names several."""
+    try:
+        return rewards.resolve_reward_key(key, specs, where)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 class Scorer:
     """Weighted reward functions of a run (config keys rewards, reward_weights, reward_kwargs, ...)."""
 
@@ -28,31 +37,39 @@ class Scorer:
         self.columns = columns  # dataset columns passed to every function by keyword (TRL's convention)
         self.fns = self._build(cfg)
         self.guard = RewardGuard(cfg.reward_on_error, cfg.reward_timeout, **({"warn": warn} if warn else {}))
-        names = [name for name, _, _ in self.fns]
-        self.accuracy_key = rewards.reward_name(cfg.accuracy_reward) if cfg.accuracy_reward else None
-        self.accuracy_fn = None
-        # a callable (Python API) is called as is; a name not among the rewards is scored on its own
-        if cfg.accuracy_reward and (callable(cfg.accuracy_reward) or cfg.accuracy_reward not in names):
-            self.accuracy_fn = rewards.get(cfg.accuracy_reward)
+        self.accuracy_key, self.accuracy_fn = None, None
+        if cfg.accuracy_reward:
+            position = None if callable(cfg.accuracy_reward) else _resolve(
+                cfg.accuracy_reward, self.specs, "config key 'accuracy_reward'")
+            if position is not None:  # one of the rewards: its scores are reused
+                self.accuracy_key = self.names[position]
+            else:  # a callable (Python API) or a name not among the rewards is scored on its own
+                self.accuracy_key = rewards.reward_name(cfg.accuracy_reward)
+                try:
+                    self.accuracy_fn = rewards.get(cfg.accuracy_reward)
+                except ValueError as e:
+                    raise ConfigError(f"config key 'accuracy_reward': {e}") from None
 
-    @staticmethod
-    def _build(cfg: TrainConfig) -> list[tuple[str, Any, float]]:
-        names = list(cfg.rewards)
-        weights = list(cfg.reward_weights) if cfg.reward_weights is not None else [1.0] * len(names)
-        if cfg.overlong_buffer_len and "overlong_penalty" not in names:
-            names.append("overlong_penalty")
-            weights.append(1.0)
+    def _build(self, cfg: TrainConfig) -> list[tuple[str, Any, float]]:
+        """(id, function with its reward_kwargs bound, weight) by position in `rewards`. The id
+        (rewards.reward_ids) is unique, so two functions named alike never overwrite each other."""
+        self.specs = specs = cfg.reward_specs()
+        weights = list(cfg.reward_weights) if cfg.reward_weights is not None else [1.0] * len(cfg.rewards)
+        weights += [1.0] * (len(specs) - len(weights))  # overlong_penalty added by overlong_buffer_len
+        try:
+            options = rewards.options_by_position(specs, cfg.reward_kwargs, "config key 'reward_kwargs'")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         fns = []
-        for name, weight in zip(names, weights):
-            opts = dict(cfg.reward_kwargs.get(name, {}))
-            if name == "overlong_penalty":
+        for name, spec, opts, weight in zip(rewards.reward_ids(specs), specs, options, weights):
+            if spec == "overlong_penalty":
                 opts.setdefault("buffer_len", cfg.overlong_buffer_len)
                 opts.setdefault("penalty_factor", cfg.overlong_penalty)
             try:  # the registry binds the options (functools.partial, keeping the name)
-                fn = rewards.get(name, **opts)
+                fn = rewards.get(spec, **opts)
             except (KeyError, ValueError, ImportError, AttributeError) as e:
                 raise ConfigError(f"config key 'rewards': {e}") from None
-            fns.append((rewards.reward_name(name), fn, float(weight)))
+            fns.append((name, fn, float(weight)))
         return fns
 
     @property

@@ -36,7 +36,7 @@ from rl.advantages import get_advantage
 from rl.batch import Sample
 from rl.checkpoint import load_latest_checkpoint, save_checkpoint
 from rl.config import ConfigError, TrainConfig, help_text, load_config, save_config, validate
-from rl.data import EMBEDDED_MODEL, load_prompts
+from rl.data import EMBEDDED_MODEL, load_prompts, reward_columns
 from rl.dist import reduce_max, reduce_sum
 from rl.dynamic_sampling import Group, SamplingResult, collect_groups
 from rl.evaluate import evaluate_depths, flat_metrics
@@ -122,13 +122,14 @@ class Trainer:
             raise ConfigError(f"config key {key!r}: {e}") from None
         self.sampler = PromptSampler(len(self.dataset), cfg.seed)
         self.prompt_ids = PromptIds(self.tokenizer, self.dataset, cfg.max_prompt_length, cfg.prompt_suffix)
-        self.scorer = Scorer(cfg, columns=[c for c in self.dataset.column_names if c != "prompt"], warn=log)
+        self.scorer = Scorer(cfg, columns=reward_columns(self.dataset), warn=log)
         self.advantages = get_advantage(cfg.advantage_estimator)
 
         self.global_step = 0
         self.nan_streak = 0
         self.stop_signal: int | None = None
         self.last_samples: list[Sample] = []  # the step's samples shown in samples.jsonl
+        self.warned_all_masked = False
 
     # ------------------------------------------------------------------ one step
 
@@ -145,6 +146,8 @@ class Trainer:
         kept = [s for g in result.kept for s in g.data]
         metrics = {**reward_metrics(sampled, self.scorer.names), **self._reward_counters(),
                    **_sampling_metrics(result)}
+        if cfg.mask_truncated:
+            metrics.update(self._masked_metrics(kept))
 
         # the rollout engine frees its memory while the update runs (vLLM; no-op for torch)
         self.worker.sleep(level=1)
@@ -197,6 +200,19 @@ class Trainer:
                   for g in range(len(local))]
         groups = [g for g in groups if not any(s.skip for s in g.data)]  # reward_on_error: skip_group
         return gather_object(groups) if self.world > 1 else groups
+
+    def _masked_metrics(self, kept: list[Sample]) -> dict[str, float]:
+        """completion/masked_frac: the share of the update batch that mask_truncated leaves out. When it is
+        all of it the loss is 0 and nothing trains: said once per run, naming the key."""
+        frac = sum(s.truncated for s in kept) / len(kept) if kept else 0.0
+        if kept and frac == 1.0 and not self.warned_all_masked:
+            self.warned_all_masked = True
+            if self.accelerator.is_main_process:
+                log(f"WARNING step {self.global_step + 1}: every completion of the update batch was cut at "
+                    f"max_new_tokens ({self.cfg.max_new_tokens}) and mask_truncated is on, so the policy loss is 0 "
+                    "and nothing trains; raise max_new_tokens or set mask_truncated: false (warned once; "
+                    "completion/masked_frac per step)")
+        return {"completion/masked_frac": frac}
 
     def _reward_counters(self) -> dict[str, float]:
         """Verifier counts (timeouts, errors, ...) and reward-function failures (rewards/fn_errors, ...)

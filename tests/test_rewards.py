@@ -199,7 +199,7 @@ def test_chat_message_completions_and_column_aliases() -> None:
     fn = rewards.get("math_accuracy")
     assert fn(prompts=None, completions=chats, ground_truth=["5", "5"]) == [1.0, 0.0]
     assert fn(prompts=None, completions=chats, solution=["5", "5"]) == [1.0, 0.0]  # TRL / open-r1 column name
-    with pytest.raises(ValueError, match="ground_truth, solution, answer"):
+    with pytest.raises(ValueError, match="ground_truth, answer, solution"):
         fn(prompts=None, completions=chats)
     with pytest.raises(ValueError, match="2 completions but 1 values"):
         fn(prompts=None, completions=chats, ground_truth=["5"])
