@@ -71,7 +71,9 @@ class TrainConfig:
                                                "working directory is importable) or, from Python, callables")
     reward_weights: list[float] | None = option(None, "one weight per reward function; None = all 1.0")
     reward_kwargs: dict[str, Any] = option({}, "options per reward function: {fn_name: {option: value}}")
-    accuracy_reward: str = option("math_accuracy", "1/0 reward function whose mean is logged as `accuracy`")
+    accuracy_reward: str = option("math_accuracy", "1/0 function deciding correct for `accuracy` and the eval "
+                                                   "(None = unscored, counted in accuracy/unscored_frac); options: "
+                                                   "reward_kwargs[its name], else the verifier options of rewards")
     reward_on_error: str = option("raise", "a reward function that raises, times out or returns NaN/inf/non-numbers/"
                                            "the wrong count: raise = stop with one line naming it; zero = score "
                                            "those samples 0 and warn; skip_group = drop their groups and warn")
@@ -418,10 +420,19 @@ def validate(cfg: TrainConfig, max_depth: int | None = None, num_processes: int 
         raise ConfigError(
             f"config key 'reward_weights': {len(cfg.reward_weights)} weights for {len(cfg.rewards)} rewards")
     for name, opts in cfg.reward_kwargs.items():
-        if name not in cfg.rewards and name != "overlong_penalty":
-            raise ConfigError(f"config key 'reward_kwargs': {name!r} is not in rewards {cfg.rewards}")
+        if name not in cfg.rewards and name not in ("overlong_penalty", cfg.accuracy_reward):
+            raise ConfigError(f"config key 'reward_kwargs': {name!r} is not in rewards {cfg.rewards} "
+                              f"nor the accuracy_reward {cfg.accuracy_reward!r}")
         if not isinstance(opts, dict):
             raise ConfigError(f"config key 'reward_kwargs': options of {name!r} must be a mapping")
+    if cfg.accuracy_reward:  # one definition of correct for accuracy and eval (rl/accuracy.py)
+        from rl.accuracy import accuracy_kwargs, check_accuracy_name
+
+        try:
+            check_accuracy_name(cfg.accuracy_reward)
+            accuracy_kwargs(cfg.rewards, cfg.reward_kwargs, cfg.accuracy_reward)
+        except ValueError as e:  # AccuracyError, or an unknown / unimportable function
+            raise ConfigError(f"config key 'accuracy_reward': {e}") from None
 
     # batch sizes must divide
     total = cfg.samples_per_step

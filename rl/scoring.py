@@ -3,8 +3,9 @@
 Every function is called through `rewards.scoring` (the scoring call `looprl eval` uses too) and the
 run's `RewardGuard` (checked results, reward_on_error, reward_timeout, Ctrl-C; rewards/guard.py); the
 weighted sum is the sample's reward, and `accuracy_reward` (logged as `accuracy`) is either one of the
-configured functions or scored on its own. Under reward_on_error: skip_group a sample a function failed on
-has `skip` set, and the trainer drops its group.
+configured functions or scored on its own, with the options rl/accuracy.py gives it (the eval uses the same
+function and options; its scores must be 1 / 0 / None). Under reward_on_error: skip_group a sample a function
+failed on has `skip` set, and the trainer drops its group.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 import rewards
 from rewards.guard import RewardGuard
 from rewards.scoring import score_completions, score_functions
+from rl.accuracy import AccuracyError, accuracy_kwargs, verdicts
 from rl.batch import Sample
 from rl.config import ConfigError, TrainConfig
 from rollout import Rollout
@@ -31,9 +33,12 @@ class Scorer:
         names = [name for name, _, _ in self.fns]
         self.accuracy_key = rewards.reward_name(cfg.accuracy_reward) if cfg.accuracy_reward else None
         self.accuracy_fn = None
+        # its options (checked by validate()): reward_kwargs[accuracy_reward], else the rewards' verifier options
+        self.accuracy_kwargs = accuracy_kwargs(cfg.rewards, cfg.reward_kwargs, cfg.accuracy_reward) \
+            if cfg.accuracy_reward else {}
         # a callable (Python API) is called as is; a name not among the rewards is scored on its own
         if cfg.accuracy_reward and (callable(cfg.accuracy_reward) or cfg.accuracy_reward not in names):
-            self.accuracy_fn = rewards.get(cfg.accuracy_reward)
+            self.accuracy_fn = rewards.get(cfg.accuracy_reward, **self.accuracy_kwargs)
 
     @staticmethod
     def _build(cfg: TrainConfig) -> list[tuple[str, Any, float]]:
@@ -76,6 +81,10 @@ class Scorer:
             correct = per_fn[self.accuracy_key]
         else:
             correct = [None] * len(texts)
+        try:
+            correct = verdicts(correct, self.accuracy_key) if self.accuracy_key else correct
+        except AccuracyError as e:
+            raise ConfigError(f"config key 'accuracy_reward': {e}") from None
         samples = []
         for j in range(len(texts)):
             fn_r = {name: per_fn[name][j] for name, _, _ in self.fns}
