@@ -2,7 +2,8 @@
 
 A looped LM is several models in one (the same weights run 1..T loops), so evaluation is a table
 over depths, not a number. Generation goes through the same fixed-depth rollout worker the trainer
-uses, and scoring through the same reward registry, so eval numbers and training rewards agree.
+uses, and scoring through the same reward registry, so eval numbers and training rewards agree; what
+counts as correct (the accuracy function, its options, None = unscored, maj@k's votes) is rl/accuracy.py.
 `--exit_threshold Q` instead decodes with the model's own exit gate (the adaptive-depth mode a
 deployed Ouro model runs in) and reports accuracy and the mean depth it used.
 
@@ -137,7 +138,7 @@ def summarize_depth(scores: Sequence[float | None], lengths: Sequence[int], trun
         groups = [g for g in groups if g]
         votes = vote_classes([[answers[i] for i in g] for g in groups], policy)
         pass_k = [pass_at_k(len(g), sum(bool(correct[i]) for i in g), len(g)) for g in groups]
-        maj_k = [_majority(v, [bool(correct[i]) for i in g], len(g), 20_000, 0) for g, v in zip(groups, votes)]
+        maj_k = [_vote(v, [bool(correct[i]) for i in g]) for g, v in zip(groups, votes)]
         out["k"] = n
         out["pass@k"] = sum(pass_k) / len(groups) if groups else None
         out["maj@k"] = sum(maj_k) / len(groups) if groups else None
