@@ -37,6 +37,10 @@ def digit_sum(prompts, completions, **kw):
     """Varies on random text, so a group's rewards differ and the step runs an update."""
     text = lambda c: c if isinstance(c, str) else c[0]["content"]
     return [float(sum(map(ord, text(c))) % 3) for c in completions]
+
+def is_zero(prompts, completions, **kw):
+    """A 1 / 0 accuracy function (rl/accuracy.py refuses other values)."""
+    return [float(r == 0) for r in digit_sum(prompts, completions)]
 '''
 
 
@@ -124,7 +128,7 @@ def train_phase(path: Path, work: Path) -> dict:
     cmd = [sys.executable, "-m", "rl", "train", "--config", str(REPO / "configs/ouro-1.4b-dapo17k.yaml"),
            "--model", str(path), "--dtype", "bfloat16", "--special_tokens", "{}", "--prompt_suffix", "",
            "--data", "arith", "--data_limit", "16", "--rewards", "rehearsalreward:digit_sum",
-           "--accuracy_reward", "rehearsalreward:digit_sum", "--overlong_buffer_len", "0", "--mask_truncated", "false",
+           "--accuracy_reward", "rehearsalreward:is_zero", "--overlong_buffer_len", "0", "--mask_truncated", "false",
            "--max_steps", "1", "--prompts_per_step", "1", "--num_generations", "2", "--max_new_tokens", "8",
            "--max_prompt_length", "64", "--vllm_max_model_len", "128", "--mini_batch_size", "2",
            "--micro_batch_size", "2", "--dynamic_sampling", "false", "--eval_every", "0", "--save_every", "0",

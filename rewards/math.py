@@ -557,16 +557,19 @@ class Verdict:
 
 
 def verify_batch(responses: list[str], ground_truths: list[str], *, timeout: float | None = None,
-                 inline: bool = False, policy: Policy | str | None = None) -> list[Verdict]:
+                 inline: bool = False, policy: Policy | str | None = None, extracted: bool = False) -> list[Verdict]:
     """Verdicts for many (response, gold) pairs. Undecided pairs go to the worker pool in one batch
     (hard `timeout` seconds each); `inline=True` runs sympy in this process instead (no hard limit;
-    for benchmarks and debugging only). `policy`: "exact" (default), "rounded" or a `Policy`."""
+    for benchmarks and debugging only). `policy`: "exact" (default), "rounded" or a `Policy`.
+    `extracted=True`: the responses are final answers already (no extraction; maj@k compares the
+    answers of one prompt with each other this way)."""
     if len(responses) != len(ground_truths):
         raise ValueError(f"verify_batch: {len(responses)} responses but {len(ground_truths)} ground truths")
     policy = policy if isinstance(policy, Policy) else resolve(policy, where="verify_batch")
     timeout = _SETTINGS["timeout"] if timeout is None else timeout
     verdicts: list[Verdict | None] = [None] * len(responses)
-    extracted_all = [extract_answer(response, fallback=policy.fallback) for response in responses]
+    extracted_all = list(responses) if extracted else \
+        [extract_answer(response, fallback=policy.fallback) for response in responses]
     slow: dict[tuple, list[int]] = {}
     for i, (extracted, gold) in enumerate(zip(extracted_all, ground_truths)):
         if extracted is None:

@@ -23,9 +23,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-__all__ = ["Policy", "PRESETS", "resolve"]
+__all__ = ["Policy", "PRESETS", "OPTIONS", "resolve", "from_options"]
 
 FALLBACKS = ("last_math", "none")
+OPTIONS = ("policy", "numeric_precision", "decimal_comma", "fallback")  # the keywords of dapo_math / math_accuracy
 
 
 @dataclass(frozen=True)
@@ -69,3 +70,10 @@ def resolve(policy: str | Policy | None = None, *, numeric_precision: int | None
             raise ValueError(f"{where}: fallback must be one of {', '.join(map(repr, FALLBACKS))}, got {fallback!r}")
         changes["fallback"] = fallback
     return replace(base, **changes) if changes else base
+
+
+def from_options(options: dict, where: str = "verifier") -> Policy:
+    """The Policy that a verifier reward function called with these keyword options checks with (keys
+    other than OPTIONS are ignored): how `looprl eval` groups maj@k votes like its accuracy function."""
+    return resolve(options.get("policy"), numeric_precision=options.get("numeric_precision", "preset"),
+                   decimal_comma=options.get("decimal_comma"), fallback=options.get("fallback"), where=where)

@@ -71,8 +71,11 @@ class TrainConfig:
                                                "working directory is importable) or, from Python, callables")
     reward_weights: list[float] | None = option(None, "one weight per reward function; None = all 1.0")
     reward_kwargs: dict[str, Any] = option({}, "options per reward function: {name: {option: value}}; name = as in "
-                                                  "rewards, its function name when unique, or its metric name")
-    accuracy_reward: str = option("math_accuracy", "1/0 reward function whose mean is logged as `accuracy`")
+                                                  "rewards, its function name when unique, or its metric name; "
+                                                  "also the accuracy_reward's own options")
+    accuracy_reward: str = option("math_accuracy", "1/0 function deciding correct for `accuracy` and the eval "
+                                                   "(None = unscored, counted in accuracy/unscored_frac); options: "
+                                                   "reward_kwargs[its name], else the verifier options of rewards")
     reward_on_error: str = option("raise", "a reward function that raises, times out or returns NaN/inf/non-numbers/"
                                            "the wrong count: raise = stop with one line naming it; zero = score "
                                            "those samples 0 and warn; skip_group = drop their groups and warn")
@@ -437,11 +440,20 @@ def validate(cfg: TrainConfig, max_depth: int | None = None, num_processes: int 
         raise ConfigError(
             f"config key 'reward_weights': {len(cfg.reward_weights)} weights for {len(cfg.rewards)} rewards")
     from rewards.registry import options_by_position  # torch-free
+    from rl.accuracy import accuracy_kwargs, check_accuracy_name, split_reward_kwargs
 
-    try:  # each key names exactly one function (by position: rewards.reward_ids)
-        options_by_position(cfg.reward_specs(), cfg.reward_kwargs, "config key 'reward_kwargs'")
+    where = "config key 'reward_kwargs'"
+    try:  # each key names exactly one function (by position: rewards.reward_ids), or the accuracy function
+        rest, _ = split_reward_kwargs(cfg.reward_specs(), cfg.reward_kwargs, cfg.accuracy_reward, where)
+        options_by_position(cfg.reward_specs(), rest, where)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if cfg.accuracy_reward:  # one definition of correct for accuracy and eval (rl/accuracy.py)
+        try:
+            check_accuracy_name(cfg.accuracy_reward)
+            accuracy_kwargs(cfg.reward_specs(), cfg.reward_kwargs, cfg.accuracy_reward, where)
+        except ValueError as e:  # AccuracyError, or an unknown / unimportable function
+            raise ConfigError(f"config key 'accuracy_reward': {e}") from None
 
     # batch sizes must divide
     total = cfg.samples_per_step

@@ -2,7 +2,8 @@
 
 A looped LM is several models in one (the same weights run 1..T loops), so evaluation is a table
 over depths, not a number. Generation goes through the same fixed-depth rollout worker the trainer
-uses, and scoring through the same reward registry, so eval numbers and training rewards agree.
+uses, and scoring through the same reward registry, so eval numbers and training rewards agree; what
+counts as correct (the accuracy function, its options, None = unscored, maj@k's votes) is rl/accuracy.py.
 `--exit_threshold Q` instead decodes with the model's own exit gate (the adaptive-depth mode a
 deployed Ouro model runs in) and reports accuracy and the mean depth it used.
 
@@ -34,10 +35,13 @@ import rewards
 from looped.facts import is_looped, max_depth
 from rewards import extract_answer, score_completions
 from rewards.guard import RewardGuard
+from rewards.policy import Policy, from_options
+from rl.accuracy import AccuracyError, check_accuracy_name, unscored_frac, verdicts, vote_classes
 from rl.config import check_depths
 from rl.data import EMBEDDED_MODEL, load_prompts
 from rl.model_io import load_model, load_model_config, load_tokenizer
 from rl.prompts import encode_prompts
+from rl.reward_cli import parse_option
 from rl.run_dir import check_writable_file
 from rl.self_distill import early_exit_generate
 from rl.special_tokens import apply_special_tokens
@@ -62,76 +66,82 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - prob_all_wrong
 
 
-def normalize_answer(answer: str | None) -> str | None:
-    """Key that groups votes: whitespace-free, without a trailing period. None = no answer (no vote)."""
-    if answer is None:
-        return None
-    key = "".join(answer.split()).rstrip(".")
-    return key or None
-
-
-def _vote(answers: Sequence[str | None], correct: Sequence[bool]) -> float:
-    """1 if the most frequent answer is correct; ties are split evenly (expected value of a random tie-break)."""
-    counts = Counter(a for a in answers if a is not None)
+def _vote(votes: Sequence[int | None], correct: Sequence[bool]) -> float:
+    """1 if the biggest class of equal answers is correct (a class is correct when any member is).
+    Tie rule: a tie between classes scores the fraction of tied classes that are correct (the expected
+    value of a uniformly random tie-break), so a 2-2 tie of a right and a wrong answer scores 0.5."""
+    counts = Counter(v for v in votes if v is not None)
     if not counts:
         return 0.0
     top = max(counts.values())
-    winners = [a for a, c in counts.items() if c == top]
-    right = {a for a, ok in zip(answers, correct) if a is not None and ok}
-    return sum(a in right for a in winners) / len(winners)
+    winners = [v for v, c in counts.items() if c == top]
+    right = {v for v, ok in zip(votes, correct) if v is not None and ok}
+    return sum(v in right for v in winners) / len(winners)
 
 
-def maj_at_k(answers: Sequence[str | None], correct: Sequence[bool], k: int | None = None,
-             max_subsets: int = 20_000, seed: int = 0) -> float:
-    """Majority-vote accuracy over k samples, averaged over all k-subsets of the n samples drawn.
-
-    answers are the extracted final answers (None: nothing extractable, casts no vote); correct is
-    the per-sample verdict. Samples whose normalised answers match are one vote. With more than
-    `max_subsets` subsets the average is over that many random subsets (seeded).
-    """
-    n = len(answers)
-    if len(correct) != n:
-        raise ValueError(f"maj@k: {n} answers but {len(correct)} correctness flags")
-    k = n if k is None else k
+def _majority(votes: Sequence[int | None], correct: Sequence[bool], k: int, max_subsets: int, seed: int) -> float:
+    n = len(votes)
     if not 1 <= k <= n:
         raise ValueError(f"maj@k needs 1 <= k <= n, got n={n}, k={k}")
-    keys = [normalize_answer(a) for a in answers]
     if k == n:
-        return _vote(keys, correct)
+        return _vote(votes, correct)
     if math.comb(n, k) <= max_subsets:
         subsets: Any = itertools.combinations(range(n), k)
     else:
         rng = random.Random(seed)
         subsets = (rng.sample(range(n), k) for _ in range(max_subsets))
-    scores = [_vote([keys[i] for i in s], [correct[i] for i in s]) for s in subsets]
+    scores = [_vote([votes[i] for i in s], [correct[i] for i in s]) for s in subsets]
     return sum(scores) / len(scores)
 
 
-def summarize_depth(rewards: Sequence[float | None], lengths: Sequence[int], truncated: Sequence[bool],
-                    answers: Sequence[str | None], n: int) -> dict[str, float | int]:
+def maj_at_k(answers: Sequence[str | None], correct: Sequence[bool], k: int | None = None,
+             max_subsets: int = 20_000, seed: int = 0, *, policy: Policy | None = None) -> float:
+    """Majority-vote accuracy over k samples, averaged over all k-subsets of the n samples drawn.
+
+    answers are the extracted final answers (None: nothing extractable, casts no vote); correct is
+    the per-sample verdict. Answers the math verifier judges equal under `policy` (the accuracy
+    function's options) are one vote (`rl.accuracy.vote_classes`); ties: `_vote`. With more than
+    `max_subsets` subsets the average is over that many random subsets (seeded).
+    """
+    n = len(answers)
+    if len(correct) != n:
+        raise ValueError(f"maj@k: {n} answers but {len(correct)} correctness flags")
+    return _majority(vote_classes([answers], policy)[0], correct, n if k is None else k, max_subsets, seed)
+
+
+def summarize_depth(scores: Sequence[float | None], lengths: Sequence[int], truncated: Sequence[bool],
+                    answers: Sequence[str | None], n: int, *, policy: Policy | None = None,
+                    accuracy_name: str = "accuracy function") -> dict[str, float | int | None]:
     """Per-depth metrics from prompt-major per-sample results (n samples per prompt).
 
-    A reward of None (verifier error/timeout) counts as wrong and is reported as `unscored_frac`.
+    `scores` come from the accuracy function: 1 correct, 0 wrong, None unscored (anything else is
+    refused, rl/accuracy.py). Unscored samples are left out of accuracy, pass@k and maj@k (a prompt's
+    k shrinks to its scored samples; a prompt without any is left out) and counted in `unscored_frac`;
+    accuracy is None when nothing was scored.
     """
-    total = len(rewards)
+    total = len(scores)
     if total == 0 or total % n:
         raise ValueError(f"expected a positive multiple of n={n} samples, got {total}")
-    correct = [r is not None and r > 0 for r in rewards]
-    groups = [range(i, i + n) for i in range(0, total, n)]
-    out: dict[str, float | int] = {
-        "accuracy": sum(correct) / total,  # = mean over prompts of the per-prompt pass@1
-        "num_prompts": len(groups),
+    correct = verdicts(scores, accuracy_name)
+    scored = [c for c in correct if c is not None]
+    out: dict[str, float | int | None] = {
+        "accuracy": sum(scored) / len(scored) if scored else None,
+        "num_prompts": total // n,
         "n": n,
         "len_mean": sum(lengths) / total,
         "len_max": max(lengths),
         "truncated_frac": sum(truncated) / total,
-        "unscored_frac": sum(r is None for r in rewards) / total,
+        "unscored_frac": unscored_frac(correct),
     }
     if n > 1:
+        groups = [[i for i in range(g, g + n) if correct[i] is not None] for g in range(0, total, n)]
+        groups = [g for g in groups if g]
+        votes = vote_classes([[answers[i] for i in g] for g in groups], policy)
+        pass_k = [pass_at_k(len(g), sum(bool(correct[i]) for i in g), len(g)) for g in groups]
+        maj_k = [_vote(v, [bool(correct[i]) for i in g]) for g, v in zip(groups, votes)]
         out["k"] = n
-        out["pass@k"] = sum(pass_at_k(n, sum(correct[i] for i in g), n) for g in groups) / len(groups)
-        out["maj@k"] = sum(maj_at_k([answers[i] for i in g], [correct[i] for i in g], n)
-                           for g in groups) / len(groups)
+        out["pass@k"] = sum(pass_k) / len(groups) if groups else None
+        out["maj@k"] = sum(maj_k) / len(groups) if groups else None
     return out
 
 
@@ -167,6 +177,14 @@ def _dataset_columns(dataset) -> tuple[list[Any], dict[str, list[Any]]]:
     return list(dataset["prompt"]), columns
 
 
+def _accuracy_fn(reward_fn: str | Callable, reward_kwargs: Mapping[str, Any] | None) -> tuple[Callable, Policy]:
+    """The accuracy function with its options bound, and the verifier policy those options mean."""
+    check_accuracy_name(reward_fn)
+    options = dict(reward_kwargs or {})
+    # a name, 'pkg.mod:fn', or a callable (passed through)
+    return rewards.get(reward_fn, **options), from_options(options, where=rewards.reward_name(reward_fn))
+
+
 def _release_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
@@ -175,14 +193,17 @@ def _release_memory() -> None:
 
 def evaluate_depths(model, tokenizer, dataset, depths: Sequence[int], n: int = 1, temperature: float = 0.0,
                     max_new_tokens: int = 256, reward_fn: str | Callable = "math_accuracy", batch_size: int = 16,
-                    *, top_p: float = 1.0, seed: int = 0, progress: bool = False,
+                    *, reward_kwargs: Mapping[str, Any] | None = None, top_p: float = 1.0, seed: int = 0,
+                    progress: bool = False,
                     worker_factory: Callable[[int], Any] | None = None,
                     guard: RewardGuard | None = None,
                     draft_depth: int = 0, num_draft: int = 0, prompt_suffix: str = "") -> dict[str, dict[str, Any]]:
     """Generate n completions per prompt at each depth and score them.
 
-    Returns {str(depth): {"accuracy", "len_mean", "truncated_frac", ... (+ "pass@k", "maj@k", "k" if
-    n > 1)}}. `worker_factory(depth)` builds the rollout worker (default: the torch worker around
+    `reward_fn` called with `reward_kwargs` decides correct (1 / 0 / None = unscored, rl/accuracy.py);
+    maj@k groups votes with the math verifier under the same options.
+    Returns {str(depth): {"accuracy", "unscored_frac", "len_mean", "truncated_frac", ... (+ "pass@k",
+    "maj@k", "k" if n > 1)}}. `worker_factory(depth)` builds the rollout worker (default: the torch worker around
     `model`); batch_size counts prompts per generate call (each with n samples). `guard` applies the
     trainer's reward_on_error / reward_timeout (default: any bad reward result is a one-line error).
     draft_depth, num_draft > 0: self-speculative decoding at the depths above draft_depth (same
@@ -194,7 +215,7 @@ def evaluate_depths(model, tokenizer, dataset, depths: Sequence[int], n: int = 1
         raise ValueError(f"depths must be a non-empty list of integers >= 1, got {list(depths)}")
     if n > 1 and temperature == 0:
         raise ValueError("n > 1 with temperature 0 draws n identical greedy samples; set temperature > 0")
-    score_fn = rewards.get(reward_fn)  # a name, 'pkg.mod:fn', or a callable (passed through)
+    score_fn, policy = _accuracy_fn(reward_fn, reward_kwargs)
     prompts, columns = _dataset_columns(dataset)
     if not prompts:
         raise ValueError("eval dataset is empty")
@@ -241,10 +262,12 @@ def evaluate_depths(model, tokenizer, dataset, depths: Sequence[int], n: int = 1
                                                max_completion_length=max_new_tokens, guard=guard)
                 lengths += [len(c) for c in rollout.completion_ids]
                 truncated += trunc
-                answers += [extract_answer(t) for t in texts] if n > 1 else [None] * len(texts)
+                answers += [extract_answer(t, fallback=policy.fallback) for t in texts] if n > 1 \
+                    else [None] * len(texts)
                 bar.update(len(texts))
             elapsed = time.perf_counter() - start
-            metrics = summarize_depth(rewards_d, lengths, truncated, answers, n)
+            metrics = summarize_depth(rewards_d, lengths, truncated, answers, n, policy=policy,
+                                      accuracy_name=rewards.reward_name(score_fn))
             metrics["time_s"] = elapsed
             metrics["time_generate_s"] = gen_time
             metrics["tokens_per_s"] = sum(lengths) / gen_time if gen_time > 0 else 0.0  # generation only
@@ -262,7 +285,8 @@ def evaluate_depths(model, tokenizer, dataset, depths: Sequence[int], n: int = 1
 def evaluate_exit_threshold(model, tokenizer, dataset, exit_threshold: float, max_new_tokens: int = 256,
                             reward_fn: str | Callable = "math_accuracy", batch_size: int = 16,
                             progress: bool = False, guard: RewardGuard | None = None,
-                            prompt_suffix: str = "") -> dict[str, Any]:
+                            prompt_suffix: str = "", reward_kwargs: Mapping[str, Any] | None = None
+                            ) -> dict[str, Any]:
     """Greedy decoding with the model's exit gate: each token is read from the first loop whose
     cumulative exit probability reaches q (`early_exit_generate(rule="gate")`, the same rule as the
     model's own `generate(exit_threshold=q)`).
@@ -274,7 +298,7 @@ def evaluate_exit_threshold(model, tokenizer, dataset, exit_threshold: float, ma
                          f"{type(model).__name__}")
     if not 0.0 <= exit_threshold:
         raise ValueError(f"--exit_threshold must be >= 0, got {exit_threshold}")
-    score_fn = rewards.get(reward_fn)  # a name, 'pkg.mod:fn', or a callable (passed through)
+    score_fn, _ = _accuracy_fn(reward_fn, reward_kwargs)
     prompts, columns = _dataset_columns(dataset)
     prompt_ids = encode_prompts(tokenizer, prompts, prompt_suffix)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -307,7 +331,8 @@ def evaluate_exit_threshold(model, tokenizer, dataset, exit_threshold: float, ma
         bar.close()
         if was_training:
             model.train()
-    metrics: dict[str, Any] = summarize_depth(scores, lengths, truncated, [None] * len(scores), 1)
+    metrics: dict[str, Any] = summarize_depth(scores, lengths, truncated, [None] * len(scores), 1,
+                                              accuracy_name=rewards.reward_name(score_fn))
     metrics["exit_threshold"] = exit_threshold
     metrics["depth_mean"] = depth_sum / depth_count if depth_count else None
     metrics["max_depth"] = max_depth(model)
@@ -327,6 +352,7 @@ def print_table(report: Mapping[str, Any], file=None) -> None:
     has_k = any("pass@k" in m for m in rows.values())
     k = next((m["k"] for m in rows.values() if "k" in m), None)
     has_depth = "exit_threshold" in report
+    has_unscored = any(m.get("unscored_frac") for m in rows.values())
     table.add_column("depth", justify="right")
     table.add_column("accuracy", justify="right")
     if has_k:
@@ -336,14 +362,23 @@ def print_table(report: Mapping[str, Any], file=None) -> None:
         table.add_column("mean depth", justify="right")
     table.add_column("len mean", justify="right")
     table.add_column("truncated", justify="right")
+    if has_unscored:
+        table.add_column("unscored", justify="right")
     table.add_column("time s", justify="right")
+
+    def cell(m: Mapping[str, Any], key: str, spec: str) -> str:
+        return "-" if m.get(key) is None else format(m[key], spec)
+
     for name, m in rows.items():
-        cells = [name, f"{m['accuracy']:.3f}"]
+        cells = [name, cell(m, "accuracy", ".3f")]
         if has_k:
-            cells += [f"{m['pass@k']:.3f}" if "pass@k" in m else "-", f"{m['maj@k']:.3f}" if "maj@k" in m else "-"]
+            cells += [cell(m, "pass@k", ".3f"), cell(m, "maj@k", ".3f")]
         if has_depth:
-            cells.append(f"{m['depth_mean']:.2f}" if m.get("depth_mean") is not None else "-")
-        cells += [f"{m['len_mean']:.1f}", f"{m['truncated_frac']:.1%}", f"{m.get('time_s', 0):.1f}"]
+            cells.append(cell(m, "depth_mean", ".2f"))
+        cells += [f"{m['len_mean']:.1f}", f"{m['truncated_frac']:.1%}"]
+        if has_unscored:
+            cells.append(cell(m, "unscored_frac", ".1%"))
+        cells.append(f"{m.get('time_s', 0):.1f}")
         table.add_row(*cells)
     console = Console(file=file)
     if not console.is_terminal:  # pipes/logs default to 80 columns, which would truncate the headers
@@ -375,7 +410,11 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", choices=["torch", "vllm"], default="torch")
     p.add_argument("--max_new_tokens", type=int, default=256)
     p.add_argument("--batch_size", type=int, default=16, help="prompts per generate call")
-    p.add_argument("--reward", default="math_accuracy", help="reward function deciding correctness")
+    p.add_argument("--reward", default="math_accuracy",
+                   help="1/0 function deciding correct (training's accuracy_reward; default math_accuracy)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="option of --reward (JSON values), repeatable; the run's verifier options, e.g. "
+                        "--option policy=rounded for reward_kwargs: {dapo_math: {policy: rounded}}")
     p.add_argument("--exit_threshold", type=float, default=None,
                    help="also decode greedily with the exit gate at this threshold q and report mean depth")
     p.add_argument("--seed", type=int, default=0)
@@ -426,6 +465,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.limit is not None and args.limit < 1:
             raise ValueError(f"--limit must be >= 1, got {args.limit}")
         check_spec_keys(args.rollout_draft_depth, args.rollout_num_draft, engine=args.engine)
+        reward_kwargs = dict(parse_option(o) for o in args.option)
+        try:
+            _accuracy_fn(args.reward, reward_kwargs)  # before loading anything: dapo_math, a bad option
+        except AccuracyError as e:
+            raise ValueError(f"--reward: {e}") from None
         dataset = load_prompts(args.data, split=args.split, limit=args.limit)
         tokenizer, config = _load_tokenizer_and_config(model_path)
         if args.eos_token:
@@ -455,10 +499,12 @@ def main(argv: list[str] | None = None) -> int:
             "max_new_tokens": args.max_new_tokens,
             "engine": args.engine,
             "seed": args.seed,
+            "reward": args.reward,
+            "reward_kwargs": reward_kwargs,
         }
         report["depths"] = evaluate_depths(model, tokenizer, dataset, depths, n=args.n, temperature=temperature,
                                            max_new_tokens=args.max_new_tokens, reward_fn=args.reward,
-                                           batch_size=args.batch_size, top_p=args.top_p, seed=args.seed,
+                                           reward_kwargs=reward_kwargs, batch_size=args.batch_size, top_p=args.top_p, seed=args.seed,
                                            progress=progress, worker_factory=factory,
                                            draft_depth=args.rollout_draft_depth, num_draft=args.rollout_num_draft,
                                            prompt_suffix=args.prompt_suffix)
@@ -467,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
                 model = _load_model(model_path, device)
             report["exit_threshold"] = evaluate_exit_threshold(
                 model, tokenizer, dataset, args.exit_threshold, max_new_tokens=args.max_new_tokens,
-                reward_fn=args.reward, batch_size=args.batch_size, progress=progress,
+                reward_fn=args.reward, reward_kwargs=reward_kwargs, batch_size=args.batch_size, progress=progress,
                 prompt_suffix=args.prompt_suffix)
     except (ValueError, FileNotFoundError) as e:
         print(f"looprl eval: {e}", file=sys.stderr)

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from rl.accuracy import unscored_frac
 from rl.jsonl import iter_jsonl
 
 
@@ -109,9 +110,12 @@ def _std(xs: list[float]) -> float:
 
 
 def reward_metrics(samples, fn_names: list[str]) -> dict[str, float]:
-    """reward/*, accuracy and completion/* over every sample drawn this step (kept or not)."""
+    """reward/*, accuracy (+ accuracy/unscored_frac) and completion/* over every sample drawn this step
+    (kept or not)."""
     rewards = [s.reward for s in samples]
-    m = {"reward/mean": _mean(rewards), "reward/std": _std(rewards), "accuracy": _mean([s.correct for s in samples])}
+    correct = [s.correct for s in samples]  # None = unscored: out of the mean, counted (rl/accuracy.py)
+    m = {"reward/mean": _mean(rewards), "reward/std": _std(rewards), "accuracy": _mean(correct),
+         "accuracy/unscored_frac": unscored_frac(correct)}
     for name in fn_names:
         scores = [float(s.fn_rewards[name]) for s in samples if s.fn_rewards[name] is not None]
         m[f"reward/{name}/mean"] = _mean(scores)

@@ -28,7 +28,7 @@ class RewardCliError(ValueError):
     """A user mistake in the command line or the JSONL file, reported on one line."""
 
 
-def _parse_option(text: str) -> tuple[str, Any]:
+def parse_option(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
         raise RewardCliError(f"--option {text!r}: expected key=value")
@@ -69,22 +69,18 @@ def _read_jsonl(path: str, labelled: bool = False) -> list[tuple[Any, str, bool 
     return rows
 
 
-_VERIFIER_OPTIONS = ("policy", "numeric_precision", "decimal_comma", "fallback")
-
-
 def run_report(path: str, options: dict[str, Any], timeout: float | None) -> int:
     """`--report`: the verifier's verdicts against the `expected` column."""
     from rewards.builtin import completion_text
     from rewards.math import verify_batch
-    from rewards.policy import resolve
+    from rewards.policy import OPTIONS, from_options
     from rewards.report import build_report, format_report
 
-    unknown = sorted(set(options) - set(_VERIFIER_OPTIONS))
+    unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
         raise RewardCliError(f"--report: unknown verifier option(s) {', '.join(unknown)}; "
-                             f"choose from {', '.join(_VERIFIER_OPTIONS)}")
-    policy = resolve(options.get("policy"), numeric_precision=options.get("numeric_precision", "preset"),
-                     decimal_comma=options.get("decimal_comma"), fallback=options.get("fallback"), where="--report")
+                             f"choose from {', '.join(OPTIONS)}")
+    policy = from_options(options, where="--report")
     rows = _read_jsonl(path, labelled=True)
     texts = []
     for completion, _, _, line, _ in rows:
@@ -136,13 +132,13 @@ def run(args: argparse.Namespace) -> int:
         if args.completion is not None or args.answer is not None:
             raise RewardCliError("give either --jsonl or --completion/--answer, not both")
         if args.report:
-            return run_report(args.jsonl, dict(_parse_option(o) for o in args.option), args.timeout)
+            return run_report(args.jsonl, dict(parse_option(o) for o in args.option), args.timeout)
         rows = [(c, g) for c, g, *_ in _read_jsonl(args.jsonl)]
     elif args.completion is None or args.answer is None:
         raise RewardCliError("give --completion TEXT and --answer GOLD, or --jsonl FILE")
     else:
         rows = [(args.completion, args.answer)]
-    options = dict(_parse_option(o) for o in args.option)
+    options = dict(parse_option(o) for o in args.option)
     fn = rewards.get(args.fn, **options)
     completions = [c for c, _ in rows]
     golds = [g for _, g in rows]

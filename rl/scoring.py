@@ -3,8 +3,9 @@
 Every function is called through `rewards.scoring` (the scoring call `looprl eval` uses too) and the
 run's `RewardGuard` (checked results, reward_on_error, reward_timeout, Ctrl-C; rewards/guard.py); the
 weighted sum is the sample's reward, and `accuracy_reward` (logged as `accuracy`) is either one of the
-configured functions or scored on its own. Under reward_on_error: skip_group a sample a function failed on
-has `skip` set, and the trainer drops its group.
+configured functions or scored on its own, with the options rl/accuracy.py gives it (the eval uses the same
+function and options; its scores must be 1 / 0 / None). Under reward_on_error: skip_group a sample a function
+failed on has `skip` set, and the trainer drops its group.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 import rewards
 from rewards.guard import RewardGuard
 from rewards.scoring import score_completions, score_functions
+from rl.accuracy import AccuracyError, accuracy_kwargs, split_reward_kwargs, verdicts
 from rl.batch import Sample
 from rl.config import ConfigError, TrainConfig
 from rollout import Rollout
@@ -37,16 +39,20 @@ class Scorer:
         self.columns = columns  # dataset columns passed to every function by keyword (TRL's convention)
         self.fns = self._build(cfg)
         self.guard = RewardGuard(cfg.reward_on_error, cfg.reward_timeout, **({"warn": warn} if warn else {}))
-        self.accuracy_key, self.accuracy_fn = None, None
+        self.accuracy_key, self.accuracy_fn, self.accuracy_kwargs = None, None, {}
         if cfg.accuracy_reward:
             position = None if callable(cfg.accuracy_reward) else _resolve(
                 cfg.accuracy_reward, self.specs, "config key 'accuracy_reward'")
+            try:  # its options (rl/accuracy.py): reward_kwargs[accuracy_reward], else the rewards' verifier options
+                self.accuracy_kwargs = accuracy_kwargs(self.specs, cfg.reward_kwargs, cfg.accuracy_reward)
+            except ValueError as e:
+                raise ConfigError(f"config key 'accuracy_reward': {e}") from None
             if position is not None:  # one of the rewards: its scores are reused
                 self.accuracy_key = self.names[position]
             else:  # a callable (Python API) or a name not among the rewards is scored on its own
                 self.accuracy_key = rewards.reward_name(cfg.accuracy_reward)
                 try:
-                    self.accuracy_fn = rewards.get(cfg.accuracy_reward)
+                    self.accuracy_fn = rewards.get(cfg.accuracy_reward, **self.accuracy_kwargs)
                 except ValueError as e:
                     raise ConfigError(f"config key 'accuracy_reward': {e}") from None
 
@@ -57,7 +63,8 @@ class Scorer:
         weights = list(cfg.reward_weights) if cfg.reward_weights is not None else [1.0] * len(cfg.rewards)
         weights += [1.0] * (len(specs) - len(weights))  # overlong_penalty added by overlong_buffer_len
         try:
-            options = rewards.options_by_position(specs, cfg.reward_kwargs, "config key 'reward_kwargs'")
+            own_kwargs, _ = split_reward_kwargs(specs, cfg.reward_kwargs, cfg.accuracy_reward)
+            options = rewards.options_by_position(specs, own_kwargs, "config key 'reward_kwargs'")
         except ValueError as e:
             raise ConfigError(str(e)) from None
         fns = []
@@ -93,6 +100,10 @@ class Scorer:
             correct = per_fn[self.accuracy_key]
         else:
             correct = [None] * len(texts)
+        try:
+            correct = verdicts(correct, self.accuracy_key) if self.accuracy_key else correct
+        except AccuracyError as e:
+            raise ConfigError(f"config key 'accuracy_reward': {e}") from None
         samples = []
         for j in range(len(texts)):
             fn_r = {name: per_fn[name][j] for name, _, _ in self.fns}

@@ -32,6 +32,7 @@ from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_s
 import rewards
 from looped.facts import max_depth
 from rewards.guard import RewardFunctionError, RewardInterrupted
+from rl.accuracy import AccuracyError
 from rl.advantages import get_advantage
 from rl.batch import Sample
 from rl.checkpoint import load_latest_checkpoint, save_checkpoint
@@ -293,16 +294,22 @@ class Trainer:
         return code
 
     def evaluate(self) -> dict[str, float]:
-        """Greedy accuracy of the current policy on eval_data at each depth (eval/accuracy_d{t})."""
+        """Greedy accuracy of the current policy on eval_data at each depth (eval/accuracy_d{t}), decided
+        by training's accuracy function with its options, and the unscored fraction (eval/unscored_frac_d{t})."""
         cfg = self.cfg
         depths = cfg.eval_depths or list(range(1, self.depth + 1))
-        results = evaluate_depths(self.policy.module, self.tokenizer, self.eval_dataset, depths, n=1,
-                                  temperature=0.0, max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens,
-                                  reward_fn=cfg.accuracy_reward or "math_accuracy", seed=cfg.seed,
-                                  guard=self.scorer.guard, prompt_suffix=cfg.prompt_suffix)
+        try:
+            results = evaluate_depths(self.policy.module, self.tokenizer, self.eval_dataset, depths, n=1,
+                                      temperature=0.0, max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens,
+                                      reward_fn=cfg.accuracy_reward or "math_accuracy",
+                                      reward_kwargs=self.scorer.accuracy_kwargs, seed=cfg.seed,
+                                      guard=self.scorer.guard, prompt_suffix=cfg.prompt_suffix)
+        except AccuracyError as e:
+            raise ConfigError(f"config key 'accuracy_reward': {e}") from None
         rewards.pop_counters()  # drop eval's verifier counts: rewards/* count training rollouts only
         self.scorer.guard.pop_counters()
-        return {k: v for k, v in flat_metrics(results).items() if k.startswith("eval/accuracy_d")}
+        return {k: v for k, v in flat_metrics(results).items()
+                if k.startswith(("eval/accuracy_d", "eval/unscored_frac_d"))}
 
     def _warn_mismatch(self, mismatch: float) -> None:
         if mismatch > self.cfg.mismatch_warn:

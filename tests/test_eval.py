@@ -68,10 +68,40 @@ def test_maj_at_k_majority_and_ties():
     # No extractable answers cast no vote; all-None is wrong.
     assert maj_at_k([None, None, "4"], [False, False, True]) == 1.0
     assert maj_at_k([None, None], [False, False]) == 0.0
-    # Whitespace / trailing period do not split the vote.
+    # Whitespace does not split the vote.
     assert maj_at_k(["x + 1", "x+1", "2"], [True, True, False]) == 1.0
     with pytest.raises(ValueError, match="2 answers but 3"):
         maj_at_k(["1", "2"], [True, False, False])
+
+
+def test_maj_at_k_groups_votes_by_verifier_equivalence():
+    """The issue's cases: answers the math verifier judges equal are one vote, however they are written."""
+    # gold 1/2: three spellings of 1/2 outvote two 3s (grouping by text: 1+1+1 vs 2 -> 0)
+    assert maj_at_k(["1/2", "0.5", "\\frac{1}{2}", "3", "3"], [True, True, True, False, False]) == 1.0
+    # gold 2: three spellings of 1/4 outvote two right 2s (grouping by text: 2 wins -> 1)
+    assert maj_at_k(["1/4", "0.25", "\\frac14", "2", "2"], [False, False, False, True, True]) == 0.0
+    # 12, 12, 12.0 are one class of 3 against 13, 13: not a 2-2 tie
+    assert maj_at_k(["12", "12", "12.0", "13", "13"], [True, True, True, False, False]) == 1.0
+    assert maj_at_k(["12", "12", "12.0", "13", "13"], [False, False, False, True, True]) == 0.0
+    # `\boxed{}` / `$...$` / units are the verifier's business too
+    assert maj_at_k(["$\\dfrac{1}{2}$", "0.5", "7", None, None], [True] * 2 + [False] * 3) == 1.0
+    assert maj_at_k(["90^\\circ", "90", "45", None], [True, True, False, False]) == 1.0
+
+
+def test_maj_at_k_tie_rule_and_verifier_options():
+    """Tie rule (documented in rl/evaluate._vote): a tie between classes scores the fraction of tied classes
+    that are correct. The verifier's options decide what is equal: 0.333 is 1/3 only under policy rounded."""
+    from rewards.policy import resolve
+
+    assert maj_at_k(["1/2", "0.5", "3", "3.0"], [True, True, False, False]) == 0.5  # 2-2 after grouping
+    assert maj_at_k(["1", "2", "3"], [True, False, False]) == pytest.approx(1 / 3)  # three-way tie
+    assert maj_at_k(["1", "2", "3", "3"], [True, True, False, False]) == 0.0  # no tie: 3 wins
+    answers = ["0.333", "\\frac{1}{3}", "2"]
+    assert maj_at_k(answers, [False, True, False]) == pytest.approx(1 / 3)  # exact: three classes of one
+    assert maj_at_k(answers, [True, True, False], policy=resolve("rounded")) == 1.0  # rounded: 2 vs 1
+    # an unscored sample is left out; a class is correct when any scored member is
+    m = summarize_depth([1.0, None, 0.0, 0.0], [1] * 4, [False] * 4, ["0.5", "1/2", "3", "3"], n=4)
+    assert m["maj@k"] == 0.0 and m["accuracy"] == pytest.approx(1 / 3) and m["unscored_frac"] == 0.25
 
 
 def test_maj_at_k_subset_average_matches_enumeration():
@@ -94,11 +124,11 @@ def test_maj_at_k_subset_average_matches_enumeration():
 
 
 def test_summarize_depth_per_prompt_groups():
-    # 2 prompts x n=3: prompt 0 has 1/3 correct, prompt 1 has 0/3 (one unscored).
+    # 2 prompts x n=3: prompt 0 has 1/3 correct, prompt 1 has 0/2 scored (one unscored: left out, counted).
     rewards = [1.0, 0.0, 0.0, 0.0, None, 0.0]
     m = summarize_depth(rewards, lengths=[4, 6, 8, 10, 12, 14], truncated=[False] * 5 + [True],
                         answers=["4", "5", "5", "1", None, "2"], n=3)
-    assert m["accuracy"] == pytest.approx(1 / 6)
+    assert m["accuracy"] == pytest.approx(1 / 5)  # None = unscored: not in the denominator
     assert m["pass@k"] == pytest.approx(0.5) and m["k"] == 3
     assert m["maj@k"] == 0.0  # prompt 0 votes "5" (wrong), prompt 1 has no right answer
     assert m["len_mean"] == pytest.approx(9.0) and m["len_max"] == 14
@@ -109,6 +139,22 @@ def test_summarize_depth_per_prompt_groups():
     assert "pass@k" not in single and single["accuracy"] == 0.5
     with pytest.raises(ValueError, match="multiple of n=3"):
         summarize_depth([1.0, 0.0], [1, 1], [False, False], [None, None], n=3)
+
+
+def test_summarize_depth_none_and_non_binary_scores():
+    """One rule for None everywhere (rl/accuracy.py): unscored samples leave the denominators and are counted;
+    nothing scored gives accuracy None, not 0. A score that is not 1/0/None is refused naming the function."""
+    from rl.accuracy import AccuracyError
+
+    m = summarize_depth([None, None, 1.0, None], [1] * 4, [False] * 4, ["3", "3", "4", None], n=2)
+    assert m["accuracy"] == 1.0 and m["unscored_frac"] == 0.75
+    assert m["pass@k"] == 1.0 and m["maj@k"] == 1.0  # prompt 0 has no scored sample: left out
+    none = summarize_depth([None, None], [1, 1], [False, False], ["3", "3"], n=2)
+    assert none["accuracy"] is None and none["pass@k"] is None and none["unscored_frac"] == 1.0
+    with pytest.raises(AccuracyError, match=r"'dapo_math' returned -1.0 for sample 1; .* 1 \(correct\), 0"):
+        summarize_depth([1.0, -1.0], [1, 1], [False, False], [None, None], n=1, accuracy_name="dapo_math")
+    with pytest.raises(AccuracyError, match="returned 0.5"):
+        summarize_depth([0.5], [1], [False], [None], n=1)
 
 
 def test_flat_metrics_names_match_the_trainer_keys():
@@ -209,6 +255,32 @@ def test_evaluate_depths_with_fake_worker():
     assert m["truncated_frac"] == pytest.approx(0.25)
 
 
+def test_evaluate_depths_passes_the_accuracy_options_and_refuses_signed_scores():
+    """reward_kwargs reach the accuracy function (here: the verifier policy), and dapo_math (+1/-1) is refused."""
+    from datasets import Dataset
+
+    from rl.accuracy import AccuracyError
+
+    data = Dataset.from_dict({"prompt": [[{"role": "user", "content": "1+2"}]], "ground_truth": ["0.3333"]})
+
+    class Third(FakeWorker):
+        def generate(self, prompt_ids, params):
+            out = super().generate(prompt_ids, params)
+            out.completion_ids = [[ord(ch) for ch in "Answer: \\frac{1}{3}"] + [0] for _ in out.completion_ids]
+            return out
+
+    def run(**kw):
+        return evaluate_depths(None, FakeTokenizer(), data, [1], max_new_tokens=40, worker_factory=Third,
+                               **kw)["1"]["accuracy"]
+
+    assert run() == 0.0  # exact: 0.3333 is not 1/3
+    assert run(reward_kwargs={"policy": "rounded"}) == 1.0
+    with pytest.raises(AccuracyError, match="dapo_math scores \\+1 / -1.*use math_accuracy"):
+        run(reward_fn="dapo_math")
+    with pytest.raises(ValueError, match="math_accuracy: policy must be one of"):
+        run(reward_kwargs={"policy": "loose"})
+
+
 def test_evaluate_depths_rejects_greedy_n_gt_1_and_missing_columns():
     from datasets import Dataset
 
@@ -292,6 +364,40 @@ def test_eval_cli_bad_input_is_one_line(tmp_path, capsys):
     assert "no config.json" in capsys.readouterr().err
     assert main(["--model", str(tmp_path), "--data", "arith", "--n", "0"]) == 2
     assert "--n must be >= 1" in capsys.readouterr().err
+
+
+def test_eval_cli_refuses_a_signed_accuracy_function_and_bad_options_in_one_line(tmp_path):
+    """`looprl eval --reward dapo_math` would count -1 as ... nothing sensible: refused before any loading,
+    like a bad --option; as a user runs it."""
+    import subprocess
+    import sys
+
+    def run(*args):
+        proc = subprocess.run([sys.executable, "-m", "rl", "eval", "--data", "arith", "--limit", "2", *args],
+                              capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        return proc.returncode, proc.stderr.strip().splitlines()
+
+    code, err = run("--reward", "dapo_math")
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("looprl eval: --reward: dapo_math scores +1 / -1") and "math_accuracy" in err[0]
+    code, err = run("--option", "policy=loose")
+    assert code == 2 and len(err) == 1 and "policy must be one of" in err[0], err
+    code, err = run("--option", "policy")
+    assert code == 2 and len(err) == 1 and "expected key=value" in err[0], err
+
+
+def test_eval_cli_option_reaches_the_accuracy_function(tiny_model_dir, tmp_path):
+    """--option binds the function's keyword options and is recorded in the report."""
+    from rl.evaluate import main
+
+    out = tmp_path / "eval.json"
+    assert main(["--model", str(tiny_model_dir), "--data", "arith", "--limit", "2", "--depths", "1",
+                 "--max_new_tokens", "4", "--option", "policy=rounded", "--option", "fallback=none",
+                 "--out", str(out), "--no_progress"]) == 0
+    report = json.loads(out.read_text())
+    assert report["reward"] == "math_accuracy"
+    assert report["reward_kwargs"] == {"policy": "rounded", "fallback": "none"}
+    assert report["depths"]["1"]["unscored_frac"] == 0.0
 
 
 def test_gate_rule_decodes_like_the_models_own_generate(tiny_model_dir):

@@ -115,8 +115,11 @@ def test_python_api_callable_reward_and_full_disk_keeps_final_atomic(tiny, tmp_p
         return [float(len(c) % 3) for c in completions]
 
     out = tmp_path / "api"
+    def length_is_even(prompts, completions, **kw):  # an accuracy function scores 1 / 0
+        return [float(len(c) % 2 == 0) for c in completions]
+
     cfg = TrainConfig(model=str(tiny / "model"), depth=3, data="arith", data_limit=16, rewards=[length_reward],
-                      accuracy_reward=length_reward, prompts_per_step=2, num_generations=4, max_new_tokens=4,
+                      accuracy_reward=length_is_even, prompts_per_step=2, num_generations=4, max_new_tokens=4,
                       micro_batch_size=8, max_steps=1, eval_every=0, progress=False, output_dir=str(out))
     trainer = Trainer(cfg)
 
