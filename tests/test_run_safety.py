@@ -88,7 +88,7 @@ def test_output_dir_that_is_a_file_is_one_line(tiny, tmp_path, capsys):  # noqa:
 def test_corrupt_newest_checkpoint_falls_back_then_fails_in_one_line(tiny, tmp_path, capsys):  # noqa: F811
     out = tmp_path / "run"
     assert _train(_args(tiny, out, "--max_steps", "2", "--save_every", "1")) == 0
-    weights = out / "checkpoints" / "step-2" / "pytorch_model.bin"
+    weights = out / "checkpoints" / "step-2" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])  # truncated, as by a crash while the disk filled
     capsys.readouterr()
     assert _train(_args(tiny, out, "--max_steps", "2", "--resume")) == 0

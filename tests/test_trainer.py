@@ -238,7 +238,7 @@ def test_two_cpu_processes_with_accelerate(tiny, tmp_path):
     assert [r["step"] for r in rows] == [1, 2]
     assert rows[0]["sampling/groups_sampled"] >= 2 and rows[0]["mismatch/logp_abs_max"] <= 1e-4
     assert (out / "final" / "config.json").is_file()
-    assert (out / "checkpoints" / "step-1" / "random_states_1.pkl").is_file()  # one RNG state per process
+    assert (out / "checkpoints" / "step-1" / "rng-rank1.json").is_file()  # one RNG state per process
 
 
 def test_lone_cpu_launch_is_detected():
