@@ -56,8 +56,10 @@ def test_accelerate_configs_parse_and_match_the_trainer_clip():
     from accelerate.commands.config.config_args import load_config_from_file
 
     loaded = {p.stem: load_config_from_file(str(p)) for p in sorted(ACCELERATE_DIR.glob("*.yaml"))}
-    assert set(loaded) == {"cpu-2proc", "ddp", "zero2", "zero3"}
-    assert loaded["cpu-2proc"].num_processes == 2
+    assert set(loaded) == {"cpu-2proc", "ddp", "zero2", "zero3", "fsdp2", "fsdp2-cpu-2proc"}
+    assert loaded["cpu-2proc"].num_processes == 2 == loaded["fsdp2-cpu-2proc"].num_processes
+    for name in ("fsdp2", "fsdp2-cpu-2proc"):  # rl/sharding.py reads fsdp_version from the launcher
+        assert loaded[name].distributed_type == "FSDP" and loaded[name].fsdp_config["fsdp_version"] == 2
     assert loaded["ddp"].distributed_type == "MULTI_GPU"
     dapo = yaml.safe_load(DAPO_CONFIG.read_text())
     for name, stage in (("zero2", 2), ("zero3", 3)):
