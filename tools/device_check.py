@@ -72,9 +72,8 @@ def ouro_step(work: Path, small: bool) -> int:
     then two `looprl train --config configs/ouro-1.4b-dapo17k.yaml` steps with the torch engine in bf16
     (the device image has no vLLM). Step 1 includes CUDA warm-up; step 2 is the number to read."""
     sys.path.insert(0, str(REPO / "benchmarks"))
-    from vllm_cpu_rehearsal import REWARD_MODULE, make_checkpoint
-
     import torch
+    from vllm_cpu_rehearsal import REWARD_MODULE, make_checkpoint
 
     work.mkdir(parents=True, exist_ok=True)
     ckpt = work / ("ouro-small-random" if small else "ouro-1.4b-random")
