@@ -68,6 +68,18 @@ def test_accelerate_configs_parse_and_match_the_trainer_clip():
         assert ds["gradient_clipping"] == dapo["max_grad_norm"]  # DeepSpeed clips inside its own step
 
 
+def test_fsdp_request_comes_from_the_launcher_and_fsdp1_is_refused():
+    from rl.config import ConfigError
+    from rl.sharding import take_fsdp_request
+
+    env = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
+    assert take_fsdp_request(env)
+    assert "ACCELERATE_USE_FSDP" not in env  # accelerate must not wrap the sharded model again
+    assert not take_fsdp_request({}) and not take_fsdp_request({"ACCELERATE_USE_FSDP": "false"})
+    with pytest.raises(ConfigError, match="fsdp_version 1 is not supported"):
+        take_fsdp_request({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"})
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

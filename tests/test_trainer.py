@@ -295,6 +295,15 @@ def test_fsdp2_two_cpu_processes_match_ddp_resume_exactly_and_save_a_portable_mo
     _assert_same_metrics(b, _rows(fsdp))
     assert all(torch.equal(t, load_checkpoint_weights(step3)[k]) for k, t in weights.items())
 
+    # one process cannot continue a 2-process sharded checkpoint: refused in one line, nothing written
+    res = subprocess.run([sys.executable, "-m", "rl", "train", *_args(tiny, fsdp, *common, "--max_steps", "4",
+                                                                    "--resume")],
+                         cwd=REPO, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": f"{tiny}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr and "resume with the same number of processes" in res.stderr
+    assert [r["step"] for r in _rows(fsdp)] == [1, 2, 3]
+
 
 def test_lone_cpu_launch_is_detected():
     """`accelerate launch --cpu --num_processes 2` (no mpirun) starts one process with MASTER_ADDR but no
