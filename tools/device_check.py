@@ -101,6 +101,7 @@ def ouro_step(work: Path, small: bool) -> int:
     if res.returncode != 0:
         print("```\n" + res.stderr[-1500:] + "\n```")
         return 1
+    print()
     metrics(str(out))
     return 0
 

@@ -127,11 +127,11 @@ elif [ "$QUICK" = 1 ]; then
   skip "the Ouro-1.4B step (--quick)"
 elif [ "$GPU" = 1 ]; then
   part ouro-1.4b-step 240 $PY tools/device_check.py ouro-step "$WORK/ouro"
-  cat "$OUTDIR/ouro-1.4b-step.log" >> "$REPORT"; note
+  grep -v 'it/s\]' "$OUTDIR/ouro-1.4b-step.log" >> "$REPORT"; note  # without progress bars
 else
   skip "the Ouro-1.4B step itself (no CUDA: ~30 min per step on a CPU). Ran the same script on a 2-layer stand-in (not a measurement):"
   part ouro-small-step-cpu 150 $PY tools/device_check.py ouro-step "$WORK/ouro" --small
-  cat "$OUTDIR/ouro-small-step-cpu.log" >> "$REPORT"; note
+  grep -v 'it/s\]' "$OUTDIR/ouro-small-step-cpu.log" >> "$REPORT"; note  # without progress bars
 fi
 
 rm -rf "$WORK"
