@@ -272,6 +272,9 @@ def test_fsdp2_two_cpu_processes_match_ddp_resume_exactly_and_save_a_portable_mo
         for key in ("loss/policy", "reward/mean", "grad_norm", "entropy", "mismatch/logp_abs_max"):
             assert rb[key] == pytest.approx(ra[key], abs=1e-4), (rb["step"], key)
 
+    for run in (ddp, fsdp):  # trainer state is data only, for every backend that runs here
+        files = [p for p in (run / "checkpoints").rglob("*") if p.is_file()]
+        assert {p.suffix for p in files} == {".json", ".safetensors"}, sorted(p.name for p in files)
     step3 = fsdp / "checkpoints" / "step-3"
     assert {p.name for p in step3.glob("*-rank*.safetensors")} == {
         "model-rank0-of-2.safetensors", "model-rank1-of-2.safetensors",
