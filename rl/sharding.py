@@ -30,18 +30,20 @@ import torch
 from rl.config import ConfigError
 
 FSDP_ENV = "ACCELERATE_USE_FSDP"
+TAKEN_ENV = "LOOPRL_FSDP2"  # the request, once taken from accelerate (a second Trainer in the process sees it)
 
 
 def take_fsdp_request(env: MutableMapping[str, str]) -> bool:
-    """True when the launcher asked for FSDP2; removes the request so accelerate leaves the model to us.
-    FSDP1 (`fsdp_version: 1`) is refused in one line: only FSDP2 is implemented and tested."""
+    """True when the launcher asked for FSDP2; moves the request out of accelerate's variable so accelerate
+    leaves the model to us. FSDP1 (`fsdp_version: 1`) is refused in one line: only FSDP2 is implemented."""
     if env.get(FSDP_ENV, "false").lower() != "true":
-        return False
+        return env.get(TAKEN_ENV) == "1"
     version = env.get("FSDP_VERSION", "1")
     if version != "2":
         raise ConfigError(f"accelerate config: fsdp_version {version} is not supported; set `fsdp_version: 2` "
                           "(configs/accelerate/fsdp2.yaml)")
     env.pop(FSDP_ENV)
+    env[TAKEN_ENV] = "1"
     return True
 
 

@@ -75,6 +75,7 @@ def test_fsdp_request_comes_from_the_launcher_and_fsdp1_is_refused():
     env = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
     assert take_fsdp_request(env)
     assert "ACCELERATE_USE_FSDP" not in env  # accelerate must not wrap the sharded model again
+    assert take_fsdp_request(env)  # a second Trainer in the same process still shards
     assert not take_fsdp_request({}) and not take_fsdp_request({"ACCELERATE_USE_FSDP": "false"})
     with pytest.raises(ConfigError, match="fsdp_version 1 is not supported"):
         take_fsdp_request({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"})
