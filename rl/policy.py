@@ -25,6 +25,7 @@ import torch
 from looped.facts import is_looped
 from looped.hf_compat import enable_activation_checkpointing
 from rl.batch import Sample, collate, exit_mask, own_filler, shard_plan, trained_tokens
+from rl.checkpoint import TrainState
 from rl.config import ConfigError, TrainConfig
 from rl.dist import reduce_max, reduce_sum
 from rl.exit_policy import (
@@ -39,6 +40,7 @@ from rl.losses import loss_normaliser, token_logprobs, truncated_is_weights
 from rl.model_io import load_model, save_portable
 from rl.objective import GateTerm, objective, policy_loss
 from rl.self_distill import SelfDistillConfig, exit_metrics
+from rl.sharding import full_tensor, gather_into, shard_model
 
 # Below this many parameters, CPU matmuls are too small for intra-op threads to pay; on a busy
 # machine the threads' spin-waits made a 120k-parameter step 10x slower (measured, docs/EXPERIMENTS.md).
@@ -114,11 +116,13 @@ class MicroBatch:
 
 
 class Policy:
-    """Owns the policy model (accelerate-prepared), the reference model, optimizer and LR schedule."""
+    """Owns the policy model (accelerate-prepared, or FSDP2-sharded), the reference model, optimizer and LR
+    schedule, and the full-weight module the rollout worker samples from (`rollout_module`)."""
 
     def __init__(self, cfg: TrainConfig, accelerator, model_path: str, *, use_tis: bool,
-                 self_distill: SelfDistillConfig, pad_id: int, exit_policy: ExitPolicyConfig | None = None):
-        self.cfg, self.accelerator = cfg, accelerator
+                 self_distill: SelfDistillConfig, pad_id: int, exit_policy: ExitPolicyConfig | None = None,
+                 sharded: bool = False):
+        self.cfg, self.accelerator, self.sharded = cfg, accelerator, sharded
         self.depth = cfg.effective_update_depth
         self.use_tis, self.sd, self.pad_id = use_tis, self_distill, pad_id
         self.exit_policy = exit_policy or ExitPolicyConfig()
@@ -153,6 +157,9 @@ class Policy:
             self.ref_model = load_model(model_path, "config key 'model'", dtype=dtype).to(accelerator.device)
             self.ref_model.eval().requires_grad_(False)
 
+        if sharded:  # FSDP2 (rl/sharding.py): before the optimizer, which must hold the sharded parameters
+            shard_model(model)
+
         updates_per_step = cfg.num_iterations * (cfg.samples_per_step // (cfg.mini_batch_size or
                                                                           cfg.samples_per_step))
         groups = [{"params": list(model.parameters())}]
@@ -167,12 +174,35 @@ class Policy:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambda(cfg.lr_scheduler, cfg.warmup_steps * updates_per_step,
                                  cfg.max_steps * updates_per_step))
-        self.model, self.optimizer = accelerator.prepare(model, optimizer)
-        # Not prepared: accelerate would step it once per process; ours counts global updates.
-        accelerator.register_for_checkpointing(self.scheduler)
-        if self.exit_weights is not None:  # checkpoints/step-N/custom_checkpoint_1.pkl; --resume restores it
-            accelerator.register_for_checkpointing(self.exit_weights)
-        self.module = accelerator.unwrap_model(self.model)  # the bare model: rollout worker, lm_head, saving
+        # The scheduler is not prepared: accelerate would step it once per process; ours counts global updates.
+        # FSDP2: nothing is prepared (accelerate would wrap the sharded model in DDP); gradients are
+        # reduce-scattered by the sharded model itself.
+        self.model, self.optimizer = (model, optimizer) if sharded else accelerator.prepare(model, optimizer)
+        self.module = accelerator.unwrap_model(self.model)  # the bare model: lm_head, checkpoints
+        # What the rollout worker and eval run: the policy itself, or under FSDP2 a full-weight copy
+        # that full_weights() refreshes after every update.
+        self.rollout_module = self.module
+        if sharded:
+            self.rollout_module = load_model(model_path, "config key 'model'", dtype=dtype).to(accelerator.device)
+            disable_dropout(self.rollout_module)
+            self.rollout_module.eval().requires_grad_(False)
+            gather_into(self.model, self.rollout_module)
+
+    def full_weights(self):
+        """The module the rollout worker samples from, holding the current weights (every process must
+        call it: under FSDP2 it gathers the shards into the rollout copy)."""
+        if self.sharded:
+            gather_into(self.model, self.rollout_module)
+        return self.rollout_module
+
+    def train_state(self) -> TrainState:
+        """What a checkpoint saves and --resume restores (rl/checkpoint.py), besides the trainer's counters."""
+        from accelerate.utils import DistributedType
+
+        deepspeed = self.accelerator.distributed_type == DistributedType.DEEPSPEED
+        return TrainState(model=self.module, optimizer=self.optimizer, scheduler=self.scheduler,
+                          modules={"exit_weights": self.exit_weights} if self.exit_weights is not None else {},
+                          engine=self.model if deepspeed else None)
 
     @property
     def objective_uses_exits(self) -> bool:
@@ -234,6 +264,8 @@ class Policy:
         old = {}
         for chunk in self._shards(samples):
             if not chunk:
+                if self.sharded:  # FSDP2: every forward all-gathers, so every process runs as many
+                    self.logprobs(self._collate(samples[:1]))
                 continue
             batch = self._collate(chunk)
             logp, _, out = self.logprobs(batch, output_exits=old_exits is not None)
@@ -396,7 +428,7 @@ class Policy:
             torch.distributed.all_reduce(grad)
             grad /= self.world
         grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm or float("inf"))
-        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        grad_norm = float(full_tensor(grad_norm)) if grad_norm is not None else float("nan")
         if not finite or not math.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
             warnings.warn(f"step {step + 1}: non-finite loss or gradient (grad_norm={grad_norm}); update skipped",
@@ -447,12 +479,15 @@ class Policy:
         """The final model directory, written atomically and loadable without looprl (rl/model_io.py
         save_portable); the main process writes, every process joins the state-dict gather."""
         acc = self.accelerator
-        state = acc.get_state_dict(self.model)  # collective under ZeRO-3
+        if self.sharded:  # FSDP2: the gathered full-weight copy is the model to save
+            module, state = self.full_weights(), None
+        else:
+            module, state = self.module, acc.get_state_dict(self.model)  # collective under ZeRO-3
         if acc.is_main_process:
             from rl.run_dir import atomic_dir
 
             with atomic_dir(path) as tmp:  # a full disk leaves the previous final/ (or none), never half of one
-                save_portable(self.module, tokenizer, tmp, special_tokens=self.cfg.special_tokens,
+                save_portable(module, tokenizer, tmp, special_tokens=self.cfg.special_tokens,
                               state_dict=state)  # + model code and auto_map
                 if self.exit_weights is not None:  # the learned policy-exit weights travel with the model
                     weights = self.exit_weights().detach().cpu().tolist()

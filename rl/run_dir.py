@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +26,9 @@ from rl.config import ConfigError
 
 # What a looprl run writes into its output_dir; anything else there belongs to the user and is left alone.
 RUN_ARTEFACTS = ("metrics.jsonl", "samples.jsonl", "config.yaml", "checkpoints", "final", "looprl")
+# A checkpoint directory is complete once this file is in it (rl/checkpoint.py writes it last).
+STATE_FILE = "trainer_state.json"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 class RunDirError(ConfigError):
@@ -61,8 +65,6 @@ def prepare_output_dir(output_dir: str | Path, *, resume: bool, overwrite: bool,
     `--resume` in a used directory without a complete checkpoint is refused: it would silently start
     over on top of the old metrics. Every process may run the checks (they only read).
     """
-    from rl.checkpoint import list_checkpoints
-
     root = Path(output_dir)
     if resume and overwrite:
         raise RunDirError("config keys 'resume' and 'overwrite': give one of them, not both")
@@ -87,6 +89,23 @@ def prepare_output_dir(output_dir: str | Path, *, resume: bool, overwrite: bool,
                 shutil.rmtree(target)
             else:
                 target.unlink()
+
+
+def checkpoint_dir(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints, oldest first (temp dirs and dirs without trainer_state.json are ignored)."""
+    root = checkpoint_dir(output_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        match = _STEP_DIR.match(path.name)
+        if match and (path / STATE_FILE).is_file():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
 
 
 def check_writable_file(path: str | Path, what: str) -> None:

@@ -49,6 +49,7 @@ from rl.prompts import PromptIds, PromptSampler
 from rl.run_dir import check_resume_step, one_line, prepare_output_dir
 from rl.scoring import Scorer
 from rl.self_distill import validate_self_distill
+from rl.sharding import take_fsdp_request
 from rollout import SamplingParams, get_engine, make_worker
 from rollout.speculative import accumulate_stats, rollout_metrics, spec_config
 
@@ -73,6 +74,8 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
+        # FSDP2 asked for by the launcher (configs/accelerate/fsdp2*.yaml) is applied by us (rl/sharding.py)
+        sharded = take_fsdp_request(os.environ)
         self.accelerator = acc = Accelerator(
             cpu=not torch.cuda.is_available(),  # CPU processes then join one gloo group (MULTI_CPU)
             log_with=None if cfg.report_to == "none" else cfg.report_to,
@@ -104,13 +107,14 @@ class Trainer:
         engine = get_engine(cfg.engine)
         use_tis = cfg.tis_mode == "token" or (cfg.tis_mode == "auto" and not engine.exact_logprobs)
         self.policy = Policy(cfg, acc, self.model_path, use_tis=use_tis, self_distill=self_distill,
-                             pad_id=int(pad if pad is not None else 0), exit_policy=exit_policy)
+                             pad_id=int(pad if pad is not None else 0), exit_policy=exit_policy,
+                             sharded=sharded)
 
         # the rollout worker (the torch engine holds the policy's own module: sync is free)
-        self.worker = make_worker(cfg.engine, depth=self.depth, model=self.policy.module,
+        self.worker = make_worker(cfg.engine, depth=self.depth, model=self.policy.rollout_module,
                                   model_path=self.model_path, eos_token_id=eos, pad_token_id=pad,
                                   **cfg.engine_options())
-        self.worker.sync_weights(self.policy.module)  # an engine that loaded the files trains from our weights
+        self.worker.sync_weights(self.policy.full_weights())  # an engine that loaded the files trains from ours
 
         # data and rewards
         key = "data"
@@ -163,7 +167,7 @@ class Trainer:
             # 5. update the policy at the rollout depth
             metrics.update(self.policy.update(kept, self.global_step))
             # 6. the next rollout samples from the updated weights
-            self.worker.sync_weights(self.policy.module)
+            self.worker.sync_weights(self.policy.full_weights())
         else:
             warnings.warn(f"step {self.global_step + 1}: every group had equal rewards after {result.rounds} rounds; "
                           "no update", RuntimeWarning, stacklevel=2)
@@ -299,7 +303,7 @@ class Trainer:
         cfg = self.cfg
         depths = cfg.eval_depths or list(range(1, self.depth + 1))
         try:
-            results = evaluate_depths(self.policy.module, self.tokenizer, self.eval_dataset, depths, n=1,
+            results = evaluate_depths(self.policy.rollout_module, self.tokenizer, self.eval_dataset, depths, n=1,
                                       temperature=0.0, max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens,
                                       reward_fn=cfg.accuracy_reward or "math_accuracy",
                                       reward_kwargs=self.scorer.accuracy_kwargs, seed=cfg.seed,
@@ -323,13 +327,14 @@ class Trainer:
         return {"sampler": self.sampler.state_dict(), "nan_streak": self.nan_streak}
 
     def save(self) -> Path:
-        return save_checkpoint(self.accelerator, self.cfg.output_dir, self.global_step, self._state())
+        return save_checkpoint(self.accelerator, self.cfg.output_dir, self.global_step, self._state(),
+                               self.policy.train_state())
 
     def _maybe_resume(self) -> int | None:
         if not self.cfg.resume:
             return None
         # a corrupt newest checkpoint is skipped with a warning naming it (rl/checkpoint.py)
-        found = load_latest_checkpoint(self.accelerator, self.cfg.output_dir, warn=log)
+        found = load_latest_checkpoint(self.accelerator, self.cfg.output_dir, self.policy.train_state(), warn=log)
         if found is None:
             log(f"--resume: no checkpoint in {self.cfg.output_dir}/checkpoints; starting fresh")
             return None
@@ -338,7 +343,7 @@ class Trainer:
         self.global_step = int(state["step"])
         self.sampler.load_state_dict(state["sampler"])
         self.nan_streak = int(state.get("nan_streak", 0))
-        self.worker.sync_weights(self.policy.module)
+        self.worker.sync_weights(self.policy.full_weights())
         log(f"resumed from {path} (step {self.global_step})")
         return self.global_step
 

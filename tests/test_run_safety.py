@@ -88,7 +88,7 @@ def test_output_dir_that_is_a_file_is_one_line(tiny, tmp_path, capsys):  # noqa:
 def test_corrupt_newest_checkpoint_falls_back_then_fails_in_one_line(tiny, tmp_path, capsys):  # noqa: F811
     out = tmp_path / "run"
     assert _train(_args(tiny, out, "--max_steps", "2", "--save_every", "1")) == 0
-    weights = out / "checkpoints" / "step-2" / "pytorch_model.bin"
+    weights = out / "checkpoints" / "step-2" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])  # truncated, as by a crash while the disk filled
     capsys.readouterr()
     assert _train(_args(tiny, out, "--max_steps", "2", "--resume")) == 0
@@ -102,6 +102,48 @@ def test_corrupt_newest_checkpoint_falls_back_then_fails_in_one_line(tiny, tmp_p
     assert _train(_args(tiny, out, "--max_steps", "3", "--resume")) == 2
     assert "step-2" in _err_line(capsys, "no readable checkpoint")
     assert _rows(out) == rows
+
+
+class _Payload:
+    """Unpickling this creates the directory `path`: proof that a pickle was loaded."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return os.mkdir, (self.path,)
+
+
+def test_checkpoints_hold_no_pickles_and_resume_never_unpickles(tiny, tmp_path, capsys):  # noqa: F811
+    """Trainer state is safetensors + JSON; pickles planted in a checkpoint (accelerate's old file names)
+    are never opened, and an old pickle-only checkpoint is skipped in one line, not loaded."""
+    import json
+    import pickle
+
+    out = tmp_path / "run"
+    assert _train(_args(tiny, out, "--max_steps", "2", "--save_every", "1", "--policy_exits", "all",
+                        "--policy_exit_weights", "learned")) == 0
+    files = [p for p in (out / "checkpoints").rglob("*") if p.is_file()]
+    assert files and {p.suffix for p in files} == {".json", ".safetensors"}, sorted(p.name for p in files)
+
+    marker = tmp_path / "pwned"
+    payload = pickle.dumps(_Payload(marker))
+    names = ("random_states_0.pkl", "custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl", "optimizer.bin",
+             "scheduler.bin", "pytorch_model.bin", "model.bin", "rng_state.pth")
+    for name in names:
+        (out / "checkpoints" / "step-2" / name).write_bytes(payload)
+    old = out / "checkpoints" / "step-9"  # a checkpoint in the old (accelerate save_state) layout
+    old.mkdir()
+    for name in names:
+        (old / name).write_bytes(payload)
+    (old / "trainer_state.json").write_text(json.dumps({"step": 9, "sampler": {}, "nan_streak": 0}))
+    capsys.readouterr()
+    assert _train(_args(tiny, out, "--max_steps", "3", "--resume", "--policy_exits", "all",
+                        "--policy_exit_weights", "learned")) == 0
+    assert not marker.exists(), "a pickle in the checkpoint was executed"
+    warning = _err_line(capsys, "is unreadable")
+    assert "step-9" in warning and "never loaded" in warning
+    assert [r["step"] for r in _rows(out)] == [1, 2, 3]  # continued from step-2, not from the planted step-9
 
 
 def test_python_api_callable_reward_and_full_disk_keeps_final_atomic(tiny, tmp_path, capsys,  # noqa: F811

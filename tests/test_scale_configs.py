@@ -56,14 +56,29 @@ def test_accelerate_configs_parse_and_match_the_trainer_clip():
     from accelerate.commands.config.config_args import load_config_from_file
 
     loaded = {p.stem: load_config_from_file(str(p)) for p in sorted(ACCELERATE_DIR.glob("*.yaml"))}
-    assert set(loaded) == {"cpu-2proc", "ddp", "zero2", "zero3"}
-    assert loaded["cpu-2proc"].num_processes == 2
+    assert set(loaded) == {"cpu-2proc", "ddp", "zero2", "zero3", "fsdp2", "fsdp2-cpu-2proc"}
+    assert loaded["cpu-2proc"].num_processes == 2 == loaded["fsdp2-cpu-2proc"].num_processes
+    for name in ("fsdp2", "fsdp2-cpu-2proc"):  # rl/sharding.py reads fsdp_version from the launcher
+        assert loaded[name].distributed_type == "FSDP" and loaded[name].fsdp_config["fsdp_version"] == 2
     assert loaded["ddp"].distributed_type == "MULTI_GPU"
     dapo = yaml.safe_load(DAPO_CONFIG.read_text())
     for name, stage in (("zero2", 2), ("zero3", 3)):
         ds = loaded[name].deepspeed_config
         assert loaded[name].distributed_type == "DEEPSPEED" and ds["zero_stage"] == stage
         assert ds["gradient_clipping"] == dapo["max_grad_norm"]  # DeepSpeed clips inside its own step
+
+
+def test_fsdp_request_comes_from_the_launcher_and_fsdp1_is_refused():
+    from rl.config import ConfigError
+    from rl.sharding import take_fsdp_request
+
+    env = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
+    assert take_fsdp_request(env)
+    assert "ACCELERATE_USE_FSDP" not in env  # accelerate must not wrap the sharded model again
+    assert take_fsdp_request(env)  # a second Trainer in the same process still shards
+    assert not take_fsdp_request({}) and not take_fsdp_request({"ACCELERATE_USE_FSDP": "false"})
+    with pytest.raises(ConfigError, match="fsdp_version 1 is not supported"):
+        take_fsdp_request({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"})
 
 
 def _free_port() -> int:
