@@ -63,7 +63,8 @@ _NEW_TURN = re.compile(r"<\|(?:im_start|im_end|endoftext|end_of_text|eot_id|star
                        r"system)\|>|</s>|<eos>|<end_of_turn>|<start_of_turn>|<｜(?:end▁of▁sentence|User|Assistant)｜>")
 # "the answer is 23." / "The final answer is 23. I hope it is correct." without `$`, a box or a colon
 _ANSWER_IS = re.compile(r"(?<![A-Za-z])answer\s+is\s*:?\s*", re.IGNORECASE)
-_LIST_GLUE = re.compile(r"\s*(?:[,;]\s*)?(?:(?:and|or)\s+)?", re.IGNORECASE)  # between `$4$, $9$, and $12$`
+# between the items of `$4$, $9$, and $12$` or `$3$ apples and $5$ pears`
+_LIST_GLUE = re.compile(r"\s*(?:[,;]\s*)?(?:(?:[A-Za-z]+\s+){0,2}(?:and|or)\s+)?", re.IGNORECASE)
 _PROSE_WORD = re.compile(r"[A-Za-z]{3,}")
 _SENTENCE_END = re.compile(r"(?<=[^\s.])[.;!](?:\s+|$)")
 _CLAUSE = re.compile(r",\s+(?=(?:because|since|which|as|so|where|when|given|assuming)\b)", re.IGNORECASE)
@@ -228,10 +229,11 @@ def _bare_line(line: str) -> str:
 
 
 def _answer_phrase(text: str) -> str | None:
-    """The answer after the last "answer is" (no `$`, box or colon), when it looks like an answer: a
-    number, some LaTeX or a single word; prose ("the answer is an integer") is not an answer."""
+    """The answer after the last "answer is" (no `$`, box or colon), when it looks like an answer (a
+    number, some LaTeX or a single word; prose such as "the answer is an integer" is not) and no math
+    comes after it (then the phrase was a remark and the last math is the answer)."""
     matches = list(_ANSWER_IS.finditer(text))
-    if not matches:
+    if not matches or _MATH_SPAN.search(text, matches[-1].end()):
         return None
     rest = text[matches[-1].end():]
     candidate = _clean_candidate(rest.split("\n", 1)[0])
