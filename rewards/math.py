@@ -14,9 +14,12 @@ separators are dropped; `34.0 == 34`; `0.5 == \\frac12`; a decimal never equals 
 (`3.14159 != \\pi`); several candidate answers (`3 or 4`, `3, 4`, two numbers side by side) never match
 a single gold answer; a partially parsed answer is not trusted; a set never equals a tuple or an
 interval; units of different magnitude (`5 km` vs `5 m`) differ; in a chained equality (`x = 5+5+1 = 11`)
-every member must equal the gold answer. Options (`rewards.policy`, per reward function): exact
-(default) or rounded decimals, decimal commas, and the last-math fallback for responses without an
-`Answer:` line or a box.
+every member must equal the gold answer; a list matches element by element only (`4, 9, and 12` is not
+`3, 8, and 12`; no path ever compares just the last item); exact values compare exactly, also inside
+tuples, intervals, matrices and relations (`\\frac{1}{3^{81}} != \\frac{1}{3^{80}}`), a decimal with a
+relative tolerance (`rewards.symbolic`); a response ends at a token that ends its chat turn.
+Options (`rewards.policy`, per reward function): exact (default) or rounded decimals, decimal commas,
+and the last-math fallback for responses without an `Answer:` line or a box.
 """
 
 from __future__ import annotations
