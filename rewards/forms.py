@@ -298,12 +298,17 @@ def round_half_up(value: Fraction, places: int) -> Fraction:
 
 def rounded_match(decimal: str, value: Fraction, max_places: int) -> bool:
     """Does the exact `value` round to the written `decimal` at the decimal's own number of places
-    (capped at `max_places`)? Needs three significant digits, so `0.3` never stands for 1/3."""
-    places = decimal_places(decimal)
-    if places is None or significant_digits(decimal) < 3:
+    (capped at `max_places` unless the cap would leave fewer than three significant digits: a tiny
+    `0.00000150` is compared at its 8 places, not as `0.000002` with every value near 2e-6)? Needs
+    three significant digits, so `0.3` never stands for 1/3."""
+    own = decimal_places(decimal)
+    if own is None or significant_digits(decimal) < 3:
         return False
-    places = min(places, max_places)
-    return round_half_up(Fraction(decimal.strip()), places) == round_half_up(value, places)
+    written = Fraction(decimal.strip())
+    places = min(own, max_places)
+    if significant_digits(str(round_half_up(written, places) * 10 ** places)) < 3:
+        places = own
+    return round_half_up(written, places) == round_half_up(value, places)
 
 
 _DECIMAL_COMMA = re.compile(r"([+-]?\d+),(\d{1,2}|\d{4,})")

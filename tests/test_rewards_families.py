@@ -180,6 +180,8 @@ def test_forms_helpers() -> None:
     assert not forms.rounded_match("2.6668", Fraction(8, 3), 6)
     assert not forms.rounded_match("0.3", Fraction(1, 3), 6)  # fewer than 3 significant digits
     assert forms.rounded_match("0.0833333333", Fraction(1, 12), 6)
+    assert forms.rounded_match("0.00000188", Fraction(1, 3 ** 12), 6)  # tiny: at its own 8 places ...
+    assert not forms.rounded_match("0.00000150", Fraction(1, 3 ** 12), 6)  # ... never as 0.000002
 
 
 # ------------------------------------------------------------------------------------- verifier report
