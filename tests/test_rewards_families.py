@@ -335,3 +335,18 @@ def test_several_boxes_form_the_answer_only_for_a_list_gold_of_as_many_items() -
     assert rewards.explain(response, "3, 5, 7").extracted == "5"  # two boxes, three items: the last box
     assert rewards.explain("work\n\\boxed{1}\n(a) \\boxed{3}\n(b) \\boxed{5}", "3, 5").correct is False
     assert rewards.explain("Answer: 5\n(a) \\boxed{3}\n(b) \\boxed{5}", "3, 5").extracted == "3, 5"
+
+
+_SPELLINGS = {">=": ["\\geq", "\\ge", "≥", "\\geqslant"], "<=": ["\\leq", "\\le", "≤", "\\leqslant"],
+              "!=": ["\\neq", "\\ne", "≠"], ">": ["\\gt"], "<": ["\\lt"]}
+_OTHER = {">=": ">", "<=": "<", "!=": "=", ">": ">=", "<": "<="}
+
+
+@pytest.mark.parametrize("plain,spelled", [(p, s) for p, spellings in _SPELLINGS.items() for s in spellings])
+def test_every_relation_spelling_matches_both_ways_and_near_misses_do_not(plain: str, spelled: str) -> None:
+    pairs = [(f"Answer: $x {spelled} 5$", f"x {plain} 5", True), (f"Answer: x {plain} 5", f"x {spelled} 5", True),
+             (f"\\boxed{{k {spelled} \\frac{{1}}{{2}}}}", f"k {plain} 1/2", True),
+             (f"Answer: $x {spelled} 6$", f"x {plain} 5", False),
+             (f"Answer: $x {spelled} 5$", f"x {_OTHER[plain]} 5", False)]
+    verdicts = verify_batch([r for r, _, _ in pairs], [g for _, g, _ in pairs], timeout=30)
+    assert [v.correct for v in verdicts] == [e for _, _, e in pairs], verdicts
