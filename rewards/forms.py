@@ -16,14 +16,15 @@ from fractions import Fraction
 # ------------------------------------------------------------------------------------------ matrices
 
 _MATRIX_ENV = re.compile(
-    r"(?:\\left\s*[(\[]\s*)?\\begin\{(pmatrix|bmatrix|matrix|array)\}(\{[^{}]*\})?(.*?)\\end\{\1\}(?:\s*\\right\s*[)\]])?",
+    r"(?:\\left\s*[(\[]\s*)?\\begin\{(pmatrix|bmatrix|Bmatrix|smallmatrix|matrix|array)\}(\{[^{}]*\})?(.*?)"
+    r"\\end\{\1\}(?:\s*\\right\s*[)\]])?",
     re.DOTALL)
 
 
 def canonical_matrices(s: str) -> str:
-    """`bmatrix`, `\\left[\\begin{array}{cc}..\\end{array}\\right]`, `\\left(\\begin{matrix}..\\right)` all
-    become `\\begin{pmatrix}..\\end{pmatrix}` (the delimiters carry no meaning for a matrix answer).
-    `vmatrix` (a determinant) is left alone on purpose."""
+    """`bmatrix`, `Bmatrix`, `smallmatrix`, `\\left[\\begin{array}{cc}..\\end{array}\\right]`,
+    `\\left(\\begin{matrix}..\\right)` all become `\\begin{pmatrix}..\\end{pmatrix}` (the delimiters carry
+    no meaning for a matrix answer). `vmatrix` (a determinant) is left alone on purpose."""
     if "\\begin{" not in s:
         return s
     return _MATRIX_ENV.sub(lambda m: "\\begin{pmatrix}" + m.group(3).strip() + "\\end{pmatrix}", s)
@@ -64,6 +65,52 @@ def canonical_relations(s: str) -> str:
 
 def has_relation(s: str) -> bool:
     return bool(_ANY_RELATION.search(s))
+
+
+_OR = re.compile(r"\s*,?\s*(?<![A-Za-z\\])or(?![A-Za-z])\s*")
+_BOUND = r"([^<>=,;]+?)"
+_VAR_FIRST = re.compile(rf"\s*([A-Za-z])\s*(<|>|\\le|\\ge|\\neq)\s*{_BOUND}\s*")
+_VAR_LAST = re.compile(rf"\s*{_BOUND}\s*(<|>|\\le|\\ge)\s*([A-Za-z])\s*")
+_VAR_MIDDLE = re.compile(rf"\s*{_BOUND}\s*(<|>|\\le|\\ge)\s*([A-Za-z])\s*(<|>|\\le|\\ge)\s*{_BOUND}\s*")
+_OPEN, _CLOSED = {"<": "(", ">": "(", "\\le": "[", "\\ge": "["}, {"<": ")", ">": ")", "\\le": "]", "\\ge": "]"}
+
+
+def _relation_interval(member: str) -> tuple[str, str] | None:
+    """(variable, interval) of one simple inequality in canonical spelling: `x < 2` -> (-\\infty, 2),
+    `2 \\le x` -> [2, \\infty), `-1 < x \\le 3` -> (-1, 3], `x \\neq 2` -> (-\\infty, 2) \\cup (2, \\infty)."""
+    if match := _VAR_MIDDLE.fullmatch(member):
+        low, op1, var, op2, high = match.groups()
+        if {op1, op2} <= {"<", "\\le"}:
+            return var, f"{_OPEN[op1]}{low}, {high}{_CLOSED[op2]}"
+        if {op1, op2} <= {">", "\\ge"}:  # 3 > x > -1
+            return var, f"{_OPEN[op2]}{high}, {low}{_CLOSED[op1]}"
+        return None
+    if match := _VAR_FIRST.fullmatch(member):
+        var, op, bound = match.groups()
+    elif match := _VAR_LAST.fullmatch(member):  # `2 < x` is `x > 2`
+        bound, op, var = match.groups()
+        op = {"<": ">", ">": "<", "\\le": "\\ge", "\\ge": "\\le"}[op]
+    else:
+        return None
+    if _has_letters(bound) and not re.fullmatch(r"[^A-Za-z]*\\pi[^A-Za-z]*", bound):
+        return None  # `x < y` relates two unknowns: not an interval of x
+    if op == "\\neq":
+        return var, f"(-\\infty, {bound}) \\cup ({bound}, \\infty)"
+    if op in ("<", "\\le"):
+        return var, f"(-\\infty, {bound}{_CLOSED[op]}"
+    return var, f"{_OPEN[op]}{bound}, \\infty)"
+
+
+def or_relations_to_union(s: str) -> str:
+    """`x < -1 or x > 2` -> `(-\\infty, -1) \\cup (2, \\infty)`: inequalities of ONE variable joined by
+    "or" are the union of their intervals (the gold often writes that union). Anything else (an `=`,
+    two variables, "and") is left alone."""
+    if not re.search(r"(?<![A-Za-z\\])or(?![A-Za-z])", s) or not has_relation(s):
+        return s
+    parts = [_relation_interval(member) for member in _OR.split(s)]
+    if any(part is None for part in parts) or len({var for var, _ in parts}) != 1:  # type: ignore[misc]
+        return s
+    return " \\cup ".join(interval for _, interval in parts)  # type: ignore[misc]
 
 
 # ------------------------------------------------------------------------ chains, lists, assignments
@@ -136,7 +183,7 @@ def assignment_list_values(s: str) -> str | None:
     return ", ".join(values) if len(names) == 1 else None
 
 
-_AND = re.compile(r"\s*(?<![A-Za-z\\])(?:and|or)(?![A-Za-z])\s*")
+_AND = re.compile(r"\s*,?\s*(?<![A-Za-z\\])(?:and|or)(?![A-Za-z])\s*,?\s*")
 
 
 def assignment_point(s: str) -> str | None:
@@ -162,7 +209,7 @@ def and_to_comma(s: str) -> str:
     only in math-looking answers; a list never matches a single gold answer."""
     if not re.search(r"(?<![A-Za-z\\])(?:and|or)(?![A-Za-z])", s) or not re.search(r"[\d=\\]", s):
         return s
-    return _AND.sub(", ", s).strip(" ,")
+    return _AND.sub(", ", s).strip(" ,")  # `4, 9, and 12` -> `4, 9, 12`: never an empty item
 
 
 def _is_set(s: str) -> bool:
@@ -251,12 +298,17 @@ def round_half_up(value: Fraction, places: int) -> Fraction:
 
 def rounded_match(decimal: str, value: Fraction, max_places: int) -> bool:
     """Does the exact `value` round to the written `decimal` at the decimal's own number of places
-    (capped at `max_places`)? Needs three significant digits, so `0.3` never stands for 1/3."""
-    places = decimal_places(decimal)
-    if places is None or significant_digits(decimal) < 3:
+    (capped at `max_places` unless the cap would leave fewer than three significant digits: a tiny
+    `0.00000150` is compared at its 8 places, not as `0.000002` with every value near 2e-6)? Needs
+    three significant digits, so `0.3` never stands for 1/3."""
+    own = decimal_places(decimal)
+    if own is None or significant_digits(decimal) < 3:
         return False
-    places = min(places, max_places)
-    return round_half_up(Fraction(decimal.strip()), places) == round_half_up(value, places)
+    written = Fraction(decimal.strip())
+    places = min(own, max_places)
+    if significant_digits(str(round_half_up(written, places) * 10 ** places)) < 3:
+        places = own
+    return round_half_up(written, places) == round_half_up(value, places)
 
 
 _DECIMAL_COMMA = re.compile(r"([+-]?\d+),(\d{1,2}|\d{4,})")

@@ -14,9 +14,12 @@ separators are dropped; `34.0 == 34`; `0.5 == \\frac12`; a decimal never equals 
 (`3.14159 != \\pi`); several candidate answers (`3 or 4`, `3, 4`, two numbers side by side) never match
 a single gold answer; a partially parsed answer is not trusted; a set never equals a tuple or an
 interval; units of different magnitude (`5 km` vs `5 m`) differ; in a chained equality (`x = 5+5+1 = 11`)
-every member must equal the gold answer. Options (`rewards.policy`, per reward function): exact
-(default) or rounded decimals, decimal commas, and the last-math fallback for responses without an
-`Answer:` line or a box.
+every member must equal the gold answer; a list matches element by element only (`4, 9, and 12` is not
+`3, 8, and 12`; no path ever compares just the last item); exact values compare exactly, also inside
+tuples, intervals, matrices and relations (`\\frac{1}{3^{81}} != \\frac{1}{3^{80}}`), a decimal with a
+relative tolerance (`rewards.symbolic`); a response ends at a token that ends its chat turn.
+Options (`rewards.policy`, per reward function): exact (default) or rounded decimals, decimal commas,
+and the last-math fallback for responses without an `Answer:` line or a box.
 """
 
 from __future__ import annotations
@@ -56,6 +59,16 @@ _LEADING_PROSE = re.compile(
     re.IGNORECASE)
 _LONE_ASSIGNMENT = re.compile(r"\s*[A-Za-z](?:_\{?\w+\}?)?\s*=\s*")
 _SPECIAL_TOKENS = re.compile(r"<\|[^|<>\s]{1,40}\|>|</s>|<eos>|<end_of_turn>")
+# End of the model's turn or start of a new one (ChatML, Llama 3, Gemma, Phi, DeepSeek): what follows was
+# never meant as this response (`... so the answer is 23. <|im_start|>user ...`). Not every `<|..|>` token:
+# `<|begin_of_solution|>` style markers are part of some models' answers.
+_NEW_TURN = re.compile(r"<\|(?:im_start|im_end|endoftext|end_of_text|eot_id|start_header_id|end|user|assistant|"
+                       r"system)\|>|</s>|<eos>|<end_of_turn>|<start_of_turn>|<｜(?:end▁of▁sentence|User|Assistant)｜>")
+# "the answer is 23." / "The final answer is 23. I hope it is correct." without `$`, a box or a colon
+_ANSWER_IS = re.compile(r"(?<![A-Za-z])answer\s+is\s*:?\s*", re.IGNORECASE)
+# between the items of `$4$, $9$, and $12$` or `$3$ apples and $5$ pears`
+_LIST_GLUE = re.compile(r"\s*(?:[,;]\s*)?(?:(?:[A-Za-z]+\s+){0,2}(?:and|or)\s+)?", re.IGNORECASE)
+_PROSE_WORD = re.compile(r"[A-Za-z]{3,}")
 _SENTENCE_END = re.compile(r"(?<=[^\s.])[.;!](?:\s+|$)")
 _CLAUSE = re.compile(r",\s+(?=(?:because|since|which|as|so|where|when|given|assuming)\b)", re.IGNORECASE)
 _PAREN_REMARK = re.compile(r"^(.*\S)\s*\(([^()]*)\)$")
@@ -164,6 +177,16 @@ def _clean_candidate(s: str) -> str:
     return s.strip().rstrip(".;,!").strip()
 
 
+def _before_new_turn(text: str) -> str:
+    """The response up to the first end-of-turn / new-turn token that follows some content."""
+    if "<" not in text:
+        return text
+    for match in _NEW_TURN.finditer(text):
+        if text[: match.start()].strip():
+            return text[: match.start()]
+    return text
+
+
 def _anchor_ends(text: str) -> list[int]:
     """Where the answer text starts after each `Answer:` (or a colon-less `Answer $..$` whose math is
     the rest of its line), in order."""
@@ -176,38 +199,105 @@ def _anchor_ends(text: str) -> list[int]:
     return ends
 
 
-def _last_math(text: str) -> str | None:
-    """Content of the last `$..$` / `$$..$$` / `\\(..\\)` / `\\[..\\]` (math-verify's fallback)."""
-    spans = list(_MATH_SPAN.finditer(text))
+def _last_math_list(text: str, spans: list[re.Match] | None = None) -> tuple[int, str] | None:
+    """(start, text) of the last `$..$` / `$$..$$` / `\\(..\\)` / `\\[..\\]` (math-verify's fallback),
+    together with the math spans before it that form one list with it (`$4$, $9$, and $12$`): a list
+    is never cut down to its last element."""
+    spans = list(_MATH_SPAN.finditer(text)) if spans is None else spans
     if not spans:
         return None
-    last = spans[-1]
-    content = next(g for g in last.groups() if g is not None)
-    return content.strip() or None
+    first = len(spans) - 1
+    while first > 0 and _LIST_GLUE.fullmatch(text, spans[first - 1].end(), spans[first].start()):
+        first -= 1
+    if first == len(spans) - 1:
+        content = next(g for g in spans[-1].groups() if g is not None).strip()
+        return (spans[-1].start(), content) if content else None
+    return spans[first].start(), text[spans[first].start(): spans[-1].end()]
+
+
+def _bare_line(line: str) -> str:
+    """A one-line response: the math of `Hence $x \\in (1,2) \\cup (3,4)$.` when words without digits
+    lead to it and only punctuation follows; else the whole line."""
+    spans = list(_MATH_SPAN.finditer(line)) if "$" in line or "\\(" in line or "\\[" in line else []
+    if not spans or line[spans[-1].end():].strip(" .!") != "":
+        return line
+    found = _last_math_list(line, spans)
+    if found is None:
+        return line
+    start, math = found
+    lead = line[:start]
+    if re.search(r"\d", lead) or not _PROSE_WORD.search(lead) or _MATH_SPAN.search(lead):
+        return line
+    return math
+
+
+def _answer_phrase(text: str) -> str | None:
+    """The answer after the last "answer is" (no `$`, box or colon), when it looks like an answer (a
+    number, some LaTeX or a single word; prose such as "the answer is an integer" is not) and no math
+    comes after it (then the phrase was a remark and the last math is the answer)."""
+    matches = list(_ANSWER_IS.finditer(text))
+    if not matches or _MATH_SPAN.search(text, matches[-1].end()):
+        return None
+    rest = text[matches[-1].end():]
+    candidate = _clean_candidate(rest.split("\n", 1)[0])
+    if candidate and (re.search(r"[\d\\]", candidate) or re.fullmatch(r"\(?[A-Za-z]+\)?", candidate)):
+        return candidate
+    return None
+
+
+def _boxes_line(text: str, spans: list[tuple[int, int, str]]) -> str:
+    """The boxes on the line of the last box, as one answer: `\\boxed{1}\\boxed{2}` -> `1, 2`,
+    `\\boxed{(1,2)} \\cup \\boxed{(3,4)}` -> that union."""
+    line_start = text.rfind("\n", 0, spans[-1][0]) + 1
+    pieces: list[str] = []
+    previous_end = None
+    for start, end, content in (span for span in spans if span[0] >= line_start):
+        union = previous_end is not None and text[previous_end:start].strip(" $") == "\\cup"
+        previous_end = end
+        content = content.strip()
+        if content and (union or content not in pieces):
+            pieces += [" \\cup " if union else ", ", content] if pieces else [content]
+    return _clean_candidate("".join(pieces)) if pieces else ""
+
+
+def _boxes_of_parts(spans: list[tuple[int, int, str]], candidate: str, gold_items: int) -> str | None:
+    """A multi-part answer boxed part by part (`(a) \\boxed{3}` ... `(b) \\boxed{5}`) against a gold list
+    of as many items: every distinct box, in order; None unless the counts agree exactly."""
+    if gold_items < 2 or len(spans) < 2:
+        return None
+    parts = list(dict.fromkeys(c.strip() for _, _, c in spans if c.strip()))
+    if len(parts) != gold_items or len(forms.top_level_items(normalize_answer(candidate))) >= gold_items:
+        return None
+    return _clean_candidate(", ".join(parts)) or None
 
 
 def boxed_answer(text: str, spans: list[tuple[int, int, str]] | None = None) -> str | None:
-    """The content of the last `\\boxed{}` (all boxes on its line, joined by ", "), or None without one."""
+    """The answer the boxes on the last box's line give (`\\boxed{1}\\boxed{2}` -> `1, 2`, boxes joined by
+    `\\cup` stay a union), or None without a box (rewards/gold.py reads gold answers with it)."""
     spans = _boxed_spans(text) if spans is None else spans
-    if not spans:
-        return None
-    line_start = text.rfind("\n", 0, spans[-1][0]) + 1
-    same_line = [content.strip() for start, _, content in spans if start >= line_start]
-    distinct = list(dict.fromkeys(c for c in same_line if c))
-    return (_clean_candidate(", ".join(distinct)) if distinct else "") or None
+    return (_boxes_line(text, spans) or None) if spans else None
 
 
 def extract_answer(text: str, *, fallback: str = "last_math") -> str | None:
     """The final answer in a full model response, or None if there is none.
 
-    Order: the last `Answer:` line (DAPO's format; bold, `$..$`, `\\(..\\)`, boxed, trailing period and
-    trailing prose tolerated; also `Answer $9$` without the colon) unless a `\\boxed{}` comes after it;
-    else the last `\\boxed{}` (all boxes on that line if there are several); else the whole response
-    when it is one short line (a bare answer); else, with `fallback="last_math"`, the last math
-    expression of the response (a long chain of thought that never states its answer otherwise).
+    The response ends at a token that ends the turn or starts a new one (`<|im_end|>`, `<|im_start|>`,
+    ...). Order: the last `Answer:` line (DAPO's format; bold, `$..$`, `\\(..\\)`, boxed, trailing period
+    and trailing prose tolerated; also `Answer $9$` without the colon) unless a `\\boxed{}` comes after
+    it; else the last `\\boxed{}` (all boxes on that line if there are several); else the whole response
+    when it is one short line (a bare answer; its math when prose leads to it); else the last "the
+    answer is 23" (without `$`); else, with `fallback="last_math"`, the last math expression of the
+    response (with the math before it that forms one list with it).
     """
+    return _extract(text, fallback)
+
+
+def _extract(text: str, fallback: str = "last_math", gold_items: int = 1) -> str | None:
+    """`extract_answer`; with `gold_items` > 1 (the gold is a list) several boxes on several lines
+    may form the answer, one box per item (`_boxes_of_parts`)."""
     if not isinstance(text, str) or not text.strip():
         return None
+    text = _before_new_turn(text)
     anchors = _anchor_ends(text)
     spans = _boxed_spans(text)
     if anchors:
@@ -218,12 +308,19 @@ def extract_answer(text: str, *, fallback: str = "last_math") -> str | None:
         if candidate and not (spans and spans[-1][0] >= chunk_end):  # a later box is the final answer
             return candidate
     if spans:
-        return boxed_answer(text, spans)
+        candidate = _boxes_line(text, spans)
+        if candidate and gold_items > 1:
+            candidate = _boxes_of_parts(spans, candidate, gold_items) or candidate
+        return candidate or None
+    if anchors:
+        return None
     stripped = text.strip()
-    if not anchors and "\n" not in stripped and len(stripped) <= 200:
-        return _clean_candidate(stripped) or None
-    if fallback == "last_math" and not anchors and (math := _last_math(text)) is not None:
-        return _clean_candidate(math) or None
+    if "\n" not in stripped and len(stripped) <= 200:
+        return _clean_candidate(_bare_line(stripped)) or None
+    if (phrase := _answer_phrase(text)) is not None:
+        return phrase
+    if fallback == "last_math" and (math := _last_math_list(text)) is not None:
+        return _clean_candidate(math[1]) or None
     return None
 
 
@@ -240,7 +337,7 @@ _SPACING = re.compile(r"(?<!\\)\\[,;:! ]|\\q?quad\b|~")  # not the `\\` of matri
 _DEGREES = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|\\circ|\\degree|°")
 _THOUSANDS = re.compile(r"^[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
 _ASSIGNMENT = re.compile(r"^\s*[A-Za-z](?:_\{?\w+\}?)?\s*=\s*([^=]+)$")
-_MEMBERSHIP = re.compile(r"^\s*[A-Za-z](?:_\{?\w+\}?)?\s*\\in\s+(.+)$")  # x \in [-2, 7]
+_MEMBERSHIP = re.compile(r"^\s*[A-Za-z](?:_\{?\w+\}?)?\s*\\in(?![A-Za-z])\s*(.+)$")  # x \in [-2, 7]
 _COMMA_BANG = re.compile(r"(?<=\d),\s*\\!\s*(?=\d)")  # `32,\! 349`: LaTeX's thousands comma
 _PLAIN = re.compile(r"[+-]?[\d.]*")
 _PLAIN_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
@@ -298,7 +395,7 @@ def normalize_answer(answer: str, keep_assignment: bool = False) -> str:
     if _THOUSANDS.match(s):
         s = s.replace(",", "")
     if not _PLAIN.fullmatch(s):  # the new notations below never occur in a plain number
-        s = forms.canonical_relations(forms.and_to_comma(s))
+        s = forms.and_to_comma(forms.or_relations_to_union(forms.canonical_relations(s)))
         if "\\in" in s and (match := _MEMBERSHIP.match(s)) and not forms.has_relation(s):
             s = match.group(1).strip()
     if not keep_assignment and "=" in s:
@@ -471,6 +568,11 @@ def compare_forms(pred: str, gold: str, policy: Policy) -> tuple[bool | None, st
     return None, "needs symbolic check", p, g
 
 
+def _list_length(gold: str) -> int:
+    """Items in a gold answer (`3, 5` -> 2; a tuple or interval is one item)."""
+    return len(forms.top_level_items(normalize_answer(gold))) if "," in gold or "and" in gold else 1
+
+
 def fast_compare(pred: str, gold: str, policy: Policy | None = None) -> tuple[bool | None, str]:
     """Decide cheaply when possible: (True/False, reason), or (None, reason) when sympy is needed."""
     return compare_forms(pred, gold, policy or resolve())[:2]
@@ -569,7 +671,8 @@ def verify_batch(responses: list[str], ground_truths: list[str], *, timeout: flo
     timeout = _SETTINGS["timeout"] if timeout is None else timeout
     verdicts: list[Verdict | None] = [None] * len(responses)
     extracted_all = list(responses) if extracted else \
-        [extract_answer(response, fallback=policy.fallback) for response in responses]
+        [_extract(response, policy.fallback, _list_length(str(gold)) if "box" in response else 1)
+         for response, gold in zip(responses, ground_truths)]
     slow: dict[tuple, list[int]] = {}
     for i, (extracted, gold) in enumerate(zip(extracted_all, ground_truths)):
         if extracted is None:

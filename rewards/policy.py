@@ -16,7 +16,7 @@ Presets:
 
 `fallback` is separate from both: "last_math" (default, like math-verify) takes the last `$...$` /
 `\\[...\\]` of a response that has neither an `Answer:` line nor a `\\boxed{}`; "none" scores such a
-response as having no answer (stricter format discipline).
+response as having no answer (stricter format discipline); an explicit "the answer is 23" counts under both.
 """
 
 from __future__ import annotations

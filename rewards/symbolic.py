@@ -2,17 +2,26 @@
 
 Runs inside the worker processes of `rewards.pool` (which enforce the hard time limit), or inline for
 benchmarks. math-verify's own signal timeouts are switched off here: they only work on a main thread,
-and the pool kills a stuck worker anyway. Returns (equal, reason); never trusts a partial parse.
+and the pool kills a stuck worker anyway. Returns (equal, reason); never trusts a partial parse (a
+list must keep every item).
+
+Numbers inside math-verify's comparison (of plain values and of the entries of sets, tuples,
+intervals, matrices and relations) are compared by `_numeric_eq` instead of math-verify's own, which
+rounds to 6 places or chops tiny differences (so `\\frac{1}{3^{81}}` equalled `\\frac{1}{3^{80}}`): exact
+values compare exactly, and a decimal (a sympy Float) with a RELATIVE tolerance.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
+import threading
+from collections.abc import Iterator
 from fractions import Fraction
 
 import sympy
-from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+from math_verify import ExprExtractionConfig, LatexExtractionConfig, grader, parse, verify
 
 from rewards import forms
 from rewards.math import parse_literal
@@ -21,6 +30,55 @@ logging.getLogger("math_verify").setLevel(logging.ERROR)  # "timeout is disabled
 
 _CONFIG = [LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()]
 _DIGITS = re.compile(r"\d+")
+
+
+EXACT_DIGITS = 50  # an exact irrational value (sqrt, pi, exp) is evaluated to this many digits ...
+EXACT_RELATIVE = sympy.Float("1e-40", EXACT_DIGITS)  # ... and must agree to this relative difference
+INEXACT_RELATIVE = sympy.Float("1e-12", EXACT_DIGITS)  # a decimal: 15-digit floats, rounding noise only
+
+
+def _values_close(a: sympy.Expr, b: sympy.Expr, relative: sympy.Float) -> bool:
+    """|a - b| <= relative * max(|a|, |b|): relative, so tiny values never all look equal."""
+    x, y = sympy.N(a, EXACT_DIGITS), sympy.N(b, EXACT_DIGITS)
+    if not (x.is_finite and y.is_finite):  # oo vs -oo: no tolerance applies
+        return bool(x == y)
+    try:
+        return bool(abs(x - y) <= relative * max(abs(x), abs(y)))
+    except TypeError:  # infinities, nan, values sympy cannot order
+        return bool(x == y)
+
+
+def _numeric_eq(a, b, float_rounding: int = 6, numeric_precision: int = 15) -> bool:
+    """Stands in for math-verify's `sympy_numeric_eq` (same signature) during our calls. Two exact
+    numbers: equal when both are rational and the same (sympy Rational equality), or when irrational
+    values agree to EXACT_DIGITS; a decimal on either side: relative tolerance INEXACT_RELATIVE (the
+    exact policy: `0.333333 != 1/3`). Not numbers (`x/3`): False here, sympy's simplify decides."""
+    if isinstance(a, sympy.MatrixBase) and isinstance(b, sympy.MatrixBase):
+        a, b = grader.safe_sympy_doit(a), grader.safe_sympy_doit(b)
+        return a.shape == b.shape and all(_numeric_eq(x, y) for x, y in zip(a, b))
+    if not (isinstance(a, sympy.Expr) and isinstance(b, sympy.Expr) and a.is_number and b.is_number):
+        return False
+    a, b = grader.safe_sympy_doit(a), grader.safe_sympy_doit(b)
+    if a.has(sympy.Float) or b.has(sympy.Float):
+        return _values_close(a, b, INEXACT_RELATIVE)
+    if a.is_Rational and b.is_Rational:
+        return bool(a == b)
+    return _values_close(a, b, EXACT_RELATIVE)
+
+
+_SWAP_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _exact_numbers() -> Iterator[None]:
+    """math-verify compares with our `_numeric_eq` inside this block (and only there: other users of
+    math-verify in the process keep its own)."""
+    with _SWAP_LOCK:
+        original, grader.sympy_numeric_eq = grader.sympy_numeric_eq, _numeric_eq
+        try:
+            yield
+        finally:
+            grader.sympy_numeric_eq = original
 
 
 def _parse(answer: str) -> list:
@@ -104,10 +162,26 @@ def _rounded_equal(a, b, precision: int) -> bool:
     return a == b
 
 
+def _list_items(answer: str) -> int:
+    """Top-level items of a list answer (`4, 9, 12` -> 3; `(1, 2)` and matrices count as one)."""
+    if "," not in answer or "\\begin" in answer:
+        return 1
+    return len({item for item in forms.top_level_items(answer) if item})
+
+
+def _parsed_items(value) -> int:
+    if isinstance(value, (sympy.FiniteSet, sympy.Tuple, tuple, list)):
+        return len(value)
+    return 1
+
+
 def _parse_checked(answer: str, what: str) -> tuple[list | None, str]:
     parsed = _parse(answer)
     if not parsed:
         return None, f"math-verify could not parse the {what}" + (f" {answer!r}" if what == "gold answer" else "")
+    items = _list_items(answer)
+    if _parsed_items(parsed[0]) < items:  # `4, 9,, 12` parsed as 12: never compare what is left of a list
+        return None, f"only part of the {what} list parsed ({items} items, got {parsed[0]})"
     return parsed, ""
 
 
@@ -126,7 +200,8 @@ def _equal(pred: str, gold: str, precision: int | None) -> tuple[bool, str]:
             if decided is not None:
                 return decided
     # set_relation: `-2 \le x \le 7` is the interval [-2, 7] (both ways round)
-    equal = verify(gold_parsed, pred_parsed, timeout_seconds=None, allow_set_relation_comp=True)
+    with _exact_numbers():
+        equal = verify(gold_parsed, pred_parsed, timeout_seconds=None, allow_set_relation_comp=True)
     if not equal and precision is not None and _rounded_equal(pred_parsed[0], gold_parsed[0], precision):
         return True, f"equal up to rounded decimals (numeric_precision={precision})"
     return bool(equal), "math-verify: equivalent" if equal else "math-verify: not equivalent"

@@ -84,6 +84,20 @@ def test_verify_benchmark_smallest_size() -> None:
     assert fast and int(fast.group(2)) == 0  # the integer set never reaches the symbolic pool
 
 
+def test_verify_benchmark_against_another_checkout() -> None:
+    """`--against DIR` (here: this checkout against itself) prints CPU s per 1,000 answers for both sides
+    and no changed verdict; a DIR without a verifier is a one-line error."""
+    root = BENCHMARKS.parent
+    out = subprocess.run([sys.executable, str(BENCHMARKS / "verify.py"), "--against", str(root), "--n", "8",
+                          "--sets", "short", "--workers", "1"], capture_output=True, text=True, timeout=300, check=True)
+    row = re.search(r"short\s+inline sympy\s+([\d.]+)\s+([\d.]+)\s+\S+\s+([\d.]+)\s+([\d.]+)\s+(\d+)", out.stdout)
+    assert row and row.group(3) == row.group(4) and row.group(5) == "0", out.stdout
+    bad = subprocess.run([sys.executable, str(BENCHMARKS / "verify.py"), "--against", str(BENCHMARKS)],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "no rewards/math.py there" in bad.stderr
+    assert len(load("verify").labelled_pairs()) > 400  # every labelled pair of the repo, for --changed-verdicts
+
+
 @pytest.mark.slow
 def test_exit_policy_experiment_benchmark(tmp_path, capsys):
     out, other = tmp_path / "exp", tmp_path / "other"

@@ -117,6 +117,14 @@ EQUIVALENT = [  # (response, gold): must score as correct
     ("Answer: 6-5i", "6 - 5i"), ("Answer: \\frac{b+a}{2}", "\\frac{a+b}{2}"),
     ("so \\boxed{\n\\begin{pmatrix} 0 & 3 \\\\ 0 & -1 \\end{pmatrix}\n}.",
      "\\begin{pmatrix} 0 & 3 \\\\ 0 & -1 \\end{pmatrix}"),
+    # issue 26: answer forms of real outputs
+    ("Answer: 3, 8, and 12", "3, 8, 12"), ("Answer: \\frac{1}{3^{81}}", "3^{-81}"), ("Answer: x \\gt 5", "x > 5"),
+    ("Answer: x \\neq 5", "x != 5"), ("Answer: x ≥ 5", "x \\geq 5"), ("Answer: x <= 5", "x \\le 5"),
+    ("Answer: $\\begin{bmatrix}1&2\\\\3&4\\end{bmatrix}$", "\\left[\\begin{array}{cc}1&2\\\\3&4\\end{array}\\right]"),
+    ("work\nso the answer is 23. <|im_start|>user\nWhat is 5+5?", "23"),
+    ("work\nThe final answer is 23. I hope it is correct.", "23"),
+    ("work\n(a) \\boxed{3}\n(b) \\boxed{5}", "3, 5"), ("x \\in \\boxed{(1,2)\\cup(3,4)}", "(1,2)\\cup(3,4)"),
+    ("Hence $x \\in (1,2) \\cup (3,4)$.", "(1,2)\\cup(3,4)"),
 ]
 
 NOT_EQUIVALENT = [  # (response, gold): must score as wrong — false positives teach the model to cheat
@@ -140,6 +148,14 @@ NOT_EQUIVALENT = [  # (response, gold): must score as wrong — false positives 
     ("Answer: x^2+2x", "x^2+2x+1"), ("Answer: (D)", "C"),
     ("Answer: \\frac{1}{2}", "\\frac{1}{2}, \\frac{3}{4}"), ("Answer: 3 and 4", "3, 5"), ("Answer: 0.25", "25\\%"),
     ("Answer: (C) 17", "C"),
+    # issue 26: a list shares only its last element; tiny values are not all equal
+    ("Answer: 4, 9, and 12", "3, 8, and 12"), ("The answers are 4, 9, and 12.", "3, 8, and 12"),
+    ("work\nso $4$, $9$, and $12$", "3, 8, and 12"), ("work\nso $4$, $9$, and $12$", "12"),
+    ("Answer: \\frac{1}{3000!}", "\\frac{1}{3001!}"), ("Answer: \\frac{1}{3^{81}}", "\\frac{1}{3^{80}}"),
+    ("Answer: 10^{-20}", "10^{-21}"), ("Answer: x \\geq 6", "x \\ge 5"), ("Answer: x \\neq 5", "x = 5"),
+    ("work\nso the answer is 24. <|im_start|>user\nWhat is 5+5?", "23"),
+    ("Answer: 23<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\nAnswer: 4", "4"),
+    ("work\n(a) \\boxed{3}\n(b) \\boxed{6}", "3, 5"), ("Hence $x \\in (1,2) \\cup (3,5)$.", "(1,2)\\cup(3,4)"),
     # no answer at all
     ("No answer here, sorry.\nI give up.", "42"), ("", "42"), ("Answer:", "42"),
 ]

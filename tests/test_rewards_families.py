@@ -1,4 +1,5 @@
-"""Issue 17: the false-negative families of real model outputs, both directions, plus the options.
+"""Issues 17 and 26: the false-negative families of real model outputs and the false-positive classes
+(lists compared by a suffix, tiny numbers), both directions, plus the options.
 
 The labelled cases live in tests/data/verifier_cases.jsonl (policy "exact", the default) and
 tests/data/verifier_cases_rounded.jsonl (policy "rounded"): every family has right answers that must be
@@ -45,7 +46,8 @@ def test_near_miss_set_is_large_and_covers_every_family() -> None:
     assert len(near_misses) >= 100
     families = {r["family"] for r in rows}
     assert families >= {"boxed_in_text", "thousands", "units", "relations", "chain", "equation", "matrix",
-                        "answer_no_colon", "last_math", "exact_numbers", "rounded"}
+                        "answer_no_colon", "last_math", "exact_numbers", "rounded", "lists", "tiny_numbers",
+                        "new_turn", "multi_box", "membership"}
     for family in families:  # both directions in every family ("general" holds look-alikes only)
         labels = {r["expected"] for r in rows if r["family"] == family}
         assert labels == {True, False} or family == "general", family
@@ -178,6 +180,8 @@ def test_forms_helpers() -> None:
     assert not forms.rounded_match("2.6668", Fraction(8, 3), 6)
     assert not forms.rounded_match("0.3", Fraction(1, 3), 6)  # fewer than 3 significant digits
     assert forms.rounded_match("0.0833333333", Fraction(1, 12), 6)
+    assert forms.rounded_match("0.00000188", Fraction(1, 3 ** 12), 6)  # tiny: at its own 8 places ...
+    assert not forms.rounded_match("0.00000150", Fraction(1, 3 ** 12), 6)  # ... never as 0.000002
 
 
 # ------------------------------------------------------------------------------------- verifier report
@@ -189,7 +193,7 @@ def test_report_on_the_case_files_agrees_fully(capsys) -> None:
     out = capsys.readouterr().out
     total = len(_rows("exact"))
     assert f"agreement with 'expected': {total}/{total} (100.0 %)" in out
-    assert "false positives (scored correct, labelled wrong): 0" in out and "matrix: 15/15" in out
+    assert "false positives (scored correct, labelled wrong): 0" in out and "matrix: 20/20" in out
     assert main(["--jsonl", str(CASE_FILES["rounded"]), "--report", "--option", "policy=rounded"]) == 0
     assert "numeric_precision=6, decimal_comma=True" in capsys.readouterr().out
 
@@ -246,3 +250,103 @@ def test_report_needs_a_file(capsys) -> None:
 
     assert main(["--report", "--completion", "Answer: 1", "--answer", "1"]) == 2
     assert "--report needs --jsonl FILE" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------ issue 26: false positives
+
+def test_numbers_compare_exactly_when_exact_and_relatively_when_a_decimal() -> None:
+    import sympy
+
+    from rewards.symbolic import _numeric_eq
+
+    tiny, tinier = sympy.Pow(3, -81, evaluate=False), sympy.Pow(3, -80, evaluate=False)
+    assert not _numeric_eq(tiny, tinier) and _numeric_eq(tiny, sympy.Rational(1, 3 ** 81))
+    assert not _numeric_eq(1 / sympy.factorial(3000, evaluate=False), 1 / sympy.factorial(3001, evaluate=False))
+    assert not _numeric_eq(sympy.exp(-100), sympy.exp(-101)) and _numeric_eq(sympy.sqrt(8), 2 * sympy.sqrt(2))
+    assert _numeric_eq(sympy.Float("1.5e-30"), sympy.Rational(3, 2) * sympy.Pow(10, -30, evaluate=False))
+    assert not _numeric_eq(sympy.Float("1.5e-30"), sympy.Float("1.5e-31"))  # relative, not absolute
+    assert not _numeric_eq(sympy.Float("0.333333"), sympy.Rational(1, 3))  # the exact policy
+    assert _numeric_eq(sympy.Float("0.5"), sympy.Rational(1, 2))
+    assert not _numeric_eq(sympy.oo, -sympy.oo) and not _numeric_eq(sympy.Symbol("x") / 3, sympy.Symbol("x") / 3)
+    assert _numeric_eq(sympy.Matrix([[1, sympy.sqrt(2)]]), sympy.Matrix([[1, sympy.sqrt(2)]]))
+    assert not _numeric_eq(sympy.Matrix([[1, tiny]]), sympy.Matrix([[1, tinier]]))
+
+
+def test_our_number_comparison_is_used_only_inside_our_calls() -> None:
+    """Other users of math-verify in the same process (TRL's accuracy reward, the benchmark's baseline)
+    keep math-verify's own comparison."""
+    from math_verify import grader
+
+    from rewards.symbolic import symbolic_equal
+
+    original = grader.sympy_numeric_eq
+    assert symbolic_equal("\\frac{1}{3^{81}}", "\\frac{1}{3^{80}}")[0] is False
+    assert grader.sympy_numeric_eq is original
+
+
+@pytest.mark.parametrize("pred,gold", [("4, 9,, 12", "3, 8, 12"), ("3, 8, 12", "4, 9,, 12")])
+def test_a_list_that_parses_only_in_part_is_never_compared(pred: str, gold: str) -> None:
+    from rewards.symbolic import symbolic_equal
+
+    equal, reason = symbolic_equal(pred, gold)
+    assert not equal and "only part of the" in reason and "list parsed" in reason
+
+
+def test_list_and_relation_forms() -> None:
+    assert forms.and_to_comma("4, 9, and 12") == "4, 9, 12" and forms.and_to_comma("3, 8 or 12") == "3, 8, 12"
+    assert normalize_answer("3, 8, \\text{ and } 12") == "3, 8, 12"
+    assert forms.or_relations_to_union("x < -1 or x > 2") == "(-\\infty, -1) \\cup (2, \\infty)"
+    assert forms.or_relations_to_union("x \\le -1 or 2 \\le x") == "(-\\infty, -1] \\cup [2, \\infty)"
+    assert forms.or_relations_to_union("-1 < x \\le 1 or x \\neq 5") == \
+        "(-1, 1] \\cup (-\\infty, 5) \\cup (5, \\infty)"
+    assert forms.or_relations_to_union("x < -1 or y > 2") == "x < -1 or y > 2"  # two unknowns
+    assert forms.or_relations_to_union("x = 3 or x = -3") == "x = 3 or x = -3"  # values, not a union
+    assert forms.or_relations_to_union("x < y or x > 2") == "x < y or x > 2"
+    assert normalize_answer("x \\lt -1 \\text{ or } x \\gt 2") == "(-\\infty, -1) \\cup (2, \\infty)"
+    assert normalize_answer("x\\in(1,2)\\cup(3,4)") == "(1,2)\\cup(3,4)"
+    assert normalize_answer("\\begin{Bmatrix}1\\\\2\\end{Bmatrix}") == "\\begin{pmatrix}1\\\\2\\end{pmatrix}"
+
+
+@pytest.mark.parametrize("response,expected", [
+    ("work\nso the answer is 23. <|im_start|>user\nWhat is 2+2?\nAnswer: 4", "23"),
+    ("Answer: 23<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\nAnswer: 4", "23"),
+    ("<|im_start|>assistant\nwork\nAnswer: 24", "24"),  # a turn token before any content is not a cut
+    ("work\nThus the answer is 23<|eot_id|><|start_header_id|>user<|end_header_id|>\nAnswer: 7", "23"),
+    ("<|begin_of_solution|>\nwork\nAnswer: 5\n<|end_of_solution|>", "5"),  # not a turn token
+    ("work\nThe final answer is 23. I hope it is correct.", "23"),
+    ("work\nI think the answer is (C).", "(C)"),
+    ("work\nNote the answer is an integer.\nSo $x = 5$.", "x = 5"),  # a remark, then the math
+    ("work\nNote the answer is positive.\nSo $x = 5$.", "x = 5"),
+    ("work\nso $4$, $9$, and $12$.", "4, 9, and 12"),  # the last math keeps its list
+    ("work\nso $3$ apples and $5$ pears", "3 apples and 5"),
+    ("work\nwe get $3 + 4 = 7$ and so $7$", "7"),  # `and so` is not list glue
+    ("Hence $x \\in (1,2) \\cup (3,4)$.", "x \\in (1,2) \\cup (3,4)"),  # one line: the math prose leads to
+    ("$3$ apples and $5$ pears", "3 apples and 5 pears"),  # one line of mixed text: all of it
+    ("So $x \\in \\boxed{(1,2)} \\cup \\boxed{(3,4)}$", "(1,2) \\cup (3,4)"),
+    ("(a) \\boxed{3}\n(b) \\boxed{5}", "5"),  # without a list gold the last box is the answer
+])
+def test_extraction_of_the_issue_26_forms(response: str, expected: str) -> None:
+    assert extract_answer(response) == expected
+
+
+def test_several_boxes_form_the_answer_only_for_a_list_gold_of_as_many_items() -> None:
+    response = "work\n(a) \\boxed{3}\n(b) \\boxed{5}"
+    assert rewards.explain(response, "3, 5").extracted == "3, 5"
+    assert rewards.explain(response, "3, 5, 7").extracted == "5"  # two boxes, three items: the last box
+    assert rewards.explain("work\n\\boxed{1}\n(a) \\boxed{3}\n(b) \\boxed{5}", "3, 5").correct is False
+    assert rewards.explain("Answer: 5\n(a) \\boxed{3}\n(b) \\boxed{5}", "3, 5").extracted == "3, 5"
+
+
+_SPELLINGS = {">=": ["\\geq", "\\ge", "≥", "\\geqslant"], "<=": ["\\leq", "\\le", "≤", "\\leqslant"],
+              "!=": ["\\neq", "\\ne", "≠"], ">": ["\\gt"], "<": ["\\lt"]}
+_OTHER = {">=": ">", "<=": "<", "!=": "=", ">": ">=", "<": "<="}
+
+
+@pytest.mark.parametrize("plain,spelled", [(p, s) for p, spellings in _SPELLINGS.items() for s in spellings])
+def test_every_relation_spelling_matches_both_ways_and_near_misses_do_not(plain: str, spelled: str) -> None:
+    pairs = [(f"Answer: $x {spelled} 5$", f"x {plain} 5", True), (f"Answer: x {plain} 5", f"x {spelled} 5", True),
+             (f"\\boxed{{k {spelled} \\frac{{1}}{{2}}}}", f"k {plain} 1/2", True),
+             (f"Answer: $x {spelled} 6$", f"x {plain} 5", False),
+             (f"Answer: $x {spelled} 5$", f"x {_OTHER[plain]} 5", False)]
+    verdicts = verify_batch([r for r, _, _ in pairs], [g for _, g, _ in pairs], timeout=30)
+    assert [v.correct for v in verdicts] == [e for _, _, e in pairs], verdicts
