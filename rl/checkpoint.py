@@ -39,10 +39,12 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, state: dict[
         if accelerator.is_main_process:
             (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=1))
     except Exception as e:  # a full disk: leave no half checkpoint behind, say so in one line
-        shutil.rmtree(tmp, ignore_errors=True)
-        from rl.run_dir import RunWriteError, one_line
+        from rl.run_dir import RunWriteError, newest_file, one_line
 
-        raise RunWriteError(f"cannot write checkpoint {final}: {one_line(e, root)}; older checkpoints are "
+        file = newest_file(tmp)  # the file being written, named where it was going
+        file = final / file.relative_to(tmp) if file else None
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RunWriteError(f"cannot write checkpoint {final}: {one_line(e, root, file)}; older checkpoints are "
                             "intact") from e
     if accelerator.is_main_process:
         if final.exists():
