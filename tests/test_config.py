@@ -48,8 +48,9 @@ def test_saved_config_round_trips(tmp_path):
     (["--eval_every", "5", "--eval_data", "none"], "'eval_data'"),
     (["--eval_depths", "0,2"], "'eval_depths'"),
     (["--top_p", "0"], "'top_p'"),
-    (["--self_distill_coef", "0.1", "--self_distill_exits", "4"], "self_distill_exits"),  # T = 4 is the teacher
-    (["--policy_exits", "5"], "policy_exits"),  # the embedded model has 4 exits
+    # exits are checked against the depth: before the model is read only when depth is given (default: its T)
+    (["--depth", "4", "--self_distill_coef", "0.1", "--self_distill_exits", "4"], "self_distill_exits"),
+    (["--depth", "4", "--policy_exits", "5"], "policy_exits"),  # 4 loops have 4 exits
     (["--policy_exits", "first"], "policy_exits"),
     (["--policy_exit_weights", "softmax"], "policy_exit_weights"),
     (["--gate_loss_coef", "-1"], "gate_loss_coef"),
