@@ -54,7 +54,9 @@ def load_model_config(path: str, where: str):
     if local.is_dir():
         config_file = local / "config.json"
         if not config_file.is_file():
-            raise ModelLoadError(f"{where}: {path} has no config.json (not a saved model directory)")
+            run = " (a looprl run: use its final/ or a checkpoints/step-N)" if (local / "config.yaml").is_file() \
+                and (local / "checkpoints").is_dir() else ""
+            raise ModelLoadError(f"{where}: {path} has no config.json (not a saved model directory){run}")
         try:
             raw = json.loads(config_file.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -186,6 +188,9 @@ def checkpoint_source(path: str | Path, where: str) -> CheckpointSource:
 
     ckpt = Path(path)
     run_config = ckpt.resolve().parent.parent / "config.yaml"
+    if not run_config.is_file():
+        raise ModelLoadError(f"{where}: checkpoint {ckpt}: its run's {run_config} is missing (it names the model "
+                             "the checkpoint belongs to)")
     try:
         raw = yaml.safe_load(run_config.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
