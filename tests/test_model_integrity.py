@@ -127,9 +127,9 @@ def test_a_collapsed_run_stops_after_max_no_update_steps(tiny, tmp_path):  # noq
     assert _checkpoints(out) == ["step-2"]  # the finished steps are kept
     # 0 = never stop; the default stops after 20 such steps
     out0 = tmp_path / "off"
-    res = _cli(["train", *_args(tiny, out0, "--max_steps", "3", "--rewards", "constreward:constant",
-                                "--max_rounds", "1"), "--max_no_update_steps", "0"], tiny)
-    assert res.returncode == 0 and (out0 / "final").is_dir(), res.stderr
+    assert _train([*_args(tiny, out0, "--max_steps", "3", "--rewards", "constreward:constant", "--max_rounds", "1"),
+                   "--max_no_update_steps", "0"]) == 0
+    assert (out0 / "final").is_dir()
     assert TrainConfig().max_no_update_steps == 20
     with pytest.raises(ConfigError, match="'max_no_update_steps'"):
         load_config(["--max_no_update_steps", "-1"])
@@ -202,13 +202,16 @@ def test_completion_longer_than_the_models_positions_is_one_line(tiny, tmp_path)
 
 
 @pytest.mark.skipif(__import__("importlib").util.find_spec("vllm") is not None, reason="vLLM is installed")
-def test_vllm_engine_without_vllm_is_one_line(tmp_path):
+def test_vllm_engine_without_vllm_is_one_line(tmp_path, capsys):
+    from rl.evaluate import main as eval_main
+
     res = _cli(["train", "--engine", "vllm", "--output_dir", str(tmp_path / "run")], tmp_path)
     assert res.returncode == 2
     assert "pip install 'looprl[vllm]'" in _line(res, "config key 'engine': rollout engine 'vllm' needs vllm")
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
-    res = _cli(["eval", "--engine", "vllm", "--data", "arith", "--limit", "2"], tmp_path)
-    assert res.returncode == 2 and "pip install" in _line(res, "needs vllm")
+    assert eval_main(["--engine", "vllm", "--data", "arith", "--limit", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "needs vllm" in err and "pip install" in err
 
 
 # ----------------------------------------------------------------------------- disk full
@@ -251,16 +254,16 @@ def run_with_checkpoints(tiny, tmp_path_factory):  # noqa: F811
     return out
 
 
-def test_export_a_checkpoint_as_a_portable_model(tiny, run_with_checkpoints, tmp_path):  # noqa: F811
+def test_export_a_checkpoint_as_a_portable_model(tiny, run_with_checkpoints, tmp_path, capsys):  # noqa: F811
     from safetensors.torch import load_file
 
+    from rl.export import main as export_main
     from rl.model_io import checkpoint_weights
 
     run = run_with_checkpoints
-    for step in (1, 2):
-        res = _cli(["export", "--checkpoint", str(run / "checkpoints" / f"step-{step}"),
-                    "--out", str(tmp_path / f"m{step}")], tiny)
-        assert res.returncode == 0, res.stderr
+    res = _cli(["export", "--checkpoint", str(run / "checkpoints" / "step-2"), "--out", str(tmp_path / "m2")], tiny)
+    assert res.returncode == 0, res.stderr
+    assert export_main(["--checkpoint", str(run / "checkpoints" / "step-1"), "--out", str(tmp_path / "m1")]) == 0
     exported = load_file(tmp_path / "m1" / "model.safetensors")
     saved = checkpoint_weights(run / "checkpoints" / "step-1", "test")
     assert exported.keys() <= saved.keys() and all(torch.equal(exported[k], saved[k]) for k in exported)
@@ -271,21 +274,28 @@ def test_export_a_checkpoint_as_a_portable_model(tiny, run_with_checkpoints, tmp
     assert (tmp_path / "m2" / "modeling_ouro.py").is_file() and (tmp_path / "m2" / "tokenizer.json").is_file()
     assert not all(torch.equal(exported[k], last[k]) for k in last)  # step 1 is another model
     # refused in one line: an existing --out, a directory that is no checkpoint
-    res = _cli(["export", "--checkpoint", str(run / "checkpoints" / "step-1"), "--out", str(tmp_path / "m2")], tiny)
-    assert res.returncode == 2 and "--overwrite" in _line(res, "already exists")
-    res = _cli(["export", "--checkpoint", str(run), "--out", str(tmp_path / "m3")], tiny)
-    assert res.returncode == 2 and "runs/x/checkpoints/step-N" in _line(res, "not a training checkpoint")
-    assert not (tmp_path / "m3").exists()
+    capsys.readouterr()
+    assert export_main(["--checkpoint", str(run / "checkpoints" / "step-1"), "--out", str(tmp_path / "m2")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "already exists; add --overwrite" in err
+    assert export_main(["--checkpoint", str(run), "--out", str(tmp_path / "m3")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a training checkpoint" in err and not (tmp_path / "m3").exists()
 
 
 def test_eval_a_checkpoint_directory(tiny, run_with_checkpoints, tmp_path):  # noqa: F811
+    from rl.evaluate import main as eval_main
+
     run = run_with_checkpoints
     results = {}
     for name, model in (("ckpt", run / "checkpoints" / "step-2"), ("final", run / "final")):
-        res = _cli(["eval", "--model", str(model), "--data", "arith", "--limit", "6", "--depths", "1,3",
-                    "--max_new_tokens", "5", "--reward", "tinyreward:is_zero", "--no_progress",
-                    "--out", str(tmp_path / f"{name}.json")], tiny)
-        assert res.returncode == 0, res.stderr
+        args = ["--model", str(model), "--data", "arith", "--limit", "6", "--depths", "1,3", "--max_new_tokens",
+                "5", "--reward", "tinyreward:is_zero", "--no_progress", "--out", str(tmp_path / f"{name}.json")]
+        if name == "ckpt":  # as a user runs it
+            res = _cli(["eval", *args], tiny)
+            assert res.returncode == 0, res.stderr
+        else:
+            assert eval_main(args) == 0
         results[name] = json.loads((tmp_path / f"{name}.json").read_text())["depths"]
     for depth in ("1", "3"):  # the checkpoint's weights, not the run's base model's
         for key in ("accuracy", "len_mean", "truncated_frac"):
