@@ -441,7 +441,8 @@ def validate(cfg: TrainConfig, max_depth: int | None = None, num_processes: int 
         value = getattr(cfg, key)
         if value is not None:
             check_depths(f"config key {key!r}", [value], max_depth)
-    if cfg.update_depth is not None and cfg.update_depth != cfg.depth and not cfg.allow_depth_mismatch:
+    if cfg.update_depth is not None and cfg.depth is not None and cfg.update_depth != cfg.depth \
+            and not cfg.allow_depth_mismatch:  # depth None (the model's T): checked once the model is read
         raise ConfigError(
             f"config key 'update_depth': {cfg.update_depth} differs from depth {cfg.depth}; the update must "
             "score at the rollout depth (set allow_depth_mismatch: true only for experiments)")

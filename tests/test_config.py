@@ -38,7 +38,7 @@ def test_saved_config_round_trips(tmp_path):
     (["--max_steps", "2.5"], "'max_steps'"),
     (["--dynamic_sampling", "maybe"], "'dynamic_sampling'"),
     (["--depth", "0"], "'depth'"),  # out of range
-    (["--update_depth", "2"], "'update_depth'"),  # differs from depth without the experiment flag
+    (["--depth", "4", "--update_depth", "2"], "'update_depth'"),  # differs from depth without the experiment flag
     (["--mini_batch_size", "24"], "'mini_batch_size'"),  # 24 does not divide 16 * 8
     (["--mini_batch_size", "4"], "'mini_batch_size'"),  # not a multiple of num_generations
     (["--loss_type", "ppo"], "'loss_type'"),
