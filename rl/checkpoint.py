@@ -44,7 +44,7 @@ from safetensors.torch import load_file, save_file
 
 from rl.config import ConfigError
 from rl.dist import reduce_max
-from rl.run_dir import STATE_FILE, RunWriteError, checkpoint_dir, list_checkpoints, one_line
+from rl.run_dir import STATE_FILE, RunWriteError, checkpoint_dir, list_checkpoints, newest_file, one_line
 from rl.sharding import is_sharded, like_sharded, local_tensor
 
 __all__ = ["STATE_FILE", "CheckpointError", "TrainState", "checkpoint_dir", "latest_checkpoint", "list_checkpoints",
@@ -103,8 +103,10 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, state: dict[
         if accelerator.is_main_process:
             (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=1))
     except Exception as e:  # a full disk: leave no half checkpoint behind, say so in one line
+        file = newest_file(tmp)  # the file being written, named where it was going
+        file = final / file.relative_to(tmp) if file else None
         shutil.rmtree(tmp, ignore_errors=True)
-        raise RunWriteError(f"cannot write checkpoint {final}: {one_line(e, root)}; older checkpoints are "
+        raise RunWriteError(f"cannot write checkpoint {final}: {one_line(e, root, file)}; older checkpoints are "
                             "intact") from e
     if accelerator.is_main_process:
         if final.exists():

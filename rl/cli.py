@@ -12,12 +12,13 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("rl.train:main", "GRPO/DAPO training at a fixed depth (no arguments: the embedded default job)"),
     "eval": ("rl.evaluate:main", "accuracy / pass@k of a model at each depth"),
+    "export": ("rl.export:main", "a training checkpoint (runs/x/checkpoints/step-N) as a model directory"),
     "plot": ("rl.plot:main", "reward curves of one or more run directories as a PNG"),
     "reward": ("rl.reward_cli:main", "score completions with a reward function and show why"),
     "make-tiny": ("rl.make_tiny:main", "rebuild the embedded tiny looped model from a seed"),
 }
 
-MODEL_COMMANDS = ("train", "eval", "make-tiny")
+MODEL_COMMANDS = ("train", "eval", "export", "make-tiny")
 
 
 def _usage() -> str:

@@ -44,23 +44,26 @@ class TrainConfig:
 
     # --- model and depth: ONE depth drives rollout and update ---
     model: str = option("embedded", "HF model dir / hub id, or 'embedded' (the shipped tiny looped model)")
-    depth: int | None = option(4, "loops per token for rollout AND update (4 = the embedded model's T); "
-                                  "None = the loaded model's T (1 for a standard LM)")
+    depth: int | None = option(None, "loops per token for rollout AND update; None = the loaded model's own T "
+                                     "(4 for the embedded model, 1 for a standard LM)")
     update_depth: int | None = option(None, "experiment only: update at another depth (needs allow_depth_mismatch)")
     allow_depth_mismatch: bool = option(False, "allow update_depth != depth (the update then scores another policy)")
     engine: str = option("torch", "rollout engine: torch | vllm (rollout/engines.py registry)")
-    dtype: str = option("float32", "trainer weights: float32 | bfloat16 | float16 (fp32 master weights recommended)")
+    dtype: str = option("float32", "trainer weights: float32 | bfloat16 (float16 is refused: AdamW's second moment "
+                                   "and eps underflow in fp16 weights, so one update makes them inf/NaN)")
     gradient_checkpointing: bool = option(False, "recompute activations in backward (long completions)")
     vllm_dtype: str = option("bfloat16", "rollout engine weights (vllm only)")
     vllm_gpu_memory_utilization: float = option(0.5, "fraction of GPU memory vLLM may take (vllm only)")
     vllm_tensor_parallel_size: int = option(1, "GPUs per vLLM engine (vllm only)")
-    vllm_max_model_len: int | None = option(None, "vLLM context length; None = max_prompt_length + max_new_tokens")
+    vllm_max_model_len: int | None = option(None, "vLLM context length; None = max_prompt_length + max_new_tokens "
+                                                  "(never above the model's max_position_embeddings)")
 
     # --- data ---
     data: str = option("arith", "training prompts: a name known to rl.data.load_prompts or a local file")
     data_split: str = option("train", "split of `data`")
     data_limit: int | None = option(None, "use only the first N prompts; None = all")
-    max_prompt_length: int = option(2048, "longer prompts are left-truncated (with a warning)")
+    max_prompt_length: int = option(2048, "longer prompts are left-truncated (with a warning); lowered to the "
+                                          "model's max_position_embeddings - max_new_tokens when above it")
     prompt_suffix: str = option("", "text after the chat template's generation prompt (Ouro-Thinking: '<think>\\n', "
                                     "which its template does not add)")
     special_tokens: dict[str, str] = option({}, "bos_token/eos_token/pad_token overrides for files that name the wrong "
@@ -173,6 +176,10 @@ class TrainConfig:
     report_to: str = option("none", "tracker: none | tensorboard | wandb")
     log_samples: int = option(4, "rows per step in samples.jsonl")
     max_nan_steps: int = option(3, "consecutive non-finite losses before aborting")
+    max_no_update_steps: int = option(20, "stop (exit 1, checkpoint kept, no final/) after this many consecutive "
+                                          "steps in which every sampled group had equal rewards: no learning "
+                                          "signal (a collapsed policy or a reward that cannot tell completions "
+                                          "apart); 0 = never stop")
     mismatch_warn: float = option(1e-2, "warn loudly when mismatch/logp_abs_max exceeds this")
     progress: bool = option(True, "show the progress bar")
 
@@ -369,6 +376,32 @@ def check_depths(where: str, depths: list[int], max_depth: int | None) -> None:
         raise ConfigError(f"{where}: {shown} is out of range ({bound} for this model)")
 
 
+def fit_to_positions(cfg: TrainConfig, max_positions: int | None) -> str | None:
+    """Prompt + completion must fit the model's position table (`max_position_embeddings`): beyond it a
+    learned table is indexed out of range and RoPE runs at positions never trained (and the rollout cache,
+    sized prompt + max_new_tokens, can take tens of GB). What cannot fit is refused in one line naming the
+    key; a max_prompt_length above what the model leaves after max_new_tokens is lowered to it (so the
+    default 2048 fits a small model). Returns why it was lowered (None: unchanged) for the truncation warning.
+    """
+    if not max_positions:
+        return None
+    for key in ("max_new_tokens", "eval_max_new_tokens"):
+        value = getattr(cfg, key)
+        if value is not None and value >= max_positions:
+            raise ConfigError(f"config key {key!r}: {value} leaves no room for a prompt within the model's "
+                              f"max_position_embeddings ({max_positions}); use at most {max_positions - 1}")
+    if cfg.vllm_max_model_len is not None and cfg.vllm_max_model_len > max_positions:
+        raise ConfigError(f"config key 'vllm_max_model_len': {cfg.vllm_max_model_len} exceeds the model's "
+                          f"max_position_embeddings ({max_positions}); lower it or leave it null")
+    room = max_positions - cfg.max_new_tokens
+    if cfg.max_prompt_length <= room:
+        return None
+    why = (f"max_prompt_length {cfg.max_prompt_length} lowered to {room}: the model's max_position_embeddings "
+           f"{max_positions} - max_new_tokens {cfg.max_new_tokens}")
+    cfg.max_prompt_length = room
+    return why
+
+
 def validate(cfg: TrainConfig, max_depth: int | None = None, num_processes: int = 1) -> TrainConfig:
     """Raise ConfigError naming the key for anything that cannot run. `max_depth` = the model's loops."""
     # the registries' modules need torch: imported here, so `looprl train --help` (this module) starts fast
@@ -404,6 +437,12 @@ def validate(cfg: TrainConfig, max_depth: int | None = None, num_processes: int 
     _positive(cfg, "beta", "warmup_steps", "save_every", "eval_every", "overlong_buffer_len", "weight_decay",
               "max_grad_norm", "log_samples", "torch_threads", "mini_batch_size", "top_k",
               "eps_low", "eps_high", "overlong_penalty", allow_zero=True)
+    _positive(cfg, "max_no_update_steps", allow_zero=True)
+    _positive(cfg, "vllm_max_model_len", "eval_max_new_tokens")
+    if cfg.dtype == "float16":
+        raise ConfigError("config key 'dtype': float16 cannot train: AdamW keeps its second moment in the weights' "
+                          "dtype and its eps (1e-8) rounds to 0 in fp16, so the first update makes most weights "
+                          "inf/NaN; use bfloat16 (same memory) or float32")
     if not 0.0 < cfg.top_p <= 1.0:
         raise ConfigError(f"config key 'top_p': must be in (0, 1], got {cfg.top_p}")
     from rl.special_tokens import SPECIAL_TOKEN_KEYS
@@ -424,7 +463,8 @@ def validate(cfg: TrainConfig, max_depth: int | None = None, num_processes: int 
         value = getattr(cfg, key)
         if value is not None:
             check_depths(f"config key {key!r}", [value], max_depth)
-    if cfg.update_depth is not None and cfg.update_depth != cfg.depth and not cfg.allow_depth_mismatch:
+    if cfg.update_depth is not None and cfg.depth is not None and cfg.update_depth != cfg.depth \
+            and not cfg.allow_depth_mismatch:  # depth None (the model's T): checked once the model is read
         raise ConfigError(
             f"config key 'update_depth': {cfg.update_depth} differs from depth {cfg.depth}; the update must "
             "score at the rollout depth (set allow_depth_mismatch: true only for experiments)")

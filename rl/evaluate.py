@@ -39,13 +39,22 @@ from rewards.policy import Policy, from_options
 from rl.accuracy import AccuracyError, check_accuracy_name, unscored_frac, verdicts, vote_classes
 from rl.config import check_depths
 from rl.data import EMBEDDED_MODEL, load_prompts
-from rl.model_io import load_model, load_model_config, load_tokenizer
+from rl.model_io import (
+    checkpoint_source,
+    is_checkpoint_dir,
+    load_checkpoint_model,
+    load_model,
+    load_model_config,
+    load_tokenizer,
+    set_threads,
+)
 from rl.prompts import encode_prompts
 from rl.reward_cli import parse_option
 from rl.run_dir import check_writable_file
 from rl.self_distill import early_exit_generate
 from rl.special_tokens import apply_special_tokens
 from rollout import SamplingParams, make_worker
+from rollout.engines import check_installed
 from rollout.speculative import accumulate_stats, check_spec_keys, rollout_metrics, spec_config
 
 # ----------------------------------------------------------------------------- estimators
@@ -398,7 +407,8 @@ def parse_depths(text: str) -> list[int]:
 
 def _build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="looprl eval", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=None, help="model directory (default: the embedded tiny model)")
+    p.add_argument("--model", default=None, help="model directory, or a run's checkpoints/step-N (its run's model "
+                                                 "with the checkpoint's weights); default: the embedded tiny model")
     p.add_argument("--data", required=True, help="dataset name (arith, aime24, math500, ...) or local file")
     p.add_argument("--split", default="test", help="dataset split (default: test)")
     p.add_argument("--depths", default=None, help="comma-separated loop counts (default: 1..T, the model's loops)")
@@ -432,13 +442,21 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _load_tokenizer_and_config(path: str):
-    config = load_model_config(path, "--model")  # one-line errors, shared with train (rl/model_io.py)
-    return load_tokenizer(path, "--model"), config
+    """A checkpoint directory reads its run's model and special_tokens (rl/model_io.py checkpoint_source)."""
+    source = checkpoint_source(path, "--model") if is_checkpoint_dir(path) else None
+    base = source.model_path if source else path
+    config = load_model_config(base, "--model")  # one-line errors, shared with train (rl/model_io.py)
+    return load_tokenizer(base, "--model", special_tokens=source.special_tokens if source else None), config
 
 
 def _load_model(path: str, device: str):
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return load_model(path, "--model", dtype=dtype).to(device).eval()
+    if is_checkpoint_dir(path):
+        model = load_checkpoint_model(checkpoint_source(path, "--model"), "--model", dtype=dtype)
+    else:
+        model = load_model(path, "--model", dtype=dtype)
+    set_threads(model, torch.device(device).type)  # the trainer's rule: 1 thread for a tiny CPU model
+    return model.to(device).eval()
 
 
 def _vllm_factory(model_path: str, tokenizer, max_model_len: int, seed: int,
@@ -481,6 +499,10 @@ def main(argv: list[str] | None = None) -> int:
             depths = list(range(1, max_depth(config) + 1))
         model, factory = None, None
         if args.engine == "vllm":
+            check_installed("vllm")
+            if is_checkpoint_dir(model_path):
+                raise ValueError(f"--model {model_path}: --engine vllm loads model directories; export the "
+                                 f"checkpoint first: looprl export --checkpoint {model_path} --out DIR")
             longest = max(len(p) for p in encode_prompts(tokenizer, list(dataset["prompt"]), args.prompt_suffix))
             # Engines of finished depths are released, but vLLM does not always hand memory back:
             # size each engine so that all of them would fit at once.

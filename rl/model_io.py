@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +54,9 @@ def load_model_config(path: str, where: str):
     if local.is_dir():
         config_file = local / "config.json"
         if not config_file.is_file():
-            raise ModelLoadError(f"{where}: {path} has no config.json (not a saved model directory)")
+            run = " (a looprl run: use its final/ or a checkpoints/step-N)" if (local / "config.yaml").is_file() \
+                and (local / "checkpoints").is_dir() else ""
+            raise ModelLoadError(f"{where}: {path} has no config.json (not a saved model directory){run}")
         try:
             raw = json.loads(config_file.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -119,6 +122,115 @@ def load_model(path: str, where: str, **kwargs: Any):
         named = f"{path}/{files[0]}" if len(files) == 1 else f"{path} ({', '.join(files) or 'no weights file'})"
         raise ModelLoadError(f"{where}: cannot load the weights {named}: {_short(e)} "
                              "(truncated or corrupt file?)") from None
+
+
+# --------------------------------------------------------------------------- threads
+
+# Below this many parameters, CPU matmuls are too small for intra-op threads to pay; on a busy
+# machine the threads' spin-waits made a 120k-parameter step 10x slower (measured, docs/EXPERIMENTS.md)
+# and a `looprl eval` of the embedded model 50x slower (30 s vs 0.6 s).
+TINY_PARAMS = 5_000_000
+
+
+def set_threads(model, device_type: str, requested: int = 0) -> int:
+    """The thread rule of `looprl train` and `looprl eval`: `requested` threads if > 0, else 1 for a tiny
+    model on CPU (else torch's default is kept). Returns the count set (0: unchanged)."""
+    import torch
+
+    threads = requested or (1 if device_type == "cpu" and model.num_parameters() < TINY_PARAMS else 0)
+    if threads:
+        torch.set_num_threads(threads)
+    return threads
+
+
+def count_nonfinite(tensors) -> int:
+    """How many values of `tensors` (weights) are inf or NaN: a model holding any is broken, whatever its
+    loss said (fp16 AdamW, an lr that overflows), and is never written as a model."""
+    import torch
+
+    with torch.no_grad():
+        counts = [(~torch.isfinite(t)).sum() for t in tensors if t.is_floating_point()]
+    return int(torch.stack(counts).sum()) if counts else 0
+
+
+# --------------------------------------------------------------------------- checkpoints as models
+
+# A checkpoint's model weights (checkpoints/step-N/) are read by rl.checkpoint.load_checkpoint_weights:
+# safetensors only (never unpickling code), FSDP2 shards joined; DeepSpeed checkpoints are refused.
+
+
+def is_checkpoint_dir(path: str | Path) -> bool:
+    """A training checkpoint (trainer_state.json, no config.json) rather than a model directory."""
+    from rl.checkpoint import STATE_FILE
+
+    p = Path(path)
+    return p.is_dir() and (p / STATE_FILE).is_file() and not (p / "config.json").is_file()
+
+
+@dataclass
+class CheckpointSource:
+    """What a checkpoint needs to become a model: its run's base model (architecture, tokenizer), the
+    run's special_tokens and training dtype, read from the run's config.yaml (<run>/checkpoints/step-N)."""
+
+    checkpoint: Path
+    model_path: str
+    special_tokens: dict[str, str]
+    dtype: str
+
+
+def checkpoint_source(path: str | Path, where: str) -> CheckpointSource:
+    import yaml
+
+    from rl.data import EMBEDDED_MODEL
+
+    ckpt = Path(path)
+    run_config = ckpt.resolve().parent.parent / "config.yaml"
+    if not run_config.is_file():
+        raise ModelLoadError(f"{where}: checkpoint {ckpt}: its run's {run_config} is missing (it names the model "
+                             "the checkpoint belongs to)")
+    try:
+        raw = yaml.safe_load(run_config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ModelLoadError(f"{where}: checkpoint {ckpt}: cannot read its run's {run_config} (it names the "
+                             f"model the checkpoint belongs to): {_short(e)}") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("model"), str):
+        raise ModelLoadError(f"{where}: checkpoint {ckpt}: {run_config} names no 'model'")
+    model = EMBEDDED_MODEL if raw["model"] == "embedded" else raw["model"]
+    return CheckpointSource(ckpt, model, dict(raw.get("special_tokens") or {}), str(raw.get("dtype") or "float32"))
+
+
+def checkpoint_weights(ckpt: str | Path, where: str) -> dict[str, Any]:
+    """The model's state dict in a checkpoint directory, on the CPU: rl.checkpoint's one reader
+    (safetensors only, FSDP2 shards joined), its errors as one line naming `where`."""
+    from rl.checkpoint import load_checkpoint_weights
+
+    try:
+        return load_checkpoint_weights(ckpt)
+    except Exception as e:  # safetensors/json raise many types for a truncated or foreign file
+        raise ModelLoadError(f"{where}: cannot read the weights of checkpoint {ckpt}: {_short(e)}") from None
+
+
+def load_checkpoint_model(src: CheckpointSource, where: str, **kwargs: Any):
+    """The run's base model with the checkpoint's weights; every weight must come from the checkpoint
+    (a tied copy counts), and the checkpoint may hold nothing the model lacks."""
+    model = load_model(src.model_path, where, **kwargs)
+    state = checkpoint_weights(src.checkpoint, where)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches: another model's checkpoint
+        raise ModelLoadError(f"{where}: checkpoint {src.checkpoint} does not fit {src.model_path}: "
+                             f"{_short(e)}") from None
+    groups: dict[int, set[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), set()).add(name)
+    tied = {name for names in groups.values() if names & state.keys() for name in names}
+    missing = [k for k in result.missing_keys if k not in tied]
+    if missing or result.unexpected_keys:
+        bad = missing[:3] or result.unexpected_keys[:3]
+        what = "lacks" if missing else "has weights the model does not:"
+        raise ModelLoadError(f"{where}: checkpoint {src.checkpoint} does not fit {src.model_path}: it {what} "
+                             f"{', '.join(bad)}")
+    return model
 
 
 def save_portable(model, tokenizer, path: str | Path, special_tokens: Mapping[str, str] | None = None,

@@ -37,14 +37,10 @@ from rl.exit_policy import (
     weights_for,
 )
 from rl.losses import loss_normaliser, token_logprobs, truncated_is_weights
-from rl.model_io import load_model, save_portable
+from rl.model_io import count_nonfinite, load_model, save_portable, set_threads
 from rl.objective import GateTerm, objective, policy_loss
 from rl.self_distill import SelfDistillConfig, exit_metrics
 from rl.sharding import full_tensor, gather_into, shard_model
-
-# Below this many parameters, CPU matmuls are too small for intra-op threads to pay; on a busy
-# machine the threads' spin-waits made a 120k-parameter step 10x slower (measured, docs/EXPERIMENTS.md).
-TINY_PARAMS = 5_000_000
 
 
 def lr_lambda(kind: str, warmup: int, total: int):
@@ -130,10 +126,7 @@ class Policy:
         dtype = getattr(torch, cfg.dtype)
         model = load_model(model_path, "config key 'model'", dtype=dtype)  # one-line errors (rl/model_io.py)
         model.to(accelerator.device)
-        threads = cfg.torch_threads or (
-            1 if accelerator.device.type == "cpu" and model.num_parameters() < TINY_PARAMS else 0)
-        if threads:
-            torch.set_num_threads(threads)
+        set_threads(model, accelerator.device.type, cfg.torch_threads)  # the rule `looprl eval` uses too
         if cfg.gradient_checkpointing:
             if not getattr(model, "supports_gradient_checkpointing", False):
                 raise ConfigError(f"config key 'gradient_checkpointing': {type(model).__name__} does not support it")
@@ -314,7 +307,13 @@ class Policy:
                     stats.skipped += 1
                 else:
                     stats.grad_norms.append(grad_norm)
-        return self._metrics(stats, cfg.num_iterations * len(mini_batches))
+        metrics = self._metrics(stats, cfg.num_iterations * len(mini_batches))
+        metrics["weights/nonfinite"] = self.nonfinite_weights()  # the trainer stops on any (never saved)
+        return metrics
+
+    def nonfinite_weights(self) -> int:
+        """inf/NaN values in the policy's weights (max over processes: each holds all of them or a shard)."""
+        return int(reduce_max(self.accelerator, float(count_nonfinite(self.model.parameters()))))
 
     @contextlib.contextmanager
     def _gradient_sync(self, last: bool):

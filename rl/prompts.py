@@ -71,8 +71,9 @@ class PromptSampler:
 class PromptIds:
     """Token ids of dataset rows, encoded once and left-truncated to `max_length` (warned once)."""
 
-    def __init__(self, tokenizer, dataset, max_length: int, suffix: str = ""):
+    def __init__(self, tokenizer, dataset, max_length: int, suffix: str = "", why: str | None = None):
         self.tokenizer, self.dataset, self.max_length, self.suffix = tokenizer, dataset, max_length, suffix
+        self.why = f" ({why})" if why else ""  # the limit was lowered to fit the model's positions
         self._cache: dict[int, list[int]] = {}
         self._warned = False
 
@@ -82,7 +83,7 @@ class PromptIds:
             if len(ids) > self.max_length:
                 if not self._warned:
                     print(f"looprl train: WARNING: prompt {index} has {len(ids)} tokens > max_prompt_length "
-                          f"{self.max_length}; keeping the last ones (warned once)", file=sys.stderr, flush=True)
+                          f"{self.max_length}{self.why}; keeping the last ones (warned once)", file=sys.stderr, flush=True)
                     self._warned = True
                 ids = ids[-self.max_length:]
             self._cache[index] = ids

@@ -9,7 +9,7 @@ rule that prevents them lives here, torch-free, so the trainer calls one functio
 - `atomic_dir`: write a directory (final/) next to its place and rename it in, so a crash or a full
   disk leaves the previous version intact instead of a config.json without weights.
 - `check_writable_file`: eval/plot `--out` is checked before minutes of compute, not after.
-- `one_line`: an OSError or a library's write error as one line naming the path.
+- `one_line`: an OSError or a library's write error (torch's "unexpected pos") as one line naming the file.
 """
 
 from __future__ import annotations
@@ -135,21 +135,44 @@ def check_writable_file(path: str | Path, what: str) -> None:
 LOW_SPACE_BYTES = 64 << 20
 
 
-def one_line(exc: BaseException, path: str | Path | None = None) -> str:
+# torch's zip writer (torch.save) reports a short write, full disk or file-size limit, only as
+# "[enforce fail at inline_container.cc:NNN] . unexpected pos A vs B" or "PytorchStreamWriter failed ...".
+_TORCH_SHORT_WRITE = ("unexpected pos", "PytorchStreamWriter failed")
+
+
+def one_line(exc: BaseException, path: str | Path | None = None, file: str | Path | None = None) -> str:
     """A write failure as one line; a full disk is named as such whatever library raised it.
-    `path`: where the write went, used to look at the free space when the error does not say."""
+    `path`: where the write went, used to look at the free space when the error does not say;
+    `file`: the file being written when it failed (see `newest_file`), named when the error does not."""
     text = " ".join(str(exc).split()) or type(exc).__name__
     if isinstance(exc, RunWriteError):
         return text
-    where = getattr(exc, "filename", None)
-    if getattr(exc, "errno", None) == errno.ENOSPC or "No space left" in text or "StorageFull" in text:
+    where = getattr(exc, "filename", None) or file
+    code = getattr(exc, "errno", None)
+    if code == errno.ENOSPC or "No space left" in text or "StorageFull" in text or "os error 28" in text:
         return f"no space left on device{f' writing {where}' if where else ''}"
+    if code == errno.EFBIG or "File too large" in text or "os error 27" in text:
+        return f"file too large (a file-size limit) writing {where or path or 'a file'}"
+    if any(sign in text for sign in _TORCH_SHORT_WRITE):
+        free = _free_bytes(path or where)
+        room = f"{free // 1024} KiB free" if free is not None else "free space unknown"
+        return (f"could not finish writing {where or path or 'a file'}: the disk is full or a file-size limit "
+                f"was hit ({room})")
     free = _free_bytes(path or where)
     if free is not None and free < LOW_SPACE_BYTES:
         return f"disk almost full ({free // 1024} KiB free) ({text[:120]})"
     if isinstance(exc, OSError) and exc.strerror:
         return f"{exc.strerror}{f': {exc.filename}' if exc.filename else ''}"
     return text
+
+
+def newest_file(directory: str | Path) -> Path | None:
+    """The most recently modified file under `directory`: after a failed write, the one being written."""
+    try:
+        files = [p for p in Path(directory).rglob("*") if p.is_file()]
+        return max(files, key=lambda p: p.stat().st_mtime_ns) if files else None
+    except OSError:
+        return None
 
 
 def _free_bytes(path: str | Path | None) -> int | None:
@@ -178,8 +201,10 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         tmp.mkdir(parents=True)
         yield tmp
     except Exception as e:
+        file = newest_file(tmp)
+        file = path / file.relative_to(tmp) if file else None  # named where it was going
         shutil.rmtree(tmp, ignore_errors=True)
-        raise RunWriteError(f"cannot write {path}: {one_line(e, path.parent)}; "
+        raise RunWriteError(f"cannot write {path}: {one_line(e, path.parent, file)}; "
                             "its previous contents (if any) are intact") from e
     old = path.with_name(f".old-{path.name}")
     shutil.rmtree(old, ignore_errors=True)

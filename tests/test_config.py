@@ -38,7 +38,7 @@ def test_saved_config_round_trips(tmp_path):
     (["--max_steps", "2.5"], "'max_steps'"),
     (["--dynamic_sampling", "maybe"], "'dynamic_sampling'"),
     (["--depth", "0"], "'depth'"),  # out of range
-    (["--update_depth", "2"], "'update_depth'"),  # differs from depth without the experiment flag
+    (["--depth", "4", "--update_depth", "2"], "'update_depth'"),  # differs from depth without the experiment flag
     (["--mini_batch_size", "24"], "'mini_batch_size'"),  # 24 does not divide 16 * 8
     (["--mini_batch_size", "4"], "'mini_batch_size'"),  # not a multiple of num_generations
     (["--loss_type", "ppo"], "'loss_type'"),
@@ -48,8 +48,9 @@ def test_saved_config_round_trips(tmp_path):
     (["--eval_every", "5", "--eval_data", "none"], "'eval_data'"),
     (["--eval_depths", "0,2"], "'eval_depths'"),
     (["--top_p", "0"], "'top_p'"),
-    (["--self_distill_coef", "0.1", "--self_distill_exits", "4"], "self_distill_exits"),  # T = 4 is the teacher
-    (["--policy_exits", "5"], "policy_exits"),  # the embedded model has 4 exits
+    # exits are checked against the depth: before the model is read only when depth is given (default: its T)
+    (["--depth", "4", "--self_distill_coef", "0.1", "--self_distill_exits", "4"], "self_distill_exits"),
+    (["--depth", "4", "--policy_exits", "5"], "policy_exits"),  # 4 loops have 4 exits
     (["--policy_exits", "first"], "policy_exits"),
     (["--policy_exit_weights", "softmax"], "policy_exit_weights"),
     (["--gate_loss_coef", "-1"], "gate_loss_coef"),

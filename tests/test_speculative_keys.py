@@ -16,7 +16,7 @@ from rl.config import ConfigError, load_config
 @pytest.mark.parametrize("argv,message", [
     (["--rollout_draft_depth", "1"], "set both"),
     (["--rollout_num_draft", "3"], "set both"),
-    (["--rollout_draft_depth", "4", "--rollout_num_draft", "3"], "below the rollout depth"),
+    (["--depth", "4", "--rollout_draft_depth", "4", "--rollout_num_draft", "3"], "below the rollout depth"),
     (["--rollout_draft_depth", "-1", "--rollout_num_draft", "3"], "'rollout_draft_depth'"),
     (["--rollout_draft_depth", "1", "--rollout_num_draft", "3", "--engine", "vllm"], "engine torch"),
 ])
