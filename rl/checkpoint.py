@@ -103,7 +103,7 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, state: dict[
         if accelerator.is_main_process:
             (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=1))
     except Exception as e:  # a full disk: leave no half checkpoint behind, say so in one line
-        file = newest_file(tmp)  # the file being written, named where it was going
+        file = getattr(e, "looprl_file", None) or newest_file(tmp)  # the file being written, named where it was going
         file = final / file.relative_to(tmp) if file else None
         shutil.rmtree(tmp, ignore_errors=True)
         raise RunWriteError(f"cannot write checkpoint {final}: {one_line(e, root, file)}; older checkpoints are "
@@ -139,11 +139,11 @@ def _write_parts(tmp: Path, parts: TrainState, rank: int, world: int, main: bool
         tensors, aliases = _dedupe({k: _cpu(v) for k, v in model_state.items()})
         optim_tensors, groups = _optimizer_payload(parts)
         if sharded:
-            save_file(tensors, str(tmp / _rank_file("model", rank, world)))
-            save_file(optim_tensors, str(tmp / _rank_file("optimizer", rank, world)))
+            _save_tensors(tensors, tmp / _rank_file("model", rank, world))
+            _save_tensors(optim_tensors, tmp / _rank_file("optimizer", rank, world))
         elif writes_shared:
-            save_file(tensors, str(tmp / MODEL_FILE))
-            save_file(optim_tensors, str(tmp / OPTIMIZER_FILE))
+            _save_tensors(tensors, tmp / MODEL_FILE)
+            _save_tensors(optim_tensors, tmp / OPTIMIZER_FILE)
         if writes_shared:
             _write_json(tmp / OPTIMIZER_GROUPS_FILE, groups)
             _write_json(tmp / META_FILE, {
@@ -153,13 +153,27 @@ def _write_parts(tmp: Path, parts: TrainState, rank: int, world: int, main: bool
         _write_json(tmp / META_FILE, {"format": FORMAT, "world_size": world, "sharded": False, "deepspeed": True})
     if writes_shared:
         _write_json(tmp / SCHEDULER_FILE, parts.scheduler.state_dict())
-        save_file({f"{prefix}.{k}": _cpu(v) for prefix, m in parts.modules.items()
-                   for k, v in m.state_dict().items()}, str(tmp / MODULES_FILE))
+        _save_tensors({f"{prefix}.{k}": _cpu(v) for prefix, m in parts.modules.items()
+                       for k, v in m.state_dict().items()}, tmp / MODULES_FILE)
     _write_json(tmp / _rng_file(rank), rng_state())
 
 
 def _write_json(path: Path, value: Any) -> None:
-    path.write_text(json.dumps(value, indent=1, allow_nan=True))
+    _named_write(path, lambda: path.write_text(json.dumps(value, indent=1, allow_nan=True)))
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    _named_write(path, lambda: save_file(tensors, str(path)))
+
+
+def _named_write(path: Path, write: Callable[[], Any]) -> None:
+    """Run `write`; a failure carries the file it was writing (`looprl_file`), which safetensors neither
+    names nor leaves behind, so that save_checkpoint's one line can name it."""
+    try:
+        write()
+    except Exception as e:
+        e.looprl_file = path
+        raise
 
 
 def _dedupe(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
