@@ -16,9 +16,11 @@ torch DataLoader. Override with `LOOPRL_VERIFY_START_METHOD=spawn|forkserver`.
 
 from __future__ import annotations
 
+import atexit
 import importlib
 import multiprocessing as mp
 import os
+import signal
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -41,7 +43,12 @@ class TaskResult:
 
 def _worker_main(conn: Connection, preload: Sequence[str], parent_pid: int) -> None:
     """Worker loop: receive (fn, args), send back ("ok", value) or ("err", message). Never raises.
-    Exits when the parent is gone (a forked child may hold copies of the parent's pipe ends)."""
+    Exits when the parent is gone (a forked child may hold copies of the parent's pipe ends).
+    SIGINT/SIGTERM are ignored: Ctrl-C or `timeout`/Slurm signal the whole process group, and the parent
+    decides (finishes its step, then closes the pool, which kills the workers); a forked worker would
+    otherwise run the trainer's inherited handler or print a KeyboardInterrupt traceback."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     try:
         for module in preload:
             importlib.import_module(module)
@@ -106,6 +113,9 @@ class WorkerPool:
         self.startup_timeout = startup_timeout
         self.restarts = 0
         self._workers = [_Worker(self._ctx, self._preload) for _ in range(num_workers)]
+        # workers ignore SIGTERM: they must be gone before multiprocessing's own exit hook (registered
+        # earlier, so run later) would terminate() and join() them for ever
+        atexit.register(self.close)
 
     def _replace(self, worker: _Worker) -> _Worker:
         worker.kill()
@@ -187,6 +197,7 @@ class WorkerPool:
                 worker.process.join(timeout=1)
             worker.conn.close()
         self._workers = None
+        atexit.unregister(self.close)
 
     def __enter__(self) -> WorkerPool:
         return self

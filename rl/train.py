@@ -32,12 +32,13 @@ from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_s
 import rewards
 from looped.facts import max_depth
 from rewards.guard import RewardFunctionError, RewardInterrupted
+from rl import exit_codes, resume
 from rl.advantages import get_advantage
 from rl.batch import Sample
 from rl.checkpoint import load_latest_checkpoint, save_checkpoint
-from rl.config import ConfigError, TrainConfig, help_text, load_config, save_config, validate
+from rl.config import ConfigError, TrainConfig, load_config, portable_dict, save_config, validate
 from rl.data import EMBEDDED_MODEL, load_prompts
-from rl.dist import reduce_max, reduce_sum
+from rl.dist import broadcast_from_main, reduce_max, reduce_sum
 from rl.dynamic_sampling import Group, SamplingResult, collect_groups
 from rl.evaluate import evaluate_depths, flat_metrics
 from rl.exit_policy import validate_exit_policy
@@ -45,7 +46,7 @@ from rl.metrics import RunLogger, progress_bar, reward_metrics, sample_rows, sum
 from rl.model_io import load_model_config, load_tokenizer
 from rl.policy import Policy
 from rl.prompts import PromptIds, PromptSampler
-from rl.run_dir import check_resume_step, one_line, prepare_output_dir
+from rl.run_dir import RunDirError, RunLock, RunWriteError, check_resume_step, one_line, prepare_output_dir
 from rl.scoring import Scorer
 from rl.self_distill import validate_self_distill
 from rollout import SamplingParams, get_engine, make_worker
@@ -68,7 +69,12 @@ class StopTraining(RuntimeError):
 
 
 class Trainer:
-    """One `looprl train` run: the roles (policy, rollout worker, scorer), the data, and the loop."""
+    """One `looprl train` run: the roles (policy, rollout worker, scorer), the data, and the loop.
+
+    `train()` returns an exit code (rl/exit_codes.py): 0 finished, 1 stopped by an error, 3 interrupted
+    by SIGINT/SIGTERM with a checkpoint of the last finished step; the same is in `exit_code`, and the
+    signal's name in `interrupted` (None when not interrupted). The output_dir is locked from
+    construction to the end of `train()` (or `close()`)."""
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
@@ -79,6 +85,37 @@ class Trainer:
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
         self.rank, self.world = acc.process_index, acc.num_processes
+        self.exit_code: int | None = None
+        self.interrupted: str | None = None
+        self.stop_signal: int | None = None
+        self.run_lock = self._lock_output_dir()
+        try:
+            self._setup(cfg)
+        except BaseException:
+            self.close()
+            raise
+
+    def _lock_output_dir(self) -> RunLock | None:
+        """The main process locks output_dir for the run's life; every process stops if it cannot."""
+        lock, failure = None, None
+        if self.accelerator.is_main_process:
+            try:
+                lock = RunLock(self.cfg.output_dir, warn=log)
+            except RunDirError as e:
+                failure = str(e)
+        failure = broadcast_from_main(self.accelerator, failure)
+        if failure:
+            raise RunDirError(failure)
+        return lock
+
+    def close(self) -> None:
+        """Release the output_dir (idempotent; `train()` does it when it ends)."""
+        if getattr(self, "run_lock", None) is not None:
+            self.run_lock.release()
+            self.run_lock = None
+
+    def _setup(self, cfg: TrainConfig) -> None:
+        acc = self.accelerator
         # a used output_dir needs --resume or --overwrite (checked before any loading; cleared in train())
         prepare_output_dir(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite)
 
@@ -88,6 +125,8 @@ class Trainer:
         if cfg.depth is None:
             cfg.depth = max_depth(model_config)
         validate(cfg, max_depth=max_depth(model_config), num_processes=self.world)
+        if cfg.resume:  # a changed model, data, loss, seed ... is refused before any loading
+            resume.check_unchanged(cfg)
         self.depth = cfg.depth
         update_depth = cfg.effective_update_depth
         self_distill = validate_self_distill(cfg, depth=update_depth if cfg.self_distill_coef > 0 else None)
@@ -127,7 +166,6 @@ class Trainer:
 
         self.global_step = 0
         self.nan_streak = 0
-        self.stop_signal: int | None = None
         self.last_samples: list[Sample] = []  # the step's samples shown in samples.jsonl
 
     # ------------------------------------------------------------------ one step
@@ -207,7 +245,15 @@ class Trainer:
     # ------------------------------------------------------------------ the run
 
     def train(self) -> int:
-        """Steps until max_steps: step, eval, log, stop checks, checkpoint; then the final model."""
+        """Steps until max_steps: step, eval, log, stop checks, checkpoint; then the final model.
+        Returns the exit code (class docstring)."""
+        try:
+            self.exit_code = self._train()
+        finally:
+            self.close()
+        return self.exit_code
+
+    def _train(self) -> int:
         cfg, acc = self.cfg, self.accelerator
         out = Path(cfg.output_dir)
         if acc.is_main_process:  # the config is valid now: an --overwrite may remove the previous run
@@ -225,7 +271,7 @@ class Trainer:
                 f"{cfg.prompts_per_step} prompts x {cfg.num_generations} per step, "
                 f"steps {self.global_step}->{cfg.max_steps}, output {out}")
         bar = progress_bar(cfg.max_steps, self.global_step, enabled=cfg.progress and acc.is_main_process)
-        code = 0
+        code = exit_codes.FINISHED
         try:
             if cfg.eval_every and self.global_step == 0 and acc.is_main_process:
                 # the baseline row (step 0) that the eval-per-depth curves start from
@@ -239,8 +285,8 @@ class Trainer:
                     self.sampler.load_state_dict(at_start)
                     self.save()
                     log(f"interrupted during the rewards of step {self.global_step + 1}: checkpoint written at "
-                        f"step {self.global_step}; continue with --resume")
-                    return 0
+                        f"step {self.global_step}; continue with --resume (exit code {exit_codes.INTERRUPTED})")
+                    return self._interrupted()
                 self.global_step += 1
                 self.nan_streak = self.nan_streak + 1 if metrics.get("updates/skipped", 0) else 0
                 if cfg.eval_every and (self.global_step % cfg.eval_every == 0 or self.global_step == cfg.max_steps):
@@ -258,8 +304,9 @@ class Trainer:
                                        f"(last at step {self.global_step}); aborting. Lower lr or check the data.")
                 if self._stop_requested():
                     self.save()
-                    log(f"interrupted: checkpoint written at step {self.global_step}; continue with --resume")
-                    return 0
+                    log(f"interrupted: checkpoint written at step {self.global_step}; continue with --resume "
+                        f"(exit code {exit_codes.INTERRUPTED})")
+                    return self._interrupted()
                 if cfg.save_every and self.global_step % cfg.save_every == 0 and self.global_step < cfg.max_steps:
                     self.save()
             self._save_final()
@@ -268,7 +315,7 @@ class Trainer:
                 log(summarize(logger.metrics_path) + f"; final model in {out / 'final'}")
         except (StopTraining, RewardFunctionError, OSError) as e:  # OSError: a full disk (rl/run_dir.py)
             log(f"error: {one_line(e) if isinstance(e, OSError) else e}")
-            code = 1
+            code = exit_codes.FAILED
         finally:
             bar.close()
             logger.close()
@@ -297,7 +344,9 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints and signals
 
     def _state(self) -> dict[str, Any]:
-        return {"sampler": self.sampler.state_dict(), "nan_streak": self.nan_streak}
+        # the config it was trained with: --resume refuses other settings (rl/resume.py)
+        return {"sampler": self.sampler.state_dict(), "nan_streak": self.nan_streak,
+                "config": portable_dict(self.cfg)}
 
     def save(self) -> Path:
         return save_checkpoint(self.accelerator, self.cfg.output_dir, self.global_step, self._state())
@@ -305,6 +354,7 @@ class Trainer:
     def _maybe_resume(self) -> int | None:
         if not self.cfg.resume:
             return None
+        base_lrs = list(self.policy.scheduler.base_lrs)  # this config's rates, before the checkpoint's return
         # a corrupt newest checkpoint is skipped with a warning naming it (rl/checkpoint.py)
         found = load_latest_checkpoint(self.accelerator, self.cfg.output_dir, warn=log)
         if found is None:
@@ -312,6 +362,14 @@ class Trainer:
             return None
         path, state = found
         check_resume_step(int(state["step"]), self.cfg.max_steps, path, log)
+        old = resume.trained_config(state, self.cfg.output_dir)
+        changes = resume.config_changes(old, self.cfg, path) if old is not None else {}
+        if old is None:
+            log(f"WARNING: --resume: {path} records no config; cannot check that the settings are unchanged")
+        if any(k in changes for k in resume.SCHEDULE_KEYS):  # the restored optimizer would keep the old rates
+            resume.reset_lr_schedule(self.policy.scheduler, base_lrs)
+        if changes and self.accelerator.is_main_process:
+            resume.record_changes(self.cfg.output_dir, int(state["step"]), changes, log)
         self.global_step = int(state["step"])
         self.sampler.load_state_dict(state["sampler"])
         self.nan_streak = int(state.get("nan_streak", 0))
@@ -319,9 +377,14 @@ class Trainer:
         log(f"resumed from {path} (step {self.global_step})")
         return self.global_step
 
+    def _interrupted(self) -> int:
+        self.interrupted = signal.Signals(self.stop_signal).name if self.stop_signal else "SIGINT"
+        return exit_codes.INTERRUPTED
+
     def _install_signals(self) -> dict:
         def handler(signum, frame):
             if self.stop_signal is not None:  # second signal: stop now
+                self.interrupted = signal.Signals(signum).name
                 raise KeyboardInterrupt
             self.stop_signal = signum
             log(f"got {signal.Signals(signum).name}: finishing step {self.global_step + 1}, then checkpointing")
@@ -339,10 +402,16 @@ class Trainer:
 
     def _save_final(self) -> None:
         acc = self.accelerator
+        # the checkpoint first, always: a final/ that cannot be written (full disk) keeps the last steps, and
+        # --resume finds the end of the run (writing final/ again, or extending it with a larger max_steps)
+        self.save()
         acc.wait_for_everyone()
-        self.policy.save_pretrained(Path(self.cfg.output_dir) / "final", self.tokenizer)  # atomic, portable
+        try:
+            self.policy.save_pretrained(Path(self.cfg.output_dir) / "final", self.tokenizer)  # atomic, portable
+        except OSError as e:
+            raise RunWriteError(f"{one_line(e)}; the run is checkpointed at step {self.global_step}: --resume "
+                                "writes final/ again") from e
         acc.wait_for_everyone()
-        self.save()  # always: --resume finds the end of the run (and can extend it with a larger max_steps)
 
 
 def _sampling_metrics(result: SamplingResult) -> dict[str, float]:
@@ -362,10 +431,13 @@ def lone_cpu_launch(env: Mapping[str, str]) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`looprl train`; returns the exit code (rl/exit_codes.py)."""
+    from rl.cli import train_precheck
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("-h", "--help"):
-        print(help_text())
-        return 0
+    code = train_precheck(argv)  # --help, --print_config and config errors that need no model
+    if code is not None:
+        return code
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if lone_cpu_launch(os.environ):
         log("WARNING: `accelerate launch --cpu --num_processes N` started ONE process (accelerate's CPU "
@@ -379,13 +451,15 @@ def main(argv: list[str] | None = None) -> int:
         return trainer.train()
     except ConfigError as e:  # includes run-directory, model-loading and checkpoint problems
         print(f"{LOG_PREFIX} {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:  # a second Ctrl-C: the first one's checkpoint was not waited for
-        print(f"{LOG_PREFIX} stopped at once by a second interrupt; --resume continues from the newest "
-              "checkpoint", file=sys.stderr)
-        return 130
+        return exit_codes.BAD_INPUT
+    except KeyboardInterrupt:  # a second signal: the first one's checkpoint was not waited for
+        name = (trainer.interrupted if trainer is not None else None) or "SIGINT"
+        print(f"{LOG_PREFIX} stopped at once by {name}; --resume continues from the newest checkpoint",
+              file=sys.stderr)
+        return exit_codes.SIGNAL_BASE + signal.Signals[name].value
     finally:
         if trainer is not None:
+            trainer.close()
             trainer.worker.close()  # a vLLM engine's process groups go before the default one
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()  # a gloo group left open can abort the process at exit
