@@ -276,3 +276,25 @@ def test_a_failed_final_write_keeps_the_run_resumable(tiny, tmp_path):  # noqa: 
     assert res.returncode == 0, res.stderr[-3000:]
     assert (out / "final" / "config.json").is_file()
     assert _rows(out) == rows  # nothing trained again, nothing lost
+
+
+@pytest.mark.slow
+def test_two_processes_stop_together_when_the_output_dir_is_locked(tiny, tmp_path):  # noqa: F811
+    """accelerate 2-process run: only the main process takes the lock, and when it cannot, every process
+    stops with the same line (none waits for the others in a collective)."""
+    from rl.run_dir import RunLock
+
+    out = tmp_path / "ddp"
+    held = RunLock(out, warn=print)  # this test process is "the other run"
+    try:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(REPO / "configs/accelerate/cpu-2proc.yaml"), "--main_process_port", "29547", "-m", "rl", "train",
+               *_args(tiny, out, "--max_steps", "2", "--mini_batch_size", "4")]
+        res = subprocess.run(cmd, cwd=REPO, env=_env(tiny), capture_output=True, text=True, timeout=240)
+    finally:
+        held.release()
+    assert res.returncode != 0
+    lines = [line for line in res.stderr.splitlines() if "in use by another looprl run" in line]
+    assert len(lines) == 2 and all(f"pid {os.getpid()}" in line for line in lines), res.stderr[-3000:]
+    assert "Traceback" not in res.stderr.split("in use by another looprl run")[0]  # no worker traceback first
+    assert _snapshot(out) == {}
