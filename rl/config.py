@@ -162,7 +162,8 @@ class TrainConfig:
     torch_threads: int = option(0, "CPU threads for torch; 0 = auto (1 for a tiny model on CPU, else torch's default)")
     output_dir: str = option("runs/default", "run directory: config.yaml, metrics.jsonl, checkpoints/, final/")
     save_every: int = option(0, "checkpoint every N steps; 0 = only at the end / on interrupt")
-    resume: bool = option(False, "continue the run in output_dir from its newest readable checkpoint")
+    resume: bool = option(False, "continue the run in output_dir from its newest readable checkpoint; only the keys "
+                                 "listed at the end of --help may differ from its config")
     overwrite: bool = option(False, "replace the run already in output_dir (its metrics, checkpoints and final/); "
                                     "without it or --resume a used output_dir is refused")
     report_to: str = option("none", "tracker: none | tensorboard | wandb")
@@ -296,8 +297,8 @@ TRL_ALIASES = {
 # none changes the data, the model, the samples' scores or the loss of what was already trained.
 RESUMABLE_KEYS = {
     "max_steps": "the run's length; the lr schedule is stretched to it from the resume step on",
-    "lr": "the base learning rate from the resume step on (the schedule's multiplier still applies)",
-    "gate_lr": "the exit gate's base learning rate, as lr",
+    "lr": "the base learning rate from the resume step on (the schedule's multiplier still applies; a "
+          "separate gate_lr stays)",
     "save_every": "checkpoint interval",
     "eval_every": "eval interval", "eval_data": "eval prompts", "eval_depths": "eval depths",
     "eval_limit": "eval size", "eval_max_new_tokens": "eval completion length",

@@ -15,6 +15,7 @@ Torch-free: the learning-rate fix only touches the scheduler's and optimizer's a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Callable, Mapping
@@ -28,7 +29,7 @@ from rl.run_dir import RunDirError
 
 CHANGES_FILE = "config_changes.jsonl"
 # keys whose change needs the restored lr schedule rebuilt (the optimizer keeps the checkpoint's rates)
-SCHEDULE_KEYS = ("lr", "gate_lr", "max_steps")
+SCHEDULE_KEYS = ("lr", "max_steps")
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -85,6 +86,23 @@ def check_unchanged(cfg: TrainConfig) -> None:
     old = trained_config(state, cfg.output_dir) if state is not None else None
     if old is not None:
         config_changes(old, cfg, cfg.output_dir)
+
+
+def data_fingerprint(dataset) -> dict[str, Any]:
+    """Rows and a content hash of the training prompts: the same `data` path may hold another file by
+    the time a run is resumed (edited, regenerated, another working directory)."""
+    digest = hashlib.sha256()
+    for batch in dataset.iter(batch_size=1024):
+        digest.update(json.dumps(batch, sort_keys=True, default=str).encode())
+    return {"rows": len(dataset), "sha256": digest.hexdigest()}
+
+
+def check_same_data(old: Mapping[str, Any] | None, new: Mapping[str, Any], data: str, where: str | Path) -> None:
+    """Refuse (one line) a resume whose training prompts differ from the checkpoint's (None: not recorded)."""
+    if old is not None and dict(old) != dict(new):
+        rows = f"{old.get('rows')} -> {new['rows']} rows" if old.get("rows") != new["rows"] else "same row count"
+        raise RunDirError(f"--resume: the prompts of data {data!r} differ from those {where} was trained on "
+                          f"({rows}, content changed); restore them, or train into a new output_dir")
 
 
 def record_changes(output_dir: str | Path, step: int, changes: Mapping[str, tuple[Any, Any]],

@@ -14,6 +14,7 @@ are checkpointed, so `--resume` reproduces the metrics of an uninterrupted run o
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import signal
@@ -346,7 +347,11 @@ class Trainer:
     def _state(self) -> dict[str, Any]:
         # the config it was trained with: --resume refuses other settings (rl/resume.py)
         return {"sampler": self.sampler.state_dict(), "nan_streak": self.nan_streak,
-                "config": portable_dict(self.cfg)}
+                "config": portable_dict(self.cfg), "data": self._data_fingerprint}
+
+    @functools.cached_property
+    def _data_fingerprint(self) -> dict[str, Any]:
+        return resume.data_fingerprint(self.dataset)
 
     def save(self) -> Path:
         return save_checkpoint(self.accelerator, self.cfg.output_dir, self.global_step, self._state())
@@ -364,6 +369,7 @@ class Trainer:
         check_resume_step(int(state["step"]), self.cfg.max_steps, path, log)
         old = resume.trained_config(state, self.cfg.output_dir)
         changes = resume.config_changes(old, self.cfg, path) if old is not None else {}
+        resume.check_same_data(state.get("data"), self._data_fingerprint, self.cfg.data, path)
         if old is None:
             log(f"WARNING: --resume: {path} records no config; cannot check that the settings are unchanged")
         if any(k in changes for k in resume.SCHEDULE_KEYS):  # the restored optimizer would keep the old rates

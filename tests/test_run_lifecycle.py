@@ -298,3 +298,21 @@ def test_two_processes_stop_together_when_the_output_dir_is_locked(tiny, tmp_pat
     assert len(lines) == 2 and all(f"pid {os.getpid()}" in line for line in lines), res.stderr[-3000:]
     assert "Traceback" not in res.stderr.split("in use by another looprl run")[0]  # no worker traceback first
     assert _snapshot(out) == {}
+
+
+def test_resume_refuses_prompts_that_changed_under_the_same_path(tiny, tmp_path):  # noqa: F811
+    data = tmp_path / "prompts.jsonl"
+    rows = [{"prompt": f"What is {i} + {i}?", "answer": str(2 * i)} for i in range(8)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    args = _args(tiny, out, "--max_steps", "1")
+    args[args.index("--data") + 1] = str(data)
+    assert _train(args) == 0
+    rows[3]["answer"] = "7"  # the file is edited (or regenerated) between the run and its --resume
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    before = _snapshot(out)
+    res = _cli(tiny, *args[:args.index("--max_steps")], "--max_steps", "2", "--resume")
+    assert res.returncode == 2
+    line = _one_line(res.stderr, "differ from those")
+    assert str(data) in line and "same row count, content changed" in line
+    assert _snapshot(out) == before
