@@ -230,8 +230,11 @@ class RunLock:
         os.write(self.fd, f"{os.getpid()}\n".encode())
         _HELD_LOCKS.add(self.fd)
 
+    def __del__(self) -> None:  # a Trainer dropped without train() or close() frees its output_dir
+        self.release()
+
     def release(self) -> None:
-        if self.fd is None:
+        if getattr(self, "fd", None) is None:
             return
         _HELD_LOCKS.discard(self.fd)
         with contextlib.suppress(OSError):
