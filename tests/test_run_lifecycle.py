@@ -316,3 +316,25 @@ def test_resume_refuses_prompts_that_changed_under_the_same_path(tiny, tmp_path)
     line = _one_line(res.stderr, "differ from those")
     assert str(data) in line and "same row count, content changed" in line
     assert _snapshot(out) == before
+
+
+def test_an_interrupt_inside_the_verifier_pool_propagates_and_the_pool_recovers(monkeypatch):
+    """A signal handler that raises while the pool writes a task (the trainer's Ctrl-C inside a reward
+    function) must reach the trainer as that exception, not become a failed task scored as wrong."""
+    from rewards.guard import RewardInterrupted
+    from rewards.pool import WorkerPool
+
+    with WorkerPool(num_workers=1) as pool:
+        assert pool.map(abs, [(-1,)], timeout=30)[0].value == 1
+        worker = pool._workers[0]
+        real_send = worker.conn.send
+
+        def interrupted(obj):
+            real_send(obj)  # the task went out; the guard's handler raises right after
+            raise RewardInterrupted("SIGINT")
+
+        monkeypatch.setattr(worker.conn, "send", interrupted)
+        with pytest.raises(RewardInterrupted):
+            pool.map(abs, [(-2,), (-3,)], timeout=30)
+        assert pool.restarts == 1 and pool._workers[0] is not worker  # the busy worker was replaced
+        assert [r.value for r in pool.map(abs, [(-4,), (-5,)], timeout=30)] == [4, 5]
