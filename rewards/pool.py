@@ -16,9 +16,12 @@ torch DataLoader. Override with `LOOPRL_VERIFY_START_METHOD=spawn|forkserver`.
 
 from __future__ import annotations
 
+import atexit
 import importlib
 import multiprocessing as mp
 import os
+import pickle
+import signal
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -41,7 +44,12 @@ class TaskResult:
 
 def _worker_main(conn: Connection, preload: Sequence[str], parent_pid: int) -> None:
     """Worker loop: receive (fn, args), send back ("ok", value) or ("err", message). Never raises.
-    Exits when the parent is gone (a forked child may hold copies of the parent's pipe ends)."""
+    Exits when the parent is gone (a forked child may hold copies of the parent's pipe ends).
+    SIGINT/SIGTERM are ignored: Ctrl-C or `timeout`/Slurm signal the whole process group, and the parent
+    decides (finishes its step, then closes the pool, which kills the workers); a forked worker would
+    otherwise run the trainer's inherited handler or print a KeyboardInterrupt traceback."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     try:
         for module in preload:
             importlib.import_module(module)
@@ -106,6 +114,9 @@ class WorkerPool:
         self.startup_timeout = startup_timeout
         self.restarts = 0
         self._workers = [_Worker(self._ctx, self._preload) for _ in range(num_workers)]
+        # workers ignore SIGTERM: they must be gone before multiprocessing's own exit hook (registered
+        # earlier, so run later) would terminate() and join() them for ever
+        atexit.register(self.close)
 
     def _replace(self, worker: _Worker) -> _Worker:
         worker.kill()
@@ -116,9 +127,21 @@ class WorkerPool:
 
     def map(self, fn: Callable[..., Any] | str, args_list: Sequence[tuple], timeout: float) -> list[TaskResult]:
         """Run fn(*args) for every args tuple; at most `timeout` seconds each, counted from dispatch.
-        `fn` is a picklable callable or a "module:function" name that the workers import."""
+        `fn` is a picklable callable or a "module:function" name that the workers import.
+        An exception from a signal handler (Ctrl-C / SIGTERM in the trainer) propagates, never a failed task."""
         if self._workers is None:
             raise RuntimeError("WorkerPool.map called after close()")
+        try:
+            return self._map(fn, args_list, timeout)
+        except BaseException:
+            # interrupted mid-map: a busy worker computes a task nobody waits for, or holds half a message;
+            # replacing it keeps the pool usable for the next call
+            for worker in list(self._workers or []):
+                if worker.task:
+                    self._replace(worker)
+            raise
+
+    def _map(self, fn: Callable[..., Any] | str, args_list: Sequence[tuple], timeout: float) -> list[TaskResult]:
         results: list[TaskResult | None] = [None] * len(args_list)
         pending = deque(range(len(args_list)))
         started = time.monotonic()
@@ -126,16 +149,17 @@ class WorkerPool:
             for worker in list(self._workers):
                 if worker.ready and worker.task is None and pending:
                     index = pending.popleft()
+                    worker.task = (index, time.monotonic() + timeout)  # busy from the first byte written
                     try:
                         worker.conn.send((fn, args_list[index]))
                     except OSError as exc:  # the worker died since its last answer
                         results[index] = TaskResult(False, error=f"verifier worker died: {exc}")
                         self._replace(worker)
                         continue
-                    except Exception as exc:  # noqa: BLE001  (unpicklable task: nothing was written)
+                    except (pickle.PicklingError, TypeError, AttributeError) as exc:  # unpicklable: nothing written
+                        worker.task = None
                         results[index] = TaskResult(False, error=f"could not send task: {exc}")
                         continue
-                    worker.task = (index, time.monotonic() + timeout)
             now = time.monotonic()
             deadlines = [w.task[1] for w in self._workers if w.task]
             if not any(w.ready for w in self._workers) and now - started > self.startup_timeout:
@@ -187,6 +211,7 @@ class WorkerPool:
                 worker.process.join(timeout=1)
             worker.conn.close()
         self._workers = None
+        atexit.unregister(self.close)
 
     def __enter__(self) -> WorkerPool:
         return self

@@ -29,6 +29,28 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def train_precheck(argv: list[str]) -> int | None:
+    """`looprl train` answered from rl.config alone, before torch loads (~seconds): --help, --print_config,
+    and any config error that needs neither torch nor the model (keys, types, values). None: go on."""
+    from rl.config import ConfigError, help_text, load_config, portable_dict
+
+    if argv[:1] in (["-h"], ["--help"]):
+        print(help_text())
+        return 0
+    printing = "--print_config" in argv
+    try:
+        cfg = load_config([a for a in argv if a != "--print_config"], registries=False)
+    except ConfigError as e:
+        print(f"looprl train: {e}", file=sys.stderr)
+        return 2
+    if printing:
+        import yaml
+
+        print(yaml.safe_dump(portable_dict(cfg), sort_keys=False), end="")
+        return 0
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -38,11 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"looprl: unknown command {name!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    if name == "train" and rest[:1] in (["-h"], ["--help"]):  # answered from rl.config alone: no torch
-        from rl.config import help_text
-
-        print(help_text())
-        return 0
+    if name == "train":
+        code = train_precheck(rest)
+        if code is not None:
+            return code
     if name in MODEL_COMMANDS:  # only these pay for transformers (start-up of the others stays < 1 s)
         # transformers' own per-file load/save bars would interleave with ours and say nothing for small models
         from transformers.utils import logging as hf_logging

@@ -170,7 +170,8 @@ class TrainConfig:
     torch_threads: int = option(0, "CPU threads for torch; 0 = auto (1 for a tiny model on CPU, else torch's default)")
     output_dir: str = option("runs/default", "run directory: config.yaml, metrics.jsonl, checkpoints/, final/")
     save_every: int = option(0, "checkpoint every N steps; 0 = only at the end / on interrupt")
-    resume: bool = option(False, "continue the run in output_dir from its newest readable checkpoint")
+    resume: bool = option(False, "continue the run in output_dir from its newest readable checkpoint; only the keys "
+                                 "listed at the end of --help may differ from its config")
     overwrite: bool = option(False, "replace the run already in output_dir (its metrics, checkpoints and final/); "
                                     "without it or --resume a used output_dir is refused")
     report_to: str = option("none", "tracker: none | tensorboard | wandb")
@@ -312,6 +313,27 @@ TRL_ALIASES = {
 # type TRL_ALIASES holds. TRL's CISPO truncates the importance weight at epsilon_high itself (not 1 + it):
 # our cispo_cap, while eps_high is a clip that CISPO does not use.
 TRL_LOSS_ALIASES = {"epsilon_high": {"cispo": "cispo_cap"}}
+# What `--resume` may change, and how each change takes effect (rl/resume.py applies and records them;
+# any other key differing from the checkpoint's config is refused, naming the keys, old -> new).
+# Everything here is a schedule length, a learning rate, a memory knob or what is logged/evaluated:
+# none changes the data, the model, the samples' scores or the loss of what was already trained.
+RESUMABLE_KEYS = {
+    "max_steps": "the run's length; the lr schedule is stretched to it from the resume step on",
+    "lr": "the base learning rate from the resume step on (the schedule's multiplier still applies; a "
+          "separate gate_lr stays)",
+    "save_every": "checkpoint interval",
+    "eval_every": "eval interval", "eval_data": "eval prompts", "eval_depths": "eval depths",
+    "eval_limit": "eval size", "eval_max_new_tokens": "eval completion length",
+    "log_samples": "rows per step in samples.jsonl", "progress": "progress bar", "report_to": "tracker",
+    "mismatch_warn": "warning threshold", "max_nan_steps": "abort threshold",
+    "max_no_update_steps": "abort threshold",
+    "reward_timeout": "time limit of a reward call", "reward_on_error": "what a failing reward call does",
+    "torch_threads": "CPU threads", "micro_batch_size": "memory only: the same gradient per mini-batch",
+    "gradient_checkpointing": "memory only: the same math", "vllm_gpu_memory_utilization": "memory only",
+}
+# Run control, never compared: where the run is and how this process starts it.
+RUN_CONTROL_KEYS = ("output_dir", "resume", "overwrite")
+
 # TRL names without an equivalent here: say what to use instead of guessing a close key name.
 TRL_NO_EQUIVALENT = {
     "num_train_epochs": "looprl counts optimizer steps: set max_steps (each step samples prompts_per_step prompts)",
@@ -402,19 +424,22 @@ def fit_to_positions(cfg: TrainConfig, max_positions: int | None) -> str | None:
     return why
 
 
-def validate(cfg: TrainConfig, max_depth: int | None = None, num_processes: int = 1) -> TrainConfig:
-    """Raise ConfigError naming the key for anything that cannot run. `max_depth` = the model's loops."""
-    # the registries' modules need torch: imported here, so `looprl train --help` (this module) starts fast
-    from rl.advantages import ADVANTAGES
-    from rl.exit_policy import validate_exit_policy
-    from rl.losses import LOSSES
+def validate(cfg: TrainConfig, max_depth: int | None = None, num_processes: int = 1, *,
+             registries: bool = True) -> TrainConfig:
+    """Raise ConfigError naming the key for anything that cannot run. `max_depth` = the model's loops.
+    `registries=False` skips the checks whose modules import torch (loss/advantage names, exit-policy and
+    speculative keys): the CLI runs that part first, so a typo is answered before torch loads."""
     from rollout.engines import ENGINES
-    from rollout.speculative import check_spec_keys
 
-    choices = {"vllm_dtype": DTYPES, "engine": tuple(ENGINES), "dtype": DTYPES, "loss_type": tuple(LOSSES),
-               "advantage_estimator": tuple(ADVANTAGES), "scale_rewards": SCALE_REWARDS,
+    choices = {"vllm_dtype": DTYPES, "engine": tuple(ENGINES), "dtype": DTYPES, "scale_rewards": SCALE_REWARDS,
                "lr_scheduler": SCHEDULERS, "tis_mode": TIS_MODES, "report_to": REPORT_TO,
                "reward_on_error": REWARD_ON_ERROR}
+    if registries:  # these modules need torch: imported here, so `looprl train --help` (this module) starts fast
+        from rl.advantages import ADVANTAGES
+        from rl.exit_policy import validate_exit_policy
+        from rl.losses import LOSSES
+
+        choices |= {"loss_type": tuple(LOSSES), "advantage_estimator": tuple(ADVANTAGES)}
     for name, allowed in choices.items():
         _choice(cfg, name, allowed)
     try:  # the self-distillation module owns its keys' rules
@@ -422,8 +447,9 @@ def validate(cfg: TrainConfig, max_depth: int | None = None, num_processes: int 
     except ValueError as e:
         raise ConfigError(str(e)) from None
     try:
-        validate_exit_policy(cfg.policy_exits, cfg.policy_exit_weights, cfg.policy_exit_alpha,
-                             depth=cfg.effective_update_depth)
+        if registries:
+            validate_exit_policy(cfg.policy_exits, cfg.policy_exit_weights, cfg.policy_exit_alpha,
+                                 depth=cfg.effective_update_depth)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     _positive(cfg, "gate_loss_coef", allow_zero=True)
@@ -469,7 +495,10 @@ def validate(cfg: TrainConfig, max_depth: int | None = None, num_processes: int 
             f"config key 'update_depth': {cfg.update_depth} differs from depth {cfg.depth}; the update must "
             "score at the rollout depth (set allow_depth_mismatch: true only for experiments)")
     try:  # speculative rollouts: the rollout module owns the keys' rules
-        check_spec_keys(cfg.rollout_draft_depth, cfg.rollout_num_draft, cfg.depth or max_depth, cfg.engine)
+        if registries:
+            from rollout.speculative import check_spec_keys
+
+            check_spec_keys(cfg.rollout_draft_depth, cfg.rollout_num_draft, cfg.depth or max_depth, cfg.engine)
     except ValueError as e:
         raise ConfigError(str(e)) from None
 
@@ -579,8 +608,9 @@ def build_config(values: dict[str, Any], where: str = "config") -> TrainConfig:
     return TrainConfig(**kwargs)
 
 
-def load_config(argv: list[str] | None = None) -> TrainConfig:
-    """YAML file (if `--config`) then command-line overrides, then validation (without model facts)."""
+def load_config(argv: list[str] | None = None, *, registries: bool = True) -> TrainConfig:
+    """YAML file (if `--config`) then command-line overrides, then validation (without model facts;
+    `registries=False`: nor the torch-side names, see `validate`)."""
     argv = list(argv or [])
     config_file, overrides = parse_overrides(argv)
     file_values = _read_yaml(config_file) if config_file else {}
@@ -593,7 +623,7 @@ def load_config(argv: list[str] | None = None) -> TrainConfig:
         key = canonical_key(key, config_file, values, loss_type)
         values[key] = _coerce(key, value, _HINTS[key])
     values.update({k: _coerce(k, v, _HINTS[k]) for k, v in overrides.items()})
-    return validate(build_config(values))
+    return validate(build_config(values), registries=registries)
 
 
 def _portable(value: Any) -> Any:
@@ -605,8 +635,13 @@ def _portable(value: Any) -> Any:
     return value
 
 
+def portable_dict(cfg: TrainConfig) -> dict[str, Any]:
+    """The config as plain data (callables as "module:name"): what config.yaml and checkpoints hold."""
+    return {k: _portable(v) for k, v in cfg.to_dict().items()}
+
+
 def save_config(cfg: TrainConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump({k: _portable(v) for k, v in cfg.to_dict().items()}, sort_keys=False))
+    Path(path).write_text(yaml.safe_dump(portable_dict(cfg), sort_keys=False))
 
 
 def help_text() -> str:
@@ -615,6 +650,11 @@ def help_text() -> str:
     for name, f in FIELDS.items():
         lines.append(f"  --{name} ({_fmt_default(f)})")
         lines.append(f"      {f.metadata.get('help', '')}")
+    lines += ["", "--print_config prints the resolved config as YAML and exits (no run; registry names and the "
+              "model's facts are checked when a run starts).",
+              "", "--resume may change only: " + ", ".join(RESUMABLE_KEYS) + " (each change is logged, written "
+              "to config.yaml and recorded in config_changes.jsonl with its step); any other changed key is "
+              "refused."]
     lines += ["", "TRL GRPOConfig names are accepted for ours: "
               + ", ".join(f"--{alias} = --{ours}" for alias, ours in TRL_ALIASES.items())
               + " (TRL's epsilon sets eps_low only; "

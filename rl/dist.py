@@ -21,3 +21,12 @@ def reduce_max(accelerator, value: float) -> float:
         return value
     t = accelerator.gather(torch.tensor([value], dtype=torch.float64, device=accelerator.device))
     return float(t.max())
+
+
+def broadcast_from_main(accelerator, value):
+    """The main process's `value` (any picklable object) on every process."""
+    if accelerator.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value], from_process=0)[0]

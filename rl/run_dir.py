@@ -10,12 +10,15 @@ rule that prevents them lives here, torch-free, so the trainer calls one functio
   disk leaves the previous version intact instead of a config.json without weights.
 - `check_writable_file`: eval/plot `--out` is checked before minutes of compute, not after.
 - `one_line`: an OSError or a library's write error (torch's "unexpected pos") as one line naming the file.
+- `RunLock`: one process per output_dir for the run's life (a second `--resume` or `--overwrite` while
+  a run is live would interleave its metrics.jsonl with the first's).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import re
 import shutil
@@ -25,7 +28,10 @@ from pathlib import Path
 from rl.config import ConfigError
 
 # What a looprl run writes into its output_dir; anything else there belongs to the user and is left alone.
-RUN_ARTEFACTS = ("metrics.jsonl", "samples.jsonl", "config.yaml", "checkpoints", "final", "looprl")
+RUN_ARTEFACTS = ("metrics.jsonl", "samples.jsonl", "config.yaml", "config_changes.jsonl", "checkpoints", "final",
+                 "looprl")
+# Held (flock) by the run's main process; not an artefact: it stays, an --overwrite keeps it.
+LOCK_FILE = ".looprl.lock"
 # A checkpoint directory is complete once this file is in it (rl/checkpoint.py writes it last).
 STATE_FILE = "trainer_state.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -220,5 +226,62 @@ def check_resume_step(step: int, max_steps: int, path: str | Path, log) -> None:
         raise RunDirError(f"--resume: checkpoint {path} is at step {step}, beyond max_steps {max_steps}; "
                           f"set --max_steps above {step} to train further")
     if step == max_steps:
-        log(f"--resume: checkpoint {path} is at max_steps {max_steps}: the run is complete, nothing to train "
-            "(set a larger --max_steps to continue)")
+        log(f"--resume: checkpoint {path} is at max_steps {max_steps}: nothing to train, final/ is written "
+            "again (set a larger --max_steps to continue)")
+
+
+_HELD_LOCKS: set[int] = set()  # lock file descriptors of this process
+
+
+def _close_locks_in_child() -> None:
+    """A forked child (a verifier pool worker) closes its copies of the lock: closing them does not release
+    the parent's lock, but a child that outlived a killed parent would otherwise keep holding it."""
+    for fd in _HELD_LOCKS:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_close_locks_in_child)
+
+
+class RunLock:
+    """An exclusive `flock` on <output_dir>/.looprl.lock for the run's life (its main process only).
+
+    The kernel releases it when the holder dies however it dies (kill -9, OOM), so a lock file left
+    behind never blocks a later run; the file holds the holder's pid for the refusal message. A
+    filesystem without locks gets a warning and an unlocked run rather than no run.
+    """
+
+    def __init__(self, output_dir: str | Path, warn) -> None:
+        root = Path(output_dir)
+        _writable_dir(root, "config key 'output_dir':")
+        path = root / LOCK_FILE
+        self.fd: int | None = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(self.fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(self.fd)
+            self.fd = None
+            raise RunDirError(f"config key 'output_dir': {root} is in use by another looprl run (pid {holder}); "
+                              "wait for it to end, stop it, or choose another output_dir") from None
+        except OSError as e:  # ENOLCK / EOPNOTSUPP: some network filesystems
+            warn(f"WARNING: cannot lock {path} ({e.strerror or e}); nothing stops a second run from writing "
+                 f"into {root} at the same time")
+            return
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, f"{os.getpid()}\n".encode())
+        _HELD_LOCKS.add(self.fd)
+
+    def __del__(self) -> None:  # a Trainer dropped without train() or close() frees its output_dir
+        self.release()
+
+    def release(self) -> None:
+        if getattr(self, "fd", None) is None:
+            return
+        _HELD_LOCKS.discard(self.fd)
+        with contextlib.suppress(OSError):
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+        self.fd = None

@@ -14,6 +14,7 @@ are checkpointed, so `--resume` reproduces the metrics of an uninterrupted run o
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import signal
@@ -32,6 +33,7 @@ from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_s
 import rewards
 from looped.facts import max_depth
 from rewards.guard import RewardFunctionError, RewardInterrupted
+from rl import exit_codes, resume
 from rl.accuracy import AccuracyError
 from rl.advantages import get_advantage
 from rl.batch import Sample
@@ -40,13 +42,13 @@ from rl.config import (
     ConfigError,
     TrainConfig,
     fit_to_positions,
-    help_text,
     load_config,
+    portable_dict,
     save_config,
     validate,
 )
 from rl.data import EMBEDDED_MODEL, load_prompts, reward_columns
-from rl.dist import reduce_max, reduce_sum
+from rl.dist import broadcast_from_main, reduce_max, reduce_sum
 from rl.dynamic_sampling import Group, SamplingResult, collect_groups
 from rl.evaluate import evaluate_depths, flat_metrics
 from rl.exit_policy import validate_exit_policy
@@ -54,7 +56,7 @@ from rl.metrics import RunLogger, progress_bar, reward_metrics, sample_rows, sum
 from rl.model_io import load_model_config, load_tokenizer
 from rl.policy import Policy
 from rl.prompts import PromptIds, PromptSampler
-from rl.run_dir import check_resume_step, one_line, prepare_output_dir
+from rl.run_dir import RunDirError, RunLock, RunWriteError, check_resume_step, one_line, prepare_output_dir
 from rl.scoring import Scorer
 from rl.self_distill import validate_self_distill
 from rl.sharding import take_fsdp_request
@@ -79,12 +81,17 @@ class StopTraining(RuntimeError):
 
 
 class Trainer:
-    """One `looprl train` run: the roles (policy, rollout worker, scorer), the data, and the loop."""
+    """One `looprl train` run: the roles (policy, rollout worker, scorer), the data, and the loop.
+
+    `train()` returns an exit code (rl/exit_codes.py): 0 finished, 1 stopped by an error, 3 interrupted
+    by SIGINT/SIGTERM with a checkpoint of the last finished step; the same is in `exit_code`, and the
+    signal's name in `interrupted` (None when not interrupted). The output_dir is locked from
+    construction to the end of `train()` (or `close()`)."""
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         # FSDP2 asked for by the launcher (configs/accelerate/fsdp2*.yaml) is applied by us (rl/sharding.py)
-        sharded = take_fsdp_request(os.environ)
+        self.sharded = take_fsdp_request(os.environ)
         self.accelerator = acc = Accelerator(
             cpu=not torch.cuda.is_available(),  # CPU processes then join one gloo group (MULTI_CPU)
             log_with=None if cfg.report_to == "none" else cfg.report_to,
@@ -92,6 +99,37 @@ class Trainer:
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
         self.rank, self.world = acc.process_index, acc.num_processes
+        self.exit_code: int | None = None
+        self.interrupted: str | None = None
+        self.stop_signal: int | None = None
+        self.run_lock = self._lock_output_dir()
+        try:
+            self._setup(cfg)
+        except BaseException:
+            self.close()
+            raise
+
+    def _lock_output_dir(self) -> RunLock | None:
+        """The main process locks output_dir for the run's life; every process stops if it cannot."""
+        lock, failure = None, None
+        if self.accelerator.is_main_process:
+            try:
+                lock = RunLock(self.cfg.output_dir, warn=log)
+            except RunDirError as e:
+                failure = str(e)
+        failure = broadcast_from_main(self.accelerator, failure)
+        if failure:
+            raise RunDirError(failure)
+        return lock
+
+    def close(self) -> None:
+        """Release the output_dir (idempotent; `train()` does it when it ends)."""
+        if getattr(self, "run_lock", None) is not None:
+            self.run_lock.release()
+            self.run_lock = None
+
+    def _setup(self, cfg: TrainConfig) -> None:
+        acc = self.accelerator
         # a used output_dir needs --resume or --overwrite (checked before any loading; cleared in train())
         prepare_output_dir(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite)
 
@@ -108,6 +146,8 @@ class Trainer:
             check_installed(cfg.engine)  # `--engine vllm` without vLLM: one line saying how to install it
         except ValueError as e:
             raise ConfigError(f"config key 'engine': {e}") from None
+        if cfg.resume:  # a changed model, data, loss, seed ... is refused before any loading
+            resume.check_unchanged(cfg)
         self.depth = cfg.depth
         update_depth = cfg.effective_update_depth
         self_distill = validate_self_distill(cfg, depth=update_depth if cfg.self_distill_coef > 0 else None)
@@ -124,7 +164,7 @@ class Trainer:
         use_tis = cfg.tis_mode == "token" or (cfg.tis_mode == "auto" and not engine.exact_logprobs)
         self.policy = Policy(cfg, acc, self.model_path, use_tis=use_tis, self_distill=self_distill,
                              pad_id=int(pad if pad is not None else 0), exit_policy=exit_policy,
-                             sharded=sharded)
+                             sharded=self.sharded)
 
         # the rollout worker (the torch engine holds the policy's own module: sync is free)
         self.worker = make_worker(cfg.engine, depth=self.depth, model=self.policy.rollout_module,
@@ -150,7 +190,6 @@ class Trainer:
         self.global_step = 0
         self.nan_streak = 0
         self.no_update_streak = 0  # steps in a row where every sampled group had equal rewards
-        self.stop_signal: int | None = None
         self.last_samples: list[Sample] = []  # the step's samples shown in samples.jsonl
         self.warned_all_masked = False
 
@@ -246,7 +285,15 @@ class Trainer:
     # ------------------------------------------------------------------ the run
 
     def train(self) -> int:
-        """Steps until max_steps: step, eval, log, stop checks, checkpoint; then the final model."""
+        """Steps until max_steps: step, eval, log, stop checks, checkpoint; then the final model.
+        Returns the exit code (class docstring)."""
+        try:
+            self.exit_code = self._train()
+        finally:
+            self.close()
+        return self.exit_code
+
+    def _train(self) -> int:
         cfg, acc = self.cfg, self.accelerator
         out = Path(cfg.output_dir)
         if acc.is_main_process:  # the config is valid now: an --overwrite may remove the previous run
@@ -264,7 +311,7 @@ class Trainer:
                 f"{cfg.prompts_per_step} prompts x {cfg.num_generations} per step, "
                 f"steps {self.global_step}->{cfg.max_steps}, output {out}")
         bar = progress_bar(cfg.max_steps, self.global_step, enabled=cfg.progress and acc.is_main_process)
-        code = 0
+        code = exit_codes.FINISHED
         try:
             if cfg.eval_every and self.global_step == 0 and acc.is_main_process:
                 # the baseline row (step 0) that the eval-per-depth curves start from
@@ -278,8 +325,8 @@ class Trainer:
                     self.sampler.load_state_dict(at_start)
                     self.save()
                     log(f"interrupted during the rewards of step {self.global_step + 1}: checkpoint written at "
-                        f"step {self.global_step}; continue with --resume")
-                    return 0
+                        f"step {self.global_step}; continue with --resume (exit code {exit_codes.INTERRUPTED})")
+                    return self._interrupted()
                 self.global_step += 1
                 self.nan_streak = self.nan_streak + 1 if metrics.get("updates/skipped", 0) else 0
                 self.no_update_streak = self.no_update_streak + 1 if metrics["groups/zero_std_frac_all"] >= 1 else 0
@@ -299,8 +346,9 @@ class Trainer:
                                        f"(last at step {self.global_step}); aborting. Lower lr or check the data.")
                 if self._stop_requested():
                     self.save()
-                    log(f"interrupted: checkpoint written at step {self.global_step}; continue with --resume")
-                    return 0
+                    log(f"interrupted: checkpoint written at step {self.global_step}; continue with --resume "
+                        f"(exit code {exit_codes.INTERRUPTED})")
+                    return self._interrupted()
                 if cfg.save_every and self.global_step % cfg.save_every == 0 and self.global_step < cfg.max_steps:
                     self.save()
             self._save_final()
@@ -309,7 +357,7 @@ class Trainer:
                 log(summarize(logger.metrics_path) + f"; final model in {out / 'final'}")
         except (StopTraining, RewardFunctionError, OSError) as e:  # OSError: a full disk (rl/run_dir.py)
             log(f"error: {one_line(e) if isinstance(e, OSError) else e}")
-            code = 1
+            code = exit_codes.FAILED
         finally:
             bar.close()
             logger.close()
@@ -362,8 +410,14 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints and signals
 
     def _state(self) -> dict[str, Any]:
+        # the config it was trained with: --resume refuses other settings (rl/resume.py)
         return {"sampler": self.sampler.state_dict(), "nan_streak": self.nan_streak,
-                "no_update_streak": self.no_update_streak}
+                "no_update_streak": self.no_update_streak,
+                "config": portable_dict(self.cfg), "data": self._data_fingerprint}
+
+    @functools.cached_property
+    def _data_fingerprint(self) -> dict[str, Any]:
+        return resume.data_fingerprint(self.dataset)
 
     def save(self) -> Path:
         return save_checkpoint(self.accelerator, self.cfg.output_dir, self.global_step, self._state(),
@@ -372,6 +426,7 @@ class Trainer:
     def _maybe_resume(self) -> int | None:
         if not self.cfg.resume:
             return None
+        base_lrs = list(self.policy.scheduler.base_lrs)  # this config's rates, before the checkpoint's return
         # a corrupt newest checkpoint is skipped with a warning naming it (rl/checkpoint.py)
         found = load_latest_checkpoint(self.accelerator, self.cfg.output_dir, self.policy.train_state(), warn=log)
         if found is None:
@@ -379,6 +434,15 @@ class Trainer:
             return None
         path, state = found
         check_resume_step(int(state["step"]), self.cfg.max_steps, path, log)
+        old = resume.trained_config(state, self.cfg.output_dir)
+        changes = resume.config_changes(old, self.cfg, path) if old is not None else {}
+        resume.check_same_data(state.get("data"), self._data_fingerprint, self.cfg.data, path)
+        if old is None:
+            log(f"WARNING: --resume: {path} records no config; cannot check that the settings are unchanged")
+        if any(k in changes for k in resume.SCHEDULE_KEYS):  # the restored optimizer would keep the old rates
+            resume.reset_lr_schedule(self.policy.scheduler, base_lrs)
+        if changes and self.accelerator.is_main_process:
+            resume.record_changes(self.cfg.output_dir, int(state["step"]), changes, log)
         self.global_step = int(state["step"])
         self.sampler.load_state_dict(state["sampler"])
         self.nan_streak = int(state.get("nan_streak", 0))
@@ -387,9 +451,14 @@ class Trainer:
         log(f"resumed from {path} (step {self.global_step})")
         return self.global_step
 
+    def _interrupted(self) -> int:
+        self.interrupted = signal.Signals(self.stop_signal).name if self.stop_signal else "SIGINT"
+        return exit_codes.INTERRUPTED
+
     def _install_signals(self) -> dict:
         def handler(signum, frame):
             if self.stop_signal is not None:  # second signal: stop now
+                self.interrupted = signal.Signals(signum).name
                 raise KeyboardInterrupt
             self.stop_signal = signum
             log(f"got {signal.Signals(signum).name}: finishing step {self.global_step + 1}, then checkpointing")
@@ -407,14 +476,20 @@ class Trainer:
 
     def _save_final(self) -> None:
         acc = self.accelerator
-        acc.wait_for_everyone()
         bad = self.policy.nonfinite_weights()  # never a final/ that cannot generate (e.g. resumed from one)
         if bad:
             raise StopTraining(f"the model holds {bad} non-finite weights at step {self.global_step}; no final/ "
                                f"written (newest checkpoint: {latest_checkpoint(self.cfg.output_dir) or 'none'})")
-        self.policy.save_pretrained(Path(self.cfg.output_dir) / "final", self.tokenizer)  # atomic, portable
+        # the checkpoint first, always: a final/ that cannot be written (full disk) keeps the last steps, and
+        # --resume finds the end of the run (writing final/ again, or extending it with a larger max_steps)
+        self.save()
         acc.wait_for_everyone()
-        self.save()  # always: --resume finds the end of the run (and can extend it with a larger max_steps)
+        try:
+            self.policy.save_pretrained(Path(self.cfg.output_dir) / "final", self.tokenizer)  # atomic, portable
+        except OSError as e:
+            raise RunWriteError(f"{one_line(e)}; the run is checkpointed at step {self.global_step}: --resume "
+                                "writes final/ again") from e
+        acc.wait_for_everyone()
 
 
 def _sampling_metrics(result: SamplingResult) -> dict[str, float]:
@@ -434,10 +509,13 @@ def lone_cpu_launch(env: Mapping[str, str]) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`looprl train`; returns the exit code (rl/exit_codes.py)."""
+    from rl.cli import train_precheck
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("-h", "--help"):
-        print(help_text())
-        return 0
+    code = train_precheck(argv)  # --help, --print_config and config errors that need no model
+    if code is not None:
+        return code
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if lone_cpu_launch(os.environ):
         log("WARNING: `accelerate launch --cpu --num_processes N` started ONE process (accelerate's CPU "
@@ -451,13 +529,15 @@ def main(argv: list[str] | None = None) -> int:
         return trainer.train()
     except ConfigError as e:  # includes run-directory, model-loading and checkpoint problems
         print(f"{LOG_PREFIX} {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:  # a second Ctrl-C: the first one's checkpoint was not waited for
-        print(f"{LOG_PREFIX} stopped at once by a second interrupt; --resume continues from the newest "
-              "checkpoint", file=sys.stderr)
-        return 130
+        return exit_codes.BAD_INPUT
+    except KeyboardInterrupt:  # a second signal: the first one's checkpoint was not waited for
+        name = (trainer.interrupted if trainer is not None else None) or "SIGINT"
+        print(f"{LOG_PREFIX} stopped at once by {name}; --resume continues from the newest checkpoint",
+              file=sys.stderr)
+        return exit_codes.SIGNAL_BASE + signal.Signals[name].value
     finally:
         if trainer is not None:
+            trainer.close()
             trainer.worker.close()  # a vLLM engine's process groups go before the default one
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()  # a gloo group left open can abort the process at exit

@@ -218,7 +218,7 @@ def test_ctrl_c_inside_a_hung_reward_function_checkpoints_and_exits(bad, tmp_pat
     start = time.time()
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0 and time.time() - start < 30, err[-2000:]
+    assert proc.returncode == 3 and time.time() - start < 30, err[-2000:]  # interrupted, checkpoint written
     assert "Traceback" not in err and "interrupted during the rewards of step 2" in err
     assert [r["step"] for r in _rows(out)] == [1]
     assert (out / "checkpoints" / "step-1" / "trainer_state.json").is_file()
