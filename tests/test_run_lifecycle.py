@@ -178,7 +178,8 @@ def test_one_process_per_output_dir_and_interrupts_exit_3(life, tmp_path):
     Ctrl-C to the whole process group (verifier workers included): exit 3, no traceback, a checkpoint
     that --resume continues. After a kill -9 the lock does not block."""
     out = tmp_path / "run"
-    args = _args(life, out, "--max_steps", "500", "--save_every", "1", "--rewards", "lifereward:pooled")
+    args = _args(life, out, "--max_steps", "500", "--save_every", "1", "--rewards", "lifereward:pooled",
+                 "--max_no_update_steps", "0")
     first = _start(life, *args)
     _wait_for_step(first, out, 1)
     for flag in ("--resume", "--overwrite"):
@@ -204,7 +205,7 @@ def test_one_process_per_output_dir_and_interrupts_exit_3(life, tmp_path):
     assert (out / ".looprl.lock").read_text().strip() == str(second.pid)  # a stale lock file
     last = max(s for s, _ in [(int(p.name.split("-")[1]), p) for p in (out / "checkpoints").glob("step-*")])
     res = _cli(life, *_args(life, out, "--max_steps", str(last + 1), "--save_every", "1", "--rewards",
-                            "lifereward:pooled", "--resume"))
+                            "lifereward:pooled", "--max_no_update_steps", "0", "--resume"))
     assert res.returncode == 0, res.stderr[-3000:]
     assert _assert_steps_once(out)[-1] == last + 1 and (out / "final" / "config.json").is_file()
 
@@ -213,7 +214,8 @@ def test_sigterm_to_the_process_group_with_verifier_workers(life, tmp_path):
     """`timeout` and Slurm signal the whole group: the pool's forked workers must not print or die
     mid-step; the trainer finishes its step, checkpoints, exits 3 and cleans the workers up."""
     out = tmp_path / "run"
-    proc = _start(life, *_args(life, out, "--max_steps", "500", "--rewards", "lifereward:pooled"))
+    proc = _start(life, *_args(life, out, "--max_steps", "500", "--rewards", "lifereward:pooled",
+                 "--max_no_update_steps", "0"))
     _wait_for_step(proc, out, 1)
     os.killpg(proc.pid, signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
