@@ -50,7 +50,10 @@ class TrainConfig:
     allow_depth_mismatch: bool = option(False, "allow update_depth != depth (the update then scores another policy)")
     engine: str = option("torch", "rollout engine: torch | vllm (rollout/engines.py registry)")
     dtype: str = option("float32", "trainer weights: float32 | bfloat16 | float16 (fp32 master weights recommended)")
-    gradient_checkpointing: bool = option(False, "recompute activations in backward (long completions)")
+    gradient_checkpointing: bool = option(False, "recompute activations in backward, one checkpoint per layer "
+                                                 "application (T x L per token): turn on when the update's "
+                                                 "memory grows with long completions (~8x less activation "
+                                                 "memory, ~1.3x the update time; docs/BENCHMARKS.md)")
     vllm_dtype: str = option("bfloat16", "rollout engine weights (vllm only)")
     vllm_gpu_memory_utilization: float = option(0.5, "fraction of GPU memory vLLM may take (vllm only)")
     vllm_tensor_parallel_size: int = option(1, "GPUs per vLLM engine (vllm only)")
@@ -85,6 +88,8 @@ class TrainConfig:
     temperature: float = option(1.0, "sampling temperature (the update scores at the same temperature)")
     top_p: float = option(1.0, "nucleus sampling; 1.0 = off")
     top_k: int = option(0, "top-k sampling; 0 = off")
+    ignore_eos: bool = option(False, "benchmarks and memory tests: never stop at EOS, every completion runs to "
+                                     "max_new_tokens (all truncated: mask_truncated would train on none)")
     rollout_draft_depth: int = option(0, "self-speculative rollouts (torch engine): draft with the exit after this "
                                          "many loops, verify at depth; same distribution, other speed; 0 = off")
     rollout_num_draft: int = option(0, "tokens drafted per verification pass (rollout/speculative.py); 0 = off")
@@ -156,6 +161,10 @@ class TrainConfig:
     prompts_per_step: int = option(32, "prompts (groups) per step, after dynamic sampling")
     mini_batch_size: int = option(0, "samples per optimizer update; 0 = the whole step's batch (one update)")
     micro_batch_size: int = option(256, "samples per forward/backward on one process")
+    micro_batch_tokens: int = option(0, "token budget per forward/backward on one process: rows x padded "
+                                        "prompt+completion length; memory then stays bounded whatever "
+                                        "max_new_tokens is (a longer sample runs alone). 0 = off "
+                                        "(micro_batch_size alone)")
 
     # --- run ---
     seed: int = option(0, "seed of everything random (rollouts, data order, init)")
@@ -380,7 +389,7 @@ def validate(cfg: TrainConfig, max_depth: int | None = None, num_processes: int 
         raise ConfigError(f"config key 'num_generations': {cfg.num_generations} trains nothing with "
                           f"advantage_estimator {cfg.advantage_estimator!r} (advantages are relative to the group); use >= 2")
     _positive(cfg, "beta", "warmup_steps", "save_every", "eval_every", "overlong_buffer_len", "weight_decay",
-              "max_grad_norm", "log_samples", "torch_threads", "mini_batch_size", "top_k",
+              "max_grad_norm", "log_samples", "torch_threads", "mini_batch_size", "micro_batch_tokens", "top_k",
               "eps_low", "eps_high", "overlong_penalty", allow_zero=True)
     if not 0.0 < cfg.top_p <= 1.0:
         raise ConfigError(f"config key 'top_p': must be in (0, 1], got {cfg.top_p}")

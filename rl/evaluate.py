@@ -178,7 +178,8 @@ def evaluate_depths(model, tokenizer, dataset, depths: Sequence[int], n: int = 1
                     *, top_p: float = 1.0, seed: int = 0, progress: bool = False,
                     worker_factory: Callable[[int], Any] | None = None,
                     guard: RewardGuard | None = None,
-                    draft_depth: int = 0, num_draft: int = 0, prompt_suffix: str = "") -> dict[str, dict[str, Any]]:
+                    draft_depth: int = 0, num_draft: int = 0, prompt_suffix: str = "",
+                    ignore_eos: bool = False) -> dict[str, dict[str, Any]]:
     """Generate n completions per prompt at each depth and score them.
 
     Returns {str(depth): {"accuracy", "len_mean", "truncated_frac", ... (+ "pass@k", "maj@k", "k" if
@@ -186,7 +187,8 @@ def evaluate_depths(model, tokenizer, dataset, depths: Sequence[int], n: int = 1
     `model`); batch_size counts prompts per generate call (each with n samples). `guard` applies the
     trainer's reward_on_error / reward_timeout (default: any bad reward result is a one-line error).
     draft_depth, num_draft > 0: self-speculative decoding at the depths above draft_depth (same
-    distribution; adds "rollout/accept_rate", "rollout/tokens_per_verify").
+    distribution; adds "rollout/accept_rate", "rollout/tokens_per_verify"). ignore_eos: every completion
+    runs to max_new_tokens (benchmarks and memory tests).
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
@@ -223,7 +225,7 @@ def evaluate_depths(model, tokenizer, dataset, depths: Sequence[int], n: int = 1
             bar.set_description(f"eval depth {depth}")
             for b, idx in enumerate(_batches(range(len(prompts)), batch_size)):
                 params = SamplingParams(n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                        seed=seed + 1000 * depth + b,
+                                        seed=seed + 1000 * depth + b, ignore_eos=ignore_eos,
                                         speculative=spec_config(draft_depth, num_draft, depth))
                 t0 = time.perf_counter()
                 rollout = worker.generate([prompt_ids[i] for i in idx], params)
@@ -375,6 +377,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", choices=["torch", "vllm"], default="torch")
     p.add_argument("--max_new_tokens", type=int, default=256)
     p.add_argument("--batch_size", type=int, default=16, help="prompts per generate call")
+    p.add_argument("--ignore_eos", action="store_true",
+                   help="never stop at EOS: every completion runs to --max_new_tokens (benchmarks, memory tests)")
     p.add_argument("--reward", default="math_accuracy", help="reward function deciding correctness")
     p.add_argument("--exit_threshold", type=float, default=None,
                    help="also decode greedily with the exit gate at this threshold q and report mean depth")
@@ -455,13 +459,14 @@ def main(argv: list[str] | None = None) -> int:
             "max_new_tokens": args.max_new_tokens,
             "engine": args.engine,
             "seed": args.seed,
+            "ignore_eos": args.ignore_eos,
         }
         report["depths"] = evaluate_depths(model, tokenizer, dataset, depths, n=args.n, temperature=temperature,
                                            max_new_tokens=args.max_new_tokens, reward_fn=args.reward,
                                            batch_size=args.batch_size, top_p=args.top_p, seed=args.seed,
                                            progress=progress, worker_factory=factory,
                                            draft_depth=args.rollout_draft_depth, num_draft=args.rollout_num_draft,
-                                           prompt_suffix=args.prompt_suffix)
+                                           prompt_suffix=args.prompt_suffix, ignore_eos=args.ignore_eos)
         if args.exit_threshold is not None:
             if model is None:
                 model = _load_model(model_path, device)

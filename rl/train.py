@@ -182,7 +182,7 @@ class Trainer:
         indices = self.sampler.take(want)  # identical on every process (same seed and position)
         local = indices[self.rank::self.world]
         params = SamplingParams(n=n, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                top_p=cfg.top_p, top_k=cfg.top_k,
+                                top_p=cfg.top_p, top_k=cfg.top_k, ignore_eos=cfg.ignore_eos,
                                 seed=step_seed(cfg.seed, self.global_step, round_, self.rank),
                                 speculative=spec_config(cfg.rollout_draft_depth, cfg.rollout_num_draft, self.depth))
         t0 = time.perf_counter()
@@ -283,7 +283,8 @@ class Trainer:
         results = evaluate_depths(self.policy.module, self.tokenizer, self.eval_dataset, depths, n=1,
                                   temperature=0.0, max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens,
                                   reward_fn=cfg.accuracy_reward or "math_accuracy", seed=cfg.seed,
-                                  guard=self.scorer.guard, prompt_suffix=cfg.prompt_suffix)
+                                  guard=self.scorer.guard, prompt_suffix=cfg.prompt_suffix,
+                                  ignore_eos=cfg.ignore_eos)
         rewards.pop_counters()  # drop eval's verifier counts: rewards/* count training rollouts only
         self.scorer.guard.pop_counters()
         return {k: v for k, v in flat_metrics(results).items() if k.startswith("eval/accuracy_d")}
