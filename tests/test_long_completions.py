@@ -4,6 +4,7 @@ nothing else (same gradients, same loss); ignore_eos samples full-length complet
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
 import sys
@@ -94,15 +95,26 @@ def test_a_sample_longer_than_the_budget_runs_alone_said_once(model_dir):
     assert all(len(c) == 1 for c in plan if sum(len(s.prompt_ids) + len(s.completion_ids) for s in c) > 20)
 
 
+REWARD_MODULE = '''
+def char_codes(prompts, completions, **kw):
+    """A reward with variance on full-length random text: (sum of character codes) mod 3."""
+    return [float(sum(map(ord, c if isinstance(c, str) else c[0]["content"])) % 3) for c in completions]
+'''
+
+
 def _train(out: Path, *extra: str) -> subprocess.CompletedProcess:
+    out.mkdir(parents=True)
+    (out.parent / "lcreward.py").write_text(REWARD_MODULE)
     cmd = [sys.executable, "-m", "rl", "train", "--max_steps", "2", "--eval_every", "0", "--progress", "false",
            "--prompts_per_step", "2", "--num_generations", "4", "--max_new_tokens", "12", "--ignore_eos", "true",
-           "--output_dir", str(out), *extra]
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+           "--rewards", "lcreward:char_codes", "--accuracy_reward", "lcreward:char_codes",
+           "--output_dir", str(out / "run"), *extra]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(out.parent), str(REPO)])}
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
 
 
 def _metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.slow
@@ -117,5 +129,6 @@ def test_ignore_eos_full_length_job_same_loss_with_budget_and_checkpointing(tmp_
     for ra, rb in zip(a, b):
         assert ra["completion/len_mean"] == rb["completion/len_mean"] == 12  # ignore_eos: full length
         assert ra["completion/truncated_frac"] == 1.0
+        assert ra["sampling/groups_kept"] > 0  # an update ran
         for key in ("loss/policy", "grad_norm", "reward/mean"):
             assert rb[key] == pytest.approx(ra[key], rel=1e-5, abs=1e-7), key
