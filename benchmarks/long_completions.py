@@ -182,7 +182,8 @@ def rollout_table(model_path: str, contexts: list[int], batch: int, new_tokens: 
     rows, base = [], None
     print(f"{'context':>8} {'prefill s':>10} {'decode tok/s':>13} {'ms/token':>9} {'vs shortest':>12}", flush=True)
     for context in contexts:
-        prompts = [list(range(2, 2 + context))] * batch
+        vocab = model.config.vocab_size
+        prompts = [[2 + (i * 7 + row) % (vocab - 2) for i in range(context)] for row in range(batch)]
         prefill_only = SamplingParams(max_new_tokens=1, temperature=1.0, seed=0, ignore_eos=True)
         start = time.process_time()
         worker.generate(prompts, prefill_only)

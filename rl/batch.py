@@ -96,7 +96,8 @@ def length_buckets(lengths: list[int], max_size: int, overhead: int | None = Non
 
     max_tokens > 0 (micro_batch_tokens) also caps each bucket's padded tokens, rows x padded width,
     where the width is the longest row, or with `prompt_lengths` collate's: longest prompt + longest
-    completion. A single row wider than the cap still gets a bucket of its own.
+    completion. A single row wider than the cap still gets a bucket of its own. Among plans of equal
+    cost it then takes the one whose biggest bucket is smallest (the update's peak memory).
     """
     overhead = BUCKET_OVERHEAD_TOKENS if overhead is None else overhead
     n = len(lengths)
@@ -104,6 +105,7 @@ def length_buckets(lengths: list[int], max_size: int, overhead: int | None = Non
         return []
     prompts = prompt_lengths or [0] * n
     best = [0.0] + [math.inf] * n  # best[j]: cost of the first j rows
+    peak = [0] * (n + 1)  # peak[j]: padded tokens of the biggest bucket of that plan
     cut_from = [0] * (n + 1)
     for j in range(1, n + 1):
         longest = lengths[j - 1]  # ascending: the last row of a bucket is its longest
@@ -115,8 +117,11 @@ def length_buckets(lengths: list[int], max_size: int, overhead: int | None = Non
             if max_tokens and i < j - 1 and (j - i) * width > max_tokens:
                 break  # a bigger bucket only gets wider
             cost = best[i] + (j - i) * longest + overhead
-            if cost <= best[j]:  # ties: the longest bucket, as an ascending scan with `<` picks
-                best[j], cut_from[j] = cost, i
+            biggest = max(peak[i], (j - i) * width)
+            # ties: the longest bucket (as an ascending scan with `<` picks); under a budget the one
+            # whose biggest micro-batch is smallest first (e.g. 4 + 4 rows rather than 7 + 1: less memory)
+            if cost < best[j] or (cost == best[j] and (not max_tokens or biggest <= peak[j])):
+                best[j], peak[j], cut_from[j] = cost, biggest, i
     cuts, j = [], n
     while j > 0:
         cuts.append(j)

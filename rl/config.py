@@ -51,9 +51,10 @@ class TrainConfig:
     engine: str = option("torch", "rollout engine: torch | vllm (rollout/engines.py registry)")
     dtype: str = option("float32", "trainer weights: float32 | bfloat16 | float16 (fp32 master weights recommended)")
     gradient_checkpointing: bool = option(False, "recompute activations in backward, one checkpoint per layer "
-                                                 "application (T x L per token): turn on when the update's "
-                                                 "memory grows with long completions (~8x less activation "
-                                                 "memory, ~1.3x the update time; docs/BENCHMARKS.md)")
+                                                 "application (keeps T x L layer inputs per token, not every "
+                                                 "activation; ~1.15x the update's compute). Turn on when long "
+                                                 "completions (thousands of tokens) run the update out of "
+                                                 "memory, with micro_batch_tokens (docs/BENCHMARKS.md)")
     vllm_dtype: str = option("bfloat16", "rollout engine weights (vllm only)")
     vllm_gpu_memory_utilization: float = option(0.5, "fraction of GPU memory vLLM may take (vllm only)")
     vllm_tensor_parallel_size: int = option(1, "GPUs per vLLM engine (vllm only)")

@@ -73,3 +73,9 @@ def test_token_budget_counts_the_collated_width_not_the_longest_row():
     rows = [_sample(100, 10), _sample(10, 100)]
     assert [len(c) for c in shard_plan(rows, 0, 1, 8, micro_batch_tokens=300)] == [1, 1]
     assert [len(c) for c in shard_plan(rows, 0, 1, 8, micro_batch_tokens=400)] == [2]
+
+
+def test_token_budget_balances_equal_rows():
+    """8 equal rows, room for 7: two micro-batches either way, the 4 + 4 split peaks lower than 7 + 1."""
+    rows = [_sample(64, 1024) for _ in range(8)]
+    assert [len(c) for c in shard_plan(rows, 0, 1, 256, micro_batch_tokens=8192)] == [4, 4]
