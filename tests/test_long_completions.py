@@ -132,3 +132,18 @@ def test_ignore_eos_full_length_job_same_loss_with_budget_and_checkpointing(tmp_
         assert ra["sampling/groups_kept"] > 0  # an update ran
         for key in ("loss/policy", "grad_norm", "reward/mean"):
             assert rb[key] == pytest.approx(ra[key], rel=1e-5, abs=1e-7), key
+
+
+def test_eval_ignore_eos_runs_every_completion_to_max_new_tokens(tmp_path):
+    def run(*extra):
+        out = tmp_path / f"eval{len(extra)}.json"
+        proc = subprocess.run([sys.executable, "-m", "rl", "eval", "--data", "arith", "--limit", "3", "--depths",
+                               "4", "--max_new_tokens", "10", "--no_progress", "--out", str(out), *extra],
+                              cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return json.loads(out.read_text())
+
+    stops, full = run(), run("--ignore_eos")
+    assert stops["depths"]["4"]["len_mean"] < 10  # the embedded model answers and stops at EOS
+    assert full["ignore_eos"] is True and stops["ignore_eos"] is False
+    assert full["depths"]["4"]["len_mean"] == 10 and full["depths"]["4"]["truncated_frac"] == 1.0
