@@ -52,7 +52,7 @@ class TrainConfig:
     dtype: str = option("float32", "trainer weights: float32 | bfloat16 | float16 (fp32 master weights recommended)")
     gradient_checkpointing: bool = option(False, "recompute activations in backward, one checkpoint per layer "
                                                  "application (keeps T x L layer inputs per token, not every "
-                                                 "activation; ~1.15x the update's compute). Turn on when long "
+                                                 "activation; ~1.1-1.3x the update's compute). Turn on when long "
                                                  "completions (thousands of tokens) run the update out of "
                                                  "memory, with micro_batch_tokens (docs/BENCHMARKS.md)")
     vllm_dtype: str = option("bfloat16", "rollout engine weights (vllm only)")
