@@ -214,11 +214,13 @@ class Policy:
         return collate(rows, self.pad_id, mask_truncated=self.cfg.mask_truncated, device=self.accelerator.device,
                        old_logprobs=old)
 
+    _warned_budget = False  # micro_batch_tokens: a sample over the budget was reported (once per run)
+
     def _shards(self, samples: list[Sample]) -> list[list[Sample]]:
         budget = self.cfg.micro_batch_tokens
-        if budget and not getattr(self, "_warned_budget", False):
+        if budget and not self._warned_budget:
             widest = max((padded_width([s]) for s in samples), default=0)
-            if widest > budget:  # said once per run: such samples run one per micro-batch from now on
+            if widest > budget:  # such samples run one per micro-batch from now on
                 self._warned_budget = True
                 warnings.warn(f"micro_batch_tokens {budget}: a sample of {widest} tokens is longer than the "
                               "budget; such samples run alone (one per forward/backward)", RuntimeWarning,
