@@ -16,6 +16,10 @@ model), `peak` the maximum over the process. Arms:
   both-mmap  both, with MALLOC_MMAP_THRESHOLD_=131072 (glibc keeps less freed memory: lower RSS)
 Also printed per arm: the update's loss and grad_norm (the same across arms up to fp32 noise).
 
+Checkpoint design part: one forward+backward of 1 x --design-tokens tokens with no checkpointing, one
+checkpoint per layer application (what `gradient_checkpointing: true` does) and one per loop, each in a
+fresh process, with glibc's default malloc and with MALLOC_MMAP_THRESHOLD_=131072; gradients must agree.
+
 Rollout part: TorchRolloutWorker on the same model with ignore_eos (full-length), batch `--rollout-batch`,
 decode tokens/s measured after a prompt of C tokens (C = --rollout-contexts), i.e. each new token attends
 over C + t cached positions in each of the T x L cache slots; the growth of the per-token time with C is
@@ -204,6 +208,63 @@ def rollout_table(model_path: str, contexts: list[int], batch: int, new_tokens: 
     return rows
 
 
+def one_design(model_path: str, tokens: int, design: str) -> dict:
+    """`--child-design`: one forward+backward over `tokens` tokens with checkpoints per `design`
+    (none | layer: per layer application, what gradient_checkpointing does | loop: one per loop)."""
+    from torch.utils.checkpoint import checkpoint
+
+    from looped.hf_compat import enable_activation_checkpointing
+    from rl.model_io import load_model
+
+    torch.set_num_threads(1)
+    model = load_model(model_path, "--model-path", dtype=torch.float32)
+    if design == "layer":
+        enable_activation_checkpointing(model)
+    model.train(design == "layer")  # transformers checkpoints layers in train mode only
+    if design == "loop":  # layer 0 runs the whole stack of its loop inside one checkpoint, the rest pass through
+        forwards = [layer.forward for layer in model.model.layers]
+
+        def stack(hidden, **kwargs):
+            return checkpoint(lambda h: _run_all(forwards, h, kwargs), hidden, use_reentrant=False)
+
+        model.model.layers[0].forward = stack
+        for layer in model.model.layers[1:]:
+            layer.forward = lambda hidden, **kwargs: hidden
+    ids = torch.randint(2, model.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0))
+    start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False, logits_to_keep=tokens)
+    out.logits.float().log_softmax(-1).mean().backward()
+    grow = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - start) * 1024  # bytes
+    grad = sum(float(p.grad.double().pow(2).sum()) for p in model.parameters() if p.grad is not None) ** 0.5
+    return {"design": design, "kb_per_token": grow / 1e3 / tokens, "grad_norm": grad}
+
+
+def _run_all(forwards, hidden, kwargs):
+    for forward in forwards:
+        hidden = forward(hidden, **kwargs)
+    return hidden
+
+
+def design_table(model_path: str, tokens: int) -> list[dict]:
+    """Peak growth per token of each checkpoint design, each in a fresh process, default and fixed malloc."""
+    rows = []
+    print(f"checkpoint design, one forward+backward of 1 x {tokens} tokens (peak RSS growth per token)", flush=True)
+    print(f"{'design':>7} {'malloc':>8} {'KB/token':>9} {'grad norm':>14}", flush=True)
+    for malloc, env in (("default", {}), ("mmap128k", {"MALLOC_MMAP_THRESHOLD_": "131072"})):
+        for design in ("none", "layer", "loop"):
+            cmd = [sys.executable, os.path.abspath(__file__), "--child-design", design, "--model-path", model_path,
+                   "--design-tokens", str(tokens)]
+            proc = subprocess.run(cmd, capture_output=True, text=True,
+                                  env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+            if proc.returncode != 0:
+                print(f"{design:>7} {malloc:>8}  failed: {proc.stderr.strip().splitlines()[-1:]}", flush=True)
+                continue
+            r = {**json.loads(proc.stdout.strip().splitlines()[-1]), "malloc": malloc}
+            rows.append(r)
+            print(f"{design:>7} {malloc:>8} {r['kb_per_token']:>9.1f} {r['grad_norm']:>14.9f}", flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="small", choices=["small", "tiny"], help="tiny: smoke test only")
@@ -221,12 +282,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="prompt lengths of the rollout part (empty: skip it)")
     parser.add_argument("--rollout-batch", type=int, default=2)
     parser.add_argument("--rollout-new-tokens", type=int, default=32)
+    parser.add_argument("--design-tokens", type=int, default=1920,
+                        help="tokens of the checkpoint-design comparison (0: skip it)")
     parser.add_argument("--model-path", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--child-design", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help="write all rows as JSON here")
     args = parser.parse_args(argv)
     if args.child:
         return child(args)
+    if args.child_design:
+        print(json.dumps(one_design(args.model_path, args.design_tokens, args.child_design)))
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         model_path = os.path.join(tmp, "model")
         params = build_model(model_path, args.size)
@@ -235,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
               f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs", flush=True)
         lengths = [int(x) for x in args.lengths.split(",") if x]
         report = {"update": update_table(model_path, lengths, args.arms.split(","), args)}
+        if args.design_tokens:
+            report["designs"] = design_table(model_path, args.design_tokens)
         contexts = [int(x) for x in args.rollout_contexts.split(",") if x]
         if contexts:
             report["rollout"] = rollout_table(model_path, contexts, args.rollout_batch, args.rollout_new_tokens)
