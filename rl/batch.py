@@ -81,25 +81,47 @@ def exit_mask(batch: dict) -> torch.Tensor:
     return mask
 
 
-def length_buckets(lengths: list[int], max_size: int, overhead: int | None = None) -> list[int]:
+def padded_width(samples: list[Sample]) -> int:
+    """Columns of the collated micro-batch: longest prompt + longest completion (collate's layout)."""
+    return max(len(s.prompt_ids) for s in samples) + max(max(len(s.completion_ids) for s in samples), 1)
+
+
+def length_buckets(lengths: list[int], max_size: int, overhead: int | None = None, *, max_tokens: int = 0,
+                   prompt_lengths: list[int] | None = None) -> list[int]:
     """End indices of consecutive buckets of the ascending `lengths`, each at most `max_size` rows.
 
     Minimises padded tokens (rows x longest row, summed over buckets) plus `overhead` tokens per
     bucket, by dynamic programming over the cut points. One bucket of everything is what plain
     fixed-size chunking pads to; the update's forward/backward cost is linear in padded tokens.
+
+    max_tokens > 0 (micro_batch_tokens) also caps each bucket's padded tokens, rows x padded width,
+    where the width is the longest row, or with `prompt_lengths` collate's: longest prompt + longest
+    completion. A single row wider than the cap still gets a bucket of its own. Among plans of equal
+    cost it then takes the one whose biggest bucket is smallest (the update's peak memory).
     """
     overhead = BUCKET_OVERHEAD_TOKENS if overhead is None else overhead
     n = len(lengths)
     if n == 0:
         return []
+    prompts = prompt_lengths or [0] * n
     best = [0.0] + [math.inf] * n  # best[j]: cost of the first j rows
+    peak = [0] * (n + 1)  # peak[j]: padded tokens of the biggest bucket of that plan
     cut_from = [0] * (n + 1)
     for j in range(1, n + 1):
         longest = lengths[j - 1]  # ascending: the last row of a bucket is its longest
-        for i in range(max(0, j - max_size), j):
+        widest_prompt = widest_completion = 0
+        for i in range(j - 1, max(0, j - max_size) - 1, -1):  # bucket rows i..j-1, growing downwards
+            widest_prompt = max(widest_prompt, prompts[i])
+            widest_completion = max(widest_completion, lengths[i] - prompts[i])
+            width = widest_prompt + max(widest_completion, 1) if prompt_lengths else longest
+            if max_tokens and i < j - 1 and (j - i) * width > max_tokens:
+                break  # a bigger bucket only gets wider
             cost = best[i] + (j - i) * longest + overhead
-            if cost < best[j]:
-                best[j], cut_from[j] = cost, i
+            biggest = max(peak[i], (j - i) * width)
+            # ties: the longest bucket (as an ascending scan with `<` picks); under a budget the one
+            # whose biggest micro-batch is smallest first (e.g. 4 + 4 rows rather than 7 + 1: less memory)
+            if cost < best[j] or (cost == best[j] and (not max_tokens or biggest <= peak[j])):
+                best[j], peak[j], cut_from[j] = cost, biggest, i
     cuts, j = [], n
     while j > 0:
         cuts.append(j)
@@ -107,18 +129,22 @@ def length_buckets(lengths: list[int], max_size: int, overhead: int | None = Non
     return cuts[::-1]
 
 
-def shard_plan(samples: list[Sample], rank: int, world: int, micro_batch_size: int) -> list[list[Sample]]:
+def shard_plan(samples: list[Sample], rank: int, world: int, micro_batch_size: int, *,
+               micro_batch_tokens: int = 0) -> list[list[Sample]]:
     """This process's micro-batches of a mini-batch; equal counts on every process (DDP needs it).
 
     Samples are sorted by length and cut into length buckets of at most micro_batch_size, so each
     micro-batch pads only to its own longest row (the loss does not depend on the grouping: its
-    normaliser is the mini-batch's). Every process plans every rank's buckets (all see all samples),
-    so all agree on the count; a rank with fewer buckets runs zero-weight dummies (empty lists).
+    normaliser is the mini-batch's). micro_batch_tokens > 0 also caps each micro-batch's padded
+    tokens (its memory); a sample wider than that runs alone. Every process plans every rank's
+    buckets (all see all samples), so all agree on the count; a rank with fewer buckets runs
+    zero-weight dummies (empty lists).
     """
     plans = []
     for r in range(world):
         local = sorted(samples[r::world], key=lambda s: s.length)
-        cuts = length_buckets([s.length for s in local], micro_batch_size)
+        cuts = length_buckets([s.length for s in local], micro_batch_size, max_tokens=micro_batch_tokens,
+                              prompt_lengths=[len(s.prompt_ids) for s in local])
         plans.append([local[a:b] for a, b in zip([0] + cuts[:-1], cuts)])
     count = max(len(p) for p in plans)
     mine = plans[rank]

@@ -51,7 +51,11 @@ class TrainConfig:
     engine: str = option("torch", "rollout engine: torch | vllm (rollout/engines.py registry)")
     dtype: str = option("float32", "trainer weights: float32 | bfloat16 (float16 is refused: AdamW's second moment "
                                    "and eps underflow in fp16 weights, so one update makes them inf/NaN)")
-    gradient_checkpointing: bool = option(False, "recompute activations in backward (long completions)")
+    gradient_checkpointing: bool = option(False, "recompute activations in backward, one checkpoint per layer "
+                                                 "application (keeps T x L layer inputs per token, not every "
+                                                 "activation; ~1.1-1.3x the update's compute). Turn on when long "
+                                                 "completions (thousands of tokens) run the update out of "
+                                                 "memory, with micro_batch_tokens (docs/BENCHMARKS.md)")
     vllm_dtype: str = option("bfloat16", "rollout engine weights (vllm only)")
     vllm_gpu_memory_utilization: float = option(0.5, "fraction of GPU memory vLLM may take (vllm only)")
     vllm_tensor_parallel_size: int = option(1, "GPUs per vLLM engine (vllm only)")
@@ -92,6 +96,8 @@ class TrainConfig:
     temperature: float = option(1.0, "sampling temperature (the update scores at the same temperature)")
     top_p: float = option(1.0, "nucleus sampling; 1.0 = off")
     top_k: int = option(0, "top-k sampling; 0 = off")
+    ignore_eos: bool = option(False, "benchmarks and memory tests: never stop at EOS, every completion runs to "
+                                     "max_new_tokens (all truncated: mask_truncated would train on none)")
     rollout_draft_depth: int = option(0, "self-speculative rollouts (torch engine): draft with the exit after this "
                                          "many loops, verify at depth; same distribution, other speed; 0 = off")
     rollout_num_draft: int = option(0, "tokens drafted per verification pass (rollout/speculative.py); 0 = off")
@@ -164,6 +170,10 @@ class TrainConfig:
     prompts_per_step: int = option(32, "prompts (groups) per step, after dynamic sampling")
     mini_batch_size: int = option(0, "samples per optimizer update; 0 = the whole step's batch (one update)")
     micro_batch_size: int = option(256, "samples per forward/backward on one process")
+    micro_batch_tokens: int = option(0, "token budget per forward/backward on one process: rows x padded "
+                                        "prompt+completion length; memory then stays bounded whatever "
+                                        "max_new_tokens is (a longer sample runs alone). 0 = off "
+                                        "(micro_batch_size alone)")
 
     # --- run ---
     seed: int = option(0, "seed of everything random (rollouts, data order, init)")
@@ -329,6 +339,7 @@ RESUMABLE_KEYS = {
     "max_no_update_steps": "abort threshold",
     "reward_timeout": "time limit of a reward call", "reward_on_error": "what a failing reward call does",
     "torch_threads": "CPU threads", "micro_batch_size": "memory only: the same gradient per mini-batch",
+    "micro_batch_tokens": "memory only: the same gradient per mini-batch",
     "gradient_checkpointing": "memory only: the same math", "vllm_gpu_memory_utilization": "memory only",
 }
 # Run control, never compared: where the run is and how this process starts it.
@@ -461,7 +472,7 @@ def validate(cfg: TrainConfig, max_depth: int | None = None, num_processes: int 
         raise ConfigError(f"config key 'num_generations': {cfg.num_generations} trains nothing with "
                           f"advantage_estimator {cfg.advantage_estimator!r} (advantages are relative to the group); use >= 2")
     _positive(cfg, "beta", "warmup_steps", "save_every", "eval_every", "overlong_buffer_len", "weight_decay",
-              "max_grad_norm", "log_samples", "torch_threads", "mini_batch_size", "top_k",
+              "max_grad_norm", "log_samples", "torch_threads", "mini_batch_size", "micro_batch_tokens", "top_k",
               "eps_low", "eps_high", "overlong_penalty", allow_zero=True)
     _positive(cfg, "max_no_update_steps", allow_zero=True)
     _positive(cfg, "vllm_max_model_len", "eval_max_new_tokens")

@@ -206,7 +206,8 @@ def evaluate_depths(model, tokenizer, dataset, depths: Sequence[int], n: int = 1
                     progress: bool = False,
                     worker_factory: Callable[[int], Any] | None = None,
                     guard: RewardGuard | None = None,
-                    draft_depth: int = 0, num_draft: int = 0, prompt_suffix: str = "") -> dict[str, dict[str, Any]]:
+                    draft_depth: int = 0, num_draft: int = 0, prompt_suffix: str = "",
+                    ignore_eos: bool = False) -> dict[str, dict[str, Any]]:
     """Generate n completions per prompt at each depth and score them.
 
     `reward_fn` called with `reward_kwargs` decides correct (1 / 0 / None = unscored, rl/accuracy.py);
@@ -216,7 +217,8 @@ def evaluate_depths(model, tokenizer, dataset, depths: Sequence[int], n: int = 1
     `model`); batch_size counts prompts per generate call (each with n samples). `guard` applies the
     trainer's reward_on_error / reward_timeout (default: any bad reward result is a one-line error).
     draft_depth, num_draft > 0: self-speculative decoding at the depths above draft_depth (same
-    distribution; adds "rollout/accept_rate", "rollout/tokens_per_verify").
+    distribution; adds "rollout/accept_rate", "rollout/tokens_per_verify"). ignore_eos: every completion
+    runs to max_new_tokens (benchmarks and memory tests).
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
@@ -253,7 +255,7 @@ def evaluate_depths(model, tokenizer, dataset, depths: Sequence[int], n: int = 1
             bar.set_description(f"eval depth {depth}")
             for b, idx in enumerate(_batches(range(len(prompts)), batch_size)):
                 params = SamplingParams(n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                        seed=seed + 1000 * depth + b,
+                                        seed=seed + 1000 * depth + b, ignore_eos=ignore_eos,
                                         speculative=spec_config(draft_depth, num_draft, depth))
                 t0 = time.perf_counter()
                 rollout = worker.generate([prompt_ids[i] for i in idx], params)
@@ -420,6 +422,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", choices=["torch", "vllm"], default="torch")
     p.add_argument("--max_new_tokens", type=int, default=256)
     p.add_argument("--batch_size", type=int, default=16, help="prompts per generate call")
+    p.add_argument("--ignore_eos", action="store_true",
+                   help="never stop at EOS: every completion runs to --max_new_tokens (benchmarks, memory tests)")
     p.add_argument("--reward", default="math_accuracy",
                    help="1/0 function deciding correct (training's accuracy_reward; default math_accuracy)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
@@ -523,13 +527,14 @@ def main(argv: list[str] | None = None) -> int:
             "seed": args.seed,
             "reward": args.reward,
             "reward_kwargs": reward_kwargs,
+            "ignore_eos": args.ignore_eos,
         }
         report["depths"] = evaluate_depths(model, tokenizer, dataset, depths, n=args.n, temperature=temperature,
                                            max_new_tokens=args.max_new_tokens, reward_fn=args.reward,
                                            reward_kwargs=reward_kwargs, batch_size=args.batch_size, top_p=args.top_p, seed=args.seed,
                                            progress=progress, worker_factory=factory,
                                            draft_depth=args.rollout_draft_depth, num_draft=args.rollout_num_draft,
-                                           prompt_suffix=args.prompt_suffix)
+                                           prompt_suffix=args.prompt_suffix, ignore_eos=args.ignore_eos)
         if args.exit_threshold is not None:
             if model is None:
                 model = _load_model(model_path, device)

@@ -24,7 +24,7 @@ import torch
 
 from looped.facts import is_looped
 from looped.hf_compat import enable_activation_checkpointing
-from rl.batch import Sample, collate, exit_mask, own_filler, shard_plan, trained_tokens
+from rl.batch import Sample, collate, exit_mask, own_filler, padded_width, shard_plan, trained_tokens
 from rl.checkpoint import TrainState
 from rl.config import ConfigError, TrainConfig
 from rl.dist import reduce_max, reduce_sum
@@ -237,8 +237,18 @@ class Policy:
         return collate(rows, self.pad_id, mask_truncated=self.cfg.mask_truncated, device=self.accelerator.device,
                        old_logprobs=old)
 
+    _warned_budget = False  # micro_batch_tokens: a sample over the budget was reported (once per run)
+
     def _shards(self, samples: list[Sample]) -> list[list[Sample]]:
-        return shard_plan(samples, self.rank, self.world, self.cfg.micro_batch_size)
+        budget = self.cfg.micro_batch_tokens
+        if budget and not self._warned_budget:
+            widest = max((padded_width([s]) for s in samples), default=0)
+            if widest > budget:  # such samples run one per micro-batch from now on
+                self._warned_budget = True
+                warnings.warn(f"micro_batch_tokens {budget}: a sample of {widest} tokens is longer than the "
+                              "budget; such samples run alone (one per forward/backward)", RuntimeWarning,
+                              stacklevel=2)
+        return shard_plan(samples, self.rank, self.world, self.cfg.micro_batch_size, micro_batch_tokens=budget)
 
     def _exit_logprobs(self, out, batch: dict, logp: torch.Tensor) -> torch.Tensor:
         """[B, |S|, C] log-probs of the completion tokens at the policy exits S, from this forward's exits."""

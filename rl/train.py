@@ -247,7 +247,7 @@ class Trainer:
         indices = self.sampler.take(want)  # identical on every process (same seed and position)
         local = indices[self.rank::self.world]
         params = SamplingParams(n=n, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                top_p=cfg.top_p, top_k=cfg.top_k,
+                                top_p=cfg.top_p, top_k=cfg.top_k, ignore_eos=cfg.ignore_eos,
                                 seed=step_seed(cfg.seed, self.global_step, round_, self.rank),
                                 speculative=spec_config(cfg.rollout_draft_depth, cfg.rollout_num_draft, self.depth))
         t0 = time.perf_counter()
@@ -393,7 +393,8 @@ class Trainer:
                                       temperature=0.0, max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens,
                                       reward_fn=cfg.accuracy_reward or "math_accuracy",
                                       reward_kwargs=self.scorer.accuracy_kwargs, seed=cfg.seed,
-                                      guard=self.scorer.guard, prompt_suffix=cfg.prompt_suffix)
+                                      guard=self.scorer.guard, prompt_suffix=cfg.prompt_suffix,
+                                      ignore_eos=cfg.ignore_eos)
         except AccuracyError as e:
             raise ConfigError(f"config key 'accuracy_reward': {e}") from None
         rewards.pop_counters()  # drop eval's verifier counts: rewards/* count training rollouts only

@@ -38,7 +38,8 @@ class SamplingParams:
 
     temperature 0 means greedy (argmax). top_k 0 and top_p 1.0 disable truncation.
     stop_token_ids None means "stop at the model/tokenizer EOS"; [] means never stop early
-    (every sample runs to max_new_tokens).
+    (every sample runs to max_new_tokens). ignore_eos True means the same as [] whatever
+    stop_token_ids says: full-length completions, for benchmarks and memory tests.
     speculative: None = plain decoding; a SpecConfig = self-speculative decoding (same distribution).
     """
 
@@ -50,6 +51,7 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: list[int] | None = None
     speculative: SpecConfig | None = None
+    ignore_eos: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.n, int) or self.n < 1:
@@ -70,6 +72,12 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    def stop_ids(self, eos_token_ids: Sequence[int]) -> list[int]:
+        """The token ids that end a completion, given the engine's EOS ids (the one rule every engine uses)."""
+        if self.ignore_eos:
+            return []
+        return list(eos_token_ids) if self.stop_token_ids is None else list(self.stop_token_ids)
 
 
 @dataclass

@@ -147,7 +147,7 @@ def speculative_decode(worker, prompts: list[list[int]], params: SamplingParams,
     step.bind(cache)
     embed, rotary, lm_head = step.backbone.embed_tokens, step.backbone.rotary_emb, worker.model.lm_head
 
-    stop_ids = worker.eos_token_ids if params.stop_token_ids is None else params.stop_token_ids
+    stop_ids = params.stop_ids(worker.eos_token_ids)
     stop = torch.tensor(stop_ids, dtype=torch.long, device=device) if stop_ids else None
     can_compact = callable(getattr(cache, "reorder_cache", None))
 

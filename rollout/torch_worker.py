@@ -303,7 +303,7 @@ class TorchRolloutWorker:
 
         generator = self._generator(params.seed)
 
-        stop_ids = self.eos_token_ids if params.stop_token_ids is None else params.stop_token_ids
+        stop_ids = params.stop_ids(self.eos_token_ids)
         stop = torch.tensor(stop_ids, dtype=torch.long, device=device) if stop_ids else None
         can_compact = callable(getattr(cache, "reorder_cache", None))
         sync_every = 1 if device.type == "cpu" else 8  # host syncs stall GPU kernel queues; CPU has none

@@ -242,21 +242,19 @@ def to_vllm_sampling_kwargs(params: SamplingParams, eos_token_ids: Sequence[int]
     """Our SamplingParams -> `vllm.SamplingParams(**kwargs)` for one prompt.
 
     - Stop set is explicit: `stop_token_ids=None` -> the model EOS ids, `[]` -> never stop early,
-      a list -> exactly those ids. `ignore_eos=True` always, so vLLM adds no EOS of its own
-      (from the tokenizer or generation_config) on top of ours.
+      a list -> exactly those ids; our `ignore_eos` -> `[]` (full-length completions). vLLM's
+      `ignore_eos=True` always, so vLLM adds no EOS of its own (from the tokenizer or
+      generation_config) on top of ours.
     - Seeds: prompt i gets `seed + i * n`, so prompts do not share one random stream; vLLM derives
       each of the n samples' streams from the request seed.
     - top_k 0 / top_p 1.0 mean "off" and are left at vLLM's defaults (which are off).
     """
-    if params.stop_token_ids is None:
-        stop_ids = list(eos_token_ids)
-        if not stop_ids:
-            raise ValueError(
-                "SamplingParams.stop_token_ids is None (stop at EOS) but the model config names no "
-                "eos_token_id; pass eos_token_id= to VLLMRolloutWorker or explicit stop_token_ids"
-            )
-    else:
-        stop_ids = list(params.stop_token_ids)
+    stop_ids = params.stop_ids(eos_token_ids)
+    if params.stop_token_ids is None and not params.ignore_eos and not stop_ids:
+        raise ValueError(
+            "SamplingParams.stop_token_ids is None (stop at EOS) but the model config names no "
+            "eos_token_id; pass eos_token_id= to VLLMRolloutWorker or explicit stop_token_ids"
+        )
     if 0 < params.temperature < VLLM_MIN_TEMPERATURE:
         raise ValueError(
             f"SamplingParams.temperature={params.temperature} is below vLLM's minimum "

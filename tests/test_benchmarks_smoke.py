@@ -117,3 +117,18 @@ def test_exit_policy_experiment_benchmark(tmp_path, capsys):
     assert "gate q=0.5: acc / depth" in table  # the gate-rule early-exit table
     assert re.search(r"\| dapo_exits_gatefit \| 0 \| [+-]\d+\.\d \|", table)  # paired with dapo, seed 0
     assert set(json.loads((out / "report.json").read_text())["runs"]) == {"dapo/0", "dapo_exits_gatefit/0"}
+
+
+def test_long_completions_benchmark(tmp_path, capsys):
+    out = tmp_path / "long.json"
+    code = load("long_completions").main(["--size", "tiny", "--lengths", "8", "--arms", "plain,both",
+                                          "--budget", "64", "--rows", "4", "--rollout-contexts", "16",
+                                          "--rollout-new-tokens", "4", "--design-tokens", "16", "--out", str(out)])
+    assert code == 0
+    update = json.loads(out.read_text())["update"]
+    assert [r["arm"] for r in update] == ["plain", "both"]  # each in its own subprocess
+    assert update[1]["micro_batches"] > update[0]["micro_batches"] == 1  # the budget cut the step
+    assert update[1]["loss"] == pytest.approx(update[0]["loss"], rel=1e-5, abs=1e-7)
+    designs = json.loads(out.read_text())["designs"]  # checkpoint per layer / per loop / none: same gradient
+    assert len({round(r["grad_norm"], 6) for r in designs}) == 1 and len(designs) == 6
+    assert "decode tok/s" in capsys.readouterr().out

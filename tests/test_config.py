@@ -54,6 +54,8 @@ def test_saved_config_round_trips(tmp_path):
     (["--policy_exits", "first"], "policy_exits"),
     (["--policy_exit_weights", "softmax"], "policy_exit_weights"),
     (["--gate_loss_coef", "-1"], "gate_loss_coef"),
+    (["--micro_batch_tokens", "-1"], "'micro_batch_tokens'"),
+    (["--ignore_eos", "maybe"], "'ignore_eos'"),
 ])
 
 def test_errors_name_the_key(argv, key):

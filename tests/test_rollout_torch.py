@@ -226,6 +226,12 @@ def test_stop_token_ids_semantics():
     never = worker.generate(PROMPTS, SamplingParams(max_new_tokens=10, temperature=0, stop_token_ids=[]))
     assert never.finish_reasons == ["length"] * len(PROMPTS)
     assert never.completion_ids == greedy.completion_ids
+    # ignore_eos: full length past the EOS and past explicit stop ids (benchmarks, memory tests)
+    for stops in (None, [eos]):
+        full = worker.generate(PROMPTS, SamplingParams(max_new_tokens=10, temperature=0, stop_token_ids=stops,
+                                                       ignore_eos=True))
+        assert full.finish_reasons == ["length"] * len(PROMPTS)
+        assert full.completion_ids == greedy.completion_ids
     # A stop token drawn at the last allowed step still counts as "stop".
     first = TorchRolloutWorker(model, 1, eos_token_id=greedy.completion_ids[0][0])
     one = first.generate(PROMPTS[:1], SamplingParams(max_new_tokens=1, temperature=0))

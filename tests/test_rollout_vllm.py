@@ -249,6 +249,15 @@ def test_sampling_kwargs_stop_sets():
         to_vllm_sampling_kwargs(SamplingParams(**base), [])
 
 
+def test_sampling_kwargs_ignore_eos_means_full_length():
+    """ignore_eos (looprl train/eval --ignore_eos) reaches vLLM as an empty stop set, even over explicit ids."""
+    for extra in ({}, {"stop_token_ids": [9]}):
+        kw = to_vllm_sampling_kwargs(SamplingParams(n=2, max_new_tokens=16, ignore_eos=True, **extra), [2])
+        assert kw["stop_token_ids"] == [] and kw["ignore_eos"] is True and kw["max_tokens"] == 16
+    # no EOS known is fine when nothing should stop
+    assert to_vllm_sampling_kwargs(SamplingParams(max_new_tokens=4, ignore_eos=True), [])["stop_token_ids"] == []
+
+
 def test_sampling_kwargs_truncation_seed_and_greedy():
     params = SamplingParams(n=3, max_new_tokens=8, temperature=1.0, top_p=0.9, top_k=20, seed=100)
     kws = [to_vllm_sampling_kwargs(params, [2], prompt_index=i) for i in range(3)]

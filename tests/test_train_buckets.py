@@ -3,7 +3,7 @@ process plans the same number of micro-batches (DDP makes the same number of bac
 
 import random
 
-from rl.batch import Sample, length_buckets, own_filler, shard_plan
+from rl.batch import Sample, length_buckets, own_filler, padded_width, shard_plan
 
 
 def _padded(lengths: list[int], cuts: list[int]) -> int:
@@ -44,3 +44,42 @@ def test_shards_equal_count_on_every_rank():
         (filler,) = own_filler(plan)
         assert any(filler is s for s in samples[rank::2])
         assert filler.length == min(s.length for s in samples[rank::2])
+
+
+def _widths(samples: list[Sample], plan: list[list[Sample]]) -> list[int]:
+    return [len(chunk) * padded_width(chunk) for chunk in plan if chunk]
+
+
+def test_token_budget_caps_padded_tokens_and_long_rows_run_alone():
+    rng = random.Random(2)
+    samples = [_sample(rng.randint(4, 40), rng.choice([3, 50, 200, 900])) for _ in range(48)]
+    budget = 800
+    plan = shard_plan(samples, rank=0, world=1, micro_batch_size=256, micro_batch_tokens=budget)
+    assert sorted(map(id, (s for chunk in plan for s in chunk))) == sorted(map(id, samples))
+    for chunk in plan:  # collate's width: longest prompt + longest completion
+        assert len(chunk) * padded_width(chunk) <= budget or len(chunk) == 1
+    assert any(padded_width(c) > budget for c in plan)  # the 900-token rows: alone, over the budget
+    # off (0): the micro_batch_size rule alone, the same cuts as before the budget existed
+    lengths = sorted(s.length for s in samples)
+    assert length_buckets(lengths, 256) == length_buckets(lengths, 256, max_tokens=0)
+    assert len(shard_plan(samples, 0, 1, 256)) < len(plan)
+    # with ranks: equal counts, every local sample once, budget kept
+    ranks = [shard_plan(samples, rank=r, world=3, micro_batch_size=4, micro_batch_tokens=budget) for r in range(3)]
+    assert len({len(p) for p in ranks}) == 1
+    for rank, plan in enumerate(ranks):
+        assert sorted(map(id, (s for c in plan for s in c))) == sorted(map(id, samples[rank::3]))
+        assert all(len(c) <= 4 and (len(c) * padded_width(c) <= budget or len(c) == 1) for c in plan if c)
+
+
+def test_token_budget_counts_the_collated_width_not_the_longest_row():
+    # a long prompt with a short completion and a short prompt with a long one: each row is 110 tokens,
+    # but collated together they pad to 100 + 100 = 200 columns
+    rows = [_sample(100, 10), _sample(10, 100)]
+    assert [len(c) for c in shard_plan(rows, 0, 1, 8, micro_batch_tokens=300)] == [1, 1]
+    assert [len(c) for c in shard_plan(rows, 0, 1, 8, micro_batch_tokens=400)] == [2]
+
+
+def test_token_budget_balances_equal_rows():
+    """8 equal rows, room for 7: two micro-batches either way, the 4 + 4 split peaks lower than 7 + 1."""
+    rows = [_sample(64, 1024) for _ in range(8)]
+    assert [len(c) for c in shard_plan(rows, 0, 1, 256, micro_batch_tokens=8192)] == [4, 4]
