@@ -12,7 +12,9 @@ step computes the same function with far fewer ops:
     forward), so prefill and decode share one preallocated cache.
 It reads the model's parameters by reference (except the two concatenations), so it follows
 in-place weight updates, and it calls the layer's own modules for everything that is not fused: the
-RMSNorms, the RoPE rotation (`rotate_half`), the MLP activation and the o/down projections. What is
+RMSNorms, the RoPE rotation (`rotate_half`), the MLP activation and the o/down projections (so a LoRA
+adapter on them applies as in the forward; the fused q|k|v and gate|up weights include an adapter's
+delta, looped/adapters.py). What is
 its own is only the fusing (one q|k|v and one gate|up matmul) and single-query attention over the cache. The worker checks it against the model's forward once (`matches_model`)
 and falls back to the model's forward if they disagree, so a model change cannot silently change
 the rollout policy.
@@ -23,6 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from looped.adapters import effective_weight
 from looped.modeling_ouro import rotate_half
 
 
@@ -62,12 +65,12 @@ class OuroDecodeStep:
 
     def refresh(self) -> None:
         """Rebuild the concatenated q|k|v and gate|up weights from the current parameters."""
-        with torch.no_grad():
+        with torch.no_grad():  # a LoRA-wrapped projection contributes W + its adapter's delta
             self.fused = [
                 (
-                    torch.cat([layer.self_attn.q_proj.weight, layer.self_attn.k_proj.weight,
-                               layer.self_attn.v_proj.weight]),
-                    torch.cat([layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight]),
+                    torch.cat([effective_weight(layer.self_attn.q_proj), effective_weight(layer.self_attn.k_proj),
+                               effective_weight(layer.self_attn.v_proj)]),
+                    torch.cat([effective_weight(layer.mlp.gate_proj), effective_weight(layer.mlp.up_proj)]),
                 )
                 for layer in self.layers
             ]
