@@ -103,3 +103,9 @@ def test_exit_policy_experiment_benchmark(tmp_path, capsys):
     assert "gate q=0.5: acc / depth" in table  # the gate-rule early-exit table
     assert re.search(r"\| dapo_exits_gatefit \| 0 \| [+-]\d+\.\d \|", table)  # paired with dapo, seed 0
     assert set(json.loads((out / "report.json").read_text())["runs"]) == {"dapo/0", "dapo_exits_gatefit/0"}
+
+
+def test_lora_mismatch_benchmark(capsys):
+    pytest.importorskip("peft")
+    assert load("lora_mismatch").main(["--dtypes", "float32", "--n", "2", "--new", "3"]) == 0
+    assert capsys.readouterr().out.count("| float32 |") == 4  # one row per depth of the embedded model

@@ -24,7 +24,6 @@ def _lora_model(path, rank=4, seed=1, targets=None):
     from transformers import AutoModelForCausalLM
 
     import looped  # noqa: F401
-
     from rl.config import TrainConfig
     from rl.lora import apply_lora
 
