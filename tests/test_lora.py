@@ -7,11 +7,10 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from test_trainer import REPO, _args, _assert_same_metrics, _kill9_after_step2_checkpoint, _rows, _train, tiny  # noqa: F401
+from test_trainer import REPO, _args, _kill9_resume_matches_uninterrupted, _rows, _train, tiny  # noqa: F401
 
 peft = pytest.importorskip("peft")
 
@@ -197,11 +196,5 @@ def test_kill9_then_resume_is_exact_with_lora(tiny, tmp_path):  # noqa: F811
     """A LoRA run (adapter + fully trained gate) killed after a checkpoint and resumed logs the same metrics."""
     common = ["--max_steps", "8", "--save_every", "1", "--lora_rank", "4", "--gate_loss_coef", "1.0",
               "--lr", "5e-2", "--loss_type", "grpo"]
-    ref = tmp_path / "ref"
-    assert _train(_args(tiny, ref, *common)) == 0
-    out = tmp_path / "killed"
-    _kill9_after_step2_checkpoint(tiny, out, common)
-    assert _train(_args(tiny, out, *common, "--resume")) == 0
-    _assert_same_metrics(_rows(ref), _rows(out))
-    ref_final = Path(ref / "final" / "model.safetensors").read_bytes()
-    assert ref_final == (out / "final" / "model.safetensors").read_bytes()
+    ref, out = _kill9_resume_matches_uninterrupted(tiny, tmp_path, common)
+    assert (ref / "final" / "model.safetensors").read_bytes() == (out / "final" / "model.safetensors").read_bytes()
