@@ -92,15 +92,19 @@ def keep_trainable_state(model) -> None:
 
 
 @contextlib.contextmanager
-def dropout_active(model, enabled: bool):
-    """The adapter's dropout (lora_dropout) on for the update's gradient forward only; the rest of the
-    model stays as it is (no dropout), so rollouts and logprob scoring stay deterministic."""
-    drops = [m for name, m in model.named_modules() if enabled and name.split(".")[-2:-1] == ["lora_dropout"]]
+def dropout_active(model, p: float):
+    """The adapter's dropout (lora_dropout = p) on for the update's gradient forward only. Everywhere
+    else it is off (disable_dropout zeroes it with every other dropout, in train mode too), so rollouts
+    and logprob scoring stay deterministic."""
+    drops = [m for name, m in model.named_modules()
+             if p > 0 and name.split(".")[-2:-1] == ["lora_dropout"] and isinstance(m, torch.nn.Dropout)]
     modes = [m.training for m in drops]
     for m in drops:
+        m.p = p
         m.train(True)
     try:
         yield
     finally:
         for m, mode in zip(drops, modes):
+            m.p = 0.0
             m.train(mode)

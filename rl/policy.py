@@ -132,6 +132,15 @@ class Policy:
             1 if accelerator.device.type == "cpu" and model.num_parameters() < TINY_PARAMS else 0)
         if threads:
             torch.set_num_threads(threads)
+        # LoRA (rl/lora.py): peft adapts `model` in place, freezes the base; checkpoints hold what trains;
+        # before disable_dropout, which zeroes the adapter's dropout too (dropout_active sets it per forward)
+        self.peft = None
+        if cfg.lora_rank > 0:
+            self.peft = apply_lora(model, cfg)
+            keep_trainable_state(model)
+        self.trainable = trainable_summary(model)
+        self._lora_dropout = cfg.lora_dropout if self.peft is not None else 0.0
+
         if cfg.gradient_checkpointing:
             if not getattr(model, "supports_gradient_checkpointing", False):
                 raise ConfigError(f"config key 'gradient_checkpointing': {type(model).__name__} does not support it")
@@ -149,13 +158,6 @@ class Policy:
             if self.exit_policy.enabled else None
         self.exit_weights = ExitWeights(len(self.policy_exits)).to(accelerator.device) \
             if self.policy_exits and self.exit_policy.weighting == "learned" else None
-
-        # LoRA (rl/lora.py): peft adapts `model` in place, freezes the base; checkpoints hold what trains
-        self.peft = None
-        if cfg.lora_rank > 0:
-            self.peft = apply_lora(model, cfg)
-            keep_trainable_state(model)
-        self.trainable = trainable_summary(model)
 
         self.ref_model = None  # with LoRA the reference is the base itself, adapter disabled (_reference)
         if cfg.beta > 0 and self.peft is None:
@@ -268,7 +270,8 @@ class Policy:
             stats.sums.update({f"policy/logp_t{t}": 0.0, f"policy/w_t{t}": 0.0})
         # One update: the update forward itself is "before the first update" and old = current.
         # Several: score the whole batch first (old logprobs for the ratio, and the mismatch).
-        single_update = cfg.num_iterations == 1 and len(mini_batches) == 1
+        # (lora_dropout: the scoring pass is apart, dropout-free, so mismatch/* and the ratio's old side are exact)
+        single_update = cfg.num_iterations == 1 and len(mini_batches) == 1 and not self._lora_dropout
         old_exits: dict[int, torch.Tensor] | None = {} if self.policy_exits is not None else None
         old = None if single_update else self._old_logprobs(samples, stats.mismatch, old_exits)
         self._old_exits = old_exits
@@ -320,7 +323,7 @@ class Policy:
         batch = self._collate(micro.rows, [old[id(s)] for s in micro.rows] if old is not None else None)
         measure = not micro.dummy
         want_exits = self.objective_uses_exits or (self.looped and micro.exit_metrics and measure)
-        with dropout_active(self.module, self.peft is not None and cfg.lora_dropout > 0):
+        with dropout_active(self.module, self._lora_dropout):
             logp, entropy, out = self.logprobs(batch, output_exits=want_exits, with_entropy=micro.first_pass)
         if old is None:  # a single update: this forward is the policy that sampled
             old_lp = logp.detach()

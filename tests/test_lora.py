@@ -198,3 +198,15 @@ def test_kill9_then_resume_is_exact_with_lora(tiny, tmp_path):  # noqa: F811
               "--lr", "5e-2", "--loss_type", "grpo"]
     ref, out = _kill9_resume_matches_uninterrupted(tiny, tmp_path, common)
     assert (ref / "final" / "model.safetensors").read_bytes() == (out / "final" / "model.safetensors").read_bytes()
+
+
+def test_lora_dropout_acts_in_the_gradient_forward_only(tiny, tmp_path):  # noqa: F811
+    """lora_dropout > 0 changes the update (the gradient: B is zero at first, so not yet the loss), while the rollout/update logprobs stay exact:
+    scoring is dropout-free."""
+    rows = {}
+    for p in ("0", "0.5"):
+        extra = ["--lora_dropout", p] if p != "0" else []
+        assert _train(_args(tiny, tmp_path / p, "--max_steps", "2", "--lora_rank", "4", "--lr", "5e-2", *extra)) == 0
+        rows[p] = _rows(tmp_path / p)
+    assert all(r["mismatch/logp_abs_max"] <= 1e-5 for r in rows["0.5"])
+    assert rows["0.5"][0]["grad_norm"] != pytest.approx(rows["0"][0]["grad_norm"], rel=1e-3)
