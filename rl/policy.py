@@ -136,6 +136,9 @@ class Policy:
         # before disable_dropout, which zeroes the adapter's dropout too (dropout_active sets it per forward)
         self.peft = None
         if cfg.lora_rank > 0:
+            if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED"):  # sharded: merged saving untested
+                raise ConfigError(f"config key 'lora_rank': LoRA runs on one process or under DDP, not "
+                                  f"{accelerator.distributed_type.name} (not supported yet)")
             self.peft = apply_lora(model, cfg)
             keep_trainable_state(model)
         self.trainable = trainable_summary(model)
