@@ -37,6 +37,26 @@ def effective_weight(linear) -> torch.Tensor:
     return weight
 
 
+def base_weight(linear) -> torch.Tensor:
+    """The weight of the plain linear a LoRA layer wraps (the linear's own weight otherwise)."""
+    return linear.get_base_layer().weight if is_adapter_layer(linear) else linear.weight
+
+
+def adapter_output(linear, x: torch.Tensor) -> torch.Tensor | None:
+    """What a LoRA layer adds to its base output for input `x`, computed as its forward does
+    (lora_B(lora_A(x)) * scaling per active adapter, no dropout: inference), so a fused matmul over
+    base weights plus this term rounds like the model's forward; None when nothing is added."""
+    if not is_adapter_layer(linear) or linear.disable_adapters or linear.merged:
+        return None
+    out = None
+    for name in linear.active_adapters:
+        if name in getattr(linear, "lora_A", {}):
+            term = linear.lora_B[name](linear.lora_A[name](x.to(linear.lora_A[name].weight.dtype))) \
+                * linear.scaling[name]
+            out = term if out is None else out + term
+    return out
+
+
 def merged_named_parameters(model) -> Iterator[tuple[str, torch.Tensor]]:
     """(plain name, tensor) of every parameter as the adapted model would have it merged: a LoRA layer
     yields `<name>.weight` = W + delta (and its base bias), a fully trained copy of a module yields its
