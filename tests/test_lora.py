@@ -82,10 +82,10 @@ def test_fused_decode_samples_the_adapted_model():
     plain = TorchRolloutWorker(merged, depth=4)
     runs = [w.generate(prompts, params) for w in (fast, slow, plain)]
     assert fast.uses_fast_decode
-    for other in runs[1:]:
+    # the model's own forward: same rounding of the adapter term; a merged copy: W + delta rounds otherwise
+    for other, tol in zip(runs[1:], (1e-4, 1e-3)):  # fp32 noise of a large random delta (B std 0.2)
         assert other.completion_ids == runs[0].completion_ids
-        for a, b in zip(runs[0].logprobs, other.logprobs):  # fp32 rounding of a large random delta
-            assert max(abs(x - y) for x, y in zip(a, b)) <= 5e-5
+        assert max(abs(x - y) for a, b in zip(runs[0].logprobs, other.logprobs) for x, y in zip(a, b)) <= tol
     with adapted.disable_adapter():  # the adapter matters here: the base gives other logprobs by far
         base = TorchRolloutWorker(model, depth=4, fast_decode=False).generate(prompts, params)
     assert max(abs(x - y) for a, b in zip(runs[0].logprobs, base.logprobs) for x, y in zip(a, b)) > 1e-2
