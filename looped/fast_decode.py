@@ -12,7 +12,9 @@ step computes the same function with far fewer ops:
     forward), so prefill and decode share one preallocated cache.
 It reads the model's parameters by reference (except the two concatenations), so it follows
 in-place weight updates, and it calls the layer's own modules for everything that is not fused: the
-RMSNorms, the RoPE rotation (`rotate_half`), the MLP activation and the o/down projections. What is
+RMSNorms, the RoPE rotation (`rotate_half`), the MLP activation and the o/down projections (so a LoRA
+adapter on them applies as in the forward; the fused q|k|v and gate|up matmuls add each LoRA
+projection's adapter term as peft's forward does, looped/adapters.py). What is
 its own is only the fusing (one q|k|v and one gate|up matmul) and single-query attention over the cache. The worker checks it against the model's forward once (`matches_model`)
 and falls back to the model's forward if they disagree, so a model change cannot silently change
 the rollout policy.
@@ -23,6 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from looped.adapters import adapter_output, base_weight, is_adapter_layer
 from looped.modeling_ouro import rotate_half
 
 
@@ -41,6 +44,7 @@ class OuroDecodeStep:
         self.layers = list(self.backbone.layers)
         self.scaling = self.layers[0].self_attn.scaling
         self.fused: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.adapted = False  # LoRA layers among the projections (set by refresh)
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
 
@@ -62,15 +66,29 @@ class OuroDecodeStep:
 
     def refresh(self) -> None:
         """Rebuild the concatenated q|k|v and gate|up weights from the current parameters."""
-        with torch.no_grad():
+        with torch.no_grad():  # a LoRA-wrapped projection: its base weight here, its adapter term in _fused
             self.fused = [
                 (
-                    torch.cat([layer.self_attn.q_proj.weight, layer.self_attn.k_proj.weight,
-                               layer.self_attn.v_proj.weight]),
-                    torch.cat([layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight]),
+                    torch.cat([base_weight(layer.self_attn.q_proj), base_weight(layer.self_attn.k_proj),
+                               base_weight(layer.self_attn.v_proj)]),
+                    torch.cat([base_weight(layer.mlp.gate_proj), base_weight(layer.mlp.up_proj)]),
                 )
                 for layer in self.layers
             ]
+        self.adapted = any(is_adapter_layer(m) for layer in self.layers for m in layer.modules())
+
+    def _fused(self, x: torch.Tensor, weight: torch.Tensor, projections) -> torch.Tensor:
+        """One matmul over the concatenated base weights, plus each LoRA projection's own adapter term
+        added to its slice (as peft's forward adds it to the base output: the same rounding)."""
+        out = F.linear(x, weight)
+        if not self.adapted:
+            return out
+        terms = [adapter_output(p, x) for p in projections]
+        if all(t is None for t in terms):
+            return out
+        sizes = [p.get_base_layer().out_features if is_adapter_layer(p) else p.out_features for p in projections]
+        return out + torch.cat([t if t is not None else out.new_zeros(*out.shape[:-1], n)
+                                for t, n in zip(terms, sizes)], dim=-1)
 
     def bind(self, cache) -> None:
         """Use the K/V tensors of `cache` (one slot per loop and layer, [B, kv_heads, max_len, D])."""
@@ -103,7 +121,7 @@ class OuroDecodeStep:
                 slot = loop * self.num_layers + layer_idx
                 wqkv, wgu = self.fused[layer_idx]
                 attn = layer.self_attn
-                qkv = F.linear(layer.input_layernorm(hidden), wqkv)
+                qkv = self._fused(layer.input_layernorm(hidden), wqkv, (attn.q_proj, attn.k_proj, attn.v_proj))
                 q = rope(qkv[:, :q_size].view(batch, heads, dim))
                 k = rope(qkv[:, q_size : q_size + kv_size].view(batch, kv_heads, dim))
                 keys, values = self.keys[slot], self.values[slot]
@@ -122,7 +140,7 @@ class OuroDecodeStep:
                         scale=self.scaling, enable_gqa=groups > 1,
                     ).reshape(batch, q_size)
                 hidden = hidden + layer.input_layernorm_2(attn.o_proj(out))
-                gate_up = F.linear(layer.post_attention_layernorm(hidden), wgu)
+                gate_up = self._fused(layer.post_attention_layernorm(hidden), wgu, (layer.mlp.gate_proj, layer.mlp.up_proj))
                 gate, up = gate_up.chunk(2, dim=-1)
                 mlp = layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
                 hidden = hidden + layer.post_attention_layernorm_2(mlp)
@@ -169,7 +187,9 @@ class OuroDecodeStep:
             for layer_idx, layer in enumerate(self.layers):
                 slot = loop * self.num_layers + layer_idx
                 wqkv, wgu = self.fused[layer_idx]
-                qkv = F.linear(layer.input_layernorm(hidden), wqkv)  # [B, S, q + 2 kv]
+                attn = layer.self_attn
+                qkv = self._fused(layer.input_layernorm(hidden), wqkv,  # [B, S, q + 2 kv]
+                                  (attn.q_proj, attn.k_proj, attn.v_proj))
                 q = rope(qkv[..., :q_size].view(batch, seq, heads, dim))
                 keys, values = self.keys[slot], self.values[slot]
                 keys[rows, :, columns] = rope(qkv[..., q_size : q_size + kv_size].view(batch, seq, kv_heads, dim))
@@ -189,7 +209,7 @@ class OuroDecodeStep:
                         scale=self.scaling, enable_gqa=groups > 1,
                     ).transpose(1, 2).reshape(batch, seq, q_size)
                 hidden = hidden + layer.input_layernorm_2(layer.self_attn.o_proj(out))
-                gate_up = F.linear(layer.post_attention_layernorm(hidden), wgu)
+                gate_up = self._fused(layer.post_attention_layernorm(hidden), wgu, (layer.mlp.gate_proj, layer.mlp.up_proj))
                 gate, up = gate_up.chunk(2, dim=-1)
                 mlp = layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
                 hidden = hidden + layer.post_attention_layernorm_2(mlp)

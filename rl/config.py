@@ -156,6 +156,16 @@ class TrainConfig:
     gate_lr: float | None = option(None, "learning rate of the exit gate's parameters when gate_loss_coef > 0 "
                                          "(Adam makes the gate's step ~lr whatever the coefficient); None = lr")
 
+    # --- LoRA (peft): train low-rank adapters on the shared block instead of every weight ---
+    lora_rank: int = option(0, "LoRA rank r; 0 = off (full fine-tuning). One adapter on the shared weights acts in "
+                               "every loop; the KL reference (beta > 0) is the base with the adapter disabled")
+    lora_alpha: float = option(32.0, "LoRA scale numerator: the adapter's delta is (alpha / r) * B @ A")
+    lora_dropout: float = option(0.0, "dropout on the adapter's input in the update's gradient forward "
+                                      "(rollouts and logprob scoring never drop); in [0, 1)")
+    lora_target_modules: list[str] | None = option(None, "module names (peft suffix match) that get adapters; "
+                                                         "None = every linear layer of the shared block (the "
+                                                         "exit gate and lm_head stay full/frozen unless listed)")
+
     # --- optimisation ---
     lr: float = option(5e-4, "learning rate; tuned for the embedded 120k-parameter model (~1e-6 for Ouro-1.4B)")
     weight_decay: float = option(0.0, "AdamW weight decay")
@@ -463,6 +473,7 @@ def validate(cfg: TrainConfig, max_depth: int | None = None, num_processes: int 
                                  depth=cfg.effective_update_depth)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    _validate_lora(cfg)
     _positive(cfg, "gate_loss_coef", allow_zero=True)
     _positive(cfg, "gate_lr")
     _positive(cfg, "num_generations", "max_new_tokens", "max_prompt_length", "vllm_tensor_parallel_size", "temperature", "num_iterations", "max_rounds",
@@ -556,6 +567,22 @@ def validate(cfg: TrainConfig, max_depth: int | None = None, num_processes: int 
         raise ConfigError(f"config key 'vllm_gpu_memory_utilization': must be in (0, 1], got "
                           f"{cfg.vllm_gpu_memory_utilization}")
     return cfg
+
+
+def _validate_lora(cfg: TrainConfig) -> None:
+    """The LoRA keys: a rank switches it on; the others must not be set while it is off."""
+    _positive(cfg, "lora_rank", allow_zero=True)
+    _positive(cfg, "lora_alpha")
+    if not 0.0 <= cfg.lora_dropout < 1.0:
+        raise ConfigError(f"config key 'lora_dropout': must be in [0, 1), got {cfg.lora_dropout}")
+    targets = cfg.lora_target_modules
+    if targets is not None and (not targets or not all(isinstance(t, str) and t for t in targets)):
+        raise ConfigError(f"config key 'lora_target_modules': expected a non-empty list of module names, "
+                          f"got {targets!r}")
+    if cfg.lora_rank == 0:
+        for key, unset in (("lora_target_modules", None), ("lora_dropout", 0.0)):
+            if getattr(cfg, key) != unset:
+                raise ConfigError(f"config key {key!r}: set while lora_rank is 0 (LoRA off); set lora_rank > 0")
 
 
 # ----------------------------------------------------------------------------- loading

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from looped.adapters import merged_named_parameters
 from looped.facts import is_looped
 from looped.hf_compat import enable_activation_checkpointing
 from rl.batch import Sample, collate, exit_mask, own_filler, padded_width, shard_plan, trained_tokens
@@ -36,6 +37,7 @@ from rl.exit_policy import (
     resolve_policy_exits,
     weights_for,
 )
+from rl.lora import apply_lora, dropout_active, keep_trainable_state, trainable_summary
 from rl.losses import loss_normaliser, token_logprobs, truncated_is_weights
 from rl.model_io import count_nonfinite, load_model, save_portable, set_threads
 from rl.objective import GateTerm, objective, policy_loss
@@ -127,6 +129,19 @@ class Policy:
         model = load_model(model_path, "config key 'model'", dtype=dtype)  # one-line errors (rl/model_io.py)
         model.to(accelerator.device)
         set_threads(model, accelerator.device.type, cfg.torch_threads)  # the rule `looprl eval` uses too
+        # LoRA (rl/lora.py): peft adapts `model` in place, freezes the base; checkpoints hold what trains;
+        # before disable_dropout, which zeroes the adapter's dropout too (dropout_active sets it per forward)
+        self.peft = None
+        if cfg.lora_rank > 0:
+            backend = "FSDP2" if sharded else accelerator.distributed_type.name
+            if backend in ("FSDP", "FSDP2", "DEEPSPEED"):  # sharded: merged saving untested
+                raise ConfigError(f"config key 'lora_rank': LoRA runs on one process or under DDP, not "
+                                  f"{backend} (not supported yet)")
+            self.peft = apply_lora(model, cfg)
+            keep_trainable_state(model)
+        self.trainable = trainable_summary(model)
+        self._lora_dropout = cfg.lora_dropout if self.peft is not None else 0.0
+
         if cfg.gradient_checkpointing:
             if not getattr(model, "supports_gradient_checkpointing", False):
                 raise ConfigError(f"config key 'gradient_checkpointing': {type(model).__name__} does not support it")
@@ -145,8 +160,8 @@ class Policy:
         self.exit_weights = ExitWeights(len(self.policy_exits)).to(accelerator.device) \
             if self.policy_exits and self.exit_policy.weighting == "learned" else None
 
-        self.ref_model = None
-        if cfg.beta > 0:
+        self.ref_model = None  # with LoRA the reference is the base itself, adapter disabled (_reference)
+        if cfg.beta > 0 and self.peft is None:
             self.ref_model = load_model(model_path, "config key 'model'", dtype=dtype).to(accelerator.device)
             self.ref_model.eval().requires_grad_(False)
 
@@ -155,11 +170,12 @@ class Policy:
 
         updates_per_step = cfg.num_iterations * (cfg.samples_per_step // (cfg.mini_batch_size or
                                                                           cfg.samples_per_step))
-        groups = [{"params": list(model.parameters())}]
+        params = [p for p in model.parameters() if p.requires_grad]  # all of them without LoRA
+        groups = [{"params": params}]
         if cfg.gate_loss_coef > 0 and cfg.gate_lr is not None:  # the gate in its own group, at its own rate
             gate_ids = {id(p) for p in model.model.early_exit_gate.parameters()}
-            groups = [{"params": [p for p in model.parameters() if id(p) not in gate_ids]},
-                      {"params": [p for p in model.parameters() if id(p) in gate_ids], "lr": cfg.gate_lr}]
+            groups = [{"params": [p for p in params if id(p) not in gate_ids]},
+                      {"params": [p for p in params if id(p) in gate_ids], "lr": cfg.gate_lr}]
         if self.exit_weights is not None:  # own group: no weight decay on the weight logits
             groups.append({"params": list(self.exit_weights.parameters()), "weight_decay": 0.0})
         optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
@@ -293,7 +309,8 @@ class Policy:
             stats.sums.update({f"policy/logp_t{t}": 0.0, f"policy/w_t{t}": 0.0})
         # One update: the update forward itself is "before the first update" and old = current.
         # Several: score the whole batch first (old logprobs for the ratio, and the mismatch).
-        single_update = cfg.num_iterations == 1 and len(mini_batches) == 1
+        # (lora_dropout: the scoring pass is apart, dropout-free, so mismatch/* and the ratio's old side are exact)
+        single_update = cfg.num_iterations == 1 and len(mini_batches) == 1 and not self._lora_dropout
         old_exits: dict[int, torch.Tensor] | None = {} if self.policy_exits is not None else None
         old = None if single_update else self._old_logprobs(samples, stats.mismatch, old_exits)
         self._old_exits = old_exits
@@ -351,7 +368,8 @@ class Policy:
         batch = self._collate(micro.rows, [old[id(s)] for s in micro.rows] if old is not None else None)
         measure = not micro.dummy
         want_exits = self.objective_uses_exits or (self.looped and micro.exit_metrics and measure)
-        logp, entropy, out = self.logprobs(batch, output_exits=want_exits, with_entropy=micro.first_pass)
+        with dropout_active(self.module, self._lora_dropout):
+            logp, entropy, out = self.logprobs(batch, output_exits=want_exits, with_entropy=micro.first_pass)
         if old is None:  # a single update: this forward is the policy that sampled
             old_lp = logp.detach()
             if measure:
@@ -359,9 +377,9 @@ class Policy:
         else:
             old_lp = batch["old_logprobs"]
         ref_lp = None
-        if self.ref_model is not None:
-            with torch.no_grad():
-                ref_lp, _, _ = self.logprobs(batch, model=self.ref_model)
+        if cfg.beta > 0:
+            with torch.no_grad(), self._reference() as reference:
+                ref_lp, _, _ = self.logprobs(batch, model=reference)
         is_w = truncated_is_weights(old_lp, batch["rollout_logprobs"], cfg.tis_cap) if self.use_tis else None
         cmask = batch["completion_mask"]
         exit_terms = self._exit_terms(out, batch, logp, micro.rows, old is None) \
@@ -402,6 +420,15 @@ class Policy:
                 sums["entropy"] += float((entropy * cmask).sum())
                 sums["entropy_tokens"] += float(cmask.sum())
         return finite
+
+    @contextlib.contextmanager
+    def _reference(self):
+        """The KL reference model: the frozen copy, or with LoRA the base itself (adapter disabled)."""
+        if self.peft is None:
+            yield self.ref_model
+        else:
+            with self.peft.disable_adapter():
+                yield self.module
 
     def _exit_terms(self, out, batch: dict, logp: torch.Tensor, rows: list[Sample], on_policy: bool) -> dict:
         """policy_loss's exit arguments: per-exit log-probs, their old values, the weights w_t."""
@@ -466,7 +493,7 @@ class Policy:
             "grad_norm": sum(stats.grad_norms) / len(stats.grad_norms) if stats.grad_norms else float("nan"),
             "updates/skipped": stats.skipped,
         }
-        if self.ref_model is not None:
+        if self.cfg.beta > 0:
             metrics["kl_ref"] = totals["kl"] / tokens
         if self.use_tis:
             metrics["tis/weight_mean"] = totals["tis"] / tokens
@@ -490,6 +517,8 @@ class Policy:
         acc = self.accelerator
         if self.sharded:  # FSDP2: the gathered full-weight copy is the model to save
             module, state = self.full_weights(), None
+        elif self.peft is not None:  # LoRA: the merged weights W + delta under the base names (looped/adapters.py)
+            module, state = self.module, dict(merged_named_parameters(self.module))
         else:
             module, state = self.module, acc.get_state_dict(self.model)  # collective under ZeRO-3
         if acc.is_main_process:
@@ -498,6 +527,8 @@ class Policy:
             with atomic_dir(path) as tmp:  # a full disk leaves the previous final/ (or none), never half of one
                 save_portable(module, tokenizer, tmp, special_tokens=self.cfg.special_tokens,
                               state_dict=state)  # + model code and auto_map
+                if self.peft is not None:  # the adapter alone, loadable with peft onto the base model
+                    self.peft.save_pretrained(Path(tmp) / "adapter")
                 if self.exit_weights is not None:  # the learned policy-exit weights travel with the model
                     weights = self.exit_weights().detach().cpu().tolist()
                     (Path(tmp) / "policy_exit_weights.json").write_text(json.dumps(

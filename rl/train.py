@@ -310,6 +310,7 @@ class Trainer:
                 f"depth {self.depth}, {cfg.loss_type}, dynamic sampling {cfg.dynamic_sampling}, "
                 f"{cfg.prompts_per_step} prompts x {cfg.num_generations} per step, "
                 f"steps {self.global_step}->{cfg.max_steps}, output {out}")
+            log(f"policy: {self.policy.trainable}")  # LoRA: adapter (+ gate) only
         bar = progress_bar(cfg.max_steps, self.global_step, enabled=cfg.progress and acc.is_main_process)
         code = exit_codes.FINISHED
         try:

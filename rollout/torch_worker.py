@@ -13,7 +13,8 @@ One generate() call:
   3. decode one token per step for all live rows; rows stop on their own stop token; when enough
      rows have finished, the cache and the row state are compacted so finished rows cost nothing.
      For Ouro-layout models each step is the fused OuroDecodeStep (looped/fast_decode.py, checked
-     against the model's forward on first use); otherwise the model's own forward with
+     against the model's forward on first use, and on every call for a model with LoRA adapters,
+     whose fused weights include the adapter's delta); otherwise the model's own forward with
      `depth=`, the 2-D mask, explicit position ids and `logits_to_keep=1`.
 The cache is allocated once per generate() call (never per step); sampling uses the worker's own
 torch.Generator seeded from SamplingParams.seed.
@@ -32,6 +33,7 @@ from collections.abc import Sequence
 
 import torch
 
+from looped.adapters import is_adapter_layer
 from looped.facts import is_looped, max_depth
 from looped.fast_decode import OuroDecodeStep
 from looped.hf_compat import StaticCache
@@ -96,6 +98,8 @@ class TorchRolloutWorker:
         # Fused decode step for Ouro-layout models; verified against the model's forward on first use.
         self._fast = OuroDecodeStep(model, depth) if fast_decode and OuroDecodeStep.supports(model) else None
         self._fast_verified = False
+        # LoRA adapters (peft) change the fused weights at every update: check the step on every call
+        self._reverify = any(is_adapter_layer(m) for m in model.modules())
 
     @property
     def uses_fast_decode(self) -> bool:
@@ -149,7 +153,7 @@ class TorchRolloutWorker:
         self.model.eval()
         try:
             with torch.inference_mode():
-                if self._fast is not None and not self._fast_verified:
+                if self._fast is not None and (self._reverify or not self._fast_verified):
                     self._verify_fast_decode()
                 stats: dict[str, float] = {}
                 if params.speculative is None:

@@ -67,6 +67,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from looped.adapters import is_adapter_layer, merged_named_parameters
 from looped.facts import LOOP_COUNT_KEYS
 from rollout.base import Rollout, SamplingParams, as_id_list, checkpoint_name
 
@@ -333,8 +334,13 @@ def iter_vllm_weights(model) -> Iterator[tuple[str, Any]]:
     """(checkpoint name, tensor) for every parameter, one at a time (no full state-dict copy).
 
     Tied parameters come once (named_parameters de-duplicates). Under DeepSpeed ZeRO-3 each
-    parameter is gathered just while it is yielded.
+    parameter is gathered just while it is yielded. A model with LoRA adapters (peft) yields its merged
+    weights, W + delta under the base names (looped/adapters.py): the engine serves the adapted policy.
     """
+    if any(is_adapter_layer(m) for m in model.modules()):
+        for name, tensor in merged_named_parameters(model):
+            yield vllm_weight_name(name), tensor
+        return
     for name, param in model.named_parameters():
         with _gathered(param):
             yield vllm_weight_name(name), param.data

@@ -132,3 +132,9 @@ def test_long_completions_benchmark(tmp_path, capsys):
     designs = json.loads(out.read_text())["designs"]  # checkpoint per layer / per loop / none: same gradient
     assert len({round(r["grad_norm"], 6) for r in designs}) == 1 and len(designs) == 6
     assert "decode tok/s" in capsys.readouterr().out
+
+
+def test_lora_mismatch_benchmark(capsys):
+    pytest.importorskip("peft")
+    assert load("lora_mismatch").main(["--dtypes", "float32", "--n", "2", "--new", "3"]) == 0
+    assert capsys.readouterr().out.count("| float32 |") == 4  # one row per depth of the embedded model

@@ -107,7 +107,7 @@ def _train(out: Path, *extra: str) -> subprocess.CompletedProcess:
     (out.parent / "lcreward.py").write_text(REWARD_MODULE)
     cmd = [sys.executable, "-m", "rl", "train", "--max_steps", "2", "--eval_every", "0", "--progress", "false",
            "--prompts_per_step", "2", "--num_generations", "4", "--max_new_tokens", "12", "--ignore_eos", "true",
-           "--rewards", "lcreward:char_codes", "--accuracy_reward", "lcreward:char_codes",
+           "--rewards", "lcreward:char_codes",
            "--output_dir", str(out / "run"), *extra]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(out.parent), str(REPO)])}
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)

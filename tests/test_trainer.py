@@ -156,10 +156,9 @@ def _kill9_after_step2_checkpoint(tiny, out, common) -> None:
     assert not (out / "final").exists(), "killed too late: the run had already finished"
 
 
-def test_kill9_then_resume_matches_uninterrupted(tiny, tmp_path):
-    """A run killed with SIGKILL after a checkpoint, then --resume: every step once, same metrics."""
-    # enough steps after the step-2 checkpoint that the run cannot finish before the kill lands
-    common = ["--max_steps", "10", "--save_every", "1", "--loss_type", "grpo", "--scale_rewards", "batch"]
+def _kill9_resume_matches_uninterrupted(tiny, tmp_path, common) -> tuple[Path, Path]:
+    """Run `common` uninterrupted (ref/) and killed with SIGKILL after step 2 then resumed (killed/);
+    asserts the same metrics; returns both run directories."""
     ref = tmp_path / "ref"
     assert _train(_args(tiny, ref, *common)) == 0
 
@@ -168,6 +167,14 @@ def test_kill9_then_resume_matches_uninterrupted(tiny, tmp_path):
 
     assert _train(_args(tiny, out, *common, "--resume")) == 0
     _assert_same_metrics(_rows(ref), _rows(out))
+    return ref, out
+
+
+def test_kill9_then_resume_matches_uninterrupted(tiny, tmp_path):
+    """A run killed with SIGKILL after a checkpoint, then --resume: every step once, same metrics."""
+    # enough steps after the step-2 checkpoint that the run cannot finish before the kill lands
+    common = ["--max_steps", "10", "--save_every", "1", "--loss_type", "grpo", "--scale_rewards", "batch"]
+    _kill9_resume_matches_uninterrupted(tiny, tmp_path, common)
 
 
 def test_sigterm_checkpoints_and_exits_cleanly(tiny, tmp_path):
