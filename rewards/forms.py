@@ -318,3 +318,36 @@ def decimal_comma_to_point(s: str) -> str:
     """`1,22` -> `1.22` (a comma followed by other than exactly three digits); `1,222` stays thousands."""
     match = _DECIMAL_COMMA.fullmatch(s.strip())
     return f"{match.group(1)}.{match.group(2)}" if match else s
+
+
+# ----------------------------------------------------------------------------- exact plain numbers
+# (here, not in rewards/math.py, so that rewards/symbolic.py reads them without importing math.py)
+
+_INT_OR_DECIMAL = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)")
+_SLASH_FRACTION = re.compile(r"([+-]?\d+)\s*/\s*([+-]?\d+)")
+_REPEATING = re.compile(r"([+-]?)(\d*)\.(\d*)\\overline\{(\d+)\}")
+_LATEX_FRACTION = re.compile(r"([+-]?)\\frac\s*(?:\{\s*([+-]?\d+)\s*\}|(\d))\s*(?:\{\s*([+-]?\d+)\s*\}|(\d))")
+
+
+def parse_literal(s: str) -> Fraction | None:
+    """Exact value of a plain number (`-12`, `007`, `34.0`, `.5`, `3/4`, `\\frac{3}{4}`, `\\frac34`,
+    `0.\\overline{3}`)."""
+    s = s.strip()
+    if not s or len(s) > 60:
+        return None
+    try:
+        if _INT_OR_DECIMAL.fullmatch(s):
+            return Fraction(s)
+        if match := _SLASH_FRACTION.fullmatch(s):
+            return Fraction(int(match.group(1)), int(match.group(2)))
+        if match := _REPEATING.fullmatch(s):  # 0.1\overline{6} = 1/6
+            sign, whole, fixed, repeat = match.groups()
+            value = int(whole or 0) + (Fraction(int(fixed or 0)) + Fraction(int(repeat), 10 ** len(repeat) - 1)) \
+                / 10 ** len(fixed)
+            return -value if sign == "-" else value
+        if match := _LATEX_FRACTION.fullmatch(s):
+            sign = -1 if match.group(1) == "-" else 1
+            return sign * Fraction(int(match.group(2) or match.group(3)), int(match.group(4) or match.group(5)))
+    except (ValueError, ZeroDivisionError):
+        return None
+    return None

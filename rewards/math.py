@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 from rewards import forms
+from rewards.forms import parse_literal
 from rewards.policy import Policy, resolve
 
 __all__ = ["Verdict", "extract_answer", "normalize_answer", "parse_literal", "is_equivalent", "explain",
@@ -406,36 +407,6 @@ def normalize_answer(answer: str, keep_assignment: bool = False) -> str:
     if re.fullmatch(r"\(\s*[A-Ea-e]\s*\)", s):  # multiple choice "(C)"
         s = s.strip("() ")
     return s
-
-
-_INT_OR_DECIMAL = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)")
-_SLASH_FRACTION = re.compile(r"([+-]?\d+)\s*/\s*([+-]?\d+)")
-_REPEATING = re.compile(r"([+-]?)(\d*)\.(\d*)\\overline\{(\d+)\}")
-_LATEX_FRACTION = re.compile(r"([+-]?)\\frac\s*(?:\{\s*([+-]?\d+)\s*\}|(\d))\s*(?:\{\s*([+-]?\d+)\s*\}|(\d))")
-
-
-def parse_literal(s: str) -> Fraction | None:
-    """Exact value of a plain number (`-12`, `007`, `34.0`, `.5`, `3/4`, `\\frac{3}{4}`, `\\frac34`,
-    `0.\\overline{3}`)."""
-    s = s.strip()
-    if not s or len(s) > 60:
-        return None
-    try:
-        if _INT_OR_DECIMAL.fullmatch(s):
-            return Fraction(s)
-        if match := _SLASH_FRACTION.fullmatch(s):
-            return Fraction(int(match.group(1)), int(match.group(2)))
-        if match := _REPEATING.fullmatch(s):  # 0.1\overline{6} = 1/6
-            sign, whole, fixed, repeat = match.groups()
-            value = int(whole or 0) + (Fraction(int(fixed or 0)) + Fraction(int(repeat), 10 ** len(repeat) - 1)) \
-                / 10 ** len(fixed)
-            return -value if sign == "-" else value
-        if match := _LATEX_FRACTION.fullmatch(s):
-            sign = -1 if match.group(1) == "-" else 1
-            return sign * Fraction(int(match.group(2) or match.group(3)), int(match.group(4) or match.group(5)))
-    except (ValueError, ZeroDivisionError):
-        return None
-    return None
 
 
 # ---------------------------------------------------------------------------------------- fast path

@@ -24,7 +24,7 @@ import sympy
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, grader, parse, verify
 
 from rewards import forms
-from rewards.math import parse_literal
+from rewards.forms import parse_literal
 
 logging.getLogger("math_verify").setLevel(logging.ERROR)  # "timeout is disabled" warnings on every call
 

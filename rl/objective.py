@@ -20,6 +20,7 @@ import torch
 
 from rl.exit_gate import gate_stage2_loss
 from rl.losses import LossOptions, TokenSurrogate, get_loss
+from rl.self_distill import configured_loss
 
 
 @dataclass
@@ -138,7 +139,7 @@ def objective(policy: LossOutput, *, exits=None, self_distill=None, exit_mask: t
     """
     loss, terms = policy.loss, {}
     if self_distill is not None and self_distill.enabled:
-        sd_loss, _ = self_distill.loss(exits, lm_head, exit_mask, normalizer=sd_normaliser)
+        sd_loss, _ = configured_loss(self_distill, exits, lm_head, exit_mask, normalizer=sd_normaliser)
         loss = loss + self_distill.coef * sd_loss
         terms["self_distill"] = float(sd_loss.detach())
     if gate is not None and gate.coef > 0:

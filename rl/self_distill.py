@@ -268,3 +268,12 @@ def early_exit_generate(
         step_ids = torch.where(torch.tensor(done, device=device), torch.full_like(tokens, pad), tokens)[:, None]
         attention_mask = torch.cat([attention_mask, torch.ones(batch, 1, dtype=attention_mask.dtype, device=device)], 1)
     return completions, depths
+
+
+def configured_loss(config: SelfDistillConfig, exit_hidden_states, lm_head, mask, normalizer=None):
+    """self_distill_loss with a run's settings (`config`; its coef is NOT applied: rl/objective.py does)."""
+    return self_distill_loss(
+        exit_hidden_states, lm_head, mask, exits=config.exits, weighting=config.weighting,
+        temperature=config.temperature, top_k=config.top_k or None, chunk_size=config.chunk_size,
+        variant=config.variant, normalizer=normalizer,
+    )

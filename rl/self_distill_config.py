@@ -43,16 +43,6 @@ class SelfDistillConfig:
             return self.coef
         return self.coef * min(1.0, max(step, 0) / self.warmup_steps)
 
-    def loss(self, exit_hidden_states, lm_head, mask, normalizer=None):
-        """self_distill_loss with these settings (coef NOT applied)."""
-        from rl.self_distill import self_distill_loss
-
-        return self_distill_loss(
-            exit_hidden_states, lm_head, mask, exits=self.exits, weighting=self.weighting,
-            temperature=self.temperature, top_k=self.top_k or None, chunk_size=self.chunk_size,
-            variant=self.variant, normalizer=normalizer,
-        )
-
 
 # Flat trainer config keys -> defaults, derived from SelfDistillConfig (the one declaration; rl/config.py's
 # self_distill_* keys take their defaults from here). `self_distill_coef` 0 turns the loss off.

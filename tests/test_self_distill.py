@@ -272,7 +272,9 @@ def test_config_loss_uses_its_settings():
     states, head, mask = make(seed=7)
     cfg = validate_self_distill({"self_distill_coef": 1.0, "self_distill_exits": [1],
                                  "self_distill_temperature": 2.0, "self_distill_chunk_size": 2})
-    loss, _ = cfg.loss(states, head, mask)
+    from rl.self_distill import configured_loss
+
+    loss, _ = configured_loss(cfg, states, head, mask)
     assert head.max_rows == 2
     ref = reference(states, head, mask, [1], [1.0], tau=2.0)
     assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
