@@ -35,8 +35,8 @@ def fake_run(root: Path, **overrides) -> Path:
 
 
 def test_only_the_default_job_is_accepted(tmp_path):
-    assert readme_numbers.default_job_config(fake_run(tmp_path / "default")) == TrainConfig(
-        output_dir=str(tmp_path / "default"), progress=False)
+    assert readme_numbers.default_job_config(fake_run(tmp_path / "default")) == readme_numbers.resolved(
+        TrainConfig(output_dir=str(tmp_path / "default"), progress=False))
     with pytest.raises(readme_numbers.NumbersError, match="not the default job: config keys lr differ"):
         readme_numbers.default_job_config(fake_run(tmp_path / "other", lr=1e-3))
 

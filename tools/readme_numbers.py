@@ -52,16 +52,34 @@ def _rl(*args: str) -> None:
                            f"{(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
 
 
+def resolved(cfg):
+    """`cfg` with what the trainer resolves from the embedded model before a run records config.yaml: depth
+    None = its loop count, max_prompt_length fitted to its positions (rl.config.fit_to_positions)."""
+    from looped.facts import max_depth
+    from rl.config import fit_to_positions
+    from rl.data import EMBEDDED_MODEL
+    from rl.model_io import load_model_config
+
+    model_config = load_model_config(EMBEDDED_MODEL, "the embedded model")
+    cfg = dataclasses.replace(cfg)
+    if cfg.depth is None:
+        cfg.depth = max_depth(model_config)
+    fit_to_positions(cfg, getattr(model_config, "max_position_embeddings", None))
+    return cfg
+
+
 def default_job_config(run: Path):
-    """The run's config, checked to be the default job's in every key that changes what trains."""
+    """The run's config, checked to be the default job's in every key that changes what trains (both
+    resolved as the trainer resolves them)."""
     from rl.config import TrainConfig, build_config
 
     path = run / "config.yaml"
     if not path.is_file():
         raise NumbersError(f"{run}: no config.yaml (not a looprl run directory)")
-    cfg = build_config(yaml.safe_load(path.read_text()), str(path))
+    cfg = resolved(build_config(yaml.safe_load(path.read_text()), str(path)))
+    default = resolved(TrainConfig())
     differ = [f.name for f in dataclasses.fields(TrainConfig)
-              if f.name not in RUN_ONLY_KEYS and getattr(cfg, f.name) != getattr(TrainConfig(), f.name)]
+              if f.name not in RUN_ONLY_KEYS and getattr(cfg, f.name) != getattr(default, f.name)]
     if differ:
         raise NumbersError(f"{run} is not the default job: config keys {', '.join(differ)} differ from the defaults")
     return cfg
