@@ -317,6 +317,11 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     raise ConfigError(f"config key {key!r}: unsupported type {hint}")
 
 
+def coerce(key: str, value: Any) -> Any:
+    """`value` as config key `key`'s type (ConfigError naming the key when it is not one)."""
+    return _coerce(key, value, _HINTS[key])
+
+
 # TRL GRPOConfig names accepted for ours: same meaning, so a TRL config's keys carry over. Note that
 # TRL's `epsilon` sets only our lower clip (eps_low); the upper one is `epsilon_high` / eps_high.
 TRL_ALIASES = {
@@ -661,7 +666,11 @@ def load_config(argv: list[str] | None = None, *, registries: bool = True) -> Tr
         key = canonical_key(key, config_file, values, loss_type)
         values[key] = _coerce(key, value, _HINTS[key])
     values.update({k: _coerce(k, v, _HINTS[k]) for k, v in overrides.items()})
-    return validate(build_config(values), registries=registries)
+    cfg = build_config(values)
+    # what the user set (file or command line): on --resume every other key keeps the checkpoint's value
+    # (rl/resume.py adopt_trained_config); a TrainConfig built in Python has no record: all keys count as set
+    cfg.given_keys = frozenset(values)
+    return validate(cfg, registries=registries)
 
 
 def _portable(value: Any) -> Any:

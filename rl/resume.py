@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from rl.config import RESUMABLE_KEYS, RUN_CONTROL_KEYS, TrainConfig, portable_dict
+from rl.config import FIELDS, RESUMABLE_KEYS, RUN_CONTROL_KEYS, ConfigError, TrainConfig, coerce, portable_dict
 from rl.run_dir import RunDirError
 
 CHANGES_FILE = "config_changes.jsonl"
@@ -77,6 +77,28 @@ def config_changes(old: Mapping[str, Any], cfg: TrainConfig, where: str | Path) 
                           "resume (`looprl train --help` lists what can): give the old values, or train into "
                           "a new output_dir")
     return changed
+
+
+def adopt_trained_config(cfg: TrainConfig) -> list[str]:
+    """On --resume, every key the user did not set (command line or --config file, `cfg.given_keys` from
+    load_config) takes the newest checkpoint's value, so `--resume --max_steps 8` changes max_steps only,
+    never lr or reward_on_error back to their defaults. A TrainConfig built in Python records nothing:
+    all its keys count as set. Returns the adopted keys."""
+    given = getattr(cfg, "given_keys", None)
+    state = newest_state(cfg.output_dir) if given is not None else None
+    old = trained_config(state, cfg.output_dir) if state is not None else None
+    if not old:
+        return []
+    adopted = []
+    for key, value in old.items():
+        if key in given or key in RUN_CONTROL_KEYS or key not in FIELDS:
+            continue
+        try:
+            setattr(cfg, key, coerce(key, value))
+        except ConfigError as e:
+            raise RunDirError(f"--resume: {cfg.output_dir}'s recorded config: {e}; set it explicitly") from None
+        adopted.append(key)
+    return adopted
 
 
 def check_unchanged(cfg: TrainConfig) -> None:

@@ -132,6 +132,8 @@ class Trainer:
         acc = self.accelerator
         # a used output_dir needs --resume or --overwrite (checked before any loading; cleared in train())
         prepare_output_dir(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite)
+        if cfg.resume:  # keys the user did not set keep the checkpoint's values (not the defaults)
+            resume.adopt_trained_config(cfg)
 
         # the model's facts that validation needs (its T), before loading weights; one-line load errors
         self.model_path = EMBEDDED_MODEL if cfg.model == "embedded" else cfg.model

@@ -169,6 +169,22 @@ def test_resume_with_a_new_lr_and_max_steps_uses_logs_and_records_them(tiny, tmp
     assert "lr" not in json.loads((out / "config_changes.jsonl").read_text().splitlines()[1])["changes"]
 
 
+def test_resume_keeps_the_checkpoints_settings_for_keys_not_given(tiny, tmp_path):  # noqa: F811
+    """`--resume --max_steps 4` alone changes max_steps only: lr, reward_on_error, reward_timeout (and
+    model, data, rewards ...) keep the trained run's values, not the defaults, and nothing else is recorded."""
+    out = tmp_path / "run"
+    first = _args(tiny, out, "--max_steps", "2", "--lr", "1e-4", "--reward_on_error", "zero", "--reward_timeout", "30")
+    assert _train(first) == 0
+    assert _train(["--output_dir", str(out), "--max_steps", "4", "--resume"]) == 0
+    assert [r["lr"] for r in _rows(out)] == pytest.approx([1e-4] * 4)
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert (saved["lr"], saved["reward_on_error"], saved["reward_timeout"], saved["max_steps"]) == (1e-4, "zero", 30, 4)
+    assert saved["rewards"] == ["tinyreward:digit_sum"] and saved["model"] == str(tiny / "model")
+    (row,) = [json.loads(line) for line in (out / "config_changes.jsonl").read_text().splitlines()]
+    assert row["changes"] == {"max_steps": {"old": 2, "new": 4}}
+    _assert_steps_once(out)
+
+
 # ----------------------------------------------------------------------------- lock and signals
 
 
