@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib.util
+import math
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -243,6 +246,38 @@ FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(Tr
 _HINTS = typing.get_type_hints(TrainConfig)
 
 
+class _DuplicateKey(ValueError):
+    """A mapping that names one key twice (YAML's last-wins would drop the first silently)."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<:` merges may be overridden, as YAML means
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, typing.Hashable):
+                if key in seen:
+                    raise _DuplicateKey(f"key {key!r} given twice (line {key_node.start_mark.line + 1})")
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str) -> Any:
+    """yaml.safe_load that refuses a mapping naming a key twice (_DuplicateKey)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+
+
+def _flag_yaml(key: str, text: str) -> Any:
+    """A value given as YAML text (`--reward_kwargs '{a: {b: 1}}'`): ConfigError naming the key if malformed."""
+    try:
+        return load_yaml(text)
+    except (yaml.YAMLError, _DuplicateKey) as e:
+        why = str(e).splitlines()[0] if isinstance(e, _DuplicateKey) else getattr(e, "problem", None) or e
+        raise ConfigError(f"config key {key!r}: {text!r} is not valid YAML ({why})") from None
+
+
 # ----------------------------------------------------------------------------- type coercion
 
 
@@ -268,7 +303,7 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             if text.startswith("[") and text.endswith("]"):  # `--eval_depths [1,2]`, the YAML spelling
                 text = text[1:-1]
             value = [v.strip() for v in text.split(",") if v.strip()]
-            value = [yaml.safe_load(v) if item_hint is not str else v for v in value]
+            value = [_flag_yaml(key, v) if item_hint is not str else v for v in value]
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             value = [value]
         if not isinstance(value, (list, tuple)):
@@ -276,7 +311,7 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         return [_coerce(key, v, item_hint) for v in value]
     if origin is dict:
         if isinstance(value, str):
-            value = yaml.safe_load(value)
+            value = _flag_yaml(key, value)
         if not isinstance(value, dict):
             raise ConfigError(f"config key {key!r}: expected a mapping, got {type(value).__name__} {value!r}")
         return dict(value)
@@ -415,6 +450,50 @@ def _positive(cfg: TrainConfig, *keys: str, allow_zero: bool = False) -> None:
             raise ConfigError(f"config key {key!r}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
+def _matches(value: Any, hint: Any, key: str) -> bool:
+    """Whether `value` already has the annotation's type (no conversion: that is the CLI's/YAML's job)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arg, key) for arg in typing.get_args(hint))
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, (list, tuple)) and all(
+            _matches(v, item, key) or (key == "rewards" and callable(v)) for v in value)  # Python callables
+    if origin is dict:
+        return isinstance(value, dict)
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+# float keys where an infinite value means "no limit" (a cap or threshold never reached); NaN never makes sense
+INFINITE_OK = ("tis_cap", "cispo_cap", "max_grad_norm", "mismatch_warn")
+
+
+def _check_types(cfg: TrainConfig) -> None:
+    """Every key has its annotated type (a TrainConfig built in Python is not coerced) and its floats are
+    finite (`reward_weights: [nan]` would make every reward NaN); ConfigError naming the key."""
+    for key, hint in _HINTS.items():
+        value = getattr(cfg, key)
+        if not _matches(value, hint, key):
+            shown = str(hint).replace("typing.", "") if typing.get_origin(hint) else hint.__name__
+            raise ConfigError(f"config key {key!r}: expected {shown}, got {type(value).__name__} {value!r}")
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(v, float) and (math.isnan(v) or (math.isinf(v) and key not in INFINITE_OK)):
+                raise ConfigError(f"config key {key!r}: must be a finite number, got {value!r}")
+
+
+# report_to -> the module its tracker needs (accelerate's tensorboard tracker imports torch.utils.tensorboard,
+# which needs the tensorboard package)
+TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb"}
+
+
 def check_depths(where: str, depths: list[int], max_depth: int | None) -> None:
     """Loop counts must lie in 1..the model's total_ut_steps (1 for a standard LM): train and eval alike."""
     bad = [d for d in depths if d < 1 or (max_depth is not None and d > max_depth)]
@@ -466,8 +545,18 @@ def validate(cfg: TrainConfig, max_depth: int | None = None, num_processes: int 
         from rl.losses import LOSSES
 
         choices |= {"loss_type": tuple(LOSSES), "advantage_estimator": tuple(ADVANTAGES)}
+    _check_types(cfg)
     for name, allowed in choices.items():
         _choice(cfg, name, allowed)
+    module = TRACKER_MODULES.get(cfg.report_to)
+    if module and importlib.util.find_spec(module) is None:  # else the run would log to no tracker, silently
+        raise ConfigError(f"config key 'report_to': {cfg.report_to} is not installed: pip install {module} "
+                          "(or report_to: none)")
+    if not cfg.output_dir.strip():  # '' would write the run (and --overwrite clear) the working directory
+        raise ConfigError("config key 'output_dir': empty; name a run directory (e.g. runs/my-run)")
+    if cfg.data_split != FIELDS["data_split"].default and Path(cfg.data).exists():
+        raise ConfigError(f"config key 'data_split': {cfg.data_split!r} given, but data {cfg.data!r} is a local "
+                          "path, read whole (it has no splits); put that split in its own file")
     try:  # the self-distillation module owns its keys' rules
         validate_self_distill(cfg, depth=cfg.depth if cfg.self_distill_coef > 0 else None)
     except ValueError as e:
@@ -491,7 +580,10 @@ def validate(cfg: TrainConfig, max_depth: int | None = None, num_processes: int 
               "max_grad_norm", "log_samples", "torch_threads", "mini_batch_size", "micro_batch_tokens", "top_k",
               "eps_low", "eps_high", "overlong_penalty", allow_zero=True)
     _positive(cfg, "max_no_update_steps", allow_zero=True)
-    _positive(cfg, "vllm_max_model_len", "eval_max_new_tokens")
+    _positive(cfg, "vllm_max_model_len", "eval_max_new_tokens", "data_limit")
+    if cfg.warmup_steps > cfg.max_steps:  # the schedule would never reach lr
+        raise ConfigError(f"config key 'warmup_steps': {cfg.warmup_steps} > max_steps {cfg.max_steps}: the "
+                          "learning rate would never reach lr; lower warmup_steps")
     if cfg.dtype == "float16":
         raise ConfigError("config key 'dtype': float16 cannot train: AdamW keeps its second moment in the weights' "
                           "dtype and its eps (1e-8) rounds to 0 in fp16, so the first update makes most weights "
@@ -598,17 +690,21 @@ def _read_yaml(path: str) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"--config: file not found: {path}")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = load_yaml(p.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"--config {path}: not valid YAML ({e})") from None
+    except _DuplicateKey as e:
+        raise ConfigError(f"--config {path}: config {e}; give each key once") from None
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path}: top level must be a mapping of config keys")
     return data
 
 
-def parse_overrides(argv: list[str], loss_type: str | None = None) -> tuple[str | None, dict[str, Any]]:
+def parse_overrides(argv: list[str], loss_type: str | None = None,
+                    warn: typing.Callable[[str], None] | None = None) -> tuple[str | None, dict[str, Any]]:
     """`[--config FILE] --key value --flag ...` -> (config file, {key: raw value}). A bare boolean flag = true.
-    `loss_type`: the run's, for the TRL names whose meaning depends on it (TRL_LOSS_ALIASES)."""
+    `loss_type`: the run's, for the TRL names whose meaning depends on it (TRL_LOSS_ALIASES). `warn`: told
+    of a key given twice (the last value wins, as in any shell command; scripts append overrides)."""
     config_file, raw, i = None, {}, 0
     aliased: set[str] = set()  # our names given under their TRL alias
     while i < len(argv):
@@ -632,6 +728,9 @@ def parse_overrides(argv: list[str], loss_type: str | None = None) -> tuple[str 
         name = canonical_key(key, "command line", loss_type=loss_type)
         if (key in TRL_ALIASES and name in raw) or (key not in TRL_ALIASES and name in aliased):
             raise ConfigError(f"config key {name!r} given twice on the command line (also as TRL's name)")
+        if name in raw and warn is not None:  # the shell's convention (a later flag overrides) holds, said aloud
+            warn(f"config key {name!r} given twice on the command line: the last value {value!r} is used, "
+                 f"{raw[name]!r} ignored")
         if key in TRL_ALIASES:
             aliased.add(name)
         key = name
@@ -651,6 +750,16 @@ def build_config(values: dict[str, Any], where: str = "config") -> TrainConfig:
     return TrainConfig(**kwargs)
 
 
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """One stderr line per message and process (the CLI reads its arguments twice: precheck, then the run)."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        print(f"looprl train: WARNING: {message}", file=sys.stderr)
+
+
 def load_config(argv: list[str] | None = None, *, registries: bool = True) -> TrainConfig:
     """YAML file (if `--config`) then command-line overrides, then validation (without model facts;
     `registries=False`: nor the torch-side names, see `validate`)."""
@@ -660,7 +769,7 @@ def load_config(argv: list[str] | None = None, *, registries: bool = True) -> Tr
     # the run's loss type (command line, else file, else default) decides what TRL's epsilon_high means
     loss_type = overrides.get("loss_type", file_values.get("loss_type", FIELDS["loss_type"].default))
     loss_type = loss_type if isinstance(loss_type, str) else None  # a wrong type is refused by _coerce
-    config_file, overrides = parse_overrides(argv, loss_type)
+    config_file, overrides = parse_overrides(argv, loss_type, warn=_warn_once)
     values: dict[str, Any] = {}
     for key, value in file_values.items():
         key = canonical_key(key, config_file, values, loss_type)
@@ -675,8 +784,9 @@ def load_config(argv: list[str] | None = None, *, registries: bool = True) -> Tr
 
 def _portable(value: Any) -> Any:
     """A Python-API callable (a reward function) as the "module:name" string a YAML config would use."""
-    if callable(value):
-        return f"{getattr(value, '__module__', '?')}:{getattr(value, '__qualname__', repr(value))}"
+    if callable(value):  # a function or class by its name; a callable object by its class (stable across runs)
+        named = value if hasattr(value, "__qualname__") else type(value)
+        return f"{getattr(named, '__module__', '?')}:{named.__qualname__}"
     if isinstance(value, list):
         return [_portable(v) for v in value]
     return value

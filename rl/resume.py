@@ -24,7 +24,15 @@ from typing import Any
 
 import yaml
 
-from rl.config import FIELDS, RESUMABLE_KEYS, RUN_CONTROL_KEYS, ConfigError, TrainConfig, coerce, portable_dict
+from rl.config import (
+    FIELDS,
+    RESUMABLE_KEYS,
+    RUN_CONTROL_KEYS,
+    ConfigError,
+    TrainConfig,
+    coerce,
+    portable_dict,
+)
 from rl.run_dir import RunDirError
 
 CHANGES_FILE = "config_changes.jsonl"

@@ -122,3 +122,91 @@ def test_registries_name_the_key_of_an_unknown_choice():
     for key, value in (("loss_type", "ppo2"), ("advantage_estimator", "rloo9"), ("engine", "sglang")):
         with pytest.raises(ConfigError, match=key):
             load_config([f"--{key}", value])
+
+
+# ----------------------------------------------------------------------------- refused silent wrongs
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["--reward_weights", "[1,"], "config key 'reward_weights': '[1' is not valid YAML"),
+    (["--reward_kwargs", "{dapo_math: {policy: rounded}"], "config key 'reward_kwargs': '{dapo_math: {policy: "
+                                                          "rounded}' is not valid YAML"),
+    (["--reward_weights", "[nan]"], "config key 'reward_weights': must be a finite number, got [nan]"),
+    (["--reward_weights", "[.inf]"], "config key 'reward_weights': must be a finite number, got [inf]"),
+    (["--lr", "nan"], "config key 'lr': must be a finite number, got nan"),
+    (["--temperature", "inf"], "config key 'temperature': must be a finite number, got inf"),
+    (["--warmup_steps", "5", "--max_steps", "3"], "config key 'warmup_steps': 5 > max_steps 3"),
+    (["--data_limit", "0"], "config key 'data_limit': must be > 0, got 0"),
+    (["--output_dir", ""], "config key 'output_dir': empty"),
+])
+def test_malformed_nonfinite_twice_given_or_useless_values_are_refused_naming_the_key(argv, line):
+    with pytest.raises(ConfigError) as e:
+        load_config(argv)
+    assert str(e.value).startswith(line) and "\n" not in str(e.value)
+
+
+def test_infinite_caps_mean_no_cap_and_warmup_may_span_the_run():
+    cfg = load_config(["--tis_cap", "inf", "--max_grad_norm", "inf", "--warmup_steps", "3", "--max_steps", "3"])
+    assert cfg.tis_cap == cfg.max_grad_norm == float("inf")
+
+
+def test_a_key_twice_on_the_command_line_is_said_once_and_the_last_wins(capsys):
+    assert load_config(["--lr", "1e-4", "--max_steps", "2", "--lr", "2e-4"]).lr == 2e-4
+    assert load_config(["--lr", "1e-4", "--lr", "2e-4"]).lr == 2e-4  # said once per process
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["looprl train: WARNING: config key 'lr' given twice on the command line: the last value "
+                   "'2e-4' is used, '1e-4' ignored"]
+
+
+def test_a_key_twice_in_a_yaml_file_is_refused_with_its_line(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 1.0e-4\nmax_steps: 3\nlr: 2.0e-4\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: config key 'lr' given twice \(line 3\)"):
+        load_config(["--config", str(path)])
+    path.write_text("base: &b {lr: 1.0e-4}\n")  # YAML merges may still be overridden
+    (tmp_path / "m.yaml").write_text("reward_kwargs: {dapo_math: {<<: {policy: a}, policy: b}}\n")
+    assert load_config(["--config", str(tmp_path / "m.yaml")]).reward_kwargs == {"dapo_math": {"policy": "b"}}
+
+
+def test_report_to_a_tracker_that_is_not_installed_is_refused(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(ConfigError, match="config key 'report_to': wandb is not installed: pip install wandb"):
+        load_config(["--report_to", "wandb"])
+
+
+def test_a_data_split_for_a_local_file_is_refused(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "1+1", "answer": "2"}\n')
+    assert load_config(["--data", str(path)]).data_split == "train"
+    with pytest.raises(ConfigError, match="config key 'data_split': 'test' given, but data .* is a local path"):
+        load_config(["--data", str(path), "--data_split", "test"])
+
+
+@pytest.mark.parametrize("kwargs, line", [
+    ({"max_steps": "2"}, "config key 'max_steps': expected int, got str '2'"),
+    ({"lr": True}, "config key 'lr': expected float, got bool True"),
+    ({"reward_weights": ["1"]}, "config key 'reward_weights': expected list[float] | None, got list ['1']"),
+    ({"rewards": "dapo_math"}, "config key 'rewards': expected list[str], got str 'dapo_math'"),
+])
+def test_python_api_values_of_the_wrong_type_are_refused_naming_the_key(kwargs, line):
+    with pytest.raises(ConfigError) as e:
+        validate(TrainConfig(**kwargs), registries=False)
+    assert str(e.value) == line
+
+
+class _Scorer:
+    def __call__(self, prompts, completions, **kw):
+        return [0.0] * len(completions)
+
+
+def test_a_callable_object_reward_is_recorded_by_its_class_so_resume_compares_equal():
+    from rl.config import portable_dict
+    from rl.resume import config_changes
+
+    first = portable_dict(TrainConfig(rewards=[_Scorer(), len]))
+    assert first["rewards"] == [f"{__name__}:_Scorer", "builtins:len"]
+    validate(TrainConfig(rewards=[_Scorer()]), registries=False)  # callables pass the type check
+    assert config_changes(first, TrainConfig(rewards=[_Scorer(), len]), "runs/x") == {}
