@@ -32,14 +32,15 @@ def _usage() -> str:
 def train_precheck(argv: list[str]) -> int | None:
     """`looprl train` answered from rl.config alone, before torch loads (~seconds): --help, --print_config,
     and any config error that needs neither torch nor the model (keys, types, values). None: go on."""
-    from rl.config import ConfigError, help_text, load_config, portable_dict
+    from rl.config import ConfigError, help_text, portable_dict
+    from rl.resume import load_run_config
 
     if argv[:1] in (["-h"], ["--help"]):
         print(help_text())
         return 0
     printing = "--print_config" in argv
     try:
-        cfg = load_config([a for a in argv if a != "--print_config"], registries=False)
+        cfg = load_run_config([a for a in argv if a != "--print_config"], registries=False)
     except ConfigError as e:
         print(f"looprl train: {e}", file=sys.stderr)
         return 2

@@ -760,9 +760,10 @@ def _warn_once(message: str) -> None:
         print(f"looprl train: WARNING: {message}", file=sys.stderr)
 
 
-def load_config(argv: list[str] | None = None, *, registries: bool = True) -> TrainConfig:
+def load_config(argv: list[str] | None = None, *, registries: bool = True, check: bool = True) -> TrainConfig:
     """YAML file (if `--config`) then command-line overrides, then validation (without model facts;
-    `registries=False`: nor the torch-side names, see `validate`)."""
+    `registries=False`: nor the torch-side names, see `validate`; `check=False`: none, the caller validates).
+    `looprl train` reads its config with rl/resume.py load_run_config (a --resume's unset keys)."""
     argv = list(argv or [])
     config_file, overrides = parse_overrides(argv)
     file_values = _read_yaml(config_file) if config_file else {}
@@ -779,7 +780,7 @@ def load_config(argv: list[str] | None = None, *, registries: bool = True) -> Tr
     # what the user set (file or command line): on --resume every other key keeps the checkpoint's value
     # (rl/resume.py adopt_trained_config); a TrainConfig built in Python has no record: all keys count as set
     cfg.given_keys = frozenset(values)
-    return validate(cfg, registries=registries)
+    return validate(cfg, registries=registries) if check else cfg
 
 
 def _portable(value: Any) -> Any:

@@ -31,9 +31,11 @@ from rl.config import (
     ConfigError,
     TrainConfig,
     coerce,
+    load_config,
     portable_dict,
+    validate,
 )
-from rl.run_dir import RunDirError
+from rl.run_dir import STATE_FILE, RunDirError, list_checkpoints
 
 CHANGES_FILE = "config_changes.jsonl"
 # keys whose change needs the restored lr schedule rebuilt (the optimizer keeps the checkpoint's rates)
@@ -60,8 +62,6 @@ def trained_config(state: Mapping[str, Any] | None, output_dir: str | Path) -> d
 
 def newest_state(output_dir: str | Path) -> dict[str, Any] | None:
     """The trainer state of the newest checkpoint whose state file reads (the one --resume will try first)."""
-    from rl.checkpoint import STATE_FILE, list_checkpoints
-
     for _, path in reversed(list_checkpoints(output_dir)):
         try:
             state = json.loads((path / STATE_FILE).read_text())
@@ -107,6 +107,15 @@ def adopt_trained_config(cfg: TrainConfig) -> list[str]:
             raise RunDirError(f"--resume: {cfg.output_dir}'s recorded config: {e}; set it explicitly") from None
         adopted.append(key)
     return adopted
+
+
+def load_run_config(argv: list[str], *, registries: bool = True) -> TrainConfig:
+    """`looprl train`'s config: load_config, with a --resume's unset keys taken from the checkpoint before
+    validation, so the checks (and --print_config) see the settings the resumed run will train with."""
+    cfg = load_config(argv, registries=registries, check=False)
+    if cfg.resume:
+        adopt_trained_config(cfg)
+    return validate(cfg, registries=registries)
 
 
 def check_unchanged(cfg: TrainConfig) -> None:

@@ -42,7 +42,6 @@ from rl.config import (
     ConfigError,
     TrainConfig,
     fit_to_positions,
-    load_config,
     portable_dict,
     save_config,
     validate,
@@ -528,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
             "-m rl train ...`.")
     trainer = None
     try:
-        cfg = load_config(argv)
+        cfg = resume.load_run_config(argv)
         trainer = Trainer(cfg)
         return trainer.train()
     except ConfigError as e:  # includes run-directory, model-loading and checkpoint problems

@@ -175,6 +175,10 @@ def test_resume_keeps_the_checkpoints_settings_for_keys_not_given(tiny, tmp_path
     out = tmp_path / "run"
     first = _args(tiny, out, "--max_steps", "2", "--lr", "1e-4", "--reward_on_error", "zero", "--reward_timeout", "30")
     assert _train(first) == 0
+    shown = _cli(tiny, "--output_dir", str(out), "--max_steps", "4", "--resume", "--print_config")
+    assert shown.returncode == 0, shown.stderr  # --print_config shows what the resumed run will train with
+    printed = yaml.safe_load(shown.stdout)
+    assert (printed["lr"], printed["reward_on_error"], printed["max_steps"]) == (1e-4, "zero", 4)
     assert _train(["--output_dir", str(out), "--max_steps", "4", "--resume"]) == 0
     assert [r["lr"] for r in _rows(out)] == pytest.approx([1e-4] * 4)
     saved = yaml.safe_load((out / "config.yaml").read_text())
