@@ -67,7 +67,8 @@ class TrainConfig:
 
     # --- data ---
     data: str = option("arith", "training prompts: a name known to rl.data.load_prompts or a local file")
-    data_split: str = option("train", "split of `data`")
+    data_split: str = option("train", "split of `data` (arith, hub ids); a local file is read whole, so "
+                                           "another split is refused for it")
     data_limit: int | None = option(None, "use only the first N prompts; None = all")
     max_prompt_length: int = option(2048, "longer prompts are left-truncated (with a warning); lowered to the "
                                           "model's max_position_embeddings - max_new_tokens when above it")
@@ -174,7 +175,8 @@ class TrainConfig:
     weight_decay: float = option(0.0, "AdamW weight decay")
     adam_beta1: float = option(0.9, "AdamW beta1")
     adam_beta2: float = option(0.99, "AdamW beta2")
-    warmup_steps: int = option(0, "steps of linear learning-rate warmup")
+    warmup_steps: int = option(0, "steps of linear learning-rate warmup (at most max_steps: "
+                                          "a longer warmup would never reach lr, refused)")
     lr_scheduler: str = option("constant", "constant | linear | cosine (after warmup)")
     max_grad_norm: float = option(1.0, "gradient clipping; 0 = off")
 
@@ -197,7 +199,8 @@ class TrainConfig:
                                  "listed at the end of --help may differ from its config")
     overwrite: bool = option(False, "replace the run already in output_dir (its metrics, checkpoints and final/); "
                                     "without it or --resume a used output_dir is refused")
-    report_to: str = option("none", "tracker: none | tensorboard | wandb")
+    report_to: str = option("none", "tracker: none | tensorboard | wandb (refused when its package "
+                                         "is not installed)")
     log_samples: int = option(4, "rows per step in samples.jsonl")
     max_nan_steps: int = option(3, "consecutive non-finite losses before aborting")
     max_no_update_steps: int = option(20, "stop (exit 1, checkpoint kept, no final/) after this many consecutive "
@@ -450,15 +453,21 @@ def _positive(cfg: TrainConfig, *keys: str, allow_zero: bool = False) -> None:
             raise ConfigError(f"config key {key!r}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
+# keys naming functions, which the Python API may also give as callables (accuracy_reward: or None, unscored)
+CALLABLE_KEYS = ("rewards", "accuracy_reward")
+
+
 def _matches(value: Any, hint: Any, key: str) -> bool:
     """Whether `value` already has the annotation's type (no conversion: that is the CLI's/YAML's job)."""
+    if key in CALLABLE_KEYS and (callable(value) or (value is None and key == "accuracy_reward")):
+        return True
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         return any(_matches(value, arg, key) for arg in typing.get_args(hint))
     if origin is list:
         (item,) = typing.get_args(hint)
         return isinstance(value, (list, tuple)) and all(
-            _matches(v, item, key) or (key == "rewards" and callable(v)) for v in value)  # Python callables
+            _matches(v, item, key) for v in value)
     if origin is dict:
         return isinstance(value, dict)
     if hint is Any:

@@ -208,5 +208,5 @@ def test_a_callable_object_reward_is_recorded_by_its_class_so_resume_compares_eq
 
     first = portable_dict(TrainConfig(rewards=[_Scorer(), len]))
     assert first["rewards"] == [f"{__name__}:_Scorer", "builtins:len"]
-    validate(TrainConfig(rewards=[_Scorer()]), registries=False)  # callables pass the type check
+    validate(TrainConfig(rewards=[_Scorer()], accuracy_reward=_Scorer()), registries=False)  # callables pass
     assert config_changes(first, TrainConfig(rewards=[_Scorer(), len]), "runs/x") == {}
