@@ -101,7 +101,7 @@ def run_report(path: str, options: dict[str, Any], timeout: float | None) -> int
     policy = from_options(options, where="--report")
     rows = _read_jsonl(path, labelled=True)
     texts = []
-    for completion, _, _, line, _ in rows:
+    for completion, _, _, line, *_ in rows:
         try:
             texts.append(completion_text(completion))
         except ValueError as exc:
@@ -168,15 +168,16 @@ def run(args: argparse.Namespace) -> int:
                               "completion_ids": [[ord(ch) for ch in t] for t in texts], "truncated": [False] * len(rows)}
     if args.timeout is not None:
         rewards.configure(timeout=args.timeout)
-    # as TRL calls reward functions (by keyword; a completion given as text stays a string, as for a string
-    # prompt, and one given as messages stays messages), so TRL's own functions work here too
+    # as TRL calls reward functions (by keyword, completions as assistant messages), so TRL's own
+    # functions work here too; ours accept strings and messages alike
+    messages = [c if isinstance(c, list) else [{"role": "assistant", "content": c}] for c in completions]
     from rewards.guard import RewardGuard
 
     # the trainer's checks (one line naming the function and the first bad row); --timeout bounds the call
     # built-ins bound themselves per item (the verifier's pool, whose start-up must not count); user code cannot
     user_code = args.fn not in rewards.available()
     guard = RewardGuard("raise", timeout=args.timeout * len(rows) if args.timeout and user_code else None, hint="")
-    scores, _ = guard.score(rewards.reward_name(args.fn), fn, [None] * len(rows), list(completions), **kwargs)
+    scores, _ = guard.score(rewards.reward_name(args.fn), fn, [None] * len(rows), messages, **kwargs)
     verifier = args.fn in VERIFIER_FNS  # only these decide by the verifier: its reason explains their score
     policy = from_options(options, where=args.fn) if verifier else None  # the reason of the policy used
     for index, (text, gold, score) in enumerate(zip(texts, golds, scores), start=1):
