@@ -1,8 +1,10 @@
 """Prompt data for training and evaluation: one loader, one output shape, one column contract.
 
 `load_prompts(source)` returns a `datasets.Dataset` with the columns the trainer and evaluator use:
-`prompt` (chat messages, DAPO-Math-17K's schema), `ground_truth` (str), `data_source`, `index` and
-`problem` (the bare problem text, for logs), plus every other column of the source, unchanged.
+`prompt` (chat messages, DAPO-Math-17K's schema, or plain strings when the source's prompts are strings:
+TRL's standard format, whose completions reach reward functions as strings), `ground_truth` (str),
+`data_source`, `index` and `problem` (the bare problem text, for logs; a source's own column of one of these
+names is kept as it is), plus every other column of the source, unchanged.
 `source` is a registered name (the hub datasets of the reference job, or the embedded `arith` task), a
 local .parquet / .jsonl / .json file, or a Hugging Face hub dataset id (`owner/name`), in DAPO's schema
 (`prompt` + `reward_model.ground_truth`) or with a `problem` (or `question`) column wrapped in DAPO's
@@ -17,7 +19,8 @@ The column contract (TRL's convention), in one place:
 - a column named like a keyword the trainer passes itself (`RESERVED_COLUMNS`) is refused, not shadowed.
 
 Rows are de-duplicated on `extra_info.index` (DAPO-Math-17K's raw file repeats every problem ~100x)
-and the counts are printed, so nobody trains on 1.79M rows believing they are 17k distinct ones.
+together with the prompt, and the counts are printed, so nobody trains on 1.79M rows believing they are
+17k distinct ones; copies of one problem with different gold answers are refused (`_dedup`).
 """
 
 from __future__ import annotations

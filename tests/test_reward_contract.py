@@ -120,7 +120,7 @@ def test_conflicting_golds_refused_and_same_id_different_prompt_kept(tmp_path: P
 @pytest.mark.parametrize("value", ["NaN", "Infinity"])
 def test_nan_or_inf_gold_refused(tmp_path: Path, value: str) -> None:
     path = tmp_path / "n.jsonl"
-    path.write_text('{"problem": "1+1=", "answer": 2}\n{"problem": "2+2=", "answer": %s}\n' % value)
+    path.write_text('{"problem": "1+1=", "answer": 2}\n{"problem": "2+2=", "answer": ' + value + '}\n')
     with pytest.raises(DataError, match=r"n.jsonl: row 1: field 'answer' is (nan|inf)"):
         load_prompts(str(path))
 
