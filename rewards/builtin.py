@@ -15,7 +15,7 @@ from typing import Any
 
 from rewards.gold import gold_column
 from rewards.math import _ANCHOR, Verdict, extract_answer, verify_batch
-from rewards.policy import Policy, resolve
+from rewards.policy import Policy, from_options, resolve
 from rewards.registry import register
 
 
@@ -70,6 +70,19 @@ def math_accuracy(prompts: Sequence[Any] | None = None, completions: Sequence[An
     return [1.0 if v.correct else 0.0 for v in _verdicts("math_accuracy", completions, kwargs, timeout, chosen)]
 
 
+def _check_verifier_options(name: str, **options: Any) -> None:
+    """dapo_math / math_accuracy: a bad policy value is refused when the options are bound (registry.get)."""
+    if options.get("timeout") is not None and (isinstance(options["timeout"], bool)
+                                               or not isinstance(options["timeout"], (int, float))
+                                               or options["timeout"] <= 0):
+        raise ValueError(f"{name}: timeout must be a positive number of seconds, got {options['timeout']!r}")
+    from_options(options, where=name)
+
+
+dapo_math.check_options = lambda **o: _check_verifier_options("dapo_math", **o)
+math_accuracy.check_options = lambda **o: _check_verifier_options("math_accuracy", **o)
+
+
 @register("overlong_penalty")
 def overlong_penalty(prompts: Sequence[Any] | None = None, completions: Sequence[Any] | None = None, *,
                      completion_ids: Sequence[Sequence[int]] | None = None,
@@ -106,8 +119,7 @@ def format_reward(prompts: Sequence[Any] | None = None, completions: Sequence[An
     style "answer_line" (DAPO's prompt): the last non-empty line is `Answer: <something extractable>`;
     "boxed": the response has a non-empty `\\boxed{}`; "any": some final answer can be extracted.
     """
-    if style not in ("answer_line", "boxed", "any"):
-        raise ValueError(f"format: style must be 'answer_line', 'boxed' or 'any', got {style!r}")
+    _check_style(style)
     if completions is None:
         raise ValueError("format: no completions given")
     scores = []
@@ -124,3 +136,11 @@ def format_reward(prompts: Sequence[Any] | None = None, completions: Sequence[An
             ok = bool(anchor) and not last[: anchor.start()].strip() and extract_answer(last) is not None
         scores.append(1.0 if ok else 0.0)
     return scores
+
+
+def _check_style(style: Any = "answer_line") -> None:
+    if style not in ("answer_line", "boxed", "any"):
+        raise ValueError(f"format: style must be 'answer_line', 'boxed' or 'any', got {style!r}")
+
+
+format_reward.check_options = _check_style

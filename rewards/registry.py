@@ -95,9 +95,38 @@ def get(name: str | RewardFn, **options) -> RewardFn:
             "(or give 'package.module:function')")
     if not options:
         return fn
+    check_options(fn, options, reward_name(name))
     bound = functools.partial(fn, **options)
     functools.update_wrapper(bound, fn)
     return bound
+
+
+def declared_options(fn: RewardFn) -> list[str] | None:
+    """The options `fn` takes by name (its named parameters but `prompts` / `completions`); None when its
+    signature cannot be read. Catch-all `**kwargs` does not count: it receives the dataset columns."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [p.name for p in params if p.kind in named and p.name not in ("prompts", "completions")]
+
+
+def check_options(fn: RewardFn, options: Mapping[str, Any], name: str) -> None:
+    """Refuse, in one line naming the option and the function, an option `fn` does not declare (a typo
+    would otherwise vanish into `**kwargs`) or a value its own check (`fn.check_options`, set by the
+    built-ins) refuses -- so a bad option fails when the run is configured, not at its first step."""
+    declared = declared_options(fn)
+    if declared is not None:
+        for key in options:
+            if key not in declared:
+                close = difflib.get_close_matches(str(key), declared, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ValueError(f"reward {name!r} has no option {key!r}{hint}; its options: "
+                                 f"{', '.join(declared) or 'none'}")
+    check = getattr(fn, "check_options", None)
+    if callable(check):
+        check(**options)
 
 
 def reward_name(spec: str | RewardFn) -> str:
@@ -179,6 +208,11 @@ def options_by_position(specs: Sequence[str | RewardFn], reward_kwargs: Mapping[
         if position in claimed:
             raise ValueError(f"{where}: {claimed[position]!r} and {key!r} both name reward {ids[position]!r}")
         claimed[position], out[position] = str(key), dict(opts)
+        if opts:  # an option the function does not take, or a value it refuses: now, not at step 1
+            try:
+                check_options(get(specs[position]), opts, ids[position])
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from None
     return out
 
 
@@ -192,9 +226,14 @@ def _accepts(fn: RewardFn, name: str) -> bool:
 def invoke(fn: RewardFn, prompts: list, completions: list, **columns) -> object:
     """`fn`'s raw result, called as TRL does (see `call`), without checking it (rewards.guard checks).
     An `async def` function (TRL accepts them) is run to completion here, one event loop per call."""
-    kwargs = dict(columns)
+    # each function gets its own lists (and message dicts): one that edits them in place must not change
+    # what the next function sees
+    kwargs = {k: list(v) if isinstance(v, list) else v for k, v in columns.items()}
+    prompts = list(prompts) if isinstance(prompts, list) else prompts
+    completions = [[dict(m) if isinstance(m, dict) else m for m in c] if isinstance(c, list) else c
+                   for c in completions]
     if "ground_truth" in kwargs and "solution" not in kwargs and _accepts(fn, "solution"):
-        kwargs["solution"] = kwargs["ground_truth"]
+        kwargs["solution"] = list(kwargs["ground_truth"])
     result = fn(prompts=prompts, completions=completions, **kwargs)
     return _await(result) if inspect.isawaitable(result) else result
 

@@ -29,7 +29,7 @@ from typing import Any
 import rewards
 from rewards.math import verify_batch
 from rewards.policy import OPTIONS, Policy
-from rewards.registry import options_by_position, resolve_reward_key, reward_ids
+from rewards.registry import check_options, options_by_position, resolve_reward_key, reward_ids
 
 # Built-ins that score right / wrong as +1 / -1, and the 1 / 0 function with the same verifier.
 SIGNED = {"dapo_math": "math_accuracy"}
@@ -78,6 +78,10 @@ def accuracy_kwargs(specs: Sequence[Any], reward_kwargs: Mapping[str, Mapping[st
     if own is not None:
         if not isinstance(own, Mapping):
             raise AccuracyError(f"{where}: options of {accuracy_reward!r} must be a mapping")
+        try:  # an option it does not take, or a bad value: refused now, as for the rewards' own options
+            check_options(rewards.get(accuracy_reward), own, rewards.reward_name(accuracy_reward))
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
         return dict(own)
     per_fn = options_by_position(specs, rest, where)
     position = next((i for i, fn in enumerate(specs) if fn is accuracy_reward), None) \

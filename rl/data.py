@@ -1,8 +1,10 @@
 """Prompt data for training and evaluation: one loader, one output shape, one column contract.
 
 `load_prompts(source)` returns a `datasets.Dataset` with the columns the trainer and evaluator use:
-`prompt` (chat messages, DAPO-Math-17K's schema), `ground_truth` (str), `data_source`, `index` and
-`problem` (the bare problem text, for logs), plus every other column of the source, unchanged.
+`prompt` (chat messages, DAPO-Math-17K's schema, or plain strings when the source's prompts are strings:
+TRL's standard format, whose completions reach reward functions as strings), `ground_truth` (str),
+`data_source`, `index` and `problem` (the bare problem text, for logs; a source's own column of one of these
+names is kept as it is), plus every other column of the source, unchanged.
 `source` is a registered name (the hub datasets of the reference job, or the embedded `arith` task), a
 local .parquet / .jsonl / .json file, or a Hugging Face hub dataset id (`owner/name`), in DAPO's schema
 (`prompt` + `reward_model.ground_truth`) or with a `problem` (or `question`) column wrapped in DAPO's
@@ -17,12 +19,14 @@ The column contract (TRL's convention), in one place:
 - a column named like a keyword the trainer passes itself (`RESERVED_COLUMNS`) is refused, not shadowed.
 
 Rows are de-duplicated on `extra_info.index` (DAPO-Math-17K's raw file repeats every problem ~100x)
-and the counts are printed, so nobody trains on 1.79M rows believing they are 17k distinct ones.
+together with the prompt, and the counts are printed, so nobody trains on 1.79M rows believing they are
+17k distinct ones; copies of one problem with different gold answers are refused (`_dedup`).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import socket
@@ -233,22 +237,63 @@ def _struct_field(table: datasets.Dataset, column: str, field: str) -> list:
     return [e.get(field) if isinstance(e, dict) else None for e in col.to_pylist()]
 
 
+_CHECKED_ROWS = 200_000  # larger tables (DAPO-Math-17K's raw 1.79M rows) are de-duplicated on the id alone
+
+
+def _row_text(row):
+    return row.get("prompt", row.get("problem", row.get("question"))) if isinstance(row, dict) else None
+
+
+def _same_gold(rows: list, first: int, i: int, where: str) -> None:
+    """Refuse two copies of one problem whose gold answers differ (which one would train is arbitrary)."""
+    golds = []
+    for j in (first, i):
+        try:
+            gold = gold_answer(rows[j]) if isinstance(rows[j], dict) else None
+        except GoldError:
+            gold = None  # validation names that row
+        golds.append(None if gold is None else str(gold[0]).strip())
+    if None not in golds and golds[0] != golds[1]:
+        raise DataError(f"{where}: rows {first} and {i} have the same prompt but different gold answers "
+                        f"({golds[0]!r} vs {golds[1]!r}); fix or remove one of them")
+
+
 def _text_key(value) -> str | None:
     return None if value is None else "text:" + json.dumps(value, sort_keys=True, ensure_ascii=False)
 
 
 def _dedup(table: datasets.Dataset | list[dict], where: str, limit: int | None) -> list[tuple[int, dict]]:
     """(original row number, row) of the first occurrence of each key, at most `limit` of them;
-    prints the counts."""
+    prints the counts.
+
+    Where the rows can be read whole (a json/jsonl file, a parquet / hub table up to `_CHECKED_ROWS` rows),
+    the key is the id together with the prompt: rows sharing an id but not the prompt are different
+    problems, both kept, with a warning; rows with the same key and different gold answers are refused."""
     if len(table) == 0:
         raise DataError(f"{where}: no rows")
     keys, what = _dedup_keys(table)
+    rows = table if isinstance(table, list) else table.to_list() if len(table) <= _CHECKED_ROWS else None
     first: dict = {}
+    by_id: dict = {}  # id -> its first row
+    split: dict = {}  # id -> first row whose prompt differs from the id's first row
     for i, key in enumerate(keys):
         hashable = key if isinstance(key, (str, int, float)) or key is None else json.dumps(key, default=str)
         if hashable is None:  # unreadable row: keep it so that validation names it
             hashable = ("row", i)
+        if rows is not None:
+            text = _text_key(_row_text(rows[i]))
+            j = by_id.setdefault(hashable, i)
+            if text != _text_key(_row_text(rows[j])):
+                split.setdefault(hashable, i)
+            hashable = (hashable, text)
+            if hashable in first:
+                _same_gold(rows, first[hashable], i, where)
         first.setdefault(hashable, i)
+    if split:
+        key, i = next(iter(split.items()))
+        print(f"{where}: warning: {len(split)} {what} values are shared by rows with different prompts (e.g. "
+              f"{what} {key!r}: rows {by_id[key]} and {i}); kept as different problems (de-duplicated on "
+              f"{what} + prompt)")
     keep = sorted(first.values())
     dropped = len(keys) - len(keep)
     print(f"{where}: {len(keys)} rows read, {len(keep)} unique (on {what}), {dropped} duplicates dropped")
@@ -302,6 +347,8 @@ def _normalize(row, i: int, where: str) -> dict:
     extracted = isinstance(raw, str) and raw.strip() != str(ground_truth).strip()  # from a \boxed{} / '#### '
     if isinstance(ground_truth, bool) or not isinstance(ground_truth, (str, int, float)):
         raise fail(gt_field, f"must be a string or number, got {_show(ground_truth)}")
+    if isinstance(ground_truth, float) and not math.isfinite(ground_truth):
+        raise fail(gt_field, f"is {ground_truth!r}, which is no gold answer")
     ground_truth = str(ground_truth).strip()
     if not ground_truth:
         raise fail(gt_field, "is empty")
@@ -320,15 +367,19 @@ def _normalize(row, i: int, where: str) -> dict:
         "index": str(index if index is not None else i),
         "problem": problem,
         "gold_field": (gt_field, extracted),
-        "extra": {k: v for k, v in row.items() if k not in OUTPUT_COLUMNS},
+        # the row's own columns, with their values and types: a user's `problem` / `index` / `data_source`
+        # replaces the loader's default one (_to_dataset)
+        "extra": {k: v for k, v in row.items() if k not in ("prompt", "ground_truth")},
     }
 
 
-def _validate_prompt(prompt, fail) -> list[dict[str, str]]:
+def _validate_prompt(prompt, fail) -> str | list[dict[str, str]]:
+    """A chat prompt's messages, or a plain-text prompt as it is: TRL's standard format, whose completions
+    reach reward functions as plain strings (the chat template still wraps it as one user message)."""
     if isinstance(prompt, str):  # some mirrors store the templated text directly
         if not prompt.strip():
             raise fail("prompt", "is an empty string")
-        return [{"role": "user", "content": prompt}]
+        return prompt
     if not isinstance(prompt, (list, tuple)) or not prompt:
         raise fail("prompt", f"must be a non-empty list of {{role, content}} messages, got {_show(prompt)}")
     messages = []
@@ -342,9 +393,10 @@ def _validate_prompt(prompt, fail) -> list[dict[str, str]]:
     return messages
 
 
-def _problem_text(prompt: list[dict[str, str]]) -> str:
+def _problem_text(prompt: str | list[dict[str, str]]) -> str:
     """The last user message, without DAPO's fixed template parts when they are present."""
-    text = next((m["content"] for m in reversed(prompt) if m["role"] == "user"), prompt[-1]["content"])
+    text = prompt if isinstance(prompt, str) else \
+        next((m["content"] for m in reversed(prompt) if m["role"] == "user"), prompt[-1]["content"])
     if text.startswith(DAPO_PREFIX):
         text = text[len(DAPO_PREFIX) :]
     if text.endswith(DAPO_SUFFIX):
@@ -360,9 +412,16 @@ def _show(value) -> str:
 def _to_dataset(rows: list[dict], where: str) -> datasets.Dataset:
     """The loader's columns with their fixed types, then every other column of the source (None in rows
     that lack it); prints where the gold answers came from."""
+    text_prompts = [isinstance(row["prompt"], str) for row in rows]
+    if any(text_prompts) and not all(text_prompts):  # completions would reach rewards in two shapes
+        kind = "a plain string" if text_prompts[0] else "chat messages"
+        other = text_prompts.index(not text_prompts[0])
+        raise DataError(f"{where}: row {other}: field 'prompt' is {'chat messages' if text_prompts[0] else 'a string'}"
+                        f", but row 0's is {kind}; give every prompt in one form")
     features = datasets.Features(
         {
-            "prompt": [{"role": datasets.Value("string"), "content": datasets.Value("string")}],
+            "prompt": datasets.Value("string") if all(text_prompts) else
+            [{"role": datasets.Value("string"), "content": datasets.Value("string")}],
             "ground_truth": datasets.Value("string"),
             "data_source": datasets.Value("string"),
             "index": datasets.Value("string"),
@@ -375,10 +434,19 @@ def _to_dataset(rows: list[dict], where: str) -> datasets.Dataset:
         note = f"; {extracted} of them the \\boxed{{}} / '#### ' answer of a longer text" if extracted else ""
         print(f"{where}: gold answers from {', '.join(f'{f!r} ({n} rows)' for f, n in fields.items())}{note} "
               "(rule: rewards/gold.py)")
-    table = datasets.Dataset.from_list([{k: row[k] for k in OUTPUT_COLUMNS} for row in rows], features=features)
     names = list(dict.fromkeys(k for row in rows for k in row["extra"]))
+    base = ("prompt", "ground_truth")
+    table = datasets.Dataset.from_list([{k: row[k] for k in base} for row in rows],
+                                       features=datasets.Features({k: features[k] for k in base}))
+    for name in OUTPUT_COLUMNS[len(base):]:  # a source's own problem / index / data_source wins, as it is
+        if name not in names:
+            table = table.add_column(name, [row[name] for row in rows])
+            continue
+        values = [row["extra"].get(name) for row in rows]  # rows without it get the loader's value
+        table = _add_column(table, name, [row[name] if v is None else v for v, row in zip(values, rows)], where)
     for name in names:
-        table = _add_column(table, name, [row["extra"].get(name) for row in rows], where)
+        if name not in OUTPUT_COLUMNS:
+            table = _add_column(table, name, [row["extra"].get(name) for row in rows], where)
     return table
 
 

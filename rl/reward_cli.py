@@ -39,8 +39,13 @@ def parse_option(text: str) -> tuple[str, Any]:
     return key.strip(), parsed
 
 
-def _read_jsonl(path: str, labelled: bool = False) -> list[tuple[Any, str, bool | None, int, str | None]]:
-    """(completion, gold, expected, line, family) per row; `expected` is required when `labelled`."""
+# Fields of a --jsonl row that are not dataset columns; every other field reaches the function by name.
+OWN_FIELDS = ("completion", "answer", "ground_truth", "expected")
+
+
+def _read_jsonl(path: str, labelled: bool = False) -> list[tuple[Any, str, bool | None, int, str | None, dict]]:
+    """(completion, gold, expected, line, family, columns) per row; `expected` is required when `labelled`;
+    `columns` are the row's other fields (the dataset columns a reward function gets in training)."""
     from rewards.report import parse_expected
 
     rows = []
@@ -63,10 +68,23 @@ def _read_jsonl(path: str, labelled: bool = False) -> list[tuple[Any, str, bool 
             except ValueError as exc:
                 raise RewardCliError(str(exc)) from None
         family = row.get("family")
-        rows.append((completion, str(gold), expected, number, None if family is None else str(family)))
+        columns = {k: v for k, v in row.items() if k not in OWN_FIELDS}
+        rows.append((completion, str(gold), expected, number, None if family is None else str(family), columns))
     if not rows:
         raise RewardCliError(f"{path}: no rows")
     return rows
+
+
+def _columns(path: str, rows: list[dict]) -> dict[str, list]:
+    """The rows' other fields as keyword lists (None where a row lacks one), as training passes columns."""
+    from rewards.scoring import RESERVED_COLUMNS
+
+    names = list(dict.fromkeys(k for row in rows for k in row))
+    reserved = [n for n in names if n in RESERVED_COLUMNS]
+    if reserved:
+        raise RewardCliError(f"{path}: field {reserved[0]!r} has the name of a keyword passed to reward functions "
+                             f"itself ({', '.join(RESERVED_COLUMNS)}); rename it")
+    return {name: [row.get(name) for row in rows] for name in names}
 
 
 def run_report(path: str, options: dict[str, Any], timeout: float | None) -> int:
@@ -83,14 +101,14 @@ def run_report(path: str, options: dict[str, Any], timeout: float | None) -> int
     policy = from_options(options, where="--report")
     rows = _read_jsonl(path, labelled=True)
     texts = []
-    for completion, _, _, line, _ in rows:
+    for completion, _, _, line, *_ in rows:
         try:
             texts.append(completion_text(completion))
         except ValueError as exc:
             raise RewardCliError(f"{path}: line {line}: field 'completion': {exc}") from None
     golds = [g for _, g, *_ in rows]
     verdicts = verify_batch(texts, golds, timeout=timeout, policy=policy)
-    families = [f for *_, f in rows]
+    families = [r[4] for r in rows]
     report = build_report([r[3] for r in rows], golds, [r[2] for r in rows], verdicts,
                           families if any(f is not None for f in families) else None)
     print(format_report(report, path, f"numeric_precision={policy.numeric_precision}, "
@@ -122,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
     import rewards
     from rewards.builtin import completion_text
     from rewards.math import explain
+    from rewards.policy import from_options
 
     if args.list:
         print("\n".join(rewards.available()))
@@ -133,18 +152,20 @@ def run(args: argparse.Namespace) -> int:
             raise RewardCliError("give either --jsonl or --completion/--answer, not both")
         if args.report:
             return run_report(args.jsonl, dict(parse_option(o) for o in args.option), args.timeout)
-        rows = [(c, g) for c, g, *_ in _read_jsonl(args.jsonl)]
+        read = _read_jsonl(args.jsonl)
+        rows = [(c, g) for c, g, *_ in read]
+        columns = _columns(args.jsonl, [r[5] for r in read])
     elif args.completion is None or args.answer is None:
         raise RewardCliError("give --completion TEXT and --answer GOLD, or --jsonl FILE")
     else:
-        rows = [(args.completion, args.answer)]
+        rows, columns = [(args.completion, args.answer)], {}
     options = dict(parse_option(o) for o in args.option)
     fn = rewards.get(args.fn, **options)
     completions = [c for c, _ in rows]
     golds = [g for _, g in rows]
     texts = [completion_text(c) for c in completions]
-    kwargs: dict[str, Any] = {"ground_truth": golds, "completion_ids": [[ord(ch) for ch in t] for t in texts],
-                              "truncated": [False] * len(rows)}
+    kwargs: dict[str, Any] = {**columns, "ground_truth": golds,
+                              "completion_ids": [[ord(ch) for ch in t] for t in texts], "truncated": [False] * len(rows)}
     if args.timeout is not None:
         rewards.configure(timeout=args.timeout)
     # as TRL calls reward functions (by keyword, completions as assistant messages), so TRL's own
@@ -158,12 +179,13 @@ def run(args: argparse.Namespace) -> int:
     guard = RewardGuard("raise", timeout=args.timeout * len(rows) if args.timeout and user_code else None, hint="")
     scores, _ = guard.score(rewards.reward_name(args.fn), fn, [None] * len(rows), messages, **kwargs)
     verifier = args.fn in VERIFIER_FNS  # only these decide by the verifier: its reason explains their score
+    policy = from_options(options, where=args.fn) if verifier else None  # the reason of the policy used
     for index, (text, gold, score) in enumerate(zip(texts, golds, scores), start=1):
         prefix = f"[{index}] " if len(rows) > 1 else ""
         if not verifier:
             print(f"{prefix}gold: {gold!r}  score: {score}")
             continue
-        verdict = explain(text, gold)
+        verdict = explain(text, gold, policy=policy)
         print(f"{prefix}extracted: {verdict.extracted!r}  gold: {gold!r}  score: {score}  "
               f"reason: {verdict.reason} ({verdict.path})")
     if len(rows) > 1:

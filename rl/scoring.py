@@ -47,6 +47,7 @@ class Scorer:
                 self.accuracy_kwargs = accuracy_kwargs(self.specs, cfg.reward_kwargs, cfg.accuracy_reward)
             except ValueError as e:
                 raise ConfigError(f"config key 'accuracy_reward': {e}") from None
+            self._no_column_clash(rewards.reward_name(cfg.accuracy_reward), self.accuracy_kwargs)
             if position is not None:  # one of the rewards: its scores are reused
                 self.accuracy_key = self.names[position]
             else:  # a callable (Python API) or a name not among the rewards is scored on its own
@@ -72,12 +73,22 @@ class Scorer:
             if spec == "overlong_penalty":
                 opts.setdefault("buffer_len", cfg.overlong_buffer_len)
                 opts.setdefault("penalty_factor", cfg.overlong_penalty)
+            self._no_column_clash(name, opts)
             try:  # the registry binds the options (functools.partial, keeping the name)
                 fn = rewards.get(spec, **opts)
             except (KeyError, ValueError, ImportError, AttributeError) as e:
                 raise ConfigError(f"config key 'rewards': {e}") from None
             fns.append((name, fn, float(weight)))
         return fns
+
+    def _no_column_clash(self, name: str, opts: dict[str, Any]) -> None:
+        """An option named like a dataset column would be overridden by the column at every call (both
+        arrive by keyword): refused, naming the option, the function and the column."""
+        clash = next((key for key in opts if key in self.columns), None)
+        if clash is not None:
+            raise ConfigError(f"config key 'reward_kwargs': option {clash!r} of reward {name!r} clashes with the "
+                              f"dataset column {clash!r} (columns reach reward functions by keyword too, and the "
+                              f"column would win); rename one of them")
 
     @property
     def names(self) -> list[str]:

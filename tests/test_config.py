@@ -16,12 +16,12 @@ def test_defaults_are_valid_and_embedded_dapo():
 def test_yaml_then_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("max_steps: 8\nlr: 1.0e-5\nrewards: [dapo_math, format]\nreward_weights: [1, 0.5]\n"
-                    "reward_kwargs: {format: {strict: true}}\n")
+                    "reward_kwargs: {format: {style: boxed}}\n")
     cfg = load_config(["--config", str(path), "--max_steps", "3", "--seed", "7", "--loss_type=grpo",
                        "--dynamic_sampling", "false", "--mask_truncated", "--eval_depths", "1,2,4"])
     assert cfg.max_steps == 3 and cfg.lr == 1e-5 and cfg.seed == 7 and cfg.loss_type == "grpo"
     assert cfg.rewards == ["dapo_math", "format"] and cfg.reward_weights == [1.0, 0.5]
-    assert cfg.reward_kwargs == {"format": {"strict": True}}
+    assert cfg.reward_kwargs == {"format": {"style": "boxed"}}
     assert cfg.dynamic_sampling is False and cfg.mask_truncated is True and cfg.eval_depths == [1, 2, 4]
 
 

@@ -48,10 +48,12 @@ def dapo_parquet(tmp_path: Path) -> Path:
 def test_dapo_parquet_dedup_and_columns(dapo_parquet: Path, capsys):
     ds = load_prompts(str(dapo_parquet))
     out = capsys.readouterr().out
-    assert "13 rows read, 3 unique" in out and "10 duplicates dropped" in out
-    assert len(ds) == 3
-    assert ds["index"] == ["uuid-0", "uuid-1", "uuid-2"]
-    assert ds["ground_truth"] == ["0", "2", "4"]
+    # the last row shares uuid-1 with a different prompt: another problem, kept, with a warning
+    assert "13 rows read, 4 unique" in out and "9 duplicates dropped" in out
+    assert "warning: 1 extra_info.index values are shared by rows with different prompts" in out
+    assert len(ds) == 4
+    assert ds["index"] == ["uuid-0", "uuid-1", "uuid-2", "uuid-1"]
+    assert ds["ground_truth"] == ["0", "2", "4", "0"]
     assert ds["problem"][1] == "What is 1+1?"  # template stripped; first occurrence kept
     assert ds[0]["prompt"] == [{"role": "user", "content": DAPO_PREFIX + "What is 0+0?" + DAPO_SUFFIX}]
     assert set(ds.column_names) >= {"prompt", "ground_truth", "data_source", "index"}

@@ -114,9 +114,11 @@ def test_policy_presets_and_overrides() -> None:
     ({"fallback": "first"}, "dapo_math: fallback must be one of 'last_math', 'none', got 'first'"),
 ])
 def test_bad_options_fail_with_one_line(kwargs: dict, message: str) -> None:
-    fn = rewards.get("dapo_math", **kwargs)
-    with pytest.raises(ValueError) as info:
-        fn(None, ["Answer: 1"], ground_truth=["1"])
+    with pytest.raises(ValueError) as info:  # when bound, not at the first call (rewards.check_options)
+        rewards.get("dapo_math", **kwargs)
+    assert message in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(ValueError) as info:  # called directly with them: the same line
+        rewards.get("dapo_math")(None, ["Answer: 1"], ground_truth=["1"], **kwargs)
     assert message in str(info.value) and "\n" not in str(info.value)
 
 
