@@ -164,8 +164,8 @@ def test_a_key_twice_in_a_yaml_file_is_refused_with_its_line(tmp_path):
     with pytest.raises(ConfigError, match=r"c.yaml: config key 'lr' given twice \(line 3\)"):
         load_config(["--config", str(path)])
     path.write_text("base: &b {lr: 1.0e-4}\n")  # YAML merges may still be overridden
-    (tmp_path / "m.yaml").write_text("reward_kwargs: {dapo_math: {<<: {policy: a}, policy: b}}\n")
-    assert load_config(["--config", str(tmp_path / "m.yaml")]).reward_kwargs == {"dapo_math": {"policy": "b"}}
+    (tmp_path / "m.yaml").write_text("reward_kwargs: {dapo_math: {<<: {policy: exact}, policy: rounded}}\n")
+    assert load_config(["--config", str(tmp_path / "m.yaml")]).reward_kwargs == {"dapo_math": {"policy": "rounded"}}
 
 
 def test_report_to_a_tracker_that_is_not_installed_is_refused(monkeypatch):
