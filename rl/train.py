@@ -328,6 +328,11 @@ class Trainer:
                     log(f"interrupted during the rewards of step {self.global_step + 1}: checkpoint written at "
                         f"step {self.global_step}; continue with --resume (exit code {exit_codes.INTERRUPTED})")
                     return self._interrupted()
+                except RewardFunctionError as e:  # nothing of this step is kept; the finished steps are
+                    self.sampler.load_state_dict(at_start)
+                    self.save()
+                    raise RewardFunctionError(f"{e}; checkpoint written at step {self.global_step}: fix it and "
+                                              "continue with --resume") from None
                 self.global_step += 1
                 self.nan_streak = self.nan_streak + 1 if metrics.get("updates/skipped", 0) else 0
                 self.no_update_streak = self.no_update_streak + 1 if metrics["groups/zero_std_frac_all"] >= 1 else 0
@@ -342,9 +347,11 @@ class Trainer:
                 bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", acc=f"{metrics['accuracy']:.3f}",
                                 refresh=False)
                 self._check_model_alive(metrics)
-                if self.nan_streak >= cfg.max_nan_steps:
+                if self.nan_streak >= cfg.max_nan_steps:  # the skipped updates left the weights good (checked)
+                    path = self.save()
                     raise StopTraining(f"{self.nan_streak} steps in a row with a non-finite loss or gradient "
-                                       f"(last at step {self.global_step}); aborting. Lower lr or check the data.")
+                                       f"(last at step {self.global_step}); aborting, checkpoint {path} kept. "
+                                       "Lower lr or check the data, then --resume.")
                 if self._stop_requested():
                     self.save()
                     log(f"interrupted: checkpoint written at step {self.global_step}; continue with --resume "

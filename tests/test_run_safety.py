@@ -14,7 +14,7 @@ import pytest
 from test_trainer import REPO, _args, _rows, _train, tiny  # noqa: F401  (tiny is a fixture)
 
 BAD_REWARDS = '''
-import math, time
+import math, os, time
 
 def boom(prompts, completions, **kw):
     raise ZeroDivisionError("division by zero")
@@ -28,6 +28,13 @@ def hang(prompts, completions, **kw):
     return [0.0] * len(completions)
 
 CALLS = [0]
+
+def flaky(prompts, completions, **kw):
+    """Raises on its 3rd call unless FIXED is set (the user fixed it)."""
+    CALLS[0] += 1
+    if CALLS[0] == 3 and not os.environ.get("FIXED"):
+        raise RuntimeError("third call fails")
+    return [float(len(str(c)) % 3) for c in completions]
 
 def hang_on_second_call(prompts, completions, **kw):
     CALLS[0] += 1
@@ -182,6 +189,23 @@ def test_reward_function_that_raises_stops_in_one_line(bad, tmp_path, capsys):
     assert _train(_args(bad, out, "--max_steps", "2", "--rewards", "badreward:boom")) == 1
     line = _err_line(capsys, "reward 'boom' raised ZeroDivisionError")
     assert "samples 0..7" in line and "reward_on_error" in line
+
+
+def test_reward_function_error_checkpoints_the_last_step_and_resume_continues(bad, tmp_path):
+    """A reward function raising mid-run (exit 1) keeps the finished steps: fixed, --resume runs each step once."""
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": f"{bad}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    argv = [sys.executable, "-m", "rl", "train", *_args(bad, out, "--max_steps", "4", "--rewards", "badreward:flaky",
+                                                          "--dynamic_sampling", "false")]
+    res = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    (line,) = [x for x in res.stderr.splitlines() if "third call fails" in x]
+    assert "checkpoint written at step 2" in line and "--resume" in line
+    assert (out / "checkpoints" / "step-2" / "trainer_state.json").is_file()
+    res = subprocess.run([*argv, "--resume"], cwd=tmp_path, env={**env, "FIXED": "1"}, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert [r["step"] for r in _rows(out)] == [1, 2, 3, 4]
 
 
 def test_skip_group_policy_drops_only_the_bad_groups(bad, tmp_path, capsys):
