@@ -141,7 +141,8 @@ class Trainer:
         validate(cfg, max_depth=max_depth(model_config), num_processes=self.world)
         # prompt + completion within the model's positions: refused, or max_prompt_length lowered (said
         # by the truncation warning when a prompt is cut); checked before vLLM sees max_model_len
-        prompt_limit_why = fit_to_positions(cfg, getattr(model_config, "max_position_embeddings", None))
+        self.max_positions = getattr(model_config, "max_position_embeddings", None)  # eval prompts fit it too
+        prompt_limit_why = fit_to_positions(cfg, self.max_positions)
         try:
             check_installed(cfg.engine)  # `--engine vllm` without vLLM: one line saying how to install it
         except ValueError as e:
@@ -402,7 +403,7 @@ class Trainer:
                                       reward_fn=cfg.accuracy_reward or "math_accuracy",
                                       reward_kwargs=self.scorer.accuracy_kwargs, seed=cfg.seed,
                                       guard=self.scorer.guard, prompt_suffix=cfg.prompt_suffix,
-                                      ignore_eos=cfg.ignore_eos)
+                                      ignore_eos=cfg.ignore_eos, max_positions=self.max_positions)
         except AccuracyError as e:
             raise ConfigError(f"config key 'accuracy_reward': {e}") from None
         rewards.pop_counters()  # drop eval's verifier counts: rewards/* count training rollouts only
