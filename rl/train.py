@@ -227,8 +227,8 @@ class Trainer:
             # 6. the next rollout samples from the updated weights
             self.worker.sync_weights(self.policy.full_weights())
         else:
-            warnings.warn(f"step {self.global_step + 1}: every group had equal rewards after {result.rounds} rounds; "
-                          "no update", RuntimeWarning, stacklevel=2)
+            warnings.warn(f"step {self.global_step + 1}: {_no_update_cause(result)}; no update", RuntimeWarning,
+                          stacklevel=2)
 
         metrics["time/rollout"] = timers["rollout"]
         metrics["time/reward"] = timers["reward"]
@@ -259,9 +259,9 @@ class Trainer:
         samples = self.scorer.score(local, [self.dataset[i] for i in local], rollout, texts)
         timers["rollout"] += t1 - t0
         timers["reward"] += time.perf_counter() - t1
-        groups = [Group(rewards=[s.reward for s in samples[g * n:(g + 1) * n]], data=samples[g * n:(g + 1) * n])
+        groups = [Group(rewards=[s.reward for s in samples[g * n:(g + 1) * n]], data=samples[g * n:(g + 1) * n],
+                        skipped=any(s.skip for s in samples[g * n:(g + 1) * n]))  # reward_on_error: skip_group
                   for g in range(len(local))]
-        groups = [g for g in groups if not any(s.skip for s in g.data)]  # reward_on_error: skip_group
         return gather_object(groups) if self.world > 1 else groups
 
     def _masked_metrics(self, kept: list[Sample]) -> dict[str, float]:
@@ -507,7 +507,23 @@ def _sampling_metrics(result: SamplingResult) -> dict[str, float]:
             "groups/zero_std_frac_all": result.zero_std_all,
             "sampling/rounds": result.rounds,
             "sampling/groups_sampled": result.groups_sampled,
-            "sampling/groups_kept": len(result.kept)}
+            "sampling/groups_skipped": result.groups_skipped,
+            "sampling/groups_kept": len(result.kept),
+            # every sample of a group dropped by reward_on_error: skip_group (not only the failed ones)
+            "rewards/skipped_samples": float(sum(len(g.data) for g in result.all_groups if g.skipped))}
+
+
+def _no_update_cause(result: SamplingResult) -> str:
+    """Why no group was kept: skipped groups (reward_on_error: skip_group) and/or equal rewards."""
+    skipped, sampled = result.groups_skipped, result.groups_sampled
+    rounds = f"{result.rounds} round{'s' * (result.rounds != 1)}"
+    if skipped == sampled:
+        return (f"every group ({sampled}) was skipped after {rounds}: a reward function failed on a sample of each "
+                "(reward_on_error: skip_group; see rewards/fn_errors)")
+    if skipped:
+        return (f"no group to train on after {rounds}: {skipped} of {sampled} skipped (reward_on_error: "
+                f"skip_group), the other {sampled - skipped} had equal rewards")
+    return f"every group had equal rewards after {rounds}"
 
 
 def lone_cpu_launch(env: Mapping[str, str]) -> bool:

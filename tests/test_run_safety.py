@@ -23,6 +23,12 @@ def nan_first(prompts, completions, **kw):
     """NaN for the first sample of every call, a varied score for the rest."""
     return [math.nan if i == 0 else float(len(str(c)) % 3) for i, c in enumerate(completions)]
 
+def somenone(prompts, completions, **kw):
+    return [None if i % 2 else 1.0 for i in range(len(completions))]
+
+def nones(prompts, completions, **kw):
+    return [None] * len(completions)
+
 def hang(prompts, completions, **kw):
     time.sleep(60)
     return [0.0] * len(completions)
@@ -214,7 +220,22 @@ def test_skip_group_policy_drops_only_the_bad_groups(bad, tmp_path, capsys):
                         "false", "--reward_on_error", "skip_group")) == 0
     assert "reward 'nan_first': sample 0: score is nan" in _err_line(capsys, "their groups skipped")
     (row,) = _rows(out)
-    assert row["rewards/skipped_samples"] == 1 and row["sampling/groups_kept"] == 1  # 1 bad sample: its group
+    assert row["rewards/fn_bad_samples"] == 1 and row["sampling/groups_kept"] == 1  # 1 bad sample: its group
+    assert row["rewards/skipped_samples"] == 4 and row["sampling/groups_skipped"] == 1  # its group: 4 samples
+    assert row["sampling/groups_sampled"] == 2
+
+
+def test_skip_group_metrics_are_true_when_every_group_is_dropped(bad, tmp_path):
+    """Every sample unscored by any function: both groups (8 samples) dropped; the counts and the warning
+    say so (not 'equal rewards', not 0 groups sampled)."""
+    out = tmp_path / "run"
+    with pytest.warns(RuntimeWarning, match=r"every group \(2\) was skipped .*reward_on_error: skip_group"):
+        assert _train(_args(bad, out, "--max_steps", "1", "--rewards", "badreward:somenone,badreward:nones",
+                            "--dynamic_sampling", "false", "--reward_on_error", "skip_group")) == 0
+    (row,) = _rows(out)
+    assert row["rewards/skipped_samples"] == 8 and row["sampling/groups_sampled"] == 2
+    assert row["sampling/groups_skipped"] == 2 and row["sampling/groups_kept"] == 0
+    assert row["completion/len_mean"] > 0 and row["accuracy"] == row["accuracy"]  # drawn samples: not nan
 
 
 def test_cli_reward_timeout_bounds_a_hung_function(bad):
