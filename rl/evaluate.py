@@ -428,7 +428,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top_p", type=float, default=1.0)
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N prompts")
     p.add_argument("--engine", choices=["torch", "vllm"], default="torch")
-    p.add_argument("--max_new_tokens", type=int, default=256)
+    p.add_argument("--max_new_tokens", type=int, default=None,
+                   help=f"completion tokens (default {DEFAULT_MAX_NEW_TOKENS}, lowered to what the model's "
+                        "max_position_embeddings leave after the longest prompt, at least half of them)")
     p.add_argument("--batch_size", type=int, default=16, help="prompts per generate call")
     p.add_argument("--ignore_eos", action="store_true",
                    help="never stop at EOS: every completion runs to --max_new_tokens (benchmarks, memory tests)")
@@ -481,6 +483,17 @@ def _vllm_factory(model_path: str, tokenizer, max_model_len: int, seed: int,
     return factory
 
 
+DEFAULT_MAX_NEW_TOKENS = 256
+
+
+def default_max_new_tokens(max_positions: int | None, longest_prompt: int) -> int:
+    """`looprl eval` without --max_new_tokens: 256, lowered so that the longest prompt and its completion fit
+    the model's positions, but never below half of them (longer prompts then keep their last tokens)."""
+    if not max_positions:
+        return DEFAULT_MAX_NEW_TOKENS
+    return min(DEFAULT_MAX_NEW_TOKENS, max(max_positions - longest_prompt, max_positions // 2))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     try:
@@ -490,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         temperature = args.temperature if args.temperature is not None else (0.0 if args.n == 1 else 1.0)
         for name in ("n", "max_new_tokens", "batch_size"):
-            if getattr(args, name) < 1:
+            if getattr(args, name) is not None and getattr(args, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
         if args.limit is not None and args.limit < 1:
             raise ValueError(f"--limit must be >= 1, got {args.limit}")
@@ -510,14 +523,19 @@ def main(argv: list[str] | None = None) -> int:
         else:
             depths = list(range(1, max_depth(config) + 1))
         positions = getattr(config, "max_position_embeddings", None)
-        room = prompt_room(positions, args.max_new_tokens)  # refused before loading the model
+        if args.max_new_tokens is not None:
+            prompt_room(positions, args.max_new_tokens)  # refused before anything else is done
+        prompt_ids = encode_prompts(tokenizer, list(dataset["prompt"]), args.prompt_suffix)
+        if args.max_new_tokens is None:
+            args.max_new_tokens = default_max_new_tokens(positions, max((len(p) for p in prompt_ids), default=0))
+        room = prompt_room(positions, args.max_new_tokens)
         model, factory = None, None
         if args.engine == "vllm":
             check_installed("vllm")
             if is_checkpoint_dir(model_path):
                 raise ValueError(f"--model {model_path}: --engine vllm loads model directories; export the "
                                  f"checkpoint first: looprl export --checkpoint {model_path} --out DIR")
-            longest = max(len(p) for p in encode_prompts(tokenizer, list(dataset["prompt"]), args.prompt_suffix))
+            longest = max((len(p) for p in prompt_ids), default=0)
             longest = min(longest, room or longest)  # prompts are left-truncated to the room (fit_prompts)
             # Engines of finished depths are released, but vLLM does not always hand memory back:
             # size each engine so that all of them would fit at once.

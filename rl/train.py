@@ -256,7 +256,12 @@ class Trainer:
         t1 = time.perf_counter()
         accumulate_stats(timers, rollout.stats)  # speculative rollouts: drafted / accepted counts
         texts = [self.tokenizer.decode(c, skip_special_tokens=True) for c in rollout.completion_ids]
-        samples = self.scorer.score(local, [self.dataset[i] for i in local], rollout, texts)
+        try:
+            samples, error = self.scorer.score(local, [self.dataset[i] for i in local], rollout, texts), None
+        except RewardFunctionError as e:  # every process stops with it (and checkpoints together, in _train)
+            samples, error = [], e
+        if reduce_max(self.accelerator, 1.0 if error else 0.0) > 0:
+            raise error or RewardFunctionError("a reward function failed on another process (its line names it)")
         timers["rollout"] += t1 - t0
         timers["reward"] += time.perf_counter() - t1
         groups = [Group(rewards=[s.reward for s in samples[g * n:(g + 1) * n]], data=samples[g * n:(g + 1) * n],

@@ -213,6 +213,10 @@ def test_eval_fits_prompts_to_the_models_positions(tiny, tmp_path):  # noqa: F81
     assert "max_position_embeddings 128 leaves after max_new_tokens 5" in warning
     assert "keeping the last 123 tokens of each" in warning
     assert json.loads((tmp_path / "r.json").read_text())["depths"]["1"]["len_mean"] > 0
+    res = _cli(["eval", *common, "--out", str(tmp_path / "d.json")], tiny)  # the default 256 fits the model
+    assert res.returncode == 0, res.stderr
+    assert json.loads((tmp_path / "d.json").read_text())["max_new_tokens"] == 64  # half: the prompts are longer
+    assert "keeping the last 64 tokens of each" in _line(res, "prompt(s) longer than the 64 tokens")
     res = _cli(["eval", *common, "--max_new_tokens", "128"], tiny)
     assert res.returncode == 2 and res.stderr.count("\n") == 1
     assert "--max_new_tokens 128 leaves no room for a prompt within the model's max_position_embeddings (128)" \

@@ -23,6 +23,13 @@ def nan_first(prompts, completions, **kw):
     """NaN for the first sample of every call, a varied score for the rest."""
     return [math.nan if i == 0 else float(len(str(c)) % 3) for i, c in enumerate(completions)]
 
+def flaky_on_rank_1(prompts, completions, **kw):
+    """Raises on the 3rd call of process 1 only (the other process scores fine)."""
+    CALLS[0] += 1
+    if CALLS[0] == 3 and os.environ.get("LOCAL_RANK") == "1":
+        raise RuntimeError("third call fails on rank 1")
+    return [float(len(str(c)) % 3) for c in completions]
+
 def somenone(prompts, completions, **kw):
     return [None if i % 2 else 1.0 for i in range(len(completions))]
 
@@ -212,6 +219,23 @@ def test_reward_function_error_checkpoints_the_last_step_and_resume_continues(ba
                          text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert [r["step"] for r in _rows(out)] == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_reward_function_error_on_one_process_stops_every_process_with_a_checkpoint(bad, tmp_path):
+    """Two gloo processes, the reward fails on one only: both stop (no hang in mismatched collectives),
+    with the checkpoint of the last finished step."""
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": f"{bad}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(REPO / "configs/accelerate/cpu-2proc.yaml"), "--main_process_port", "29561", "-m", "rl", "train",
+           *_args(bad, out, "--max_steps", "4", "--rewards", "badreward:flaky_on_rank_1", "--dynamic_sampling",
+                  "false", "--mini_batch_size", "4")]
+    res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0 and "third call fails on rank 1" in res.stderr, res.stderr[-3000:]
+    assert "checkpoint written at step 2" in res.stderr
+    assert [r["step"] for r in _rows(out)] == [1, 2]
+    assert (out / "checkpoints" / "step-2" / "trainer_state.json").is_file()
 
 
 def test_skip_group_policy_drops_only_the_bad_groups(bad, tmp_path, capsys):
