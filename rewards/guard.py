@@ -135,7 +135,7 @@ class RewardGuard:
         self.on_error, self.timeout, self.warn, self.max_abandoned = on_error, timeout, warn, max_abandoned
         self.abandoned = 0
         self.hint = hint  # appended to a raised error: how to get past it (the trainer's policy key)
-        self._counts = {"errors": 0, "bad_samples": 0, "skipped_samples": 0}
+        self._counts = {"errors": 0, "bad_samples": 0}
         self._warned: set[str] = set()
 
     # ------------------------------------------------------------------ one call
@@ -230,8 +230,7 @@ class RewardGuard:
                 per_fn[first], bad = self._apply_policy(first, problem, per_fn[first], unscored)
                 for i in bad:
                     skip[i] = True
-        if any(skip):
-            self._counts["skipped_samples"] += sum(skip)
+        if any(skip):  # the trainer drops their groups and counts them (rewards/skipped_samples)
             for scores in per_fn.values():
                 for i in range(n):
                     if skip[i]:
@@ -241,7 +240,6 @@ class RewardGuard:
     def pop_counters(self) -> dict[str, float]:
         """Counts since the last pop, keyed for logging; then reset."""
         out = {"rewards/fn_errors": float(self._counts["errors"]),
-               "rewards/fn_bad_samples": float(self._counts["bad_samples"]),
-               "rewards/skipped_samples": float(self._counts["skipped_samples"])}  # their groups are dropped
+               "rewards/fn_bad_samples": float(self._counts["bad_samples"])}
         self._counts = dict.fromkeys(self._counts, 0)
         return out

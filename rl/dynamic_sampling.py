@@ -23,6 +23,7 @@ class Group:
 
     rewards: list[float]
     data: Any = None
+    skipped: bool = False  # reward_on_error: skip_group dropped it (a reward function failed on a sample)
 
 
 @dataclass
@@ -31,8 +32,9 @@ class SamplingResult:
     rounds: int
     groups_sampled: int
     zero_std_first_round: float  # fraction of zero-std groups in round 1 (comparable with/without DS)
-    zero_std_all: float  # fraction over every group sampled this step
+    zero_std_all: float  # fraction over every scored (not skipped) group sampled this step
     all_groups: list[Group] = field(default_factory=list)  # every group sampled (for reward metrics)
+    groups_skipped: int = 0  # sampled but dropped by reward_on_error: skip_group (never kept)
 
 
 def collect_groups(sample_round: Callable[[int, int], list[Group]], target: int, *, enabled: bool,
@@ -42,7 +44,8 @@ def collect_groups(sample_round: Callable[[int, int], list[Group]], target: int,
     Without dynamic sampling (`enabled=False`) one round of `target` prompts is returned as is.
     Later rounds ask for the deficit divided by the keep rate seen so far (at least the deficit),
     so a task where half the groups are informative needs about one refill, not log2(target).
-    Surplus groups beyond `target` are dropped, in sampling order.
+    Surplus groups beyond `target` are dropped, in sampling order. Skipped groups (`Group.skipped`) count as
+    sampled, are never kept and are left out of the zero-std fractions (they have no rewards to compare).
     """
     all_groups: list[Group] = []
     kept: list[Group] = []
@@ -55,27 +58,34 @@ def collect_groups(sample_round: Callable[[int, int], list[Group]], target: int,
         all_groups.extend(groups)
         if not groups:
             break
-        n = len(groups[0].rewards)
-        zero = zero_std_groups(torch.tensor([r for g in groups for r in g.rewards]), n).tolist()
+        scored = [g for g in groups if not g.skipped]
+        zero = _zero_std(scored)
         if rounds == 1:
-            first_zero = sum(zero) / len(groups)
+            first_zero = sum(zero) / len(scored) if scored else 0.0
         if not enabled:
-            kept = groups
+            kept = scored
             break
-        kept.extend(g for g, z in zip(groups, zero) if not z)
+        kept.extend(g for g, z in zip(scored, zero) if not z)
         deficit = target - len(kept)
         if deficit <= 0 or rounds >= max_rounds:
             break
         keep_rate = max(len(kept), 1) / len(all_groups)
         want = max(deficit, math.ceil(deficit / keep_rate))
         want = min(want, 4 * target)  # cap one round's cost
-    n = len(all_groups[0].rewards) if all_groups else 1
-    zero_all = zero_std_groups(torch.tensor([r for g in all_groups for r in g.rewards]), n) if all_groups else None
+    zero_all = _zero_std([g for g in all_groups if not g.skipped])
     return SamplingResult(
         kept=kept[:target],
         rounds=rounds,
         groups_sampled=len(all_groups),
         zero_std_first_round=first_zero,
-        zero_std_all=float(zero_all.float().mean()) if zero_all is not None else 0.0,
+        zero_std_all=sum(zero_all) / len(zero_all) if zero_all else 0.0,
         all_groups=all_groups,
+        groups_skipped=sum(g.skipped for g in all_groups),
     )
+
+
+def _zero_std(groups: list[Group]) -> list[bool]:
+    """Per group: are all its rewards equal?"""
+    if not groups:
+        return []
+    return zero_std_groups(torch.tensor([r for g in groups for r in g.rewards]), len(groups[0].rewards)).tolist()

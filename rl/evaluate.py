@@ -48,7 +48,7 @@ from rl.model_io import (
     load_tokenizer,
     set_threads,
 )
-from rl.prompts import encode_prompts
+from rl.prompts import encode_prompts, fit_prompts, prompt_room
 from rl.reward_cli import parse_option
 from rl.run_dir import check_writable_file
 from rl.self_distill import early_exit_generate
@@ -200,6 +200,11 @@ def _release_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def _max_positions(model) -> int | None:
+    """The model's position-table size (None: none known, e.g. a vLLM worker factory without a model)."""
+    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
+
+
 def evaluate_depths(model, tokenizer, dataset, depths: Sequence[int], n: int = 1, temperature: float = 0.0,
                     max_new_tokens: int = 256, reward_fn: str | Callable = "math_accuracy", batch_size: int = 16,
                     *, reward_kwargs: Mapping[str, Any] | None = None, top_p: float = 1.0, seed: int = 0,
@@ -207,7 +212,7 @@ def evaluate_depths(model, tokenizer, dataset, depths: Sequence[int], n: int = 1
                     worker_factory: Callable[[int], Any] | None = None,
                     guard: RewardGuard | None = None,
                     draft_depth: int = 0, num_draft: int = 0, prompt_suffix: str = "",
-                    ignore_eos: bool = False) -> dict[str, dict[str, Any]]:
+                    ignore_eos: bool = False, max_positions: int | None = None) -> dict[str, dict[str, Any]]:
     """Generate n completions per prompt at each depth and score them.
 
     `reward_fn` called with `reward_kwargs` decides correct (1 / 0 / None = unscored, rl/accuracy.py);
@@ -218,7 +223,8 @@ def evaluate_depths(model, tokenizer, dataset, depths: Sequence[int], n: int = 1
     trainer's reward_on_error / reward_timeout (default: any bad reward result is a one-line error).
     draft_depth, num_draft > 0: self-speculative decoding at the depths above draft_depth (same
     distribution; adds "rollout/accept_rate", "rollout/tokens_per_verify"). ignore_eos: every completion
-    runs to max_new_tokens (benchmarks and memory tests).
+    runs to max_new_tokens (benchmarks and memory tests). Prompts are left-truncated to what the model's
+    positions (`max_positions`, default `model.config.max_position_embeddings`) leave after max_new_tokens.
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
@@ -230,7 +236,8 @@ def evaluate_depths(model, tokenizer, dataset, depths: Sequence[int], n: int = 1
     prompts, columns = _dataset_columns(dataset)
     if not prompts:
         raise ValueError("eval dataset is empty")
-    prompt_ids = encode_prompts(tokenizer, prompts, prompt_suffix)
+    prompt_ids = fit_prompts(encode_prompts(tokenizer, prompts, prompt_suffix),
+                             max_positions or _max_positions(model), max_new_tokens)
     if worker_factory is None:
         eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
         pad = eos if pad is None else pad
@@ -296,8 +303,8 @@ def evaluate_depths(model, tokenizer, dataset, depths: Sequence[int], n: int = 1
 def evaluate_exit_threshold(model, tokenizer, dataset, exit_threshold: float, max_new_tokens: int = 256,
                             reward_fn: str | Callable = "math_accuracy", batch_size: int = 16,
                             progress: bool = False, guard: RewardGuard | None = None,
-                            prompt_suffix: str = "", reward_kwargs: Mapping[str, Any] | None = None
-                            ) -> dict[str, Any]:
+                            prompt_suffix: str = "", reward_kwargs: Mapping[str, Any] | None = None,
+                            max_positions: int | None = None) -> dict[str, Any]:
     """Greedy decoding with the model's exit gate: each token is read from the first loop whose
     cumulative exit probability reaches q (`early_exit_generate(rule="gate")`, the same rule as the
     model's own `generate(exit_threshold=q)`).
@@ -311,7 +318,8 @@ def evaluate_exit_threshold(model, tokenizer, dataset, exit_threshold: float, ma
         raise ValueError(f"--exit_threshold must be >= 0, got {exit_threshold}")
     score_fn, _ = _accuracy_fn(reward_fn, reward_kwargs)
     prompts, columns = _dataset_columns(dataset)
-    prompt_ids = encode_prompts(tokenizer, prompts, prompt_suffix)
+    prompt_ids = fit_prompts(encode_prompts(tokenizer, prompts, prompt_suffix),
+                             max_positions or _max_positions(model), max_new_tokens)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     pad = eos if pad is None else pad
     was_training = model.training
@@ -420,7 +428,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top_p", type=float, default=1.0)
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N prompts")
     p.add_argument("--engine", choices=["torch", "vllm"], default="torch")
-    p.add_argument("--max_new_tokens", type=int, default=256)
+    p.add_argument("--max_new_tokens", type=int, default=None,
+                   help=f"completion tokens (default {DEFAULT_MAX_NEW_TOKENS}, lowered to what the model's "
+                        "max_position_embeddings leave after the longest prompt, at least half of them)")
     p.add_argument("--batch_size", type=int, default=16, help="prompts per generate call")
     p.add_argument("--ignore_eos", action="store_true",
                    help="never stop at EOS: every completion runs to --max_new_tokens (benchmarks, memory tests)")
@@ -473,6 +483,17 @@ def _vllm_factory(model_path: str, tokenizer, max_model_len: int, seed: int,
     return factory
 
 
+DEFAULT_MAX_NEW_TOKENS = 256
+
+
+def default_max_new_tokens(max_positions: int | None, longest_prompt: int) -> int:
+    """`looprl eval` without --max_new_tokens: 256, lowered so that the longest prompt and its completion fit
+    the model's positions, but never below half of them (longer prompts then keep their last tokens)."""
+    if not max_positions:
+        return DEFAULT_MAX_NEW_TOKENS
+    return min(DEFAULT_MAX_NEW_TOKENS, max(max_positions - longest_prompt, max_positions // 2))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     try:
@@ -482,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         temperature = args.temperature if args.temperature is not None else (0.0 if args.n == 1 else 1.0)
         for name in ("n", "max_new_tokens", "batch_size"):
-            if getattr(args, name) < 1:
+            if getattr(args, name) is not None and getattr(args, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
         if args.limit is not None and args.limit < 1:
             raise ValueError(f"--limit must be >= 1, got {args.limit}")
@@ -501,13 +522,21 @@ def main(argv: list[str] | None = None) -> int:
             check_depths("--depths", depths, max_depth(config))  # the same rule as train
         else:
             depths = list(range(1, max_depth(config) + 1))
+        positions = getattr(config, "max_position_embeddings", None)
+        if args.max_new_tokens is not None:
+            prompt_room(positions, args.max_new_tokens)  # refused before anything else is done
+        prompt_ids = encode_prompts(tokenizer, list(dataset["prompt"]), args.prompt_suffix)
+        if args.max_new_tokens is None:
+            args.max_new_tokens = default_max_new_tokens(positions, max((len(p) for p in prompt_ids), default=0))
+        room = prompt_room(positions, args.max_new_tokens)
         model, factory = None, None
         if args.engine == "vllm":
             check_installed("vllm")
             if is_checkpoint_dir(model_path):
                 raise ValueError(f"--model {model_path}: --engine vllm loads model directories; export the "
                                  f"checkpoint first: looprl export --checkpoint {model_path} --out DIR")
-            longest = max(len(p) for p in encode_prompts(tokenizer, list(dataset["prompt"]), args.prompt_suffix))
+            longest = max((len(p) for p in prompt_ids), default=0)
+            longest = min(longest, room or longest)  # prompts are left-truncated to the room (fit_prompts)
             # Engines of finished depths are released, but vLLM does not always hand memory back:
             # size each engine so that all of them would fit at once.
             factory = _vllm_factory(model_path, tokenizer, longest + args.max_new_tokens, args.seed,
@@ -534,14 +563,15 @@ def main(argv: list[str] | None = None) -> int:
                                            reward_kwargs=reward_kwargs, batch_size=args.batch_size, top_p=args.top_p, seed=args.seed,
                                            progress=progress, worker_factory=factory,
                                            draft_depth=args.rollout_draft_depth, num_draft=args.rollout_num_draft,
-                                           prompt_suffix=args.prompt_suffix, ignore_eos=args.ignore_eos)
+                                           prompt_suffix=args.prompt_suffix, ignore_eos=args.ignore_eos,
+                                           max_positions=positions)
         if args.exit_threshold is not None:
             if model is None:
                 model = _load_model(model_path, device)
             report["exit_threshold"] = evaluate_exit_threshold(
                 model, tokenizer, dataset, args.exit_threshold, max_new_tokens=args.max_new_tokens,
                 reward_fn=args.reward, reward_kwargs=reward_kwargs, batch_size=args.batch_size, progress=progress,
-                prompt_suffix=args.prompt_suffix)
+                prompt_suffix=args.prompt_suffix, max_positions=positions)
     except (ValueError, FileNotFoundError) as e:
         print(f"looprl eval: {e}", file=sys.stderr)
         return 2

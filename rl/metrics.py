@@ -111,8 +111,9 @@ def _std(xs: list[float]) -> float:
 
 def reward_metrics(samples, fn_names: list[str]) -> dict[str, float]:
     """reward/*, accuracy (+ accuracy/unscored_frac) and completion/* over every sample drawn this step
-    (kept or not)."""
-    rewards = [s.reward for s in samples]
+    (kept or not). A sample of a group skipped by reward_on_error: skip_group has no reward (left out of the
+    reward means, counted in rewards/skipped_samples); its accuracy verdict is the accuracy function's."""
+    rewards = [s.reward for s in samples if not getattr(s, "skip", False)]
     correct = [s.correct for s in samples]  # None = unscored: out of the mean, counted (rl/accuracy.py)
     m = {"reward/mean": _mean(rewards), "reward/std": _std(rewards), "accuracy": _mean(correct),
          "accuracy/unscored_frac": unscored_frac(correct)}

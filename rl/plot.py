@@ -44,11 +44,24 @@ def _metrics_path(run_dir: str | Path) -> Path:
     if path.is_file():
         return path
     if not path.exists():
-        raise PlotError(f"{path}: no such run directory")
+        raise PlotError(f"{path}: no such run directory or metrics file")
     candidate = path / METRICS_FILE
     if not candidate.is_file():
-        raise PlotError(f"{candidate}: missing (is {path} a looprl run directory?)")
+        raise PlotError(f"{path}: holds no {METRICS_FILE} (no step logged yet, or not a looprl run directory)")
     return candidate
+
+
+def image_format(out: str | Path) -> str:
+    """The format `out` is written in, from its extension (none: PNG, written at exactly that path; matplotlib
+    alone would add '.png'). An extension matplotlib cannot write is refused naming the ones it can."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    suffix = Path(out).suffix.lower().lstrip(".")
+    supported = FigureCanvasBase.get_supported_filetypes()
+    if suffix and suffix not in supported:
+        raise PlotError(f"--out {out}: cannot write .{suffix} images; use one of "
+                        f"{', '.join('.' + k for k in sorted(supported))} (or no extension: PNG)")
+    return suffix or "png"
 
 
 def _is_number(value: object) -> bool:
@@ -190,7 +203,7 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, title: str | None
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=110, format=image_format(out))  # exactly `out`, whatever its extension
     plt.close(fig)
     return out
 
@@ -198,7 +211,8 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, title: str | None
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="looprl plot", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (or metrics.jsonl files)")
-    parser.add_argument("--out", default=None, help="PNG to write (default: RUN_DIR/reward_curve.png of the first run)")
+    parser.add_argument("--out", default=None, help="image to write, format by extension (.png, .pdf, .svg ...; none: PNG at exactly this path; "
+                        "default: RUN_DIR/reward_curve.png of the first run)")
     parser.add_argument("--title", default=None, help="figure title")
     args = parser.parse_args(argv)
     out = args.out
@@ -208,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from rl.run_dir import check_writable_file
 
-        check_writable_file(out, "--out")  # before reading and drawing every run
+        image_format(out)  # a format matplotlib cannot write: before reading and drawing every run
+        check_writable_file(out, "--out")
         path = plot_runs(args.run_dirs, out, title=args.title)
     except (PlotError, ValueError) as e:
         print(f"looprl plot: {e}", file=sys.stderr)

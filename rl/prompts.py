@@ -34,6 +34,35 @@ def encode_prompts(tokenizer, prompts: Sequence[Any], suffix: str = "") -> list[
     return ids
 
 
+def prompt_room(max_positions: int | None, max_new_tokens: int, key: str = "--max_new_tokens") -> int | None:
+    """The tokens a model's position table (`max_position_embeddings`) leaves a prompt after max_new_tokens
+    (None: the model states no limit); a max_new_tokens that leaves none is refused in one line naming `key`.
+    The trainer's rule (rl.config.fit_to_positions), for `looprl eval` and the trainer's eval."""
+    if not max_positions:
+        return None
+    if max_new_tokens >= max_positions:
+        raise ValueError(f"{key} {max_new_tokens} leaves no room for a prompt within the model's "
+                         f"max_position_embeddings ({max_positions}); use at most {max_positions - 1}")
+    return max_positions - max_new_tokens
+
+
+def fit_prompts(prompt_ids: Sequence[list[int]], max_positions: int | None, max_new_tokens: int, *,
+                who: str = "looprl eval", key: str = "--max_new_tokens") -> list[list[int]]:
+    """Prompts left-truncated to `prompt_room` (their last tokens kept, as in training), said once on stderr:
+    beyond the position table a learned table is indexed out of range and RoPE runs at untrained positions,
+    and the cache of a huge prompt can take tens of GB."""
+    room = prompt_room(max_positions, max_new_tokens, key)
+    if room is None:
+        return list(prompt_ids)
+    long = [i for i, ids in enumerate(prompt_ids) if len(ids) > room]
+    if long:
+        print(f"{who}: WARNING: {len(long)} prompt(s) longer than the {room} tokens the model's "
+              f"max_position_embeddings {max_positions} leaves after max_new_tokens {max_new_tokens} (prompt "
+              f"{long[0]} has {len(prompt_ids[long[0]])}); keeping the last {room} tokens of each",
+              file=sys.stderr, flush=True)
+    return [ids[-room:] for ids in prompt_ids]
+
+
 class PromptSampler:
     """Epoch-wise shuffled prompt indices; its whole state is (epoch, index), so resuming is exact."""
 

@@ -142,7 +142,8 @@ class Trainer:
         validate(cfg, max_depth=max_depth(model_config), num_processes=self.world)
         # prompt + completion within the model's positions: refused, or max_prompt_length lowered (said
         # by the truncation warning when a prompt is cut); checked before vLLM sees max_model_len
-        prompt_limit_why = fit_to_positions(cfg, getattr(model_config, "max_position_embeddings", None))
+        self.max_positions = getattr(model_config, "max_position_embeddings", None)  # eval prompts fit it too
+        prompt_limit_why = fit_to_positions(cfg, self.max_positions)
         try:
             check_installed(cfg.engine)  # `--engine vllm` without vLLM: one line saying how to install it
         except ValueError as e:
@@ -227,8 +228,8 @@ class Trainer:
             # 6. the next rollout samples from the updated weights
             self.worker.sync_weights(self.policy.full_weights())
         else:
-            warnings.warn(f"step {self.global_step + 1}: every group had equal rewards after {result.rounds} rounds; "
-                          "no update", RuntimeWarning, stacklevel=2)
+            warnings.warn(f"step {self.global_step + 1}: {_no_update_cause(result)}; no update", RuntimeWarning,
+                          stacklevel=2)
 
         metrics["time/rollout"] = timers["rollout"]
         metrics["time/reward"] = timers["reward"]
@@ -256,12 +257,17 @@ class Trainer:
         t1 = time.perf_counter()
         accumulate_stats(timers, rollout.stats)  # speculative rollouts: drafted / accepted counts
         texts = [self.tokenizer.decode(c, skip_special_tokens=True) for c in rollout.completion_ids]
-        samples = self.scorer.score(local, [self.dataset[i] for i in local], rollout, texts)
+        try:
+            samples, error = self.scorer.score(local, [self.dataset[i] for i in local], rollout, texts), None
+        except RewardFunctionError as e:  # every process stops with it (and checkpoints together, in _train)
+            samples, error = [], e
+        if reduce_max(self.accelerator, 1.0 if error else 0.0) > 0:
+            raise error or RewardFunctionError("a reward function failed on another process (its line names it)")
         timers["rollout"] += t1 - t0
         timers["reward"] += time.perf_counter() - t1
-        groups = [Group(rewards=[s.reward for s in samples[g * n:(g + 1) * n]], data=samples[g * n:(g + 1) * n])
+        groups = [Group(rewards=[s.reward for s in samples[g * n:(g + 1) * n]], data=samples[g * n:(g + 1) * n],
+                        skipped=any(s.skip for s in samples[g * n:(g + 1) * n]))  # reward_on_error: skip_group
                   for g in range(len(local))]
-        groups = [g for g in groups if not any(s.skip for s in g.data)]  # reward_on_error: skip_group
         return gather_object(groups) if self.world > 1 else groups
 
     def _masked_metrics(self, kept: list[Sample]) -> dict[str, float]:
@@ -329,6 +335,11 @@ class Trainer:
                     log(f"interrupted during the rewards of step {self.global_step + 1}: checkpoint written at "
                         f"step {self.global_step}; continue with --resume (exit code {exit_codes.INTERRUPTED})")
                     return self._interrupted()
+                except RewardFunctionError as e:  # nothing of this step is kept; the finished steps are
+                    self.sampler.load_state_dict(at_start)
+                    self.save()
+                    raise RewardFunctionError(f"{e}; checkpoint written at step {self.global_step}: fix it and "
+                                              "continue with --resume") from None
                 self.global_step += 1
                 self.nan_streak = self.nan_streak + 1 if metrics.get("updates/skipped", 0) else 0
                 self.no_update_streak = self.no_update_streak + 1 if metrics["groups/zero_std_frac_all"] >= 1 else 0
@@ -343,9 +354,11 @@ class Trainer:
                 bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", acc=f"{metrics['accuracy']:.3f}",
                                 refresh=False)
                 self._check_model_alive(metrics)
-                if self.nan_streak >= cfg.max_nan_steps:
+                if self.nan_streak >= cfg.max_nan_steps:  # the skipped updates left the weights good (checked)
+                    path = self.save()
                     raise StopTraining(f"{self.nan_streak} steps in a row with a non-finite loss or gradient "
-                                       f"(last at step {self.global_step}); aborting. Lower lr or check the data.")
+                                       f"(last at step {self.global_step}); aborting, checkpoint {path} kept. "
+                                       "Lower lr or check the data, then --resume.")
                 if self._stop_requested():
                     self.save()
                     log(f"interrupted: checkpoint written at step {self.global_step}; continue with --resume "
@@ -396,7 +409,7 @@ class Trainer:
                                       reward_fn=cfg.accuracy_reward or "math_accuracy",
                                       reward_kwargs=self.scorer.accuracy_kwargs, seed=cfg.seed,
                                       guard=self.scorer.guard, prompt_suffix=cfg.prompt_suffix,
-                                      ignore_eos=cfg.ignore_eos)
+                                      ignore_eos=cfg.ignore_eos, max_positions=self.max_positions)
         except AccuracyError as e:
             raise ConfigError(f"config key 'accuracy_reward': {e}") from None
         rewards.pop_counters()  # drop eval's verifier counts: rewards/* count training rollouts only
@@ -500,7 +513,23 @@ def _sampling_metrics(result: SamplingResult) -> dict[str, float]:
             "groups/zero_std_frac_all": result.zero_std_all,
             "sampling/rounds": result.rounds,
             "sampling/groups_sampled": result.groups_sampled,
-            "sampling/groups_kept": len(result.kept)}
+            "sampling/groups_skipped": result.groups_skipped,
+            "sampling/groups_kept": len(result.kept),
+            # every sample of a group dropped by reward_on_error: skip_group (not only the failed ones)
+            "rewards/skipped_samples": float(sum(len(g.data) for g in result.all_groups if g.skipped))}
+
+
+def _no_update_cause(result: SamplingResult) -> str:
+    """Why no group was kept: skipped groups (reward_on_error: skip_group) and/or equal rewards."""
+    skipped, sampled = result.groups_skipped, result.groups_sampled
+    rounds = f"{result.rounds} round{'s' * (result.rounds != 1)}"
+    if skipped == sampled:
+        return (f"every group ({sampled}) was skipped after {rounds}: a reward function failed on a sample of each "
+                "(reward_on_error: skip_group; see rewards/fn_errors)")
+    if skipped:
+        return (f"no group to train on after {rounds}: {skipped} of {sampled} skipped (reward_on_error: "
+                f"skip_group), the other {sampled - skipped} had equal rewards")
+    return f"every group had equal rewards after {rounds}"
 
 
 def lone_cpu_launch(env: Mapping[str, str]) -> bool:

@@ -198,6 +198,31 @@ def test_completion_longer_than_the_models_positions_is_one_line(tiny, tmp_path)
     assert not (out / "metrics.jsonl").exists()
 
 
+def test_eval_fits_prompts_to_the_models_positions(tiny, tmp_path):  # noqa: F811
+    """`looprl eval` applies the trainer's rule: a prompt longer than the model's positions leave after
+    max_new_tokens keeps its last tokens (warned, not silently past the table, not a huge allocation), and
+    a max_new_tokens beyond the positions is refused in one line."""
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join(json.dumps({"problem": "1+1=? " + "x " * 400 * (i % 2) + str(i), "answer": "2"}) + "\n"
+                            for i in range(4)))
+    common = ["--model", str(tiny / "model"), "--data", str(data), "--depths", "1", "--reward",
+              "tinyreward:is_zero", "--no_progress"]
+    res = _cli(["eval", *common, "--max_new_tokens", "5", "--out", str(tmp_path / "r.json")], tiny)
+    assert res.returncode == 0, res.stderr
+    warning = _line(res, "prompt(s) longer than the 123 tokens")  # the tiny model has 128 positions
+    assert "max_position_embeddings 128 leaves after max_new_tokens 5" in warning
+    assert "keeping the last 123 tokens of each" in warning
+    assert json.loads((tmp_path / "r.json").read_text())["depths"]["1"]["len_mean"] > 0
+    res = _cli(["eval", *common, "--out", str(tmp_path / "d.json")], tiny)  # the default 256 fits the model
+    assert res.returncode == 0, res.stderr
+    assert json.loads((tmp_path / "d.json").read_text())["max_new_tokens"] == 64  # half: the prompts are longer
+    assert "keeping the last 64 tokens of each" in _line(res, "prompt(s) longer than the 64 tokens")
+    res = _cli(["eval", *common, "--max_new_tokens", "128"], tiny)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1
+    assert "--max_new_tokens 128 leaves no room for a prompt within the model's max_position_embeddings (128)" \
+        in _line(res, "looprl eval:")
+
+
 @pytest.mark.skipif(__import__("importlib").util.find_spec("vllm") is not None, reason="vLLM is installed")
 def test_vllm_engine_without_vllm_is_one_line(tmp_path, capsys):
     from rl.evaluate import main as eval_main

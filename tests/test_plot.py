@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from rl.plot import PANELS, PlotError, ema, load_metrics, main, plot_runs
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+REPO = Path(__file__).resolve().parents[1]
 
 
 def write_run(path, steps=12, reward_offset=0.0, with_eval=True):
@@ -114,10 +119,35 @@ def test_bad_metrics_file_is_a_one_line_error(tmp_path, capsys, content, expecte
 
 def test_missing_run_dir_or_file(tmp_path, capsys):
     assert main([str(tmp_path / "nope")]) == 2
-    assert "nope: no such run directory" in capsys.readouterr().err
+    assert "nope: no such run directory or metrics file" in capsys.readouterr().err
     (tmp_path / "empty_dir").mkdir()
-    with pytest.raises(PlotError, match=r"empty_dir/metrics.jsonl: missing"):
+    with pytest.raises(PlotError, match=r"empty_dir: holds no metrics.jsonl"):
         load_metrics(tmp_path / "empty_dir")
+
+
+def test_cli_names_a_directory_without_metrics_and_writes_exactly_the_out_path(tmp_path):
+    """As a user runs it: an existing directory without metrics.jsonl is named as such (not 'no such
+    directory'); --out without an extension is a PNG at exactly that path, and the line says that path;
+    an extension matplotlib cannot write is refused in one line before anything is read."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+    def plot(*args):
+        return subprocess.run([sys.executable, "-m", "rl", "plot", *args], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=120)
+
+    (tmp_path / "empty_dir").mkdir()
+    res = plot(str(tmp_path / "empty_dir"))
+    assert res.returncode == 2 and res.stderr.count("\n") == 1
+    assert "empty_dir: holds no metrics.jsonl" in res.stderr and "no such" not in res.stderr
+    run = write_run(tmp_path / "run")
+    res = plot(str(run), "--out", str(tmp_path / "curves"))
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == f"wrote {tmp_path / 'curves'}"
+    read_png(tmp_path / "curves")
+    assert not (tmp_path / "curves.png").exists()
+    res = plot(str(run), "--out", str(tmp_path / "curves.xyz"))
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and "cannot write .xyz images" in res.stderr
+    assert not (tmp_path / "curves.xyz").exists()
 
 
 def test_ema_is_debiased_and_smooths():

@@ -87,7 +87,7 @@ def test_zero_and_skip_group_policies_warn_once_and_count():
     guard = RewardGuard("skip_group", warn=warnings.append)
     per_fn, skip = guard.score_all([("boom", boom), ("ok", fixed([1.0] * 4))], [None] * 4, COMPLETIONS)
     assert skip == [True] * 4 and per_fn["ok"] == [None] * 4  # skipped samples carry no score
-    assert guard.pop_counters()["rewards/skipped_samples"] == 4
+    assert guard.pop_counters()["rewards/fn_bad_samples"] == 4
 
 
 def test_timeout_bounds_a_hung_function_and_stops_after_repeated_hangs():

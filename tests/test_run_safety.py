@@ -14,7 +14,7 @@ import pytest
 from test_trainer import REPO, _args, _rows, _train, tiny  # noqa: F401  (tiny is a fixture)
 
 BAD_REWARDS = '''
-import math, time
+import math, os, time
 
 def boom(prompts, completions, **kw):
     raise ZeroDivisionError("division by zero")
@@ -23,11 +23,31 @@ def nan_first(prompts, completions, **kw):
     """NaN for the first sample of every call, a varied score for the rest."""
     return [math.nan if i == 0 else float(len(str(c)) % 3) for i, c in enumerate(completions)]
 
+def flaky_on_rank_1(prompts, completions, **kw):
+    """Raises on the 3rd call of process 1 only (the other process scores fine)."""
+    CALLS[0] += 1
+    if CALLS[0] == 3 and os.environ.get("LOCAL_RANK") == "1":
+        raise RuntimeError("third call fails on rank 1")
+    return [float(len(str(c)) % 3) for c in completions]
+
+def somenone(prompts, completions, **kw):
+    return [None if i % 2 else 1.0 for i in range(len(completions))]
+
+def nones(prompts, completions, **kw):
+    return [None] * len(completions)
+
 def hang(prompts, completions, **kw):
     time.sleep(60)
     return [0.0] * len(completions)
 
 CALLS = [0]
+
+def flaky(prompts, completions, **kw):
+    """Raises on its 3rd call unless FIXED is set (the user fixed it)."""
+    CALLS[0] += 1
+    if CALLS[0] == 3 and not os.environ.get("FIXED"):
+        raise RuntimeError("third call fails")
+    return [float(len(str(c)) % 3) for c in completions]
 
 def hang_on_second_call(prompts, completions, **kw):
     CALLS[0] += 1
@@ -184,13 +204,62 @@ def test_reward_function_that_raises_stops_in_one_line(bad, tmp_path, capsys):
     assert "samples 0..7" in line and "reward_on_error" in line
 
 
+def test_reward_function_error_checkpoints_the_last_step_and_resume_continues(bad, tmp_path):
+    """A reward function raising mid-run (exit 1) keeps the finished steps: fixed, --resume runs each step once."""
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": f"{bad}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    argv = [sys.executable, "-m", "rl", "train", *_args(bad, out, "--max_steps", "4", "--rewards", "badreward:flaky",
+                                                          "--dynamic_sampling", "false")]
+    res = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    (line,) = [x for x in res.stderr.splitlines() if "third call fails" in x]
+    assert "checkpoint written at step 2" in line and "--resume" in line
+    assert (out / "checkpoints" / "step-2" / "trainer_state.json").is_file()
+    res = subprocess.run([*argv, "--resume"], cwd=tmp_path, env={**env, "FIXED": "1"}, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert [r["step"] for r in _rows(out)] == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_reward_function_error_on_one_process_stops_every_process_with_a_checkpoint(bad, tmp_path):
+    """Two gloo processes, the reward fails on one only: both stop (no hang in mismatched collectives),
+    with the checkpoint of the last finished step."""
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": f"{bad}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(REPO / "configs/accelerate/cpu-2proc.yaml"), "--main_process_port", "29561", "-m", "rl", "train",
+           *_args(bad, out, "--max_steps", "4", "--rewards", "badreward:flaky_on_rank_1", "--dynamic_sampling",
+                  "false", "--mini_batch_size", "4")]
+    res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0 and "third call fails on rank 1" in res.stderr, res.stderr[-3000:]
+    assert "checkpoint written at step 2" in res.stderr
+    assert [r["step"] for r in _rows(out)] == [1, 2]
+    assert (out / "checkpoints" / "step-2" / "trainer_state.json").is_file()
+
+
 def test_skip_group_policy_drops_only_the_bad_groups(bad, tmp_path, capsys):
     out = tmp_path / "run"
     assert _train(_args(bad, out, "--max_steps", "1", "--rewards", "badreward:nan_first", "--dynamic_sampling",
                         "false", "--reward_on_error", "skip_group")) == 0
     assert "reward 'nan_first': sample 0: score is nan" in _err_line(capsys, "their groups skipped")
     (row,) = _rows(out)
-    assert row["rewards/skipped_samples"] == 1 and row["sampling/groups_kept"] == 1  # 1 bad sample: its group
+    assert row["rewards/fn_bad_samples"] == 1 and row["sampling/groups_kept"] == 1  # 1 bad sample: its group
+    assert row["rewards/skipped_samples"] == 4 and row["sampling/groups_skipped"] == 1  # its group: 4 samples
+    assert row["sampling/groups_sampled"] == 2
+
+
+def test_skip_group_metrics_are_true_when_every_group_is_dropped(bad, tmp_path):
+    """Every sample unscored by any function: both groups (8 samples) dropped; the counts and the warning
+    say so (not 'equal rewards', not 0 groups sampled)."""
+    out = tmp_path / "run"
+    with pytest.warns(RuntimeWarning, match=r"every group \(2\) was skipped .*reward_on_error: skip_group"):
+        assert _train(_args(bad, out, "--max_steps", "1", "--rewards", "badreward:somenone,badreward:nones",
+                            "--dynamic_sampling", "false", "--reward_on_error", "skip_group")) == 0
+    (row,) = _rows(out)
+    assert row["rewards/skipped_samples"] == 8 and row["sampling/groups_sampled"] == 2
+    assert row["sampling/groups_skipped"] == 2 and row["sampling/groups_kept"] == 0
+    assert row["completion/len_mean"] > 0 and row["accuracy"] == row["accuracy"]  # drawn samples: not nan
 
 
 def test_cli_reward_timeout_bounds_a_hung_function(bad):

@@ -200,8 +200,9 @@ def test_non_finite_loss_skips_then_aborts(tiny, tmp_path, capsys):
     with pytest.warns(RuntimeWarning, match="non-finite"):
         code = _train(args)
     assert code == 1
-    assert "aborting" in capsys.readouterr().err
+    assert "aborting, checkpoint" in capsys.readouterr().err
     assert [r["step"] for r in _rows(out)] == [1, 2]
+    assert (out / "checkpoints" / "step-2" / "trainer_state.json").is_file()  # updates skipped: weights good
     assert all(r["updates/skipped"] == 1 for r in _rows(out))
 
 
