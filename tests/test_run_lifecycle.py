@@ -198,7 +198,8 @@ def test_one_process_per_output_dir_and_interrupts_exit_3(life, tmp_path):
     Ctrl-C to the whole process group (verifier workers included): exit 3, no traceback, a checkpoint
     that --resume continues. After a kill -9 the lock does not block."""
     out = tmp_path / "run"
-    args = _args(life, out, "--max_steps", "500", "--save_every", "1", "--rewards", "lifereward:pooled",
+    # a run that cannot end before the signal, however slow the machine makes the checks below
+    args = _args(life, out, "--max_steps", "100000", "--save_every", "1", "--rewards", "lifereward:pooled",
                  "--max_no_update_steps", "0")
     first = _start(life, *args)
     _wait_for_step(first, out, 1)
@@ -234,7 +235,7 @@ def test_sigterm_to_the_process_group_with_verifier_workers(life, tmp_path):
     """`timeout` and Slurm signal the whole group: the pool's forked workers must not print or die
     mid-step; the trainer finishes its step, checkpoints, exits 3 and cleans the workers up."""
     out = tmp_path / "run"
-    proc = _start(life, *_args(life, out, "--max_steps", "500", "--rewards", "lifereward:pooled",
+    proc = _start(life, *_args(life, out, "--max_steps", "100000", "--rewards", "lifereward:pooled",
                  "--max_no_update_steps", "0"))
     _wait_for_step(proc, out, 1)
     os.killpg(proc.pid, signal.SIGTERM)

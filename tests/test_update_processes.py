@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import accelerate
 import pytest
 import torch
 from accelerate import Accelerator
@@ -184,7 +185,13 @@ def test_deepspeed_steps_once_per_update(monkeypatch):
 def test_fsdp2_and_ddp_sync_once_per_update(monkeypatch):
     """FSDP2's no_sync switch (set_requires_gradient_sync) is off for all but each update's last
     micro-batch, the optimizer steps once per update, and accelerate's own 1/gradient_accumulation_steps
-    does not shrink the gradient. (DDP's no_sync runs in the 2-process test.)"""
+    does not shrink the gradient. (DDP's no_sync runs in the 2-process test.) Only accelerate releases whose
+    no_sync drives FSDP2's switch have this route (1.10.1 has not; looprl's own FSDP2, rl/sharding.py, syncs
+    every micro-batch and is tested against DDP in tests/test_trainer.py)."""
+    import inspect
+
+    if "set_requires_gradient_sync" not in inspect.getsource(Accelerator.no_sync):
+        pytest.skip(f"accelerate {accelerate.__version__}: no_sync has no FSDP2 route")
     cfg = config()
     policy, grads = _policy(cfg)
     switches = []
