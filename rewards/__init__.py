@@ -20,6 +20,7 @@ from rewards.registry import (
     UnknownRewardError,
     available,
     call,
+    check_column_clash,
     get,
     options_by_position,
     register,
@@ -30,6 +31,6 @@ from rewards.registry import (
 from rewards.scoring import score_completions
 
 __all__ = ["get", "call", "register", "reward_name", "reward_ids", "resolve_reward_key", "options_by_position",
-           "available", "UnknownRewardError", "completion_text",
+           "available", "UnknownRewardError", "check_column_clash", "completion_text",
            "extract_answer", "is_equivalent", "score_completions", "explain", "counters", "pop_counters",
            "configure", "shutdown"]

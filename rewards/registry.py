@@ -112,6 +112,26 @@ def declared_options(fn: RewardFn) -> list[str] | None:
     return [p.name for p in params if p.kind in named and p.name not in ("prompts", "completions")]
 
 
+# Keywords every call passes itself (and TRL's own): a dataset column or an option may not take one of these
+# names -- the call's keyword would override it.
+RESERVED_COLUMNS = ("prompts", "completions", "completion", "completion_ids", "max_completion_length", "truncated",
+                    "log_metric", "log_extra")
+
+
+def check_column_clash(name: str, options: Mapping[str, Any], columns: Sequence[str],
+                       passed: Sequence[str] = RESERVED_COLUMNS) -> None:
+    """An option named like a dataset column, or like a keyword the caller passes itself (`passed`: the
+    trainer's and eval's completion_ids, truncated, max_completion_length, ...), would be overridden at every
+    call (all arrive by keyword): refused in one line naming the option, the function and what would win."""
+    for key in options:
+        if key in columns:
+            raise ValueError(f"option {key!r} of reward {name!r} clashes with the dataset column {key!r} (columns "
+                             "reach reward functions by keyword too, and the column would win); rename one of them")
+        if key in passed:
+            raise ValueError(f"option {key!r} of reward {name!r} has the name of a keyword every call passes "
+                             f"itself ({', '.join(passed)}), which would win; rename the parameter")
+
+
 def check_options(fn: RewardFn, options: Mapping[str, Any], name: str) -> None:
     """Refuse, in one line naming the option and the function, an option `fn` does not declare (a typo
     would otherwise vanish into `**kwargs`) or a value its own check (`fn.check_options`, set by the

@@ -12,11 +12,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from rewards.guard import RewardGuard
-from rewards.registry import RewardFn, reward_name
-
-# Keywords every call passes itself (and TRL's own); a dataset column may not take one of these names.
-RESERVED_COLUMNS = ("prompts", "completions", "completion", "completion_ids", "max_completion_length", "truncated",
-                    "log_metric", "log_extra")
+from rewards.registry import RESERVED_COLUMNS, RewardFn, reward_name  # noqa: F401  (re-exported)
 
 
 def as_completions(prompts: Sequence[Any], texts: Sequence[str]) -> list[Any]:

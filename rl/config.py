@@ -85,7 +85,8 @@ class TrainConfig:
                                                   "rewards, its function name when unique, or its metric name; "
                                                   "also the accuracy_reward's own options")
     accuracy_reward: str = option("math_accuracy", "1/0 function deciding correct for `accuracy` and the eval "
-                                                   "(None = unscored, counted in accuracy/unscored_frac); options: "
+                                                   "(a score of None = unscored, counted in "
+                                                   "accuracy/unscored_frac; '' = no accuracy); options: "
                                                    "reward_kwargs[its name], else the verifier options of rewards")
     reward_on_error: str = option("raise", "a reward function that raises, times out or returns NaN/inf/non-numbers/"
                                            "the wrong count: raise = stop with one line naming it; zero = score "

@@ -234,6 +234,7 @@ def evaluate_depths(model, tokenizer, dataset, depths: Sequence[int], n: int = 1
         raise ValueError("n > 1 with temperature 0 draws n identical greedy samples; set temperature > 0")
     score_fn, policy = _accuracy_fn(reward_fn, reward_kwargs)
     prompts, columns = _dataset_columns(dataset)
+    rewards.check_column_clash(rewards.reward_name(reward_fn), reward_kwargs or {}, list(columns))
     if not prompts:
         raise ValueError("eval dataset is empty")
     prompt_ids = fit_prompts(encode_prompts(tokenizer, prompts, prompt_suffix),
@@ -318,6 +319,7 @@ def evaluate_exit_threshold(model, tokenizer, dataset, exit_threshold: float, ma
         raise ValueError(f"--exit_threshold must be >= 0, got {exit_threshold}")
     score_fn, _ = _accuracy_fn(reward_fn, reward_kwargs)
     prompts, columns = _dataset_columns(dataset)
+    rewards.check_column_clash(rewards.reward_name(reward_fn), reward_kwargs or {}, list(columns))
     prompt_ids = fit_prompts(encode_prompts(tokenizer, prompts, prompt_suffix),
                              max_positions or _max_positions(model), max_new_tokens)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id

@@ -160,6 +160,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         rows, columns = [(args.completion, args.answer)], {}
     options = dict(parse_option(o) for o in args.option)
+    rewards.check_column_clash(rewards.reward_name(args.fn), options, list(columns),
+                               passed=("prompts", "completions", "completion_ids", "truncated"))  # what it passes
     fn = rewards.get(args.fn, **options)
     completions = [c for c, _ in rows]
     golds = [g for _, g in rows]

@@ -84,11 +84,10 @@ class Scorer:
     def _no_column_clash(self, name: str, opts: dict[str, Any]) -> None:
         """An option named like a dataset column would be overridden by the column at every call (both
         arrive by keyword): refused, naming the option, the function and the column."""
-        clash = next((key for key in opts if key in self.columns), None)
-        if clash is not None:
-            raise ConfigError(f"config key 'reward_kwargs': option {clash!r} of reward {name!r} clashes with the "
-                              f"dataset column {clash!r} (columns reach reward functions by keyword too, and the "
-                              f"column would win); rename one of them")
+        try:
+            rewards.check_column_clash(name, opts, self.columns)
+        except ValueError as e:
+            raise ConfigError(f"config key 'reward_kwargs': {e}") from None
 
     @property
     def names(self) -> list[str]:

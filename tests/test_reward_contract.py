@@ -160,3 +160,30 @@ def test_looprl_reward_passes_columns_and_names_the_policy_used(tmp_path: Path) 
     out = reward("--fn", "dapo_math", "--completion", "Answer: 0.0833", "--answer", "\\frac{1}{12}",
                  "--option", "policy=rounded")
     assert "score: 1.0" in out and "rounded (numeric_precision=6)" in out and "exact" not in out
+
+
+def test_options_named_like_a_passed_keyword_or_a_column_are_refused_everywhere(tmp_path):
+    """An option the call's own keyword (max_completion_length, truncated, ...) or a dataset column would
+    override at every call: refused in training's registry check, `looprl eval` and `looprl reward` alike."""
+    def ml(prompts, completions, max_completion_length=None, level=None, **kw):
+        return [float(max_completion_length or 0)] * len(completions)
+
+    with pytest.raises(ValueError, match="option 'max_completion_length' of reward 'ml' has the name of a keyword"):
+        rewards.check_column_clash("ml", {"max_completion_length": 100}, ["ground_truth"])
+    with pytest.raises(ConfigError, match="option 'max_completion_length' of reward 'overlong_penalty' has the"):
+        from rl.scoring import Scorer
+
+        Scorer(load_config(["--rewards", "dapo_math,overlong_penalty", "--overlong_buffer_len", "4",
+                            "--reward_kwargs", '{"overlong_penalty": {"max_completion_length": 100}}']), columns=[])
+    with pytest.raises(ValueError, match="option 'level' of reward 'ml' clashes with the dataset column 'level'"):
+        rewards.check_column_clash("ml", {"level": 9}, ["level", "ground_truth"])
+    rewards.check_column_clash("ml", {"level": 9}, ["ground_truth"])  # no such column: fine
+    (tmp_path / "showmod.py").write_text("def show(prompts, completions, level=None, **kw):\n"
+                                         "    return [float(x) for x in level]\n")
+    (tmp_path / "rows.jsonl").write_text(json.dumps({"completion": "4", "answer": "4", "level": 5}) + "\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    res = subprocess.run([sys.executable, "-m", "rl", "reward", "--fn", "showmod:show", "--jsonl",
+                          str(tmp_path / "rows.jsonl"), "--option", "level=2"], capture_output=True, text=True,
+                         cwd=tmp_path, env=env, timeout=120)
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert "clashes with the dataset column 'level'" in res.stderr
