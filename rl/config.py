@@ -513,6 +513,18 @@ def check_depths(where: str, depths: list[int], max_depth: int | None) -> None:
         raise ConfigError(f"{where}: {shown} is out of range ({bound} for this model)")
 
 
+def prompt_room(max_positions: int | None, max_new_tokens: int, key: str = "--max_new_tokens") -> int | None:
+    """The tokens a model's position table (`max_position_embeddings`) leaves a prompt after max_new_tokens
+    (None: the model states no limit); a max_new_tokens that leaves none is refused in one line naming `key`.
+    One rule for the trainer (`fit_to_positions`), `looprl eval` and the trainer's eval (rl/prompts.py)."""
+    if not max_positions:
+        return None
+    if max_new_tokens >= max_positions:
+        raise ConfigError(f"{key} {max_new_tokens} leaves no room for a prompt within the model's "
+                          f"max_position_embeddings ({max_positions}); use at most {max_positions - 1}")
+    return max_positions - max_new_tokens
+
+
 def fit_to_positions(cfg: TrainConfig, max_positions: int | None) -> str | None:
     """Prompt + completion must fit the model's position table (`max_position_embeddings`): beyond it a
     learned table is indexed out of range and RoPE runs at positions never trained (and the rollout cache,
@@ -523,14 +535,12 @@ def fit_to_positions(cfg: TrainConfig, max_positions: int | None) -> str | None:
     if not max_positions:
         return None
     for key in ("max_new_tokens", "eval_max_new_tokens"):
-        value = getattr(cfg, key)
-        if value is not None and value >= max_positions:
-            raise ConfigError(f"config key {key!r}: {value} leaves no room for a prompt within the model's "
-                              f"max_position_embeddings ({max_positions}); use at most {max_positions - 1}")
+        if getattr(cfg, key) is not None:
+            prompt_room(max_positions, getattr(cfg, key), f"config key {key!r}:")
     if cfg.vllm_max_model_len is not None and cfg.vllm_max_model_len > max_positions:
         raise ConfigError(f"config key 'vllm_max_model_len': {cfg.vllm_max_model_len} exceeds the model's "
                           f"max_position_embeddings ({max_positions}); lower it or leave it null")
-    room = max_positions - cfg.max_new_tokens
+    room = prompt_room(max_positions, cfg.max_new_tokens)
     if cfg.max_prompt_length <= room:
         return None
     why = (f"max_prompt_length {cfg.max_prompt_length} lowered to {room}: the model's max_position_embeddings "

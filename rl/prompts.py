@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from rl.config import prompt_room  # the trainer's rule (rl/evaluate.py imports it from here too)
+
 
 def encode_prompts(tokenizer, prompts: Sequence[Any], suffix: str = "") -> list[list[int]]:
     """Chat-template token ids of each prompt (messages list or a plain string), generation prompt added.
@@ -32,18 +34,6 @@ def encode_prompts(tokenizer, prompts: Sequence[Any], suffix: str = "") -> list[
             out = out["input_ids"]
         ids.append([int(t) for t in out])
     return ids
-
-
-def prompt_room(max_positions: int | None, max_new_tokens: int, key: str = "--max_new_tokens") -> int | None:
-    """The tokens a model's position table (`max_position_embeddings`) leaves a prompt after max_new_tokens
-    (None: the model states no limit); a max_new_tokens that leaves none is refused in one line naming `key`.
-    The trainer's rule (rl.config.fit_to_positions), for `looprl eval` and the trainer's eval."""
-    if not max_positions:
-        return None
-    if max_new_tokens >= max_positions:
-        raise ValueError(f"{key} {max_new_tokens} leaves no room for a prompt within the model's "
-                         f"max_position_embeddings ({max_positions}); use at most {max_positions - 1}")
-    return max_positions - max_new_tokens
 
 
 def fit_prompts(prompt_ids: Sequence[list[int]], max_positions: int | None, max_new_tokens: int, *,
