@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -108,22 +109,49 @@ def figure(grouped: dict[str, list[dict]], base: dict, depth: int, path: Path) -
     return path
 
 
+def t_quantile(p: float, df: int) -> float:
+    """Student-t quantile (the 95 % interval's multiplier, p = 0.975) by bisection on its CDF, itself Simpson's
+    rule over the density: no scipy for one constant per table."""
+    c = math.gamma((df + 1) / 2) / (math.sqrt(df * math.pi) * math.gamma(df / 2))
+
+    def cdf(x: float, n: int = 2000) -> float:
+        h = x / n
+        f = [c * (1 + (i * h) ** 2 / df) ** (-(df + 1) / 2) for i in range(n + 1)]
+        return 0.5 + h / 3 * (f[0] + f[-1] + 4 * sum(f[1:-1:2]) + 2 * sum(f[2:-1:2]))
+
+    lo, hi = 0.0, 100.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
+    return (lo + hi) / 2
+
+
+def paired_cell(diffs: list[float]) -> str:
+    """Mean ± sd of paired differences and their 95 % t interval: `+1.2 ± 2.0 [-0.2, +2.6]`."""
+    mean = statistics.mean(diffs)
+    if len(diffs) < 2:
+        return f"{mean:+.1f}"
+    sd = statistics.stdev(diffs)
+    half = t_quantile(0.975, len(diffs) - 1) * sd / math.sqrt(len(diffs))
+    return f"{mean:+.1f} ± {sd:.1f} [{mean - half:+.1f}, {mean + half:+.1f}]"
+
+
 def paired_table(by_seed: dict[str, dict[str, dict]], reference: str, depth: int, thresholds) -> str:
-    """Each arm minus the reference arm on the same seed (mean ± sd of the per-seed differences, points):
-    the seed-to-seed spread of the arms themselves is larger than that of their difference."""
-    head = ["arm - " + reference, "seeds", f"Δ acc d{depth}"] + [f"Δ EE τ={t}" for t in thresholds]
+    """Each arm minus the reference arm on the same seed, in points: mean ± sd of the per-seed differences and
+    the 95 % interval of their mean (Student t, n - 1 degrees of freedom). The seed-to-seed spread of the arms
+    themselves is larger than that of their difference; a claim holds when its interval excludes 0 on seeds
+    that were not used to choose the arm."""
+    head = ["arm - " + reference, "seeds", f"Δ acc d{depth} [95 % CI]"] + [f"Δ EE τ={t}" for t in thresholds]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     ref = by_seed[reference]
     for arm, runs in by_seed.items():
-        seeds = sorted(s for s in runs if s in ref)
+        seeds = sorted((s for s in runs if s in ref), key=int)
         if arm == reference or not seeds:
             continue
         diffs = [[100 * (runs[s]["fixed"][depth] - ref[s]["fixed"][depth]) for s in seeds]]
         diffs += [[100 * (runs[s]["early_exit"][t]["accuracy"] - ref[s]["early_exit"][t]["accuracy"]) for s in seeds]
                   for t in thresholds]
-        cells = [f"{statistics.mean(d):+.1f}" + (f" ± {statistics.stdev(d):.1f}" if len(d) > 1 else "")
-                 for d in diffs]
-        lines.append(f"| {arm} | {','.join(seeds)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {arm} | {','.join(seeds)} | " + " | ".join(paired_cell(d) for d in diffs) + " |")
     return "\n".join(lines)
 
 
