@@ -46,6 +46,9 @@ ARMS: dict[str, list[str]] = {
     "dapo_sd_c0.3_w100": ["--self_distill_coef", "0.3", "--self_distill_warmup_steps", "100"],
     "dapo_sd_c1_w200": ["--self_distill_coef", "1.0", "--self_distill_warmup_steps", "200"],
     "dapo_sd_c0.1_w150": ["--self_distill_coef", "0.1", "--self_distill_warmup_steps", "150"],
+    # the algorithm ablation of docs/EXPERIMENTS.md "GRPO vs DAPO" (run with the default job's --train_args)
+    "dapo_no_ds": ["--dynamic_sampling", "false"],
+    "grpo": ["--loss_type", "grpo", "--eps_high", "0.2", "--dynamic_sampling", "false"],
 }
 DEFAULT_ARMS = "dapo,dapo_sd,dapo_exits_gate,dapo_exits_prog,dapo_exits_sd"
 DEFAULT_TRAIN_ARGS = "--prompts_per_step 16 --lr 2e-4 --eval_every 0 --progress false"
