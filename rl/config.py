@@ -378,6 +378,7 @@ TRL_ALIASES = {
     "lr_scheduler_type": "lr_scheduler",
     "save_steps": "save_every",
     "eval_steps": "eval_every",
+    "vllm_importance_sampling_clip_max": "tis_cap",  # the upper bound of every mode, truncation or mask
 }
 # TRL names whose meaning follows TRL's loss_type: {TRL name: {loss_type: our key}}; under any other loss
 # type TRL_ALIASES holds. TRL's CISPO truncates the importance weight at epsilon_high itself (not 1 + it):
@@ -412,6 +413,13 @@ TRL_NO_EQUIVALENT = {
     "gradient_accumulation_steps": "mini_batch_size (samples per optimizer update) and micro_batch_size "
                                    "(samples per forward/backward) split a step",
     "use_vllm": "set engine: vllm",
+    # TRL's modes are ours under other names, but its truncations also clip from below: no 1:1 mapping
+    "vllm_importance_sampling_mode": "set tis_mode: token | sequence (TRL's token_truncate / sequence_truncate, "
+                                     "truncated from above only) | token_mask | sequence_mask | geometric_mask",
+    "vllm_importance_sampling_clip_min": "set tis_floor (the lower edge of the mask modes' band; looprl's "
+                                         "truncations have no lower bound)",
+    "vllm_importance_sampling_correction": "set tis_mode (off = no correction; auto = token where the engine's "
+                                           "log-probs are not exact, i.e. vllm)",
 }
 
 

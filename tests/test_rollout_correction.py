@@ -186,6 +186,18 @@ def test_bad_rollout_correction_keys_exit_2_with_one_line(tmp_path, args, key):
     assert not out.exists()
 
 
+def test_trl_names_of_the_correction_keys():
+    """TRL's upper bound is tis_cap under its own name; its mode and lower bound have no 1:1 mapping and
+    are refused with what to set instead."""
+    from rl.config import ConfigError, load_config
+
+    assert load_config(["--vllm_importance_sampling_clip_max", "3.0"]).tis_cap == 3.0
+    for key, value in (("vllm_importance_sampling_mode", "token_truncate"),
+                       ("vllm_importance_sampling_clip_min", "0.5")):
+        with pytest.raises(ConfigError, match=f"{key}.*tis_(mode|floor)"):
+            load_config([f"--{key}", value])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", [m for m in TIS_MODES if m not in ("auto", "off")])
 def test_two_step_run_of_each_mode_logs_is_metrics(tmp_path, mode):
