@@ -24,7 +24,9 @@ from rl.self_distill_config import SELF_DISTILL_DEFAULTS, validate_self_distill
 
 SCALE_REWARDS = ("group", "batch", "none")
 SCHEDULERS = ("constant", "linear", "cosine")
-TIS_MODES = ("auto", "token", "off")
+# rollout correction (rl/rollout_correction.py, docs/OBJECTIVE.md): auto/off, truncations, and the masks
+TIS_MASK_MODES = ("token_mask", "sequence_mask", "geometric_mask")
+TIS_MODES = ("auto", "token", "sequence", *TIS_MASK_MODES, "off")
 DTYPES = ("float32", "bfloat16", "float16")
 REPORT_TO = ("none", "tensorboard", "wandb")
 REWARD_ON_ERROR = ("raise", "zero", "skip_group")
@@ -122,9 +124,13 @@ class TrainConfig:
     mask_truncated: bool = option(False, "overlong filtering: no loss on completions cut at max_new_tokens")
     overlong_buffer_len: int = option(0, ">0 adds DAPO's soft overlong penalty over the last N tokens")
     overlong_penalty: float = option(1.0, "size of the soft overlong penalty at max_new_tokens")
-    tis_mode: str = option("auto", "truncated IS on rollout-vs-update logprobs: auto (engines without exact "
-                                "logprobs, i.e. vllm) | token | off")
-    tis_cap: float = option(2.0, "upper truncation of the TIS weight")
+    tis_mode: str = option("auto", "rollout correction on rollout-vs-update logprobs (docs/OBJECTIVE.md): auto "
+                                "(token on engines without exact logprobs, i.e. vllm; else off) | token | sequence "
+                                "(truncated at tis_cap) | token_mask | sequence_mask | geometric_mask (no loss "
+                                "outside [tis_floor, tis_cap]) | off")
+    tis_cap: float = option(2.0, "upper truncation of the TIS weight; upper edge of the band of the mask modes")
+    tis_floor: float = option(0.0, "lower edge of the band [tis_floor, tis_cap] of the mask modes (token_mask, "
+                                   "sequence_mask, geometric_mask); 0 = no lower bound")
 
     # --- self-distillation of shallow exits (rl/self_distill.py owns the defaults and the rules) ---
     self_distill_coef: float = option(SELF_DISTILL_DEFAULTS["self_distill_coef"],
@@ -372,6 +378,7 @@ TRL_ALIASES = {
     "lr_scheduler_type": "lr_scheduler",
     "save_steps": "save_every",
     "eval_steps": "eval_every",
+    "vllm_importance_sampling_clip_max": "tis_cap",  # the upper bound of every mode, truncation or mask
 }
 # TRL names whose meaning follows TRL's loss_type: {TRL name: {loss_type: our key}}; under any other loss
 # type TRL_ALIASES holds. TRL's CISPO truncates the importance weight at epsilon_high itself (not 1 + it):
@@ -406,6 +413,13 @@ TRL_NO_EQUIVALENT = {
     "gradient_accumulation_steps": "mini_batch_size (samples per optimizer update) and micro_batch_size "
                                    "(samples per forward/backward) split a step",
     "use_vllm": "set engine: vllm",
+    # TRL's modes are ours under other names, but its truncations also clip from below: no 1:1 mapping
+    "vllm_importance_sampling_mode": "set tis_mode: token | sequence (TRL's token_truncate / sequence_truncate, "
+                                     "truncated from above only) | token_mask | sequence_mask | geometric_mask",
+    "vllm_importance_sampling_clip_min": "set tis_floor (the lower edge of the mask modes' band; looprl's "
+                                         "truncations have no lower bound)",
+    "vllm_importance_sampling_correction": "set tis_mode (off = no correction; auto = token where the engine's "
+                                           "log-probs are not exact, i.e. vllm)",
 }
 
 
@@ -549,6 +563,17 @@ def fit_to_positions(cfg: TrainConfig, max_positions: int | None) -> str | None:
     return why
 
 
+def _check_tis_band(cfg: TrainConfig) -> None:
+    """tis_floor: 0 <= tis_floor < tis_cap, and only where a mask mode reads it (else it would be ignored)."""
+    if not 0.0 <= cfg.tis_floor < cfg.tis_cap:
+        raise ConfigError(f"config key 'tis_floor': must satisfy 0 <= tis_floor < tis_cap ({cfg.tis_cap:g}), "
+                          f"got {cfg.tis_floor:g}")
+    if cfg.tis_floor > 0 and cfg.tis_mode not in TIS_MASK_MODES:
+        raise ConfigError(f"config key 'tis_floor': {cfg.tis_floor:g} is read only by tis_mode "
+                          f"{' | '.join(TIS_MASK_MODES)} (it is {cfg.tis_mode!r}, which has no lower bound); "
+                          "drop it or pick a mask mode")
+
+
 def validate(cfg: TrainConfig, max_depth: int | None = None, num_processes: int = 1, *,
              registries: bool = True) -> TrainConfig:
     """Raise ConfigError naming the key for anything that cannot run. `max_depth` = the model's loops.
@@ -616,6 +641,7 @@ def validate(cfg: TrainConfig, max_depth: int | None = None, num_processes: int 
         if key not in SPECIAL_TOKEN_KEYS or not isinstance(token, str) or not token:
             raise ConfigError(f"config key 'special_tokens': {key}: {token!r} is not a bos_token/eos_token/"
                               "pad_token set to a token string")
+    _check_tis_band(cfg)
     if cfg.eps_low >= 1.0:
         raise ConfigError(f"config key 'eps_low': must be < 1, got {cfg.eps_low}")
     if cfg.overlong_buffer_len >= cfg.max_new_tokens:

@@ -27,7 +27,7 @@ from looped.facts import is_looped
 from looped.hf_compat import enable_activation_checkpointing
 from rl.batch import Sample, collate, exit_mask, own_filler, padded_width, shard_plan, trained_tokens
 from rl.checkpoint import TrainState
-from rl.config import ConfigError, TrainConfig
+from rl.config import TIS_MASK_MODES, ConfigError, TrainConfig
 from rl.dist import reduce_max, reduce_sum
 from rl.exit_policy import (
     ExitPolicyConfig,
@@ -38,9 +38,10 @@ from rl.exit_policy import (
     weights_for,
 )
 from rl.lora import apply_lora, dropout_active, keep_trainable_state, trainable_summary
-from rl.losses import loss_normaliser, token_logprobs, truncated_is_weights
+from rl.losses import loss_normaliser, token_logprobs
 from rl.model_io import count_nonfinite, load_model, save_portable, set_threads
 from rl.objective import GateTerm, objective, policy_loss
+from rl.rollout_correction import Correction, RawRatios, raw_ratio_metrics, rollout_correction
 from rl.self_distill import SelfDistillConfig, exit_metrics
 from rl.sharding import full_tensor, gather_into, shard_model
 
@@ -98,6 +99,7 @@ class UpdateStats:
     sums: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
         ("loss", "clip_low", "clip_high", "kl", "tis", "tokens", "entropy", "entropy_tokens", "sd", "gate"), 0.0))
     mismatch: Mismatch = field(default_factory=Mismatch)
+    raw: RawRatios = field(default_factory=RawRatios)  # is/* on the raw rollout ratios (first pass)
     grad_norms: list[float] = field(default_factory=list)
     skipped: int = 0
     exits: dict[str, float] = field(default_factory=dict)  # exit/* alignment metrics of one micro-batch
@@ -123,6 +125,9 @@ class Policy:
         self.cfg, self.accelerator, self.sharded = cfg, accelerator, sharded
         self.depth = cfg.effective_update_depth
         self.use_tis, self.sd, self.pad_id = use_tis, self_distill, pad_id
+        # the rollout correction in force (rl/rollout_correction.py): auto resolves to token where it is on
+        self.tis_mode = ("token" if cfg.tis_mode in ("auto", "off") else cfg.tis_mode) if use_tis else "off"
+        self.tis_masks = self.tis_mode in TIS_MASK_MODES
         self.exit_policy = exit_policy or ExitPolicyConfig()
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
         dtype = getattr(torch, cfg.dtype)
@@ -310,7 +315,9 @@ class Policy:
         # One update: the update forward itself is "before the first update" and old = current.
         # Several: score the whole batch first (old logprobs for the ratio, and the mismatch).
         # (lora_dropout: the scoring pass is apart, dropout-free, so mismatch/* and the ratio's old side are exact)
-        single_update = cfg.num_iterations == 1 and len(mini_batches) == 1 and not self._lora_dropout
+        # (a mask mode needs the scoring pass too: its rejected tokens leave the normaliser before any backward)
+        single_update = cfg.num_iterations == 1 and len(mini_batches) == 1 and not self._lora_dropout \
+            and not self.tis_masks
         old_exits: dict[int, torch.Tensor] | None = {} if self.policy_exits is not None else None
         old = None if single_update else self._old_logprobs(samples, stats.mismatch, old_exits)
         self._old_exits = old_exits
@@ -318,8 +325,9 @@ class Policy:
         for it in range(cfg.num_iterations):
             for mb in mini_batches:
                 tokens = trained_tokens(mb, cfg.mask_truncated)
-                norm = loss_normaliser(cfg.loss_type, len(mb), tokens, cfg.max_new_tokens) / self.world
                 sd_norm = max(tokens, 1) / self.world
+                kept_tokens, kept_sequences = self._kept(mb, old, tokens) if self.tis_masks else (tokens, len(mb))
+                norm = loss_normaliser(cfg.loss_type, kept_sequences, kept_tokens, cfg.max_new_tokens) / self.world
                 shards = self._shards(mb)
                 filler = own_filler(shards)  # a row this process scored: its old log-probs are here
                 biggest = max(range(len(shards)), key=lambda k: len(shards[k]))  # exit metrics: most rows
@@ -361,6 +369,26 @@ class Policy:
         finally:
             acc.sync_gradients = True
 
+    def _correction(self, old_lp: torch.Tensor, batch: dict) -> Correction:
+        cfg = self.cfg
+        return rollout_correction(self.tis_mode, old_lp, batch["rollout_logprobs"], batch["completion_mask"],
+                                  cfg.tis_cap, cfg.tis_floor)
+
+    def _kept(self, mb: list[Sample], old: dict[int, list[float]], tokens: int) -> tuple[float, float]:
+        """Global (tokens, sequences) a mask mode leaves in the loss: the normaliser counts only what trains.
+        A sequence counts unless the mask rejected all its trained tokens. The rows are collated as
+        `_backward` collates them, so both see the same keep-mask."""
+        masked = dropped = 0.0
+        for chunk in self._shards(mb):
+            if chunk:
+                batch = self._collate(chunk, [old[id(s)] for s in chunk])
+                cmask = batch["completion_mask"]
+                kept = cmask * self._correction(batch["old_logprobs"], batch).keep
+                masked += float((cmask - kept).sum())
+                dropped += float(((cmask.sum(-1) > 0) & (kept.sum(-1) == 0)).sum())
+        totals = reduce_sum(self.accelerator, {"masked": masked, "dropped": dropped})
+        return tokens - totals["masked"], len(mb) - totals["dropped"]
+
     def _backward(self, micro: MicroBatch, norm: float, sd_norm: float, old: dict[int, list[float]] | None,
                   stats: UpdateStats) -> bool:
         """Forward at the update depth, objective, backward; adds to `stats`. Returns whether the loss is finite."""
@@ -380,11 +408,15 @@ class Policy:
         if cfg.beta > 0:
             with torch.no_grad(), self._reference() as reference:
                 ref_lp, _, _ = self.logprobs(batch, model=reference)
-        is_w = truncated_is_weights(old_lp, batch["rollout_logprobs"], cfg.tis_cap) if self.use_tis else None
         cmask = batch["completion_mask"]
+        correction = self._correction(old_lp, batch) if self.tis_mode != "off" else None
+        is_w = correction.weights if correction is not None else None
+        loss_mask = cmask * correction.keep if self.tis_masks else cmask  # rejected tokens leave the loss
+        if measure and micro.first_pass:
+            stats.raw.add(old_lp, batch["rollout_logprobs"], cmask, correction.keep if self.tis_masks else None)
         exit_terms = self._exit_terms(out, batch, logp, micro.rows, old is None) \
             if self.policy_exits is not None else {}
-        token_terms = policy_loss(cfg.loss_type, logp, old_lp, batch["advantages"], cmask, norm,
+        token_terms = policy_loss(cfg.loss_type, logp, old_lp, batch["advantages"], loss_mask, norm,
                                   eps_low=cfg.eps_low, eps_high=cfg.eps_high, cispo_cap=cfg.cispo_cap,
                                   ref_logp=ref_lp, beta=cfg.beta, is_weights=is_w, **exit_terms)
         exits = out.exit_hidden_states if want_exits else None
@@ -415,7 +447,7 @@ class Policy:
             sums["clip_high"] += float(token_terms.clip_high)
             sums["kl"] += float(token_terms.kl_sum)
             sums["tis"] += float(token_terms.tis_sum)
-            sums["tokens"] += float(cmask.sum())
+            sums["tokens"] += float(loss_mask.sum())
             if entropy is not None:
                 sums["entropy"] += float((entropy * cmask).sum())
                 sums["entropy_tokens"] += float(cmask.sum())
@@ -507,7 +539,15 @@ class Policy:
                 for name in (f"policy/logp_t{t}", f"policy/w_t{t}"):
                     metrics[name] = totals.get(name, 0.0) / max(totals["entropy_tokens"], 1.0)
         metrics.update(stats.exits)
+        metrics.update(self._raw_metrics(stats.raw))
         return metrics
+
+    def _raw_metrics(self, raw: RawRatios) -> dict[str, float]:
+        """is/*: token-weighted mean (sums add), max of maxima, min of minima over processes."""
+        acc = self.accelerator
+        sums = reduce_sum(acc, {"ratio_sum": raw.ratio_sum, "tokens": raw.tokens, "masked": raw.masked})
+        return raw_ratio_metrics(sums["ratio_sum"], sums["tokens"], reduce_max(acc, raw.log_max),
+                                 -reduce_max(acc, -raw.log_min), sums["masked"])
 
     # ------------------------------------------------------------------ saving
 

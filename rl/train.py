@@ -163,7 +163,8 @@ class Trainer:
         eos = self.tokenizer.eos_token_id
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
         engine = get_engine(cfg.engine)
-        use_tis = cfg.tis_mode == "token" or (cfg.tis_mode == "auto" and not engine.exact_logprobs)
+        # an explicit mode is on whatever the engine; auto = token where the engine's logprobs are not exact
+        use_tis = cfg.tis_mode not in ("auto", "off") or (cfg.tis_mode == "auto" and not engine.exact_logprobs)
         self.policy = Policy(cfg, acc, self.model_path, use_tis=use_tis, self_distill=self_distill,
                              pad_id=int(pad if pad is not None else 0), exit_policy=exit_policy,
                              sharded=self.sharded)

@@ -99,6 +99,34 @@ def test_two_processes_match_the_single_process_brute_force(tmp_path):
         assert out["adam_steps"] == [UPDATES] and out["schedule_steps"] == UPDATES  # one step per update
         assert_matches(out["grads"], out["weights"], reference)
     assert ranks[0]["metrics"]["clip/frac"] > 0  # the later updates are off-policy and clip
+    assert_raw_ratio_metrics([out["metrics"] for out in ranks])
+
+
+def assert_raw_ratio_metrics(per_rank: list[dict]) -> None:
+    """is/* over both processes: the token-weighted mean of the raw ratios pi_old / pi_rollout over all
+    rows, the max of the maxima, the min of the minima, the same on every process."""
+    model = load_model(EMBEDDED_MODEL, "reference").eval()
+    cfg, rows = config(), samples()
+    ratios = {}
+    with torch.no_grad():
+        for row in rows:
+            ids = torch.tensor([row.prompt_ids + row.completion_ids])
+            logits = model(input_ids=ids, depth=cfg.depth, use_cache=False).logits[0, len(row.prompt_ids) - 1:-1]
+            old = torch.log_softmax(logits.float() / cfg.temperature, -1).gather(
+                -1, torch.tensor(row.completion_ids)[:, None])[:, 0]
+            ratios[id(row)] = torch.exp(old.double() - torch.tensor(row.rollout_logprobs, dtype=torch.float64))
+    every = torch.cat(list(ratios.values()))
+    by_rank = [torch.cat([ratios[id(r)] for m in range(0, len(rows), MINI)
+                          for chunk in shard_plan(rows[m:m + MINI], rank, 2, cfg.micro_batch_size) for r in chunk])
+               for rank in (0, 1)]
+    for local in by_rank:  # the premise: a process's own numbers are not the global ones (~7% apart here)
+        assert float(local.mean()) != pytest.approx(float(every.mean()), rel=1e-2)
+    assert float(by_rank[0].max()) != float(by_rank[1].max()) and float(by_rank[0].min()) != float(by_rank[1].min())
+    for metrics in per_rank:  # every process logs the same global numbers
+        assert metrics["is/raw_mean"] == pytest.approx(float(every.mean()), rel=1e-4)
+        assert metrics["is/raw_max"] == pytest.approx(float(every.max()), rel=1e-4)
+        assert metrics["is/raw_min"] == pytest.approx(float(every.min()), rel=1e-4)
+        assert metrics["is/masked_frac"] == 0.0
 
 
 # ----------------------------------------------------------------------------- backends, routed in-process
