@@ -32,6 +32,37 @@ class SpecConfig:
                 raise ValueError(f"SpecConfig.{name} must be an integer >= 1, got {value!r}")
 
 
+EXIT_RULES = ("fixed", "confidence", "gate")
+
+
+@dataclass(frozen=True)
+class ExitRule:
+    """Adaptive per-token depth (torch engine; rollout/exit_rules.py applies it, docs/ADAPTIVE_DEPTH.md).
+
+    After every loop t >= min_depth the position being decoded may stop: `confidence` when the max
+    probability of exit t (softmax(logits / temperature); temperature 0: plain softmax) reaches `threshold`,
+    `gate` when the CDF of Ouro's exit distribution (the exit gate, fp32) reaches `threshold` (q >= 1: never
+    before T). Otherwise it runs to T. The next token is drawn from the exit it stopped at. `fixed` (or no
+    rule) is plain depth-T decoding.
+    """
+
+    kind: str = "fixed"
+    threshold: float | None = None
+    min_depth: int = 1
+
+    def __post_init__(self) -> None:
+        if self.kind not in EXIT_RULES:
+            raise ValueError(f"ExitRule.kind must be one of {EXIT_RULES}, got {self.kind!r}")
+        if isinstance(self.min_depth, bool) or not isinstance(self.min_depth, int) or self.min_depth < 1:
+            raise ValueError(f"ExitRule.min_depth must be an integer >= 1, got {self.min_depth!r}")
+        if self.adaptive and self.threshold is None:
+            raise ValueError(f"ExitRule {self.kind!r} needs a threshold")
+
+    @property
+    def adaptive(self) -> bool:
+        return self.kind != "fixed"
+
+
 @dataclass
 class SamplingParams:
     """How to sample completions.
@@ -41,6 +72,8 @@ class SamplingParams:
     (every sample runs to max_new_tokens). ignore_eos True means the same as [] whatever
     stop_token_ids says: full-length completions, for benchmarks and memory tests.
     speculative: None = plain decoding; a SpecConfig = self-speculative decoding (same distribution).
+    exit_rule: None (or kind "fixed") = every token at the worker's depth; an adaptive ExitRule = each token
+    at the depth the rule picks (recorded in Rollout.token_depths).
     """
 
     n: int = 1
@@ -52,6 +85,7 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     speculative: SpecConfig | None = None
     ignore_eos: bool = False
+    exit_rule: ExitRule | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.n, int) or self.n < 1:
@@ -68,6 +102,13 @@ class SamplingParams:
             self.stop_token_ids = [int(t) for t in self.stop_token_ids]
         if self.speculative is not None and not isinstance(self.speculative, SpecConfig):
             raise ValueError(f"SamplingParams.speculative must be a SpecConfig or None, got {self.speculative!r}")
+        if self.exit_rule is not None and not isinstance(self.exit_rule, ExitRule):
+            raise ValueError(f"SamplingParams.exit_rule must be an ExitRule or None, got {self.exit_rule!r}")
+
+    @property
+    def adaptive(self) -> bool:
+        """Each token's depth is chosen by an exit rule (not the fixed worker depth)."""
+        return self.exit_rule is not None and self.exit_rule.adaptive
 
     @property
     def greedy(self) -> bool:
@@ -93,6 +134,13 @@ class Rollout:
     update recomputes. With top_p=1, top_k=0 it is also the sampling distribution's logprob.
 
     `stats`: engine counters of this call (speculative decoding: `accept_rate`, `tokens_per_verify`, ...).
+
+    `token_depths` (adaptive exit rules only; None = every token at `depth`): one loop count per completion
+    token. Completion token k's depth d is the exit its logits were read from, at the position that produced
+    it (the previous position: the last prompt token for k = 0). That position ran loops 1..d only: its state
+    is frozen after loop d and its K/V in the cache slots of loops d+1..T are copies of its loop-d K/V (same
+    layer). Prompt positions before it run all T loops. The update reproduces exactly this
+    (`OuroForCausalLM.forward(exit_depth=...)`).
     """
 
     prompt_ids: list[list[int]] = field(default_factory=list)
@@ -101,6 +149,7 @@ class Rollout:
     finish_reasons: list[str] = field(default_factory=list)
     depth: int = 1
     stats: dict[str, float] = field(default_factory=dict)
+    token_depths: list[list[int]] | None = None
 
     def __len__(self) -> int:
         return len(self.completion_ids)
