@@ -63,6 +63,44 @@ class ExitRule:
         return self.kind != "fixed"
 
 
+def exit_rule_from_keys(kind: str, threshold: float | None, min_depth: int, *, depth: int | None = None,
+                        engine: str = "torch", speculative: bool = False) -> ExitRule | None:
+    """The config keys `rollout_exit_rule`, `rollout_exit_threshold`, `rollout_min_depth` as an ExitRule
+    (None for `fixed`), checked; every error is a ValueError naming the key (looprl train and looprl eval).
+    `depth`: the rollout depth T when known (min_depth must be <= T)."""
+    if kind not in EXIT_RULES:
+        raise ValueError(f"config key 'rollout_exit_rule': {kind!r} is not one of {', '.join(EXIT_RULES)}")
+    if isinstance(min_depth, bool) or not isinstance(min_depth, int) or min_depth < 1:
+        raise ValueError(f"config key 'rollout_min_depth': must be an integer >= 1, got {min_depth!r}")
+    if kind == "fixed":
+        if threshold is not None:
+            raise ValueError("config key 'rollout_exit_threshold': only used by rollout_exit_rule confidence | gate "
+                             "(the rule is fixed)")
+        if min_depth != 1:
+            raise ValueError("config key 'rollout_min_depth': only used by rollout_exit_rule confidence | gate "
+                             "(the rule is fixed)")
+        return None
+    if threshold is None or isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+        raise ValueError(f"config key 'rollout_exit_threshold': rollout_exit_rule {kind} needs a number, "
+                         f"got {threshold!r}")
+    low_ok = threshold > 0 if kind == "confidence" else threshold >= 0
+    if not (low_ok and threshold <= 1):
+        bounds = "(0, 1] (a max probability)" if kind == "confidence" else "[0, 1] (a CDF level q; 1 = always T)"
+        raise ValueError(f"config key 'rollout_exit_threshold': {threshold} is outside {bounds} for "
+                         f"rollout_exit_rule {kind}")
+    if depth is not None and depth < 2:
+        raise ValueError(f"config key 'rollout_exit_rule': {kind} needs a looped model at depth >= 2, got depth {depth}")
+    if depth is not None and min_depth > depth:
+        raise ValueError(f"config key 'rollout_min_depth': {min_depth} exceeds the rollout depth {depth}")
+    if engine != "torch":
+        raise ValueError(f"config key 'rollout_exit_rule': {kind} needs engine torch; the {engine} engine samples "
+                         "every token at one fixed depth (docs/ADAPTIVE_DEPTH.md)")
+    if speculative:
+        raise ValueError(f"config key 'rollout_exit_rule': {kind} cannot be combined with self-speculative "
+                         "rollouts (rollout_draft_depth), which verify at the fixed depth")
+    return ExitRule(kind, float(threshold), min_depth)
+
+
 @dataclass
 class SamplingParams:
     """How to sample completions.

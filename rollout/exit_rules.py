@@ -109,3 +109,20 @@ def copy_skipped_kv(keys: list[torch.Tensor], values: list[torch.Tensor], num_la
             src, dst = (loop - 1) * num_layers + layer, loop * num_layers + layer
             keys[dst][rows, :, col] = keys[src][rows, :, col]
             values[dst][rows, :, col] = values[src][rows, :, col]
+
+
+def depth_metrics(token_depths: list[list[int] | None], lengths: list[int], depth: int) -> dict[str, float]:
+    """`rollout/mean_depth` (loops per generated token) and `rollout/depth_frac_t{t}` (t = 1..depth) over
+    completions; a completion without token depths (fixed rule) ran every token at `depth`."""
+    counts = [0] * (depth + 1)
+    for depths, length in zip(token_depths, lengths):
+        if depths is None:
+            counts[depth] += length
+        else:
+            for d in depths:
+                counts[d] += 1
+    total = sum(counts)
+    metrics = {"rollout/mean_depth": sum(t * c for t, c in enumerate(counts)) / total if total else float(depth)}
+    metrics.update({f"rollout/depth_frac_t{t}": counts[t] / total if total else float(t == depth)
+                    for t in range(1, depth + 1)})
+    return metrics
