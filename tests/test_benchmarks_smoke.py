@@ -138,3 +138,10 @@ def test_lora_mismatch_benchmark(capsys):
     pytest.importorskip("peft")
     assert load("lora_mismatch").main(["--dtypes", "float32", "--n", "2", "--new", "3"]) == 0
     assert capsys.readouterr().out.count("| float32 |") == 4  # one row per depth of the embedded model
+
+
+def test_adaptive_depth_benchmark(capsys):
+    assert load("adaptive_depth").main(["--models", "tiny", "--batches", "2", "--repeats", "1",
+                                        "--max_new_tokens", "4"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| tiny |")]
+    assert len(rows) == 1 and "confidence 0.6" in rows[0]
