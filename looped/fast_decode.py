@@ -147,15 +147,22 @@ class OuroDecodeStep:
             hidden = self.backbone.norm(hidden)
         return self.model.lm_head(hidden)
 
+    # Adaptive decode: keep computing rows that stopped (their results are discarded, their deeper K/V are
+    # overwritten by the caller's copies) until the running rows fall to this fraction of the rows computed;
+    # then the computed rows shrink to the running ones. Gathering the running rows' cache costs about one
+    # attention read, so shrinking pays only when many rows stopped. 1.0 = shrink as soon as any row stops.
+    shrink_below: float = 0.5
+
     def adaptive(self, token: torch.Tensor, position: torch.Tensor, index: int, bias: torch.Tensor,
                  after_loop) -> None:
         """One decode step where each row runs only until its exit rule stops it (adaptive depth).
 
         Same arguments as `__call__`; `after_loop(loop, rows, hidden)` (rollout.exit_rules.ExitDecider) is
         called after each loop (1-based) with the rows still running and their normed state [N, H] and returns
-        which of them stop; it keeps their logits. Rows that stopped do not run the next loops: every matmul
-        of a loop is over the running rows only (the compute saving). Their K/V of the skipped loops are NOT
-        written here; the caller copies them (rollout.exit_rules.copy_skipped_kv).
+        which of them stop; it keeps their logits. Once the running rows are at most `shrink_below` of the rows
+        computed, every matmul of the next loops runs over the running rows only (the compute saving). The K/V
+        of a stopped row's skipped loops are NOT final here; the caller copies them
+        (rollout.exit_rules.copy_skipped_kv), which also overwrites what a stopped row still computed.
         """
         heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
         groups = heads // kv_heads
@@ -164,10 +171,12 @@ class OuroDecodeStep:
         cos, sin = self.backbone.rotary_emb(hidden, position.unsqueeze(1))  # [B, 1, D]
         length = index + 1
         attn_bias = bias[:, None, None, :length]
-        rows = torch.arange(token.shape[0], device=token.device)  # batch rows still running
-        everyone = True  # all rows run: the cache tensors are used without a row gather
+        total = token.shape[0]
+        computed = torch.arange(total, device=token.device)  # batch rows being computed
+        live = torch.ones(total, dtype=torch.bool, device=token.device)  # of those, still running
         for loop in range(self.depth):
-            batch = rows.shape[0]
+            batch = computed.shape[0]
+            everyone = batch == total  # the cache tensors are used without a row gather
             for layer_idx, layer in enumerate(self.layers):
                 slot = loop * self.num_layers + layer_idx
                 wqkv, wgu = self.fused[layer_idx]
@@ -182,9 +191,9 @@ class OuroDecodeStep:
                     values[:, :, index] = qkv[:, q_size + kv_size :].view(batch, kv_heads, dim)
                     row_keys, row_values = keys[:, :, :length], values[:, :, :length]
                 else:
-                    keys[rows, :, index] = k * cos + rotate_half(k) * sin
-                    values[rows, :, index] = qkv[:, q_size + kv_size :].view(batch, kv_heads, dim)
-                    row_keys, row_values = keys[rows, :, :length], values[rows, :, :length]
+                    keys[computed, :, index] = k * cos + rotate_half(k) * sin
+                    values[computed, :, index] = qkv[:, q_size + kv_size :].view(batch, kv_heads, dim)
+                    row_keys, row_values = keys[computed, :, :length], values[computed, :, :length]
                 if hidden.dtype == torch.float32:
                     scores = torch.matmul(q.view(batch, kv_heads, groups, dim), row_keys.transpose(-1, -2))
                     weights = torch.softmax(scores * self.scaling + attn_bias, dim=-1)
@@ -200,14 +209,16 @@ class OuroDecodeStep:
                 gate, up = gate_up.chunk(2, dim=-1)
                 hidden = hidden + layer.post_attention_layernorm_2(layer.mlp.down_proj(layer.mlp.act_fn(gate) * up))
             hidden = self.backbone.norm(hidden)
-            stop = after_loop(loop + 1, rows, hidden)
-            if bool(stop.all()):
+            running = live.nonzero().squeeze(1)
+            stop = after_loop(loop + 1, computed[running], hidden[running])
+            live[running[stop]] = False
+            alive = int(live.sum())
+            if alive == 0:
                 return
-            if bool(stop.any()):
-                keep = ~stop
-                rows, hidden = rows[keep], hidden[keep]
+            if alive <= self.shrink_below * batch:
+                keep = live.nonzero().squeeze(1)
+                computed, hidden, live = computed[keep], hidden[keep], live[keep]
                 cos, sin, attn_bias = cos[keep], sin[keep], attn_bias[keep]
-                everyone = False
 
     def run_loops(
         self,

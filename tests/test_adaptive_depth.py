@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from looped import OuroConfig, OuroForCausalLM
+from looped.fast_decode import OuroDecodeStep
 from looped.modeling_ouro import exit_probs_from_lambdas, threshold_exit_index
 from rl.batch import Sample, collate
 from rl.data import EMBEDDED_MODEL
@@ -236,15 +237,21 @@ def test_rows_that_stop_early_skip_their_deeper_loops():
     assert fixed == prefill + L * T * len(PROMPTS) * n * (max_new - 1)
 
     rule = ExitRule("confidence", mid_threshold(model))
+    params = SamplingParams(n=n, max_new_tokens=max_new, temperature=0, stop_token_ids=[], exit_rule=rule)
+    worker._fast.shrink_below = 1.0  # computed rows = running rows from the first stop on: exact accounting
     rows[0] = 0
-    got = worker.generate(PROMPTS, SamplingParams(n=n, max_new_tokens=max_new, temperature=0, stop_token_ids=[],
-                                                  exit_rule=rule))
-    adaptive = rows[0]
+    got = worker.generate(PROMPTS, params)
+    exact = rows[0]
+    worker._fast.shrink_below = OuroDecodeStep.shrink_below  # the default: shrink once half the rows stopped
+    rows[0] = 0
+    again = worker.generate(PROMPTS, params)
+    lazy = rows[0]
     for h in hooks:
         h.remove()
     # the token fed at step k (k = 0..max_new-2) sits at the position that produced token k + 1
-    assert adaptive == prefill + L * sum(sum(d[1:]) for d in got.token_depths)
-    assert adaptive < fixed
+    assert exact == prefill + L * sum(sum(d[1:]) for d in got.token_depths)
+    assert exact < lazy < fixed
+    assert again.completion_ids == got.completion_ids and again.token_depths == got.token_depths
 
 
 # ----------------------------------------------------------------------------- the config keys
