@@ -315,3 +315,10 @@ def test_train_step_scores_every_token_at_its_depth(tmp_path):
     assert m["mismatch/logp_abs_max"] <= 1e-4 and 1.0 <= m["rollout/mean_depth"] < 4.0
     assert sum(m[f"rollout/depth_frac_t{t}"] for t in range(1, 5)) == pytest.approx(1.0)
     assert results["mismatch"]["mismatch/logp_abs_max"] > 1e-2
+
+
+def test_plot_draws_the_mean_depth():
+    from rl.plot import PANELS
+
+    picks = [p.select(["rollout/mean_depth", "rollout/depth_frac_t1"]) for p in PANELS]
+    assert [("mean depth", "rollout/mean_depth")] in picks
