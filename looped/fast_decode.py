@@ -148,7 +148,7 @@ class OuroDecodeStep:
         return self.model.lm_head(hidden)
 
     # Adaptive decode: keep computing rows that stopped (their results are discarded, their deeper K/V are
-    # overwritten by the caller's copies) until the running rows fall to this fraction of the rows computed;
+    # overwritten by the caller's K/V rule) until the running rows fall to this fraction of the rows computed;
     # then the computed rows shrink to the running ones. Gathering the running rows' cache costs about one
     # attention read, so shrinking pays only when many rows stopped. 1.0 = shrink as soon as any row stops.
     shrink_below: float = 0.5
@@ -161,8 +161,8 @@ class OuroDecodeStep:
         called after each loop (1-based) with the rows still running and their normed state [N, H] and returns
         which of them stop; it keeps their logits. Once the running rows are at most `shrink_below` of the rows
         computed, every matmul of the next loops runs over the running rows only (the compute saving). The K/V
-        of a stopped row's skipped loops are NOT final here; the caller copies them
-        (rollout.exit_rules.copy_skipped_kv), which also overwrites what a stopped row still computed.
+        of a stopped row's skipped loops are NOT final here; the caller writes them
+        (rollout.exit_rules.project_skipped_kv), which also overwrites what a stopped row still computed.
         """
         heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
         groups = heads // kv_heads

@@ -393,8 +393,8 @@ class OuroModel(OuroPreTrainedModel):
         `exit_depth` [B, S] (ints in 1..depth; no cache): per-position depth, the adaptive-depth rule of the
         rollout (rollout/exit_rules.py, docs/ADAPTIVE_DEPTH.md). A position with depth d runs loops 1..d: its
         state is frozen after loop d (its exits d..T and the last hidden state are exit d), and in loops
-        d+1..T its K/V are those of loop d (same layer): each layer's input at that position is the one it had
-        in loop d, so the K/V are recomputed from the same input (what the decoder copied).
+        d+1..T every layer's input at that position is that frozen exit state, so its K/V there are each
+        layer's projection of it (what the decoder wrote; the layer's other outputs there are discarded).
         """
         depth = check_depth(depth, self.config.total_ut_steps)
         cache = pick_cache(cache, past_key_values)
@@ -427,17 +427,14 @@ class OuroModel(OuroPreTrainedModel):
             if exit_depth.shape != (batch_size, seq_len) or int(exit_depth.min()) < 1 or int(exit_depth.max()) > depth:
                 raise ValueError(f"exit_depth must be [batch, seq] = {(batch_size, seq_len)} with values in "
                                  f"1..{depth}, got {tuple(exit_depth.shape)}")
-        layer_inputs: list[torch.Tensor | None] = [None] * num_layers  # exit_depth: inputs of the last loop run
         hidden_states = inputs_embeds
         exits: list[torch.Tensor] = []
         for loop in range(depth):
             running = (exit_depth > loop).unsqueeze(-1) if exit_depth is not None and loop > 0 else None
             previous = hidden_states
             for layer_idx, layer in enumerate(self.layers):
-                if exit_depth is not None:
-                    if running is not None:  # a stopped position replays its last loop's layer input
-                        hidden_states = torch.where(running, hidden_states, layer_inputs[layer_idx])
-                    layer_inputs[layer_idx] = hidden_states
+                if running is not None:  # a stopped position feeds every layer its frozen exit state
+                    hidden_states = torch.where(running, hidden_states, previous)
                 hidden_states = layer(
                     hidden_states,
                     attention_mask=mask,

@@ -176,8 +176,8 @@ class Rollout:
     `token_depths` (adaptive exit rules only; None = every token at `depth`): one loop count per completion
     token. Completion token k's depth d is the exit its logits were read from, at the position that produced
     it (the previous position: the last prompt token for k = 0). That position ran loops 1..d only: its state
-    is frozen after loop d and its K/V in the cache slots of loops d+1..T are copies of its loop-d K/V (same
-    layer). Prompt positions before it run all T loops. The update reproduces exactly this
+    is frozen after loop d, and its K/V in the cache slots of loops d+1..T are each layer's K/V projection of
+    that frozen exit state. Prompt positions before it run all T loops. The update reproduces exactly this
     (`OuroForCausalLM.forward(exit_depth=...)`).
     """
 

@@ -5,9 +5,10 @@ One decode step of a position runs loop after loop; after loop t an `ExitDecider
 `gate` = CDF of Ouro's exit distribution >= q, both only from t >= min_depth, everything stops at T). A row
 that stopped at loop d keeps exit d's logits (the next token is drawn from them) and its depth d.
 
-K/V rule (docs/ADAPTIVE_DEPTH.md): the position's cache slots of loops d+1..T get a copy of its loop-d K/V of
-the same layer (`copy_skipped_kv`): no compute, and the update reproduces it exactly
-(`OuroForCausalLM.forward(exit_depth=...)`). Both the fused step (looped/fast_decode.py) and the plain path
+K/V rule (docs/ADAPTIVE_DEPTH.md): the position's cache slots of loops d+1..T get each layer's K/V projection
+of its frozen exit state (`project_skipped_kv`: k/v projections only), and the update reproduces it exactly
+(`OuroForCausalLM.forward(exit_depth=...)`). A copy of the loop-d K/V (free) was measured and lost ~19 points
+of greedy accuracy on the embedded task. Both the fused step (looped/fast_decode.py) and the plain path
 (the model's own forward, then the rule over its exits) use this module, so the rule is written once.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from looped.modeling_ouro import rotate_half
 from rollout.base import ExitRule
 
 
@@ -32,6 +34,7 @@ class ExitDecider:
         self.lm_head, self.gate = lm_head, gate
         self.depth = torch.full((batch,), depth, dtype=torch.long, device=device)
         self.logits: torch.Tensor | None = None
+        self.states: torch.Tensor | None = None  # [B, H] each row's exit state (the K/V rule projects it)
         if rule.kind == "gate":  # running CDF and survival of the exit distribution, fp32
             self.cdf = torch.zeros(batch, dtype=torch.float32, device=device)
             self.survival = torch.ones(batch, dtype=torch.float32, device=device)
@@ -55,7 +58,9 @@ class ExitDecider:
             out = logits[stop] if logits is not None else self.lm_head(hidden[stop])
             if self.logits is None:
                 self.logits = out.new_zeros((self.depth.shape[0], out.shape[-1]))
+                self.states = hidden.new_zeros((self.depth.shape[0], hidden.shape[-1]))
             self.logits[chosen] = out
+            self.states[chosen] = hidden[stop]
             self.depth[chosen] = loop
         return stop
 
@@ -91,24 +96,35 @@ def decide_from_exits(decider: ExitDecider, exits: list[torch.Tensor]) -> None:
         rows = rows[~stop]
 
 
-def copy_skipped_kv(keys: list[torch.Tensor], values: list[torch.Tensor], num_layers: int, depth: torch.Tensor,
-                    column: int | torch.Tensor) -> None:
-    """The K/V rule: a row that stopped at loop d gets, in the slots of loops d+1..T at `column`, a copy of its
-    loop-d K/V of the same layer. keys/values: one [B, kv_heads, C, D] tensor per slot (loop * L + layer);
-    depth [B]; column: one cache column for all rows, or [B] columns."""
-    loops = len(keys) // num_layers
-    rows_all = torch.arange(depth.shape[0], device=depth.device)
-    cols = column if isinstance(column, torch.Tensor) else None
-    for loop in range(1, loops):
-        skipped = depth <= loop  # rows that did not run loop `loop` (0-based) -> copy from the loop before
-        if not bool(skipped.any()):
-            continue
-        rows = rows_all[skipped]
-        col = cols[skipped] if cols is not None else column
-        for layer in range(num_layers):
-            src, dst = (loop - 1) * num_layers + layer, loop * num_layers + layer
-            keys[dst][rows, :, col] = keys[src][rows, :, col]
-            values[dst][rows, :, col] = values[src][rows, :, col]
+def project_skipped_kv(model, keys: list[torch.Tensor], values: list[torch.Tensor], depth: torch.Tensor,
+                       states: torch.Tensor, column: int, position: torch.Tensor) -> None:
+    """The K/V rule: a row that stopped at loop d gets, in the slots of loops d+1..T at `column`, each layer's
+    K/V projection of its frozen exit state h_d (the layer's input norm, k/v projections and RoPE at its
+    position; the same for every skipped loop). That is the K/V the next loop's first layer would have
+    computed, at the cost of the k/v projections only (no attention, no MLP, no q/o).
+
+    keys/values: one [B, kv_heads, C, D] tensor per slot (loop * L + layer); depth [B]; states [B, H] the
+    exit state of each row (ExitDecider.states); position [B] the token's sequence position."""
+    layers = model.model.layers
+    num_layers, loops = len(layers), len(keys) // len(layers)
+    skipped = (depth < loops).nonzero().squeeze(1)
+    if skipped.numel() == 0:
+        return
+    hidden, row_depth = states[skipped], depth[skipped]
+    cos, sin = model.model.rotary_emb(hidden, position[skipped].unsqueeze(1))  # [N, 1, D]
+    for layer_idx, layer in enumerate(layers):
+        attn = layer.self_attn
+        x = layer.input_layernorm(hidden)
+        k = attn.k_proj(x).view(hidden.shape[0], -1, attn.head_dim)
+        k = k * cos + rotate_half(k) * sin
+        v = attn.v_proj(x).view(hidden.shape[0], -1, attn.head_dim)
+        for loop in range(1, loops):
+            inside = row_depth <= loop  # rows that did not run loop `loop` (0-based)
+            if not bool(inside.any()):
+                continue
+            rows, slot = skipped[inside], loop * num_layers + layer_idx
+            keys[slot][rows, :, column] = k[inside]
+            values[slot][rows, :, column] = v[inside]
 
 
 def depth_metrics(token_depths: list[list[int] | None], lengths: list[int], depth: int) -> dict[str, float]:

@@ -38,7 +38,7 @@ from looped.facts import is_looped, max_depth
 from looped.fast_decode import OuroDecodeStep
 from looped.hf_compat import StaticCache
 from rollout.base import ExitRule, Rollout, SamplingParams, as_id_list, checkpoint_name
-from rollout.exit_rules import ExitDecider, copy_skipped_kv, decide_from_exits
+from rollout.exit_rules import ExitDecider, decide_from_exits, project_skipped_kv
 from rollout.sampling import sample_next
 from rollout.speculative import speculative_decode
 
@@ -200,13 +200,14 @@ class TorchRolloutWorker:
         slots = self.depth * self.model.config.num_hidden_layers
         return [cache.layers[s].keys for s in range(slots)], [cache.layers[s].values for s in range(slots)]
 
-    def _adaptive_readout(self, exits: list[torch.Tensor], cache, column: int, params: SamplingParams):
+    def _adaptive_readout(self, exits: list[torch.Tensor], cache, column: int, position: torch.Tensor,
+                          params: SamplingParams):
         """The rule over exits already computed (prefill's last position, the plain decode path): the chosen
-        exits' logits and depths; the skipped loops' K/V at `column` become copies (rollout/exit_rules.py)."""
+        exits' logits and depths; the skipped loops' K/V at `column` follow the K/V rule (rollout/exit_rules.py)."""
         decider = self._decider(params.exit_rule, params.temperature, exits[0].shape[0], exits[0].device)
         decide_from_exits(decider, exits)
         keys, values = self._kv_lists(cache)
-        copy_skipped_kv(keys, values, self.model.config.num_hidden_layers, decider.depth, column)
+        project_skipped_kv(self.model, keys, values, decider.depth, decider.states, column, position)
         return decider.logits, decider.depth
 
     def _check_speculative(self, params: SamplingParams) -> None:
@@ -308,7 +309,7 @@ class TorchRolloutWorker:
         depth [B] of those logits or None) with rows in prompt-major order. The mask is 1 on real prompt tokens
         and on every future column. Every prompt position runs all T loops; with an adaptive exit rule the
         first token's logits are the exit the rule picks at the last prompt position (its recorded depth),
-        and that position's deeper K/V become copies (the K/V rule, rollout/exit_rules.py).
+        and that position's deeper K/V follow the K/V rule (rollout/exit_rules.py).
         """
         adaptive = params is not None and params.adaptive
         num_prompts = len(prompts)
@@ -330,7 +331,8 @@ class TorchRolloutWorker:
             cache = self._new_cache(len(expand), max_len, device)
             input_ids, mask, position_ids = input_ids[expand], mask[expand], position_ids[expand]
         out = self._forward(input_ids, mask[:, :width], position_ids, cache, start=0, exits=adaptive)
-        logits, depth = self._adaptive_readout(out, cache, width - 1, params) if adaptive else (out, None)
+        logits, depth = self._adaptive_readout(out, cache, width - 1, prompt_lens - 1, params) if adaptive \
+            else (out, None)
         if n > 1 and can_fan_out:
             cache.reorder_cache(expand)
             logits, mask = logits[expand], mask[expand]
@@ -428,8 +430,8 @@ class TorchRolloutWorker:
         if fast is None:
             exits = self._forward(token.unsqueeze(1), mask[:, : column + 1], position.unsqueeze(1), cache,
                                   start=column, exits=True)
-            return self._adaptive_readout(exits, cache, column, params)
+            return self._adaptive_readout(exits, cache, column, position, params)
         decider = self._decider(params.exit_rule, params.temperature, token.shape[0], token.device)
         fast.adaptive(token, position, column, bias, decider.after_loop)
-        copy_skipped_kv(fast.keys, fast.values, fast.num_layers, decider.depth, column)
+        project_skipped_kv(self.model, fast.keys, fast.values, decider.depth, decider.states, column, position)
         return decider.logits, decider.depth
