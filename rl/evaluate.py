@@ -308,7 +308,7 @@ def evaluate_exit_rule(model, tokenizer, dataset, rule: ExitRule, max_new_tokens
                        max_positions: int | None = None) -> dict[str, Any]:
     """Greedy decoding with an adaptive exit rule (rollout.base.ExitRule: confidence or gate) through the
     same torch rollout worker the trainer samples with (rollout/exit_rules.py: each token stops at its exit,
-    the loops it skips hold copies of its last loop's K/V).
+    the loops it skips hold each layer's K/V projection of its exit state).
 
     Reports accuracy, lengths and `depth_mean`, the mean loop count per generated token.
     """
