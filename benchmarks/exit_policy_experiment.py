@@ -7,6 +7,16 @@ does (fixed-depth greedy accuracy at every depth, max-prob early exit at several
 mean depth used, teacher-forced exit alignment), plus the run's median wall time per step and the exit
 gate's mean distribution p(t) at the first and last step (exit/p_mean_t{t}).
 
+Issue 22 (adaptive per-token depth): the arms fixed_T (today's default), adaptive (rollouts under the
+confidence exit rule at --tau, the update at each token's own depth), adaptive_mismatch (the same rollouts,
+updated at fixed T: allow_depth_mismatch) and adaptive_sd (adaptive + self-distillation 0.3 ramped over 100
+steps); every arm is also evaluated under that rule (accuracy and mean depth, the deployed regime), and
+their table adds the median rollout time per step and the run means of mismatch/logp_abs_max and
+rollout/mean_depth from metrics.jsonl:
+    HF_HUB_OFFLINE=1 python benchmarks/exit_policy_experiment.py --arms fixed_T,adaptive,adaptive_mismatch,\
+        adaptive_sd --seeds 0,1,2,3,4 --steps 200 --tau 0.8 --reference fixed_T --out runs/adaptive_exp \
+        --figure docs/figures/adaptive_depth.png
+
 Usage (CPU; arms and seeds run one after another; re-running skips finished (arm, seed) pairs):
     HF_HUB_OFFLINE=1 python benchmarks/exit_policy_experiment.py --seeds 0,1,2,3,4 --steps 200 \\
         --out runs/exit_policy_exp
@@ -49,7 +59,17 @@ ARMS: dict[str, list[str]] = {
     # the algorithm ablation of docs/EXPERIMENTS.md "GRPO vs DAPO" (run with the default job's --train_args)
     "dapo_no_ds": ["--dynamic_sampling", "false"],
     "grpo": ["--loss_type", "grpo", "--eps_high", "0.2", "--dynamic_sampling", "false"],
+    # adaptive per-token depth (issue 22): (a) fixed depth T, (b) rollouts under the confidence rule at tau with
+    # the matched per-token-depth update, (c) the same rollouts updated at fixed T (the mismatch Ouro had),
+    # (d) (b) + the self-distillation ramp
+    "fixed_T": [],
+    "adaptive": ["--rollout_exit_rule", "confidence", "--rollout_exit_threshold", "{tau}"],
+    "adaptive_mismatch": ["--rollout_exit_rule", "confidence", "--rollout_exit_threshold", "{tau}",
+                          "--allow_depth_mismatch", "true"],
+    "adaptive_sd": ["--rollout_exit_rule", "confidence", "--rollout_exit_threshold", "{tau}",
+                    "--self_distill_coef", "0.3", "--self_distill_warmup_steps", "100"],
 }
+ADAPTIVE_ARMS = "fixed_T,adaptive,adaptive_mismatch,adaptive_sd"
 DEFAULT_ARMS = "dapo,dapo_sd,dapo_exits_gate,dapo_exits_prog,dapo_exits_sd"
 DEFAULT_TRAIN_ARGS = "--prompts_per_step 16 --lr 2e-4 --eval_every 0 --progress false"
 
@@ -74,13 +94,47 @@ def train(run_dir: Path, seed: int, steps: int, arm_args: list[str], extra: list
 
 
 def run_facts(run_dir: Path) -> dict:
-    """Median time/step and the gate's mean p(t) at the first and last logged step."""
+    """Median time/step and rollout time/step, the gate's mean p(t) at the first and last logged step, and the
+    run means of mismatch/logp_abs_max and rollout/mean_depth (loops per sampled token)."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "time/step" in r]
     gate = {}
     for name, row in (("first", rows[0]), ("last", rows[-1])):
         gate[name] = [row[k] for k in sorted(k for k in row if k.startswith("exit/p_mean_t"))]
-    return {"time_step_median": statistics.median(r["time/step"] for r in rows), "gate_p": gate}
+
+    def mean_of(key):
+        values = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
+        return statistics.mean(values) if values else None
+
+    return {"time_step_median": statistics.median(r["time/step"] for r in rows), "gate_p": gate,
+            "time_rollout_median": statistics.median(r["time/rollout"] for r in rows),
+            "mismatch_max_mean": mean_of("mismatch/logp_abs_max"), "rollout_depth_mean": mean_of("rollout/mean_depth")}
+
+
+def adaptive_table(grouped: dict[str, list[dict]], facts: dict[str, dict], depth: int, tau: float) -> str:
+    """The adaptive-depth arms (issue 22): deep accuracy, accuracy and mean depth under the confidence rule at tau
+    (the deployed regime, greedy, through the rollout worker), and the training run's rollout time per step,
+    mean rollout depth and mean rollout/update mismatch; mean ± sd over seeds."""
+    from statistics import mean
+
+    def msd(xs):
+        xs = [x for x in xs if x is not None]
+        if not xs:
+            return "-"
+        return f"{mean(xs):.3g}" + (f" ± {statistics.stdev(xs):.2g}" if len(xs) > 1 else "")
+
+    head = ["arm", "seeds", f"acc d{depth}", f"acc rule τ={tau}", "eval mean depth", "rollout s/step (median)",
+            "train rollout mean depth", "mismatch max (mean over steps)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for arm, runs in grouped.items():
+        arm_facts = [f for k, f in facts.items() if k.split("/")[0] == arm]
+        ee = [r["early_exit"].get(tau) for r in runs if tau in r["early_exit"]]
+        lines.append(" | ".join([
+            f"| {arm}", str(len(runs)), msd([r["fixed"][depth] for r in runs]), msd([e["accuracy"] for e in ee]),
+            msd([e["depth_mean"] for e in ee]), msd([f.get("time_rollout_median") for f in arm_facts]),
+            msd([f.get("rollout_depth_mean") for f in arm_facts]),
+            msd([f.get("mismatch_max_mean") for f in arm_facts])]) + " |")
+    return "\n".join(lines)
 
 
 def figure(grouped: dict[str, list[dict]], base: dict, depth: int, path: Path) -> Path:
@@ -163,7 +217,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", default="0,1,2,3,4")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--coef", type=float, default=1.0, help="self_distill_coef of the *_sd arms")
-    p.add_argument("--arms", default=DEFAULT_ARMS, help=f"comma list of {', '.join(ARMS)}")
+    p.add_argument("--tau", type=float, default=0.8, help="confidence threshold of the adaptive* arms' exit rule "
+                                                          "(rollouts, and the eval of every arm at it)")
+    p.add_argument("--arms", default=DEFAULT_ARMS, help=f"comma list of {', '.join(ARMS)} (issue 22: "
+                                                        f"{ADAPTIVE_ARMS})")
     p.add_argument("--out", default="runs/exit_policy_exp")
     p.add_argument("--limit", type=int, default=500, help="arith test prompts to evaluate")
     p.add_argument("--thresholds", default="0.6,0.7,0.8,0.9")
@@ -187,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     seeds = [int(s) for s in args.seeds.split(",")]
     thresholds = [float(t) for t in args.thresholds.split(",")]
+    if args.tau not in thresholds:  # every arm is evaluated under the adaptive arms' rule
+        thresholds = sorted(thresholds + [args.tau])
     gate_qs = [float(q) for q in filter(None, args.gate_thresholds.split(","))]
     arms = args.arms.split(",")
     unknown = [a for a in arms if a not in ARMS]
@@ -196,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     report = json.loads(report_path.read_text()) if report_path.exists() else {}
     report.setdefault("runs", {})
     report.setdefault("facts", {})
-    report["settings"] = {"steps": args.steps, "coef": args.coef, "seeds": seeds, "limit": args.limit,
+    report["settings"] = {"steps": args.steps, "coef": args.coef, "tau": args.tau, "seeds": seeds, "limit": args.limit,
                           "train_args": args.train_args, "arms": {a: ARMS[a] for a in arms}}
     if "base" not in report or (gate_qs and "early_exit_gate" not in report["base"]):
         report["base"] = sd.evaluate(str(EMBEDDED_MODEL), args.limit, thresholds, gate_thresholds=gate_qs)
@@ -209,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
                 report_path.write_text(json.dumps(report, indent=2, default=str) + "\n")
             if key in report["runs"] or args.table_only:
                 continue
-            arm_args = [a.format(coef=args.coef) for a in ARMS[arm]]
+            arm_args = [a.format(coef=args.coef, tau=args.tau) for a in ARMS[arm]]
             report.setdefault("train_s", {})[key] = train(run_dir, seed, args.steps, arm_args,
                                                           args.train_args.split(), args.threads)
             report["facts"][key] = run_facts(run_dir)
@@ -240,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
         fmt = lambda ps: " / ".join(f"{x:.2f}" for x in ps)  # noqa: E731
         times.append(f"| {arm} | {med:.2f} | {fmt(facts[0]['gate_p']['first'])} | {fmt(facts[0]['gate_p']['last'])} |")
     md = md + "\n\n" + "\n".join(times)
+    if any(a in grouped for a in ADAPTIVE_ARMS.split(",")):
+        md = md + "\n\n" + adaptive_table(grouped, report["facts"], depth, args.tau)
     if args.reference in by_seed:
         md = md + "\n\n" + paired_table(by_seed, args.reference, depth, thresholds)
     gated = {arm: [r for r in runs if "early_exit_gate" in r] for arm, runs in grouped.items()}

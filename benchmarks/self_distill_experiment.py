@@ -3,8 +3,9 @@
 For each arm and seed: `looprl train` from the embedded model (same settings, only
 `self_distill_coef` differs), then evaluate the final model on the arith test split:
   * greedy accuracy when decoding the whole answer at each fixed depth t = 1..T (rl.evaluate);
-  * confidence-based early exit (rule "maxprob": each token is read from the first loop whose max
-    softmax probability reaches tau, else loop T) -> accuracy and mean depth used;
+  * confidence-based early exit (the rollout worker's exit rule "confidence", greedy: each token is read
+    from the first loop whose max softmax probability reaches tau, else loop T; rollout/exit_rules.py)
+    -> accuracy and mean depth used;
   * teacher-forced exit alignment on the model's own depth-T greedy answers (rl.self_distill.exit_metrics).
 The pre-RL embedded model is evaluated the same way, for the "RL gain retained" column.
 
@@ -89,7 +90,7 @@ def evaluate(model_dir: str, limit: int, thresholds=THRESHOLDS, max_new_tokens: 
     from rl.data import load_prompts
     from rl.evaluate import evaluate_depths
     from rl.prompts import encode_prompts
-    from rl.self_distill import early_exit_generate
+    from rollout import ExitRule, SamplingParams, make_worker
 
     model, tokenizer = load(model_dir)
     depth = max_depth(model)
@@ -102,14 +103,17 @@ def evaluate(model_dir: str, limit: int, thresholds=THRESHOLDS, max_new_tokens: 
     eos = tokenizer.eos_token_id
     gold = [str(g) for g in data["ground_truth"]]
 
-    def decode(threshold, rule="maxprob"):
+    worker = make_worker("torch", depth=depth, model=model, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
+
+    def decode(threshold, rule="confidence"):
+        """Greedy decoding through the rollout worker; threshold None = every token at depth T."""
+        exit_rule = ExitRule(rule, threshold) if threshold is not None else None
         comps, depths = [], []
         for i in range(0, len(prompt_ids), batch_size):
-            c, d = early_exit_generate(model, prompt_ids[i:i + batch_size], threshold=threshold, rule=rule,
-                                       max_new_tokens=max_new_tokens, eos_token_id=eos,
-                                       pad_token_id=tokenizer.pad_token_id)
-            comps += c
-            depths += d
+            r = worker.generate(prompt_ids[i:i + batch_size], SamplingParams(
+                n=1, max_new_tokens=max_new_tokens, temperature=0.0, exit_rule=exit_rule))
+            comps += r.completion_ids
+            depths += r.token_depths or [[depth] * len(c) for c in r.completion_ids]
         texts = [tokenizer.decode(c, skip_special_tokens=True) for c in comps]
         acc = [float(s or 0.0) for s in score(list(data["prompt"]), texts, ground_truth=gold)]
         flat = [x for row in depths for x in row]
@@ -123,7 +127,7 @@ def evaluate(model_dir: str, limit: int, thresholds=THRESHOLDS, max_new_tokens: 
         for q in gate_thresholds:
             _, acc, mean_depth = decode(q, rule="gate")
             result["early_exit_gate"][q] = {"accuracy": acc, "depth_mean": mean_depth}
-    deep_comps, deep_acc, _ = decode(2.0)  # never confident = always loop T (checks the decoder)
+    deep_comps, deep_acc, _ = decode(None)  # always loop T (checks the decoder against the fixed-depth eval)
     result["deep_greedy_check"] = deep_acc
     result["alignment"] = alignment(model, prompt_ids, deep_comps, batch_size)
     return result

@@ -147,6 +147,79 @@ class OuroDecodeStep:
             hidden = self.backbone.norm(hidden)
         return self.model.lm_head(hidden)
 
+    # Adaptive decode: keep computing rows that stopped (their results are discarded, their deeper K/V are
+    # overwritten by the caller's K/V rule) until the running rows fall to this fraction of the rows computed;
+    # then the computed rows shrink to the running ones. Gathering the running rows' cache costs about one
+    # attention read, so shrinking pays only when many rows stopped. 1.0 = shrink as soon as any row stops.
+    shrink_below: float = 0.5
+
+    def adaptive(self, token: torch.Tensor, position: torch.Tensor, index: int, bias: torch.Tensor,
+                 after_loop) -> None:
+        """One decode step where each row runs only until its exit rule stops it (adaptive depth).
+
+        Same arguments as `__call__`; `after_loop(loop, rows, hidden)` (rollout.exit_rules.ExitDecider) is
+        called after each loop (1-based) with the rows still running and their normed state [N, H] and returns
+        which of them stop; it keeps their logits. Once the running rows are at most `shrink_below` of the rows
+        computed, every matmul of the next loops runs over the running rows only (the compute saving). The K/V
+        of a stopped row's skipped loops are NOT final here; the caller writes them
+        (rollout.exit_rules.project_skipped_kv), which also overwrites what a stopped row still computed.
+        """
+        heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
+        groups = heads // kv_heads
+        q_size, kv_size = heads * dim, kv_heads * dim
+        hidden = self.backbone.embed_tokens(token)
+        cos, sin = self.backbone.rotary_emb(hidden, position.unsqueeze(1))  # [B, 1, D]
+        length = index + 1
+        attn_bias = bias[:, None, None, :length]
+        total = token.shape[0]
+        computed = torch.arange(total, device=token.device)  # batch rows being computed
+        live = torch.ones(total, dtype=torch.bool, device=token.device)  # of those, still running
+        for loop in range(self.depth):
+            batch = computed.shape[0]
+            everyone = batch == total  # the cache tensors are used without a row gather
+            for layer_idx, layer in enumerate(self.layers):
+                slot = loop * self.num_layers + layer_idx
+                wqkv, wgu = self.fused[layer_idx]
+                attn = layer.self_attn
+                qkv = self._fused(layer.input_layernorm(hidden), wqkv, (attn.q_proj, attn.k_proj, attn.v_proj))
+                q = qkv[:, :q_size].view(batch, heads, dim)
+                q = q * cos + rotate_half(q) * sin
+                k = qkv[:, q_size : q_size + kv_size].view(batch, kv_heads, dim)
+                keys, values = self.keys[slot], self.values[slot]
+                if everyone:
+                    keys[:, :, index] = k * cos + rotate_half(k) * sin
+                    values[:, :, index] = qkv[:, q_size + kv_size :].view(batch, kv_heads, dim)
+                    row_keys, row_values = keys[:, :, :length], values[:, :, :length]
+                else:
+                    keys[computed, :, index] = k * cos + rotate_half(k) * sin
+                    values[computed, :, index] = qkv[:, q_size + kv_size :].view(batch, kv_heads, dim)
+                    row_keys, row_values = keys[computed, :, :length], values[computed, :, :length]
+                if hidden.dtype == torch.float32:
+                    scores = torch.matmul(q.view(batch, kv_heads, groups, dim), row_keys.transpose(-1, -2))
+                    weights = torch.softmax(scores * self.scaling + attn_bias, dim=-1)
+                    out = torch.matmul(weights, row_values).reshape(batch, q_size)
+                else:
+                    out = F.scaled_dot_product_attention(
+                        q.unsqueeze(2), row_keys, row_values, attn_mask=attn_bias == 0,
+                        scale=self.scaling, enable_gqa=groups > 1,
+                    ).reshape(batch, q_size)
+                hidden = hidden + layer.input_layernorm_2(attn.o_proj(out))
+                gate_up = self._fused(layer.post_attention_layernorm(hidden), wgu,
+                                      (layer.mlp.gate_proj, layer.mlp.up_proj))
+                gate, up = gate_up.chunk(2, dim=-1)
+                hidden = hidden + layer.post_attention_layernorm_2(layer.mlp.down_proj(layer.mlp.act_fn(gate) * up))
+            hidden = self.backbone.norm(hidden)
+            running = live.nonzero().squeeze(1)
+            stop = after_loop(loop + 1, computed[running], hidden[running])
+            live[running[stop]] = False
+            alive = int(live.sum())
+            if alive == 0:
+                return
+            if alive <= self.shrink_below * batch:
+                keep = live.nonzero().squeeze(1)
+                computed, hidden, live = computed[keep], hidden[keep], live[keep]
+                cos, sin, attn_bias = cos[keep], sin[keep], attn_bias[keep]
+
     def run_loops(
         self,
         hidden: torch.Tensor,

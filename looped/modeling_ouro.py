@@ -380,6 +380,7 @@ class OuroModel(OuroPreTrainedModel):
         depth: int | None = None,
         return_exits: bool = False,
         past_key_values: Cache | None = None,
+        exit_depth: torch.Tensor | None = None,
         **kwargs,
     ) -> OuroModelOutput:
         """Run `depth` loops. A new cache is allocated only when `use_cache=True` is passed explicitly:
@@ -388,9 +389,17 @@ class OuroModel(OuroPreTrainedModel):
 
         `cache_position` is accepted for API compatibility; caches track their own length, so it must
         equal arange(cache_len, cache_len + seq_len).
+
+        `exit_depth` [B, S] (ints in 1..depth; no cache): per-position depth, the adaptive-depth rule of the
+        rollout (rollout/exit_rules.py, docs/ADAPTIVE_DEPTH.md). A position with depth d runs loops 1..d: its
+        state is frozen after loop d (its exits d..T and the last hidden state are exit d), and in loops
+        d+1..T every layer's input at that position is that frozen exit state, so its K/V there are each
+        layer's projection of it (what the decoder wrote; the layer's other outputs there are discarded).
         """
         depth = check_depth(depth, self.config.total_ut_steps)
         cache = pick_cache(cache, past_key_values)
+        if exit_depth is not None and (use_cache or cache is not None):
+            raise ValueError("exit_depth (per-position depth) is for cache-free scoring forwards")
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -413,10 +422,19 @@ class OuroModel(OuroPreTrainedModel):
         mask = causal_mask(self.config, inputs_embeds, attention_mask, cache, position_ids)
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
 
+        if exit_depth is not None:
+            exit_depth = exit_depth.to(inputs_embeds.device)
+            if exit_depth.shape != (batch_size, seq_len) or int(exit_depth.min()) < 1 or int(exit_depth.max()) > depth:
+                raise ValueError(f"exit_depth must be [batch, seq] = {(batch_size, seq_len)} with values in "
+                                 f"1..{depth}, got {tuple(exit_depth.shape)}")
         hidden_states = inputs_embeds
         exits: list[torch.Tensor] = []
         for loop in range(depth):
+            running = (exit_depth > loop).unsqueeze(-1) if exit_depth is not None and loop > 0 else None
+            previous = hidden_states
             for layer_idx, layer in enumerate(self.layers):
+                if running is not None:  # a stopped position feeds every layer its frozen exit state
+                    hidden_states = torch.where(running, hidden_states, previous)
                 hidden_states = layer(
                     hidden_states,
                     attention_mask=mask,
@@ -428,6 +446,8 @@ class OuroModel(OuroPreTrainedModel):
                 )
             # The normed state is both this loop's readout and the next loop's input.
             hidden_states = self.norm(hidden_states)
+            if running is not None:  # a stopped position keeps its exit
+                hidden_states = torch.where(running, hidden_states, previous)
             if return_exits:
                 exits.append(hidden_states)
 
@@ -486,6 +506,7 @@ class OuroForCausalLM(OuroPreTrainedModel, GenerationMixin):
         output_exits: bool = False,
         exit_threshold: float | None = None,
         past_key_values: Cache | None = None,
+        exit_depth: torch.Tensor | None = None,
         **kwargs,
     ) -> OuroCausalLMOutput:
         """Args beyond the usual HF ones:
@@ -496,6 +517,8 @@ class OuroForCausalLM(OuroPreTrainedModel, GenerationMixin):
             (q >= 1 or None: the last loop). All loops still run, so the cache stays complete.
         labels: mean next-token cross-entropy of the returned logits (no cache is allocated).
         past_key_values: the pre-5.24 name of `cache`, still accepted.
+        exit_depth: [B, S] per-position depth (OuroModel.forward): each position's logits are read from its
+            own exit, the K/V of the loops it skipped are its last loop's (the adaptive rollout, reproduced).
         """
         depth = check_depth(depth, self.config.total_ut_steps)
         if exit_threshold is not None and exit_threshold < 0:
@@ -514,6 +537,7 @@ class OuroForCausalLM(OuroPreTrainedModel, GenerationMixin):
             cache_position=cache_position,
             depth=depth,
             return_exits=output_exits or use_threshold,
+            exit_depth=exit_depth,
             **kwargs,
         )
         exit_probs = None

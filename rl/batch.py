@@ -30,6 +30,7 @@ class Sample:
     text: str
     advantage: float = 0.0
     skip: bool = False  # a reward function failed on it under reward_on_error: skip_group (its group is dropped)
+    token_depths: list[int] | None = None  # adaptive rollouts: each completion token's depth (rollout.base.Rollout)
 
     @property
     def length(self) -> int:
@@ -46,7 +47,8 @@ def collate(samples: list[Sample], pad_id: int, *, mask_truncated: bool, device:
     """Left-padded prompts, right-padded completions: completions all start at column `prompt_len`.
 
     Returns input_ids/attention_mask [B, P+C], completion_mask/rollout_logprobs(/old_logprobs) [B, C],
-    advantages [B], real_len [B] (completion lengths) and prompt_len P.
+    advantages [B], real_len [B] (completion lengths) and prompt_len P; with adaptive rollouts also
+    token_depths [B, C] (each completion token's depth, 0 on padding).
     """
     p_len = max(len(s.prompt_ids) for s in samples)
     c_len = max(max(len(s.completion_ids) for s in samples), 1)
@@ -70,6 +72,11 @@ def collate(samples: list[Sample], pad_id: int, *, mask_truncated: bool, device:
              "real_len": torch.tensor([len(s.completion_ids) for s in samples])}
     if old_lp is not None:
         batch["old_logprobs"] = old_lp
+    if any(s.token_depths is not None for s in samples):
+        depths = torch.zeros((len(samples), c_len), dtype=torch.long)
+        for i, s in enumerate(samples):
+            depths[i, :len(s.token_depths)] = torch.tensor(s.token_depths, dtype=torch.long)
+        batch["token_depths"] = depths
     return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
 

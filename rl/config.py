@@ -52,7 +52,10 @@ class TrainConfig:
     depth: int | None = option(None, "loops per token for rollout AND update; None = the loaded model's own T "
                                      "(4 for the embedded model, 1 for a standard LM)")
     update_depth: int | None = option(None, "experiment only: update at another depth (needs allow_depth_mismatch)")
-    allow_depth_mismatch: bool = option(False, "allow update_depth != depth (the update then scores another policy)")
+    allow_depth_mismatch: bool = option(False, "experiment only: allow update_depth != depth, and with an adaptive "
+                                               "rollout_exit_rule score every token at the fixed update depth instead "
+                                               "of the depth it was sampled at (the update then scores another "
+                                               "policy)")
     engine: str = option("torch", "rollout engine: torch | vllm (rollout/engines.py registry)")
     dtype: str = option("float32", "trainer weights: float32 | bfloat16 (float16 is refused: AdamW's second moment "
                                    "and eps underflow in fp16 weights, so one update makes them inf/NaN)")
@@ -108,6 +111,14 @@ class TrainConfig:
     rollout_draft_depth: int = option(0, "self-speculative rollouts (torch engine): draft with the exit after this "
                                          "many loops, verify at depth; same distribution, other speed; 0 = off")
     rollout_num_draft: int = option(0, "tokens drafted per verification pass (rollout/speculative.py); 0 = off")
+    rollout_exit_rule: str = option("fixed", "per-token depth of rollouts (torch engine): fixed (every token at "
+                                             "depth) | confidence (stop at the first loop >= rollout_min_depth "
+                                             "whose exit's max probability >= rollout_exit_threshold) | gate (Ouro's "
+                                             "exit-gate CDF >= rollout_exit_threshold); the update scores each token "
+                                             "at its own depth (docs/ADAPTIVE_DEPTH.md)")
+    rollout_exit_threshold: float | None = option(None, "threshold of rollout_exit_rule: confidence (0, 1], gate "
+                                                         "[0, 1]; null with fixed")
+    rollout_min_depth: int = option(1, "adaptive rules: no exit before this loop (1..depth)")
 
     # --- algorithm ---
     loss_type: str = option("dapo", "policy loss, a rl/losses.py registry name: grpo | dapo | dr_grpo | cispo")
@@ -227,6 +238,17 @@ class TrainConfig:
     @property
     def samples_per_step(self) -> int:
         return self.prompts_per_step * self.num_generations
+
+    def exit_rule(self):
+        """The rollouts' rollout.base.ExitRule, or None for `fixed` (every token at depth)."""
+        from rollout.base import exit_rule_from_keys
+
+        return exit_rule_from_keys(self.rollout_exit_rule, self.rollout_exit_threshold, self.rollout_min_depth)
+
+    @property
+    def matched_depths(self) -> bool:
+        """The update scores every token at the depth it was sampled at (adaptive rollouts, no mismatch arm)."""
+        return self.rollout_exit_rule != "fixed" and not self.allow_depth_mismatch
 
     @property
     def effective_update_depth(self) -> int | None:
@@ -659,6 +681,14 @@ def validate(cfg: TrainConfig, max_depth: int | None = None, num_processes: int 
         raise ConfigError(
             f"config key 'update_depth': {cfg.update_depth} differs from depth {cfg.depth}; the update must "
             "score at the rollout depth (set allow_depth_mismatch: true only for experiments)")
+    try:  # adaptive-depth rollouts: the rollout module owns the keys' rules
+        from rollout.base import exit_rule_from_keys
+
+        exit_rule_from_keys(cfg.rollout_exit_rule, cfg.rollout_exit_threshold, cfg.rollout_min_depth,
+                            depth=cfg.depth or max_depth, engine=cfg.engine,
+                            speculative=bool(cfg.rollout_draft_depth or cfg.rollout_num_draft))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     try:  # speculative rollouts: the rollout module owns the keys' rules
         if registries:
             from rollout.speculative import check_spec_keys

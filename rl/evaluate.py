@@ -51,9 +51,9 @@ from rl.model_io import (
 from rl.prompts import encode_prompts, fit_prompts, prompt_room
 from rl.reward_cli import parse_option
 from rl.run_dir import check_writable_file
-from rl.self_distill import early_exit_generate
 from rl.special_tokens import apply_special_tokens
-from rollout import SamplingParams, make_worker
+from rollout import ExitRule, SamplingParams, make_worker
+from rollout.base import exit_rule_from_keys
 from rollout.engines import check_installed
 from rollout.speculative import accumulate_stats, check_spec_keys, rollout_metrics, spec_config
 
@@ -301,78 +301,83 @@ def evaluate_depths(model, tokenizer, dataset, depths: Sequence[int], n: int = 1
     return results
 
 
-def evaluate_exit_threshold(model, tokenizer, dataset, exit_threshold: float, max_new_tokens: int = 256,
-                            reward_fn: str | Callable = "math_accuracy", batch_size: int = 16,
-                            progress: bool = False, guard: RewardGuard | None = None,
-                            prompt_suffix: str = "", reward_kwargs: Mapping[str, Any] | None = None,
-                            max_positions: int | None = None) -> dict[str, Any]:
-    """Greedy decoding with the model's exit gate: each token is read from the first loop whose
-    cumulative exit probability reaches q (`early_exit_generate(rule="gate")`, the same rule as the
-    model's own `generate(exit_threshold=q)`).
+def evaluate_exit_rule(model, tokenizer, dataset, rule: ExitRule, max_new_tokens: int = 256,
+                       reward_fn: str | Callable = "math_accuracy", batch_size: int = 16,
+                       progress: bool = False, guard: RewardGuard | None = None,
+                       prompt_suffix: str = "", reward_kwargs: Mapping[str, Any] | None = None,
+                       max_positions: int | None = None) -> dict[str, Any]:
+    """Greedy decoding with an adaptive exit rule (rollout.base.ExitRule: confidence or gate) through the
+    same torch rollout worker the trainer samples with (rollout/exit_rules.py: each token stops at its exit,
+    the loops it skips hold each layer's K/V projection of its exit state).
 
-    Reports accuracy, lengths and `depth_mean`, the mean loop count the gate picked per generated token.
+    Reports accuracy, lengths and `depth_mean`, the mean loop count per generated token.
     """
     if not is_looped(model):
-        raise ValueError(f"--exit_threshold needs a looped (Ouro) model with an exit gate, got "
-                         f"{type(model).__name__}")
-    if not 0.0 <= exit_threshold:
-        raise ValueError(f"--exit_threshold must be >= 0, got {exit_threshold}")
+        raise ValueError(f"exit rule {rule.kind!r} needs a looped (Ouro) model, got {type(model).__name__}")
     score_fn, _ = _accuracy_fn(reward_fn, reward_kwargs)
     prompts, columns = _dataset_columns(dataset)
     rewards.check_column_clash(rewards.reward_name(reward_fn), reward_kwargs or {}, list(columns))
     prompt_ids = fit_prompts(encode_prompts(tokenizer, prompts, prompt_suffix),
                              max_positions or _max_positions(model), max_new_tokens)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    pad = eos if pad is None else pad
-    was_training = model.training
-    model.eval()
+    worker = make_worker("torch", depth=max_depth(model), model=model, eos_token_id=eos,
+                         pad_token_id=eos if pad is None else pad)
     scores: list[float | None] = []
     lengths: list[int] = []
     truncated: list[bool] = []
     depth_sum, depth_count = 0, 0
-    bar = _progress(len(prompts), f"eval exit q={exit_threshold}", progress)
+    bar = _progress(len(prompts), f"eval exit rule {rule.kind} {rule.threshold}", progress)
     start = time.perf_counter()
     try:
         for idx in _batches(range(len(prompts)), batch_size):
-            completions, depths = early_exit_generate(
-                model, [prompt_ids[i] for i in idx], threshold=exit_threshold, rule="gate",
-                max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad)
-            for c, d in zip(completions, depths):
-                truncated.append(not (eos is not None and c and c[-1] == eos))
-                lengths.append(len(c))
+            rollout = worker.generate([prompt_ids[i] for i in idx],
+                                      SamplingParams(n=1, max_new_tokens=max_new_tokens, temperature=0.0,
+                                                     exit_rule=rule))
+            trunc = [r == "length" for r in rollout.finish_reasons]
+            for d in rollout.token_depths:
                 depth_sum += sum(d)
                 depth_count += len(d)
-            texts = [tokenizer.decode(c, skip_special_tokens=True) for c in completions]
+            texts = [tokenizer.decode(c, skip_special_tokens=True) for c in rollout.completion_ids]
             scores += score_completions(score_fn, [prompts[i] for i in idx], texts,
                                         columns={k: [v[i] for i in idx] for k, v in columns.items()},
-                                        completion_ids=completions, truncated=truncated[-len(idx):],
+                                        completion_ids=rollout.completion_ids, truncated=trunc,
                                         max_completion_length=max_new_tokens, guard=guard)
+            lengths += [len(c) for c in rollout.completion_ids]
+            truncated += trunc
             bar.update(len(idx))
     finally:
         bar.close()
-        if was_training:
-            model.train()
     metrics: dict[str, Any] = summarize_depth(scores, lengths, truncated, [None] * len(scores), 1,
                                               accuracy_name=rewards.reward_name(score_fn))
-    metrics["exit_threshold"] = exit_threshold
+    metrics.update(exit_rule=rule.kind, exit_threshold=rule.threshold, min_depth=rule.min_depth)
     metrics["depth_mean"] = depth_sum / depth_count if depth_count else None
     metrics["max_depth"] = max_depth(model)
     metrics["time_s"] = time.perf_counter() - start
     return metrics
 
 
+def evaluate_exit_threshold(model, tokenizer, dataset, exit_threshold: float, **kwargs) -> dict[str, Any]:
+    """`--exit_threshold q`: the `gate` exit rule at q (Ouro's exit-gate CDF; q >= 1 always reads loop T)."""
+    if not 0.0 <= exit_threshold:
+        raise ValueError(f"--exit_threshold must be >= 0, got {exit_threshold}")
+    return evaluate_exit_rule(model, tokenizer, dataset, ExitRule("gate", float(exit_threshold)), **kwargs)
+
+
 # ----------------------------------------------------------------------------- CLI
 
 
 def print_table(report: Mapping[str, Any], file=None) -> None:
-    """Rich table: one row per depth (and one for the exit-gate mode)."""
+    """Rich table: one row per depth (and one per adaptive exit mode: --exit_threshold, --rollout_exit_rule)."""
     rows = dict(report.get("depths", {}))
     if "exit_threshold" in report:
         rows[f"exit q={report['exit_threshold']['exit_threshold']}"] = report["exit_threshold"]
+    if "exit_rule" in report:
+        m = report["exit_rule"]
+        rows[f"{m['exit_rule']} {m['exit_threshold']} (min {m['min_depth']})"] = m
     table = Table(title=f"{report.get('model')}  on  {report.get('data')}")
     has_k = any("pass@k" in m for m in rows.values())
     k = next((m["k"] for m in rows.values() if "k" in m), None)
-    has_depth = "exit_threshold" in report
+    has_depth = "exit_threshold" in report or "exit_rule" in report
     has_unscored = any(m.get("unscored_frac") for m in rows.values())
     table.add_column("depth", justify="right")
     table.add_column("accuracy", justify="right")
@@ -443,6 +448,12 @@ def _build_parser() -> argparse.ArgumentParser:
                         "--option policy=rounded for reward_kwargs: {dapo_math: {policy: rounded}}")
     p.add_argument("--exit_threshold", type=float, default=None,
                    help="also decode greedily with the exit gate at this threshold q and report mean depth")
+    p.add_argument("--rollout_exit_rule", default="fixed",
+                   help="also decode greedily with this adaptive exit rule (confidence | gate; train's key) and "
+                        "report its accuracy and mean depth; fixed = off")
+    p.add_argument("--rollout_exit_threshold", type=float, default=None,
+                   help="threshold of --rollout_exit_rule: confidence (0, 1], gate [0, 1]")
+    p.add_argument("--rollout_min_depth", type=int, default=1, help="adaptive rules: no exit before this loop")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rollout_draft_depth", type=int, default=0,
                    help="self-speculative decoding (torch engine): draft depth; same distribution; 0 = off")
@@ -519,6 +530,9 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer, config = _load_tokenizer_and_config(model_path)
         if args.eos_token:
             apply_special_tokens(tokenizer, None, {"eos_token": args.eos_token})
+        exit_rule = exit_rule_from_keys(args.rollout_exit_rule, args.rollout_exit_threshold, args.rollout_min_depth,
+                                        depth=max_depth(config), engine=args.engine,
+                                        speculative=bool(args.rollout_draft_depth or args.rollout_num_draft))
         if args.depths:
             depths = parse_depths(args.depths)
             check_depths("--depths", depths, max_depth(config))  # the same rule as train
@@ -572,6 +586,11 @@ def main(argv: list[str] | None = None) -> int:
                 model = _load_model(model_path, device)
             report["exit_threshold"] = evaluate_exit_threshold(
                 model, tokenizer, dataset, args.exit_threshold, max_new_tokens=args.max_new_tokens,
+                reward_fn=args.reward, reward_kwargs=reward_kwargs, batch_size=args.batch_size, progress=progress,
+                prompt_suffix=args.prompt_suffix, max_positions=positions)
+        if exit_rule is not None:
+            report["exit_rule"] = evaluate_exit_rule(
+                model, tokenizer, dataset, exit_rule, max_new_tokens=args.max_new_tokens,
                 reward_fn=args.reward, reward_kwargs=reward_kwargs, batch_size=args.batch_size, progress=progress,
                 prompt_suffix=args.prompt_suffix, max_positions=positions)
     except (ValueError, FileNotFoundError) as e:

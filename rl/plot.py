@@ -2,7 +2,8 @@
 
 Reads each run's `metrics.jsonl` (one JSON object per step, written by the trainer) and draws one
 panel per quantity a looped-LM RL run is judged by: reward and accuracy (raw + smoothed), the
-fraction of zero-variance groups (no learning signal), completion length, rollout/update mismatch
+fraction of zero-variance groups (no learning signal), completion length, the rollouts' mean depth per
+token (rollout/mean_depth: T for fixed-depth rollouts, lower under an adaptive exit rule), rollout/update mismatch
 (the depth-mismatch failure looprl exists to prevent), per-exit KL to the deepest exit, the
 exit-weighted policy term's per-exit log-prob and weight (policy/logp_t{t}, policy/w_t{t}), the exit
 gate's mean distribution, the self-distillation loss and its (possibly ramped) coefficient, and eval
@@ -128,6 +129,8 @@ PANELS: list[Panel] = [
     Panel("accuracy", "fraction correct", _fixed(("accuracy", "accuracy")), smooth=True),
     Panel("zero-variance groups", "fraction of groups", _fixed(("zero std", "groups/zero_std_frac")), smooth=True),
     Panel("completion length", "tokens", _fixed(("mean", "completion/len_mean")), smooth=True),
+    Panel("rollout depth (loops per token)", "mean depth", _fixed(("mean depth", "rollout/mean_depth")),
+          smooth=True),
     Panel("rollout/update mismatch: max |Δlogp|", "nats", _fixed(("max |Δlogp|", "mismatch/logp_abs_max")),
           log=True),
     Panel("rollout/update mismatch: KL", "nats / token", _fixed(("KL", "mismatch/kl")), log=True),

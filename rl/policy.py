@@ -46,6 +46,16 @@ from rl.self_distill import SelfDistillConfig, exit_metrics
 from rl.sharding import full_tensor, gather_into, shard_model
 
 
+def position_depths(token_depths: torch.Tensor, width: int, prompt_len: int, depth: int) -> torch.Tensor:
+    """[B, width] per-position depth of the collated batch: completion token k (column prompt_len + k) was
+    produced at column prompt_len - 1 + k with depth token_depths[:, k]; every other column (prompt, padding,
+    the last token, which produces nothing scored) runs all `depth` loops (rollout.base.Rollout.token_depths)."""
+    out = torch.full((token_depths.shape[0], width), depth, dtype=torch.long, device=token_depths.device)
+    c_len = token_depths.shape[1]
+    out[:, prompt_len - 1:prompt_len - 1 + c_len] = torch.where(token_depths > 0, token_depths, depth)
+    return out
+
+
 def lr_lambda(kind: str, warmup: int, total: int):
     """Multiplier of the base learning rate after `i` optimizer updates (linear warmup, then `kind`)."""
     def fn(i: int) -> float:
@@ -234,6 +244,10 @@ class Policy:
     def logprobs(self, batch: dict, *, model=None, output_exits: bool = False, with_entropy: bool = False):
         """Per-token fp32 logprobs of the completion tokens at the update depth (+ entropy, + model output).
 
+        Adaptive rollouts (rollout_exit_rule confidence | gate, without allow_depth_mismatch): each token at the
+        depth it was sampled at, with the rollout's K/V rule (`exit_depth`, looped/modeling_ouro.py); the
+        exits the objective reads are then those of this per-token-depth forward (docs/OBJECTIVE.md).
+
         The lm_head runs only on the c_len + 1 last positions (logits_to_keep), of which the first c_len
         predict the completion tokens. `model` defaults to the policy; the reference model is the other.
         """
@@ -246,6 +260,8 @@ class Policy:
             kwargs["depth"] = self.depth
             if output_exits:
                 kwargs["output_exits"] = True
+            if self.cfg.matched_depths and "token_depths" in batch:  # adaptive rollouts: each token's own depth
+                kwargs["exit_depth"] = position_depths(batch["token_depths"], ids.shape[1], p_len, self.depth)
         # The last column predicts nothing we train on, but it is still fed: dropping it changed the
         # logprobs by up to 1.4e-4 vs the rollout's (vs <= 4e-5 with it) on the embedded model.
         out = model(input_ids=ids, attention_mask=attn, position_ids=position_ids, use_cache=False,

@@ -123,5 +123,6 @@ class Scorer:
                 prompt_index=indices[j // n], prompt_ids=list(rollout.prompt_ids[j]),
                 completion_ids=list(rollout.completion_ids[j]), rollout_logprobs=list(rollout.logprobs[j]),
                 truncated=truncated[j], reward=total, fn_rewards=fn_r,
-                correct=None if correct[j] is None else float(correct[j]), text=texts[j], skip=skip[j]))
+                correct=None if correct[j] is None else float(correct[j]), text=texts[j], skip=skip[j],
+                token_depths=list(rollout.token_depths[j]) if rollout.token_depths is not None else None))
         return samples

@@ -34,8 +34,6 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from looped.facts import max_depth
-from looped.modeling_ouro import threshold_exit_index
 from rl.losses import checkpointed_chunks
 from rl.self_distill_config import (  # noqa: F401  (the config keys' defaults and rules, re-exported)
     DEFAULT_CHUNK_SIZE,
@@ -203,71 +201,6 @@ def exit_metrics(
     for (k, t), s in sums.items():
         out[f"exit/{k}_t{t}"] = s / n_tokens
     return out
-
-
-# ----------------------------------------------------------------------------- early exit (evaluation)
-
-EXIT_RULES = ("maxprob", "gate")
-
-
-@torch.no_grad()
-def early_exit_generate(
-    model,
-    prompt_ids: Sequence[Sequence[int]],
-    *,
-    threshold: float,
-    rule: str = "maxprob",
-    max_new_tokens: int = 32,
-    eos_token_id: int | None = None,
-    pad_token_id: int | None = None,
-    depth: int | None = None,
-) -> tuple[list[list[int]], list[list[int]]]:
-    """Greedy decoding where each token is read from the first exit that is confident enough.
-
-    rule "maxprob": the first loop t whose max softmax probability is >= threshold (else loop T).
-    rule "gate": the first loop whose exit-gate CDF (model exit_probs) reaches threshold (Ouro's q; q >= 1
-    always reads loop T), i.e. `looped.modeling_ouro.threshold_exit_index`, the rule of the model's generate.
-    All T loops are computed for every token ("compute, then select", like Ouro's released code), so
-    deeper KV slots of an early-exited token exist for later tokens; the token itself only depends on
-    loops 1..t (loop t attends to loop-t keys only), so "depth used" counts the loops a true early-exit
-    decoder would run for that token. Returns (completions incl. EOS, exit depth per completion token).
-    """
-    if rule not in EXIT_RULES:
-        raise ValueError(f"early exit rule {rule!r} is not one of {EXIT_RULES}")
-    depth = int(depth or max_depth(model))
-    device = next(model.parameters()).device
-    pad = pad_token_id if pad_token_id is not None else (eos_token_id if eos_token_id is not None else 0)
-    width = max(len(p) for p in prompt_ids)
-    input_ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompt_ids], device=device)
-    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids], device=device)
-    batch = len(prompt_ids)
-    completions: list[list[int]] = [[] for _ in range(batch)]
-    depths: list[list[int]] = [[] for _ in range(batch)]
-    done = [False] * batch
-    past = None
-    step_ids = input_ids
-    for _ in range(max_new_tokens):
-        out = model(input_ids=step_ids, attention_mask=attention_mask, cache=past, use_cache=True,
-                    depth=depth, output_exits=True, logits_to_keep=1)
-        past = out.cache
-        logits = torch.stack([model.lm_head(h[:, -1]).float() for h in out.exit_hidden_states], 1)  # [B,T,V]
-        if rule == "maxprob":
-            confident = logits.softmax(-1).amax(-1) >= threshold  # [B,T]
-            confident[:, -1] = True
-            chosen = confident.int().argmax(-1)  # first confident exit (0-based)
-        else:  # the model's own exit-gate rule (what generate(exit_threshold=q) reads)
-            chosen = threshold_exit_index(out.exit_probs[:, -1], threshold)
-        tokens = logits[torch.arange(batch, device=device), chosen].argmax(-1)
-        for b in range(batch):
-            if not done[b]:
-                completions[b].append(int(tokens[b]))
-                depths[b].append(int(chosen[b]) + 1)
-                done[b] = eos_token_id is not None and int(tokens[b]) == eos_token_id
-        if all(done):
-            break
-        step_ids = torch.where(torch.tensor(done, device=device), torch.full_like(tokens, pad), tokens)[:, None]
-        attention_mask = torch.cat([attention_mask, torch.ones(batch, 1, dtype=attention_mask.dtype, device=device)], 1)
-    return completions, depths
 
 
 def configured_loss(config: SelfDistillConfig, exit_hidden_states, lm_head, mask, normalizer=None):

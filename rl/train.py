@@ -61,6 +61,7 @@ from rl.self_distill import validate_self_distill
 from rl.sharding import take_fsdp_request
 from rollout import SamplingParams, get_engine, make_worker
 from rollout.engines import check_installed
+from rollout.exit_rules import depth_metrics
 from rollout.speculative import accumulate_stats, rollout_metrics, spec_config
 
 LOG_PREFIX = "looprl train:"
@@ -240,6 +241,8 @@ class Trainer:
         metrics["tokens_per_s"] = gen_tokens / max(metrics["time/step"], 1e-9)
         # time/rollout_per_token; rollout/accept_rate and rollout/tokens_per_verify with speculative rollouts
         metrics.update(rollout_metrics(timers, timers["rollout"], gen_tokens))
+        metrics.update(depth_metrics([s.token_depths for s in sampled], [len(s.completion_ids) for s in sampled],
+                                     self.depth))
         self.last_samples = kept or sampled
         return metrics
 
@@ -252,7 +255,8 @@ class Trainer:
         params = SamplingParams(n=n, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                 top_p=cfg.top_p, top_k=cfg.top_k, ignore_eos=cfg.ignore_eos,
                                 seed=step_seed(cfg.seed, self.global_step, round_, self.rank),
-                                speculative=spec_config(cfg.rollout_draft_depth, cfg.rollout_num_draft, self.depth))
+                                speculative=spec_config(cfg.rollout_draft_depth, cfg.rollout_num_draft, self.depth),
+                                exit_rule=cfg.exit_rule())
         t0 = time.perf_counter()
         rollout = self.worker.generate([self.prompt_ids(i) for i in local], params)
         t1 = time.perf_counter()

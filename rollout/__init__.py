@@ -4,10 +4,10 @@
 `from rollout.vllm_worker import VLLMRolloutWorker` for the optional vLLM engine itself.
 """
 
-from rollout.base import Rollout, RolloutWorker, SamplingParams, SpecConfig
+from rollout.base import ExitRule, Rollout, RolloutWorker, SamplingParams, SpecConfig
 from rollout.engines import ENGINES, get_engine, make_worker, register_engine
 
-__all__ = ["ENGINES", "Rollout", "RolloutWorker", "SamplingParams", "SpecConfig", "TorchRolloutWorker", "get_engine",
+__all__ = ["ENGINES", "ExitRule", "Rollout", "RolloutWorker", "SamplingParams", "SpecConfig", "TorchRolloutWorker", "get_engine",
            "make_worker", "register_engine"]
 
 

@@ -32,6 +32,75 @@ class SpecConfig:
                 raise ValueError(f"SpecConfig.{name} must be an integer >= 1, got {value!r}")
 
 
+EXIT_RULES = ("fixed", "confidence", "gate")
+
+
+@dataclass(frozen=True)
+class ExitRule:
+    """Adaptive per-token depth (torch engine; rollout/exit_rules.py applies it, docs/ADAPTIVE_DEPTH.md).
+
+    After every loop t >= min_depth the position being decoded may stop: `confidence` when the max
+    probability of exit t (softmax(logits / temperature); temperature 0: plain softmax) reaches `threshold`,
+    `gate` when the CDF of Ouro's exit distribution (the exit gate, fp32) reaches `threshold` (q >= 1: never
+    before T). Otherwise it runs to T. The next token is drawn from the exit it stopped at. `fixed` (or no
+    rule) is plain depth-T decoding.
+    """
+
+    kind: str = "fixed"
+    threshold: float | None = None
+    min_depth: int = 1
+
+    def __post_init__(self) -> None:
+        if self.kind not in EXIT_RULES:
+            raise ValueError(f"ExitRule.kind must be one of {EXIT_RULES}, got {self.kind!r}")
+        if isinstance(self.min_depth, bool) or not isinstance(self.min_depth, int) or self.min_depth < 1:
+            raise ValueError(f"ExitRule.min_depth must be an integer >= 1, got {self.min_depth!r}")
+        if self.adaptive and self.threshold is None:
+            raise ValueError(f"ExitRule {self.kind!r} needs a threshold")
+
+    @property
+    def adaptive(self) -> bool:
+        return self.kind != "fixed"
+
+
+def exit_rule_from_keys(kind: str, threshold: float | None, min_depth: int, *, depth: int | None = None,
+                        engine: str = "torch", speculative: bool = False) -> ExitRule | None:
+    """The config keys `rollout_exit_rule`, `rollout_exit_threshold`, `rollout_min_depth` as an ExitRule
+    (None for `fixed`), checked; every error is a ValueError naming the key (looprl train and looprl eval).
+    `depth`: the rollout depth T when known (min_depth must be <= T)."""
+    if kind not in EXIT_RULES:
+        raise ValueError(f"config key 'rollout_exit_rule': {kind!r} is not one of {', '.join(EXIT_RULES)}")
+    if isinstance(min_depth, bool) or not isinstance(min_depth, int) or min_depth < 1:
+        raise ValueError(f"config key 'rollout_min_depth': must be an integer >= 1, got {min_depth!r}")
+    if kind == "fixed":
+        if threshold is not None:
+            raise ValueError("config key 'rollout_exit_threshold': only used by rollout_exit_rule confidence | gate "
+                             "(the rule is fixed)")
+        if min_depth != 1:
+            raise ValueError("config key 'rollout_min_depth': only used by rollout_exit_rule confidence | gate "
+                             "(the rule is fixed)")
+        return None
+    if threshold is None or isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+        raise ValueError(f"config key 'rollout_exit_threshold': rollout_exit_rule {kind} needs a number, "
+                         f"got {threshold!r}")
+    low_ok = threshold > 0 if kind == "confidence" else threshold >= 0
+    if not (low_ok and threshold <= 1):
+        bounds = "(0, 1] (a max probability)" if kind == "confidence" else "[0, 1] (a CDF level q; 1 = always T)"
+        raise ValueError(f"config key 'rollout_exit_threshold': {threshold} is outside {bounds} for "
+                         f"rollout_exit_rule {kind}")
+    if depth is not None and depth < 2:
+        raise ValueError(f"config key 'rollout_exit_rule': {kind} needs a looped model at depth >= 2, got depth {depth}")
+    if depth is not None and min_depth > depth:
+        raise ValueError(f"config key 'rollout_min_depth': {min_depth} exceeds the rollout depth {depth}")
+    if engine != "torch":
+        raise ValueError(f"config key 'rollout_exit_rule': {kind} needs engine torch; the {engine} engine samples "
+                         "every token at one fixed depth (docs/ADAPTIVE_DEPTH.md)")
+    if speculative:
+        raise ValueError(f"config key 'rollout_exit_rule': {kind} cannot be combined with self-speculative "
+                         "rollouts (rollout_draft_depth), which verify at the fixed depth")
+    return ExitRule(kind, float(threshold), min_depth)
+
+
 @dataclass
 class SamplingParams:
     """How to sample completions.
@@ -41,6 +110,8 @@ class SamplingParams:
     (every sample runs to max_new_tokens). ignore_eos True means the same as [] whatever
     stop_token_ids says: full-length completions, for benchmarks and memory tests.
     speculative: None = plain decoding; a SpecConfig = self-speculative decoding (same distribution).
+    exit_rule: None (or kind "fixed") = every token at the worker's depth; an adaptive ExitRule = each token
+    at the depth the rule picks (recorded in Rollout.token_depths).
     """
 
     n: int = 1
@@ -52,6 +123,7 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     speculative: SpecConfig | None = None
     ignore_eos: bool = False
+    exit_rule: ExitRule | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.n, int) or self.n < 1:
@@ -68,6 +140,13 @@ class SamplingParams:
             self.stop_token_ids = [int(t) for t in self.stop_token_ids]
         if self.speculative is not None and not isinstance(self.speculative, SpecConfig):
             raise ValueError(f"SamplingParams.speculative must be a SpecConfig or None, got {self.speculative!r}")
+        if self.exit_rule is not None and not isinstance(self.exit_rule, ExitRule):
+            raise ValueError(f"SamplingParams.exit_rule must be an ExitRule or None, got {self.exit_rule!r}")
+
+    @property
+    def adaptive(self) -> bool:
+        """Each token's depth is chosen by an exit rule (not the fixed worker depth)."""
+        return self.exit_rule is not None and self.exit_rule.adaptive
 
     @property
     def greedy(self) -> bool:
@@ -93,6 +172,13 @@ class Rollout:
     update recomputes. With top_p=1, top_k=0 it is also the sampling distribution's logprob.
 
     `stats`: engine counters of this call (speculative decoding: `accept_rate`, `tokens_per_verify`, ...).
+
+    `token_depths` (adaptive exit rules only; None = every token at `depth`): one loop count per completion
+    token. Completion token k's depth d is the exit its logits were read from, at the position that produced
+    it (the previous position: the last prompt token for k = 0). That position ran loops 1..d only: its state
+    is frozen after loop d, and its K/V in the cache slots of loops d+1..T are each layer's K/V projection of
+    that frozen exit state. Prompt positions before it run all T loops. The update reproduces exactly this
+    (`OuroForCausalLM.forward(exit_depth=...)`).
     """
 
     prompt_ids: list[list[int]] = field(default_factory=list)
@@ -101,6 +187,7 @@ class Rollout:
     finish_reasons: list[str] = field(default_factory=list)
     depth: int = 1
     stats: dict[str, float] = field(default_factory=dict)
+    token_depths: list[list[int]] | None = None
 
     def __len__(self) -> int:
         return len(self.completion_ids)

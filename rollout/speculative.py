@@ -142,7 +142,7 @@ def speculative_decode(worker, prompts: list[list[int]], params: SamplingParams,
     greedy = params.greedy
     batch = len(prompts) * n
     # k spare columns: a round may draft past max_new_tokens (those tokens are dropped).
-    cache, logits, mask, prompt_lens, width = worker._prefill(prompts, n, max_new + k, device)
+    cache, logits, mask, prompt_lens, width, _ = worker._prefill(prompts, n, max_new + k, device)
     step.refresh()
     step.bind(cache)
     embed, rotary, lm_head = step.backbone.embed_tokens, step.backbone.rotary_emb, worker.model.lm_head

@@ -37,7 +37,8 @@ from looped.adapters import is_adapter_layer
 from looped.facts import is_looped, max_depth
 from looped.fast_decode import OuroDecodeStep
 from looped.hf_compat import StaticCache
-from rollout.base import Rollout, SamplingParams, as_id_list, checkpoint_name
+from rollout.base import ExitRule, Rollout, SamplingParams, as_id_list, checkpoint_name
+from rollout.exit_rules import ExitDecider, decide_from_exits, project_skipped_kv
 from rollout.sampling import sample_next
 from rollout.speculative import speculative_decode
 
@@ -147,6 +148,8 @@ class TorchRolloutWorker:
     # ------------------------------------------------------------------ generation
     def generate(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams) -> Rollout:
         prompts = self._check_prompts(prompt_ids)
+        if params.adaptive:
+            self._check_adaptive(params)
         if params.speculative is not None:
             self._check_speculative(params)
         was_training = self.model.training
@@ -156,8 +159,9 @@ class TorchRolloutWorker:
                 if self._fast is not None and (self._reverify or not self._fast_verified):
                     self._verify_fast_decode()
                 stats: dict[str, float] = {}
+                depths = None
                 if params.speculative is None:
-                    tokens, logprobs, lengths, stopped = self._decode(prompts, params)
+                    tokens, logprobs, lengths, stopped, depths = self._decode(prompts, params)
                 else:
                     if self._fast is None:
                         raise ValueError("speculative decoding needs the fused Ouro decode step, which failed "
@@ -167,13 +171,44 @@ class TorchRolloutWorker:
         finally:
             self.model.train(was_training)
         n = params.n
-        rollout = Rollout(depth=self.depth, stats=stats)
+        rollout = Rollout(depth=self.depth, stats=stats, token_depths=[] if params.adaptive else None)
         for row, (toks, lps, length, hit) in enumerate(zip(tokens, logprobs, lengths, stopped)):
+            if params.adaptive:
+                rollout.token_depths.append(depths[row][:length])
             rollout.prompt_ids.append(list(prompts[row // n]))
             rollout.completion_ids.append(toks[:length])
             rollout.logprobs.append(lps[:length])
             rollout.finish_reasons.append("stop" if hit else "length")
         return rollout
+
+    def _check_adaptive(self, params: SamplingParams) -> None:
+        if not self.looped:
+            raise ValueError(f"SamplingParams.exit_rule {params.exit_rule.kind!r} needs a looped model; "
+                             f"{type(self.model).__name__} has one exit")
+        if params.speculative is not None:
+            raise ValueError("SamplingParams: an adaptive exit_rule and speculative decoding cannot be combined "
+                             "(speculative decoding verifies at the fixed depth)")
+        if params.exit_rule.min_depth > self.depth:
+            raise ValueError(f"ExitRule.min_depth {params.exit_rule.min_depth} exceeds the rollout depth {self.depth}")
+
+    def _decider(self, rule: ExitRule, temperature: float, batch: int, device: torch.device) -> ExitDecider:
+        backbone = self.model.model
+        return ExitDecider(rule, self.depth, temperature, self.model.lm_head,
+                           lambda h: backbone.exit_gate_logits((h,)).squeeze(-1), batch, device)
+
+    def _kv_lists(self, cache) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        slots = self.depth * self.model.config.num_hidden_layers
+        return [cache.layers[s].keys for s in range(slots)], [cache.layers[s].values for s in range(slots)]
+
+    def _adaptive_readout(self, exits: list[torch.Tensor], cache, column: int, position: torch.Tensor,
+                          params: SamplingParams):
+        """The rule over exits already computed (prefill's last position, the plain decode path): the chosen
+        exits' logits and depths; the skipped loops' K/V at `column` follow the K/V rule (rollout/exit_rules.py)."""
+        decider = self._decider(params.exit_rule, params.temperature, exits[0].shape[0], exits[0].device)
+        decide_from_exits(decider, exits)
+        keys, values = self._kv_lists(cache)
+        project_skipped_kv(self.model, keys, values, decider.depth, decider.states, column, position)
+        return decider.logits, decider.depth
 
     def _check_speculative(self, params: SamplingParams) -> None:
         spec = params.speculative
@@ -218,11 +253,14 @@ class TorchRolloutWorker:
             return self.model.make_static_cache(batch_size, max_len, depth=self.depth, device=device)
         return StaticCache(config=self.model.config, max_cache_len=max_len)
 
-    def _forward(self, input_ids, attention_mask, position_ids, cache, start: int):
+    def _forward(self, input_ids, attention_mask, position_ids, cache, start: int, exits: bool = False):
+        """Last-position logits [B, V]; with `exits`, every loop's normed state at the last position instead."""
         kwargs = {"logits_to_keep": 1} if self._keep_last else {}
         if self.looped:
             kwargs["depth"] = self.depth
             kwargs["cache_position"] = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
+            if exits:
+                kwargs["output_exits"] = True
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -231,6 +269,8 @@ class TorchRolloutWorker:
             **{self._cache_arg: cache},
             **kwargs,
         )
+        if exits:
+            return [h[:, -1] for h in out.exit_hidden_states]
         return out.logits[:, -1]
 
     def _verify_fast_decode(self) -> None:
@@ -261,12 +301,17 @@ class TorchRolloutWorker:
             self._fast = None
         self._fast_verified = True
 
-    def _prefill(self, prompts: list[list[int]], n: int, max_new: int, device: torch.device):
+    def _prefill(self, prompts: list[list[int]], n: int, max_new: int, device: torch.device,
+                 params: SamplingParams | None = None):
         """Prefill each distinct prompt once (left-padded) and fan the cache out to its n samples.
 
-        Returns (cache, last-position logits [B, V], mask [B, width + max_new], prompt lengths [B], width)
-        with rows in prompt-major order. The mask is 1 on real prompt tokens and on every future column.
+        Returns (cache, last-position logits [B, V], mask [B, width + max_new], prompt lengths [B], width,
+        depth [B] of those logits or None) with rows in prompt-major order. The mask is 1 on real prompt tokens
+        and on every future column. Every prompt position runs all T loops; with an adaptive exit rule the
+        first token's logits are the exit the rule picks at the last prompt position (its recorded depth),
+        and that position's deeper K/V follow the K/V rule (rollout/exit_rules.py).
         """
+        adaptive = params is not None and params.adaptive
         num_prompts = len(prompts)
         prompt_lens = torch.tensor([len(p) for p in prompts], device=device)
         width = int(max(len(p) for p in prompts))
@@ -285,11 +330,14 @@ class TorchRolloutWorker:
         if n > 1 and not can_fan_out:  # a cache without row selection: prefill every sample row
             cache = self._new_cache(len(expand), max_len, device)
             input_ids, mask, position_ids = input_ids[expand], mask[expand], position_ids[expand]
-        logits = self._forward(input_ids, mask[:, :width], position_ids, cache, start=0)
+        out = self._forward(input_ids, mask[:, :width], position_ids, cache, start=0, exits=adaptive)
+        logits, depth = self._adaptive_readout(out, cache, width - 1, prompt_lens - 1, params) if adaptive \
+            else (out, None)
         if n > 1 and can_fan_out:
             cache.reorder_cache(expand)
             logits, mask = logits[expand], mask[expand]
-        return cache, logits, mask, prompt_lens[expand], width
+            depth = depth[expand] if depth is not None else None
+        return cache, logits, mask, prompt_lens[expand], width, depth
 
     def _decode(self, prompts: list[list[int]], params: SamplingParams):
         """Prefill, then sample one token per step for every live row until max_new_tokens or all stopped.
@@ -298,7 +346,8 @@ class TorchRolloutWorker:
         device = self._device()
         n, max_new = params.n, params.max_new_tokens
         batch = len(prompts) * n
-        cache, logits, mask, next_pos, width = self._prefill(prompts, n, max_new, device)
+        cache, logits, mask, next_pos, width, depth = self._prefill(prompts, n, max_new, device, params)
+        adaptive = depth is not None
         fast = self._fast
         if fast is not None:
             fast.refresh()
@@ -314,6 +363,7 @@ class TorchRolloutWorker:
 
         out_tokens = torch.full((batch, max_new), self.pad_token_id, dtype=torch.long, device=device)
         out_logprobs = torch.zeros((batch, max_new), dtype=torch.float32, device=device)
+        out_depths = torch.full((batch, max_new), self.depth, dtype=torch.long, device=device)
         lengths = torch.full((batch,), max_new, dtype=torch.long, device=device)
         stopped = torch.zeros(batch, dtype=torch.bool, device=device)
         rows = torch.arange(batch, device=device)  # original row of each computed row
@@ -325,9 +375,13 @@ class TorchRolloutWorker:
             if compacted:
                 out_tokens[rows, step] = token
                 out_logprobs[rows, step] = logprob
+                if adaptive:
+                    out_depths[rows, step] = depth
             else:
                 out_tokens[:, step] = token
                 out_logprobs[:, step] = logprob
+                if adaptive:
+                    out_depths[:, step] = depth
             if step == max_new - 1:
                 break
             if stop is not None:
@@ -349,7 +403,10 @@ class TorchRolloutWorker:
                             fast.bind(cache)
                             bias = bias[keep]
             # Feed the token just drawn: cache index width + step, sequence position prompt_len + step.
-            if fast is not None:
+            if adaptive:
+                logits, depth = self._adaptive_step(fast, cache, token, mask, next_pos + step, width + step,
+                                                    bias if fast is not None else None, params)
+            elif fast is not None:
                 logits = fast(token, next_pos + step, width + step, bias)
             else:
                 logits = self._forward(
@@ -363,4 +420,18 @@ class TorchRolloutWorker:
         if fast is not None:
             fast.release()
         del cache
-        return out_tokens.tolist(), out_logprobs.tolist(), lengths.tolist(), stopped.tolist()
+        depths = out_depths.tolist() if adaptive else None
+        return out_tokens.tolist(), out_logprobs.tolist(), lengths.tolist(), stopped.tolist(), depths
+
+    def _adaptive_step(self, fast, cache, token, mask, position, column: int, bias, params: SamplingParams):
+        """One decode step under the exit rule: (logits [B, V] of each row's chosen exit, depth [B]).
+        Fused: rows stop running at their exit (the saving); plain: the model's forward runs every loop and the
+        rule reads its exits (same tokens, no saving). Both apply the K/V rule at `column`."""
+        if fast is None:
+            exits = self._forward(token.unsqueeze(1), mask[:, : column + 1], position.unsqueeze(1), cache,
+                                  start=column, exits=True)
+            return self._adaptive_readout(exits, cache, column, position, params)
+        decider = self._decider(params.exit_rule, params.temperature, token.shape[0], token.device)
+        fast.adaptive(token, position, column, bias, decider.after_loop)
+        project_skipped_kv(self.model, fast.keys, fast.values, decider.depth, decider.states, column, position)
+        return decider.logits, decider.depth

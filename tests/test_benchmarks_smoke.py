@@ -138,3 +138,25 @@ def test_lora_mismatch_benchmark(capsys):
     pytest.importorskip("peft")
     assert load("lora_mismatch").main(["--dtypes", "float32", "--n", "2", "--new", "3"]) == 0
     assert capsys.readouterr().out.count("| float32 |") == 4  # one row per depth of the embedded model
+
+
+def test_adaptive_depth_benchmark(capsys):
+    assert load("adaptive_depth").main(["--models", "tiny", "--batches", "2", "--repeats", "1",
+                                        "--max_new_tokens", "4"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| tiny |")]
+    assert len(rows) == 1 and "confidence 0.6" in rows[0]
+
+
+@pytest.mark.slow
+def test_exit_policy_experiment_adaptive_arms(tmp_path, capsys):
+    """Issue 22's arms: the adaptive table with the rule's eval, rollout time and the runs' metric means."""
+    train_args = "--prompts_per_step 2 --num_generations 2 --max_new_tokens 4 --eval_every 0 --progress false"
+    out = tmp_path / "exp"
+    assert load("exit_policy_experiment").main([
+        "--seeds", "0", "--steps", "1", "--arms", "fixed_T,adaptive", "--limit", "2", "--thresholds", "0.9",
+        "--tau", "0.8", "--reference", "fixed_T", "--out", str(out), "--train_args", train_args]) == 0
+    table = (out / "table.md").read_text()
+    assert "acc rule τ=0.8" in table and "train rollout mean depth" in table
+    facts = json.loads((out / "report.json").read_text())["facts"]
+    assert facts["fixed_T/0"]["rollout_depth_mean"] == 4.0 and facts["adaptive/0"]["rollout_depth_mean"] < 4.0
+    assert facts["adaptive/0"]["mismatch_max_mean"] < 1e-3

@@ -331,7 +331,7 @@ def test_eval_cli_writes_the_json_schema(tiny_model_dir, tmp_path, capsys):
 
 
 def test_exit_threshold_extremes_match_fixed_depth_decoding(tiny_model_dir):
-    """q >= 1 reads the last loop and q = 0 the first, so greedy exit-gate decoding (early_exit_generate) must
+    """q >= 1 reads the last loop and q = 0 the first, so greedy exit-gate decoding (the worker's gate rule) must
     produce the very completions the fixed-depth rollout worker produces at depth T and at depth 1."""
     from rl.data import load_prompts
     from rl.evaluate import _load_model, _load_tokenizer_and_config, evaluate_exit_threshold
@@ -398,27 +398,3 @@ def test_eval_cli_option_reaches_the_accuracy_function(tiny_model_dir, tmp_path)
     assert report["reward"] == "math_accuracy"
     assert report["reward_kwargs"] == {"policy": "rounded", "fallback": "none"}
     assert report["depths"]["1"]["unscored_frac"] == 0.0
-
-
-def test_gate_rule_decodes_like_the_models_own_generate(tiny_model_dir):
-    """early_exit_generate(rule="gate") (used by --exit_threshold) reads the exit the model's own
-    generate(exit_threshold=q) reads, so a mid threshold gives the same greedy completions."""
-    import torch
-
-    from rl.data import load_prompts
-    from rl.evaluate import _load_model, _load_tokenizer_and_config
-    from rl.prompts import encode_prompts
-    from rl.self_distill import early_exit_generate
-
-    tokenizer, _ = _load_tokenizer_and_config(str(tiny_model_dir))
-    model = _load_model(str(tiny_model_dir), "cpu")
-    prompts = encode_prompts(tokenizer, load_prompts("arith", split="test", limit=4)["prompt"])
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    ours, depths = early_exit_generate(model, prompts, threshold=0.5, rule="gate", max_new_tokens=8,
-                                       eos_token_id=eos, pad_token_id=pad)
-    for prompt, completion in zip(prompts, ours):
-        with torch.no_grad():
-            seq = model.generate(input_ids=torch.tensor([prompt]), do_sample=False, max_new_tokens=8,
-                                 eos_token_id=eos, pad_token_id=pad, exit_threshold=0.5)[0, len(prompt):].tolist()
-        assert completion == (seq[: seq.index(eos) + 1] if eos in seq else seq)
-    assert all(1 <= d <= 4 for row in depths for d in row)

@@ -323,30 +323,3 @@ def test_on_tiny_ouro_model_gradients_come_from_students_only():
     deep_only = (out.exit_hidden_states[-1],) * 4  # every exit IS the deep exit
     zero, _ = self_distill_loss(deep_only, model.lm_head, mask, exits="all")
     assert abs(zero.item()) < 1e-6
-
-
-def test_early_exit_decoding_limits_match_fixed_depth_greedy():
-    from rl.self_distill import early_exit_generate
-
-    model = tiny_ouro().eval()
-    prompts = [[5, 6, 7, 8, 9], [3, 4, 2]]
-
-    def greedy(depth, steps=6):
-        outs = []
-        for p in prompts:
-            ids = torch.tensor([p])
-            for _ in range(steps):
-                with torch.no_grad():
-                    ids = torch.cat([ids, model(ids, depth=depth).logits[:, -1:].argmax(-1)], 1)
-            outs.append(ids[0, len(p):].tolist())
-        return outs
-
-    # Never confident -> always loop T; always confident -> always loop 1: exactly fixed-depth greedy.
-    deep, d_deep = early_exit_generate(model, prompts, threshold=2.0, max_new_tokens=6, pad_token_id=0)
-    shallow, d_shallow = early_exit_generate(model, prompts, threshold=0.0, max_new_tokens=6, pad_token_id=0)
-    assert deep == greedy(4) and all(d == [4] * 6 for d in d_deep)
-    assert shallow == greedy(1) and all(d == [1] * 6 for d in d_shallow)
-    _, d_mid = early_exit_generate(model, prompts, threshold=0.5, rule="gate", max_new_tokens=6, pad_token_id=0)
-    assert all(1 <= d <= 4 for row in d_mid for d in row)
-    with pytest.raises(ValueError, match="early exit rule"):
-        early_exit_generate(model, prompts, threshold=0.5, rule="entropy")
