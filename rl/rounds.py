@@ -1,0 +1,54 @@
+"""One rollout round of a step: the prompts' completions sampled, decoded, scored and cut into groups.
+
+The one code path for the synchronous trainer (`Trainer._sample_and_score`, which adds the gather over
+processes) and the asynchronous producer (rl/async_rollout.py), so both sample with the same seeds and
+score the same way.
+"""
+
+from __future__ import annotations
+
+import time
+
+from rl.batch import Sample
+from rl.config import TrainConfig
+from rl.dynamic_sampling import Group
+from rollout import SamplingParams
+from rollout.speculative import accumulate_stats, spec_config
+
+
+def step_seed(seed: int, step: int, round_: int, rank: int) -> int:
+    """The rollout seed of one (step, dynamic-sampling round, process)."""
+    return (seed * 1_000_003 + step * 10_007 + round_ * 101 + rank) % (2**31 - 1)
+
+
+def sampling_params(cfg: TrainConfig, depth: int, step: int, round_: int, rank: int) -> SamplingParams:
+    """What one round samples: the config's sampling keys and the (step, round, process) seed."""
+    return SamplingParams(n=cfg.num_generations, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                          top_p=cfg.top_p, top_k=cfg.top_k, ignore_eos=cfg.ignore_eos,
+                          seed=step_seed(cfg.seed, step, round_, rank),
+                          speculative=spec_config(cfg.rollout_draft_depth, cfg.rollout_num_draft, depth))
+
+
+def generate_and_score(worker, scorer, tokenizer, dataset, prompt_ids, indices: list[int], params: SamplingParams,
+                       timers: dict[str, float]) -> list[Sample]:
+    """Sample `params.n` completions of each prompt of `indices`, decode and score them (prompt-major).
+
+    Adds the rollout and reward seconds to `timers` (and speculative decoding's counts); raises what
+    `Scorer.score` raises (RewardFunctionError, RewardInterrupted)."""
+    t0 = time.perf_counter()
+    rollout = worker.generate([prompt_ids(i) for i in indices], params)
+    t1 = time.perf_counter()
+    accumulate_stats(timers, rollout.stats)  # speculative rollouts: drafted / accepted counts
+    texts = [tokenizer.decode(c, skip_special_tokens=True) for c in rollout.completion_ids]
+    samples = scorer.score(indices, [dataset[i] for i in indices], rollout, texts)
+    timers["rollout"] += t1 - t0
+    timers["reward"] += time.perf_counter() - t1
+    return samples
+
+
+def to_groups(samples: list[Sample], n: int, version: int = 0) -> list[Group]:
+    """Prompt-major samples as groups of n; a group holding a `skip` sample is skipped (reward_on_error:
+    skip_group). `version`: the policy version that sampled them (asynchronous rollouts)."""
+    return [Group(rewards=[s.reward for s in samples[g:g + n]], data=samples[g:g + n],
+                  skipped=any(s.skip for s in samples[g:g + n]), version=version)
+            for g in range(0, len(samples), n)]
