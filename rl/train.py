@@ -243,8 +243,10 @@ class Trainer:
             if self.rollouts is None:
                 self.worker.sync_weights(self.policy.full_weights())
         else:
-            warnings.warn(f"step {self.global_step + 1}: {_no_update_cause(result)}; no update", RuntimeWarning,
-                          stacklevel=2)
+            dropped = int(metrics.get("async/dropped_stale", 0))
+            cause = (f"every kept group ({dropped}) was more than max_staleness {cfg.max_staleness} versions "
+                     "behind the weights" if dropped else _no_update_cause(result))
+            warnings.warn(f"step {self.global_step + 1}: {cause}; no update", RuntimeWarning, stacklevel=2)
         if self.rollouts is not None:  # version global_step + 1, for the producer's next rounds
             metrics["time/weight_sync"] = self.rollouts.publish(self.policy.full_weights(), self.global_step + 1,
                                                                 changed=bool(kept))
