@@ -23,14 +23,18 @@ Design (docs/ARCHITECTURE.md has the picture, docs/OBJECTIVE.md the off-policy o
   producer at the checkpoint's step from that state and the checkpoint's weights: every step's prompts
   are the data order's next ones, none repeated or skipped (groups in flight at the stop were sampled,
   never trained, and are sampled again from the checkpoint's weights).
-- Stopping: the producer ignores SIGINT/SIGTERM (the trainer finishes its step, checkpoints and closes
-  it); a signal that lands inside a reward function in the producer ends the producer with an
-  `interrupted` batch, which the trainer treats like a Ctrl-C inside its own reward function; the
-  producer exits by itself when its parent dies (kill -9), within one round.
+- Stopping: the producer ignores SIGINT/SIGTERM (the trainer finishes its step, checkpoints and stops
+  it: nothing of the producer needs saving); a signal that lands inside a reward function there (the
+  reward guard turns it into RewardInterrupted) only makes it sample that round again. It dies with
+  its parent (kill -9): Linux's parent-death signal, elsewhere the pid checks of its waits.
+- Several training processes (DDP): one producer per process, each rolling out its share of every
+  round's prompts; the producers agree on failures and gather the groups over their own gloo group, as
+  the trainer's processes do synchronously, so every process gets the same StepBatch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import signal
@@ -46,7 +50,7 @@ from looped.adapters import merged_named_parameters
 from rewards.guard import RewardFunctionError, RewardInterrupted
 from rl.config import ConfigError, TrainConfig
 from rl.dynamic_sampling import SamplingResult, collect_groups
-from rl.rounds import generate_and_score, sampling_params, to_groups
+from rl.rounds import RoundRoles, sample_round
 from rollout.base import checkpoint_name
 
 POLL_S = 0.005  # the producer's wait for newer weights / queue room, and the trainer's check of the producer
@@ -131,12 +135,15 @@ class ProducerSpec:
     start_step: int
     sampler_state: dict
     threads: int
+    rank: int = 0  # the training process it serves; with several, the producers form their own gloo group
+    world: int = 1
+    group_address: str | None = None  # tcp://host:port of that group (world > 1)
     throttle: bool = True  # False only in tests: the producer then runs ahead as far as the queue allows
 
 
 @dataclass
 class StepBatch:
-    """One step's groups from the producer (or why there are none: `error` / `interrupted`)."""
+    """One step's groups from the producer (or why there are none: `error` / `failure`)."""
 
     step: int
     result: SamplingResult | None = None
@@ -146,7 +153,6 @@ class StepBatch:
     load_s: float = 0.0  # producer seconds copying weights in for this step
     error: str | None = None  # a reward function failed (reward_on_error: raise): its line
     failure: str | None = None  # the producer itself failed: why
-    interrupted: str | None = None  # a signal reached a reward function in the producer: its name
 
 
 def _log(msg: str) -> None:
@@ -157,16 +163,36 @@ def producer_main(spec: ProducerSpec, weights: SharedWeights, queue, stop, paren
     """The producer process: steps' groups onto `queue` until `stop` is set or the parent is gone."""
     for sig in (signal.SIGINT, signal.SIGTERM):  # the trainer decides when to stop (module doc)
         signal.signal(sig, signal.SIG_IGN)
+    _die_with_parent(parent_pid)
+    report = None
     try:
         _produce(spec, weights, queue, stop, parent_pid)
     except ProducerStopped:
-        return
-    except RewardInterrupted as e:
-        _put(queue, StepBatch(-1, interrupted=str(e) or "SIGINT"), stop, parent_pid)
+        pass
     except RewardFunctionError as e:
-        _put(queue, StepBatch(-1, error=str(e)), stop, parent_pid)
+        report = StepBatch(-1, error=str(e))
     except BaseException as e:  # noqa: BLE001 (reported to the trainer, which stops with it)
-        _put(queue, StepBatch(-1, failure=f"{type(e).__name__}: {' '.join(str(e).split())[:500]}"), stop, parent_pid)
+        report = StepBatch(-1, failure=f"{type(e).__name__}: {' '.join(str(e).split())[:500]}")
+    finally:
+        if torch.distributed.is_initialized():  # a gloo group left open can abort the process at exit
+            torch.distributed.destroy_process_group()
+    if report is not None:
+        with contextlib.suppress(ProducerStopped):
+            _put(queue, report, stop, parent_pid)
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Linux: the kernel kills this process when the trainer dies (kill -9), even inside a collective or a
+    long generate; elsewhere the waits' checks of the parent's pid are what notice it."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # it died before the call
+        os._exit(0)
 
 
 def _produce(spec: ProducerSpec, weights: SharedWeights, queue, stop, parent_pid: int) -> None:
@@ -178,9 +204,11 @@ def _produce(spec: ProducerSpec, weights: SharedWeights, queue, stop, parent_pid
 
 
 class _Producer:
-    """The producer process's roles: its model copy and worker, the Scorer, the prompt sampler."""
+    """The producer process's roles: its model copy and worker, the Scorer, the prompt sampler (RoundRoles)."""
 
     def __init__(self, spec: ProducerSpec, weights: SharedWeights, stop, parent_pid: int):
+        from transformers.utils import logging as hf_logging
+
         from rl.data import reward_columns
         from rl.model_io import load_model
         from rl.policy import disable_dropout
@@ -191,19 +219,21 @@ class _Producer:
         self.spec, self.cfg, self.weights, self.stop, self.parent_pid = spec, spec.cfg, weights, stop, parent_pid
         cfg = spec.cfg
         torch.set_num_threads(spec.threads)
+        hf_logging.disable_progress_bar()  # the trainer loaded the same files already
         self.model = load_model(spec.model_path, "config key 'model'", dtype=getattr(torch, cfg.dtype))
         self.model.to(spec.device)
         disable_dropout(self.model)
         self.model.eval().requires_grad_(False)
         self.held, _ = weights.load_into(self.model)
-        self.worker = make_worker(cfg.engine, depth=spec.depth, model=self.model, model_path=spec.model_path,
-                                  eos_token_id=spec.eos_token_id, pad_token_id=spec.pad_token_id,
-                                  **cfg.engine_options())
+        worker = make_worker(cfg.engine, depth=spec.depth, model=self.model, model_path=spec.model_path,
+                             eos_token_id=spec.eos_token_id, pad_token_id=spec.pad_token_id, **cfg.engine_options())
         self.scorer = Scorer(cfg, columns=reward_columns(spec.dataset), warn=_log)
         self.sampler = PromptSampler(len(spec.dataset), cfg.seed)
         self.sampler.load_state_dict(spec.sampler_state)
-        self.prompt_ids = PromptIds(spec.tokenizer, spec.dataset, cfg.max_prompt_length, cfg.prompt_suffix,
-                                    why=spec.prompt_limit_why)
+        prompt_ids = PromptIds(spec.tokenizer, spec.dataset, cfg.max_prompt_length, cfg.prompt_suffix,
+                               why=spec.prompt_limit_why)
+        self.roles = RoundRoles(cfg, spec.depth, worker, self.scorer, spec.tokenizer, spec.dataset, prompt_ids,
+                                self.sampler, spec.rank, spec.world, **_group_ops(spec))
 
     def step(self, step: int) -> StepBatch:
         """Step `step`'s groups: the trainer's rounds under dynamic sampling, each group tagged with its version."""
@@ -217,8 +247,8 @@ class _Producer:
         return batch
 
     def _round(self, batch: StepBatch, round_: int, want: int) -> list:
-        spec, weights = self.spec, self.weights
-        need = batch.step - self.cfg.max_staleness if spec.throttle else self.held
+        weights = self.weights
+        need = batch.step - self.cfg.max_staleness if self.spec.throttle else self.held
         while weights.version < need:  # the bound: at most max_staleness versions behind the step's weights
             _check_alive(self.stop, self.parent_pid)
             time.sleep(POLL_S)
@@ -226,10 +256,44 @@ class _Producer:
         if weights.version > self.held:  # the newest weights, between generate calls
             self.held, seconds = weights.load_into(self.model)
             batch.load_s += seconds
-        params = sampling_params(self.cfg, spec.depth, batch.step, round_, 0)
-        samples = generate_and_score(self.worker, self.scorer, spec.tokenizer, spec.dataset, self.prompt_ids,
-                                     self.sampler.take(want), params, batch.timers)
-        return to_groups(samples, self.cfg.num_generations, version=self.held)
+        at_start = self.sampler.state_dict()
+        while True:
+            try:
+                return sample_round(self.roles, batch.step, round_, want, batch.timers, version=self.held)
+            except RewardInterrupted:  # a signal meant for the trainer reached a reward function: sample again
+                self.sampler.load_state_dict(at_start)
+
+
+def _group_ops(spec: ProducerSpec) -> dict:
+    """RoundRoles' any_true / gather over the producers of all training processes (their own gloo group)."""
+    if spec.world == 1:
+        return {}
+    import torch.distributed as dist
+
+    # a launcher's agent store is the trainers' (torchrun / accelerate set this): ours is hosted by rank 0
+    os.environ.pop("TORCHELASTIC_USE_AGENT_STORE", None)
+    dist.init_process_group("gloo", init_method=spec.group_address, rank=spec.rank, world_size=spec.world)
+
+    def any_true(flag: bool) -> bool:
+        t = torch.tensor([1.0 if flag else 0.0])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+    def gather(groups: list) -> list:
+        parts = [None] * spec.world
+        dist.all_gather_object(parts, groups)
+        return [g for part in parts for g in part]
+
+    return {"any_true": any_true, "gather": gather}
+
+
+def free_port() -> int:
+    """A TCP port free on this host now (for the producers' process group)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
 
 
 def _check_alive(stop, parent_pid: int) -> None:
@@ -278,8 +342,6 @@ class AsyncRollouts:
                     raise RuntimeError(f"the rollout process exited (code {self.process.exitcode}) before step "
                                        f"{step + 1}'s samples") from None
         waited = time.perf_counter() - t0
-        if batch.interrupted:
-            raise RewardInterrupted(batch.interrupted)
         if batch.error:
             raise RewardFunctionError(batch.error)
         if batch.failure:
@@ -310,7 +372,7 @@ class AsyncRollouts:
         import queue as queue_module
 
         self.stop.set()
-        deadline = time.time() + 30
+        deadline = time.time() + 5  # then killed: it holds nothing to save (a peer may wait in a collective)
         while self.process.is_alive() and time.time() < deadline:
             try:  # a producer blocked on a full queue gets room to notice the stop
                 self.queue.get(timeout=0.1)
@@ -321,4 +383,5 @@ class AsyncRollouts:
             self.process.kill()
             self.process.join(timeout=10)
         self.queue.cancel_join_thread()
+        self.queue.close()
         self.process = None

@@ -685,10 +685,9 @@ def validate(cfg: TrainConfig, max_depth: int | None = None, num_processes: int 
         raise ConfigError(
             f"config key 'prompts_per_step': {cfg.prompts_per_step} does not split over {num_processes} processes")
     check_depths("config key 'eval_depths'", cfg.eval_depths or [], max_depth)
-    if cfg.max_staleness and (cfg.engine != "torch" or num_processes > 1):  # rl/async_rollout.py's scope
-        where = f"engine {cfg.engine!r}" if cfg.engine != "torch" else f"{num_processes} processes"
-        raise ConfigError(f"config key 'max_staleness': asynchronous rollouts run with the torch engine on one "
-                          f"process, not {where} (not supported yet); use max_staleness 0")
+    if cfg.max_staleness and cfg.engine != "torch":  # rl/async_rollout.py's producer runs the torch engine
+        raise ConfigError(f"config key 'max_staleness': asynchronous rollouts run with the torch engine, not "
+                          f"engine {cfg.engine!r} (not supported yet); use max_staleness 0")
     if cfg.eval_every and not cfg.eval_data:
         raise ConfigError("config key 'eval_data': required when eval_every > 0")
     if not 0.0 < cfg.vllm_gpu_memory_utilization <= 1.0:

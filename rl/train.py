@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import os
 import signal
 import sys
@@ -37,7 +36,7 @@ from rewards.guard import RewardFunctionError, RewardInterrupted
 from rl import exit_codes, resume
 from rl.accuracy import AccuracyError
 from rl.advantages import get_advantage
-from rl.async_rollout import AsyncRollouts, ProducerSpec, check_sendable
+from rl.async_rollout import AsyncRollouts, ProducerSpec, check_sendable, free_port
 from rl.batch import Sample
 from rl.checkpoint import latest_checkpoint, load_latest_checkpoint, save_checkpoint
 from rl.config import (
@@ -57,7 +56,7 @@ from rl.metrics import RunLogger, progress_bar, reward_metrics, sample_rows, sum
 from rl.model_io import load_model_config, load_tokenizer
 from rl.policy import Policy
 from rl.prompts import PromptIds, PromptSampler
-from rl.rounds import generate_and_score, sampling_params, to_groups
+from rl.rounds import RoundRoles, sample_round
 from rl.run_dir import RunDirError, RunLock, RunWriteError, check_resume_step, one_line, prepare_output_dir
 from rl.scoring import Scorer
 from rl.self_distill import validate_self_distill
@@ -168,7 +167,11 @@ class Trainer:
         # asynchronous rollouts, whose samples come from older weights (docs/OBJECTIVE.md)
         use_tis = cfg.tis_mode == "token" or (cfg.tis_mode == "auto" and (not engine.exact_logprobs
                                                                             or cfg.max_staleness > 0))
-        if cfg.max_staleness:  # the reward functions must reach the producer process
+        if cfg.max_staleness:  # one process or DDP; the reward functions must reach the producer process
+            backend = "FSDP2" if self.sharded else acc.distributed_type.name
+            if backend not in ("NO", "MULTI_CPU", "MULTI_GPU"):
+                raise ConfigError(f"config key 'max_staleness': asynchronous rollouts run on one process or under "
+                                  f"DDP, not {backend} (not supported yet); use max_staleness 0")
             check_sendable(cfg)
         self.policy = Policy(cfg, acc, self.model_path, use_tis=use_tis, self_distill=self_distill,
                              pad_id=int(pad if pad is not None else 0), exit_policy=exit_policy,
@@ -264,19 +267,14 @@ class Trainer:
 
     def _sample_and_score(self, round_: int, want: int, timers: dict[str, float]) -> list[Group]:
         """Sample `want` prompts (rounded up to split over processes), roll out and score; gathered globally."""
-        want = math.ceil(want / self.world) * self.world
-        indices = self.sampler.take(want)  # identical on every process (same seed and position)
-        local = indices[self.rank::self.world]
-        params = sampling_params(self.cfg, self.depth, self.global_step, round_, self.rank)
-        try:
-            samples, error = generate_and_score(self.worker, self.scorer, self.tokenizer, self.dataset,
-                                                self.prompt_ids, local, params, timers), None
-        except RewardFunctionError as e:  # every process stops with it (and checkpoints together, in _train)
-            samples, error = [], e
-        if reduce_max(self.accelerator, 1.0 if error else 0.0) > 0:
-            raise error or RewardFunctionError("a reward function failed on another process (its line names it)")
-        groups = to_groups(samples, self.cfg.num_generations)  # reward_on_error: skip_group marks groups
-        return gather_object(groups) if self.world > 1 else groups
+        return sample_round(self.round_roles, self.global_step, round_, want, timers)
+
+    @functools.cached_property
+    def round_roles(self) -> RoundRoles:
+        acc = self.accelerator
+        return RoundRoles(self.cfg, self.depth, self.worker, self.scorer, self.tokenizer, self.dataset,
+                          self.prompt_ids, self.sampler, self.rank, self.world,
+                          any_true=lambda flag: reduce_max(acc, 1.0 if flag else 0.0) > 0, gather=gather_object)
 
     def _take_rollouts(self) -> tuple[SamplingResult, dict[str, float], dict[str, float], dict[str, float]]:
         """This step's groups from the producer, those more than max_staleness versions behind the weights
@@ -295,8 +293,13 @@ class Trainer:
         if not self.cfg.max_staleness:
             return
         threads = self.cfg.torch_threads or max(1, torch.get_num_threads() // 2)  # the trainer keeps its own
+        address = None
+        if self.world > 1:  # the producers' own gloo group, on a port the main process picks
+            port = free_port() if self.accelerator.is_main_process else None
+            address = f"tcp://{os.environ.get('MASTER_ADDR', '127.0.0.1')}:{broadcast_from_main(self.accelerator, port)}"
         spec = ProducerSpec(cfg=self.cfg, start_step=self.global_step, sampler_state=self.sampler.state_dict(),
-                            threads=threads, throttle=PRODUCER_THROTTLE, **self._producer_args)
+                            threads=threads, rank=self.rank, world=self.world, group_address=address,
+                            throttle=PRODUCER_THROTTLE, **self._producer_args)
         self.rollouts = AsyncRollouts(spec, self.policy.full_weights(), self.global_step)
         if self.accelerator.is_main_process:
             tis = (f"TIS on (tis_mode {self.cfg.tis_mode}, cap {self.cfg.tis_cap:g})" if self.policy.use_tis
