@@ -129,7 +129,7 @@ class TrainConfig:
                                    "producer process samples and scores the next steps' groups while the update "
                                    "runs, with weights at most k updates old (older groups are dropped, counted "
                                    "in async/dropped_stale); turns TIS on under tis_mode auto (torch engine, "
-                                   "one process; docs/OBJECTIVE.md)")
+                                   "one process or DDP; docs/OBJECTIVE.md)")
 
     # --- self-distillation of shallow exits (rl/self_distill.py owns the defaults and the rules) ---
     self_distill_coef: float = option(SELF_DISTILL_DEFAULTS["self_distill_coef"],
