@@ -60,6 +60,10 @@ class ProducerStopped(Exception):
     """The producer was asked to stop (or lost its parent) while waiting."""
 
 
+class ProducerFailed(RuntimeError):
+    """The producer process failed or died (the trainer stops with this one line)."""
+
+
 def check_sendable(cfg: TrainConfig) -> None:
     """max_staleness >= 1 scores in the producer process: every reward function (and accuracy_reward)
     must reach it by pickling (a registry name, 'pkg.module:function', or a module-level function).
@@ -327,9 +331,9 @@ class AsyncRollouts:
                                         args=(spec, self.weights, self.queue, self.stop, os.getpid()))
         self.process.start()
 
-    def take(self, step: int, stopping=lambda: False) -> tuple[StepBatch, float]:
-        """The producer's batch for `step` and the seconds waited for it. RewardFunctionError /
-        RewardInterrupted as the producer met them; RuntimeError when it failed or died."""
+    def take(self, step: int) -> tuple[StepBatch, float]:
+        """The producer's batch for `step` and the seconds waited for it. RewardFunctionError as the
+        producer met it; ProducerFailed when it failed or died."""
         import queue as queue_module
 
         t0 = time.perf_counter()
@@ -339,15 +343,15 @@ class AsyncRollouts:
                 break
             except queue_module.Empty:
                 if not self.process.is_alive():
-                    raise RuntimeError(f"the rollout process exited (code {self.process.exitcode}) before step "
+                    raise ProducerFailed(f"the rollout process exited (code {self.process.exitcode}) before step "
                                        f"{step + 1}'s samples") from None
         waited = time.perf_counter() - t0
         if batch.error:
             raise RewardFunctionError(batch.error)
         if batch.failure:
-            raise RuntimeError(f"the rollout process failed: {batch.failure}")
+            raise ProducerFailed(f"the rollout process failed: {batch.failure}")
         if batch.step != step:  # one batch per step, in order: anything else is a bug
-            raise RuntimeError(f"the rollout process sent step {batch.step + 1}'s samples for step {step + 1}")
+            raise ProducerFailed(f"the rollout process sent step {batch.step + 1}'s samples for step {step + 1}")
         return batch, waited
 
     def fresh(self, batch: StepBatch, step: int) -> tuple[list, list[int], int]:

@@ -36,7 +36,7 @@ from rewards.guard import RewardFunctionError, RewardInterrupted
 from rl import exit_codes, resume
 from rl.accuracy import AccuracyError
 from rl.advantages import get_advantage
-from rl.async_rollout import AsyncRollouts, ProducerSpec, check_sendable, free_port
+from rl.async_rollout import AsyncRollouts, ProducerFailed, ProducerSpec, check_sendable, free_port
 from rl.batch import Sample
 from rl.checkpoint import latest_checkpoint, load_latest_checkpoint, save_checkpoint
 from rl.config import (
@@ -279,7 +279,10 @@ class Trainer:
     def _take_rollouts(self) -> tuple[SamplingResult, dict[str, float], dict[str, float], dict[str, float]]:
         """This step's groups from the producer, those more than max_staleness versions behind the weights
         being updated dropped; the producer's timers and reward counters; the async/* metrics."""
-        batch, waited = self.rollouts.take(self.global_step)
+        try:
+            batch, waited = self.rollouts.take(self.global_step)
+        except ProducerFailed as e:  # one line, exit 1; the newest checkpoint is the last finished step's
+            raise StopTraining(f"step {self.global_step + 1}: {e}") from None
         kept, lags, dropped = self.rollouts.fresh(batch, self.global_step)
         self.sampler.load_state_dict(batch.sampler_after)  # what a checkpoint of this step saves
         metrics = {"async/staleness_mean": sum(lags) / len(lags) if lags else 0.0,

@@ -246,3 +246,32 @@ def test_two_training_processes_each_with_a_producer(tiny, tmp_path):  # noqa: F
     assert all(r["sampling/groups_kept"] == 2 for r in rows)
     assert (out / "final" / "config.json").is_file()
     assert (out / "checkpoints" / "step-3" / "rng-rank1.json").is_file()
+
+
+FAILING_REWARDS = '''
+CALLS = [0]
+
+
+def fails_on_third_call(prompts, completions, **kw):
+    CALLS[0] += 1
+    if CALLS[0] == 3:
+        raise ValueError("boom")
+    return [float(len(str(c)) % 3) for c in completions]
+'''
+
+
+def test_a_reward_failing_in_the_rollout_process_stops_the_run_in_one_line(tiny, tmp_path, capsys,  # noqa: F811
+                                                                          monkeypatch):
+    """The producer's RewardFunctionError reaches the trainer: exit 1, one line naming the function, the
+    finished steps checkpointed (--resume continues)."""
+    (tmp_path / "failing.py").write_text(FAILING_REWARDS)
+    monkeypatch.syspath_prepend(str(tmp_path))  # the spawned rollout process gets this sys.path
+    out = tmp_path / "run"
+    code = _train(_async_args(tiny, out, "--max_steps", "10", "--rewards", "failing:fails_on_third_call",
+                              "--dynamic_sampling", "false"))
+    assert code == 1
+    err = capsys.readouterr().err
+    line = _one_line(err, "error:")
+    assert "fails_on_third_call" in line and "boom" in line and "--resume" in line
+    steps = [r["step"] for r in _rows(out)]
+    assert steps == [1, 2] and (out / "checkpoints" / "step-2" / "trainer_state.json").is_file()
