@@ -53,7 +53,7 @@ from rl.dynamic_sampling import SamplingResult, collect_groups
 from rl.rounds import RoundRoles, sample_round
 from rollout.base import checkpoint_name
 
-POLL_S = 0.005  # the producer's wait for newer weights / queue room, and the trainer's check of the producer
+POLL_S = 0.005  # how often the producer looks for newer weights while it waits for them
 
 
 class ProducerStopped(Exception):

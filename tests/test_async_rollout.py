@@ -275,3 +275,33 @@ def test_a_reward_failing_in_the_rollout_process_stops_the_run_in_one_line(tiny,
     assert "fails_on_third_call" in line and "boom" in line and "--resume" in line
     steps = [r["step"] for r in _rows(out)]
     assert steps == [1, 2] and (out / "checkpoints" / "step-2" / "trainer_state.json").is_file()
+
+
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_the_shared_weights_give_the_rollout_copy_the_trainers_function(lora_rank):
+    """What the producer loads computes what the trainer's model computes, LoRA included (merged W + delta),
+    after each publish; the version travels with them."""
+    if lora_rank:
+        pytest.importorskip("peft")
+    from rl.async_rollout import SharedWeights
+    from rl.model_io import load_model
+    from rl.policy import Policy
+    from rl.self_distill import SelfDistillConfig
+
+    cfg = TrainConfig(torch_threads=1, lora_rank=lora_rank, max_staleness=1)
+    policy = Policy(cfg, Accelerator(cpu=True), EMBEDDED_MODEL, use_tis=True, self_distill=SelfDistillConfig(),
+                    pad_id=0)
+    weights = SharedWeights(policy.module, torch.multiprocessing.get_context("spawn"))
+    copy_ = load_model(EMBEDDED_MODEL, "test").eval()
+    ids = torch.randint(5, 60, (2, 7), generator=torch.Generator().manual_seed(1))
+    for version in (1, 2):
+        with torch.no_grad():  # an "update": every trainable parameter moves
+            for p in policy.module.parameters():
+                if p.requires_grad:
+                    p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(version)))
+        weights.publish(policy.module, version)
+        assert weights.load_into(copy_)[0] == version
+        with torch.no_grad():
+            want = policy.module(input_ids=ids, depth=4).logits
+            got = copy_(input_ids=ids, depth=4).logits
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
