@@ -295,7 +295,7 @@ class Trainer:
         """max_staleness >= 1: the producer process, from this step, data position and weights."""
         if not self.cfg.max_staleness:
             return
-        threads = self.cfg.torch_threads or max(1, torch.get_num_threads() // 2)  # the trainer keeps its own
+        threads = self._split_threads()
         address = None
         if self.world > 1:  # the producers' own gloo group, on a port the main process picks
             port = free_port() if self.accelerator.is_main_process else None
@@ -308,7 +308,19 @@ class Trainer:
             tis = (f"TIS on (tis_mode {self.cfg.tis_mode}, cap {self.cfg.tis_cap:g})" if self.policy.use_tis
                    else "TIS off (tis_mode off): stale samples are not reweighted")
             log(f"asynchronous rollouts: max_staleness {self.cfg.max_staleness}, rollout process pid "
-                f"{self.rollouts.process.pid} ({threads} torch thread(s)); {tis}")
+                f"{self.rollouts.process.pid} ({threads} torch thread(s), trainer {torch.get_num_threads()}); {tis}")
+
+    def _split_threads(self) -> int:
+        """The producer's torch threads: torch_threads when set (the trainer has as many); else half of the
+        trainer's, and on CPU the trainer keeps the other half (1 + 1 on 2 cores), so the two do not
+        oversubscribe the cores they share."""
+        if self.cfg.torch_threads:
+            return self.cfg.torch_threads
+        total = torch.get_num_threads()
+        producer = max(1, total // 2)
+        if self.accelerator.device.type == "cpu":
+            torch.set_num_threads(max(1, total - producer))
+        return producer
 
     def _stop_rollouts(self) -> None:
         if getattr(self, "rollouts", None) is not None:
