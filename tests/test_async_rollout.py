@@ -305,3 +305,17 @@ def test_the_shared_weights_give_the_rollout_copy_the_trainers_function(lora_ran
             want = policy.module(input_ids=ids, depth=4).logits
             got = copy_(input_ids=ids, depth=4).logits
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_max_staleness_under_fsdp2_is_refused_in_one_line(tiny, tmp_path, monkeypatch):  # noqa: F811
+    from rl.sharding import TAKEN_ENV
+    from rl.train import Trainer
+
+    monkeypatch.setenv(TAKEN_ENV, "1")  # what take_fsdp_request leaves when the launcher asked for FSDP2
+    cfg = TrainConfig(model=str(tiny / "model"), depth=3, data="arith", data_limit=8, max_staleness=1,
+                      rewards=["tinyreward:digit_sum"], accuracy_reward="", output_dir=str(tmp_path / "run"),
+                      eval_every=0, progress=False)
+    with pytest.raises(ConfigError) as e:
+        Trainer(cfg)
+    assert str(e.value) == ("config key 'max_staleness': asynchronous rollouts run on one process or under DDP, "
+                            "not FSDP2 (not supported yet); use max_staleness 0")
