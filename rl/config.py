@@ -142,6 +142,11 @@ class TrainConfig:
     tis_cap: float = option(2.0, "upper truncation of the TIS weight; upper edge of the band of the mask modes")
     tis_floor: float = option(0.0, "lower edge of the band [tis_floor, tis_cap] of the mask modes (token_mask, "
                                    "sequence_mask, geometric_mask); 0 = no lower bound")
+    max_staleness: int = option(0, "asynchronous rollouts: 0 = rollout, then update (synchronous); k >= 1 = a "
+                                   "producer process samples and scores the next steps' groups while the update "
+                                   "runs, with weights at most k updates old (older groups are dropped, counted "
+                                   "in async/dropped_stale); turns TIS on under tis_mode auto (torch engine, "
+                                   "one process or DDP; docs/OBJECTIVE.md)")
 
     # --- self-distillation of shallow exits (rl/self_distill.py owns the defaults and the rules) ---
     self_distill_coef: float = option(SELF_DISTILL_DEFAULTS["self_distill_coef"],
@@ -421,7 +426,9 @@ RESUMABLE_KEYS = {
     "mismatch_warn": "warning threshold", "max_nan_steps": "abort threshold",
     "max_no_update_steps": "abort threshold",
     "reward_timeout": "time limit of a reward call", "reward_on_error": "what a failing reward call does",
-    "torch_threads": "CPU threads", "micro_batch_size": "memory only: the same gradient per mini-batch",
+    "torch_threads": "CPU threads", "max_staleness": "rollout/update overlap from the resume step on (nothing "
+    "in flight is checkpointed: the producer regenerates from the checkpoint's weights)",
+    "micro_batch_size": "memory only: the same gradient per mini-batch",
     "micro_batch_tokens": "memory only: the same gradient per mini-batch",
     "gradient_checkpointing": "memory only: the same math", "vllm_gpu_memory_utilization": "memory only",
 }
@@ -646,7 +653,7 @@ def validate(cfg: TrainConfig, max_depth: int | None = None, num_processes: int 
     _positive(cfg, "beta", "warmup_steps", "save_every", "eval_every", "overlong_buffer_len", "weight_decay",
               "max_grad_norm", "log_samples", "torch_threads", "mini_batch_size", "micro_batch_tokens", "top_k",
               "eps_low", "eps_high", "overlong_penalty", allow_zero=True)
-    _positive(cfg, "max_no_update_steps", allow_zero=True)
+    _positive(cfg, "max_no_update_steps", "max_staleness", allow_zero=True)
     _positive(cfg, "vllm_max_model_len", "eval_max_new_tokens", "data_limit")
     if cfg.warmup_steps > cfg.max_steps:  # the schedule would never reach lr
         raise ConfigError(f"config key 'warmup_steps': {cfg.warmup_steps} > max_steps {cfg.max_steps}: the "
@@ -734,6 +741,9 @@ def validate(cfg: TrainConfig, max_depth: int | None = None, num_processes: int 
         raise ConfigError(
             f"config key 'prompts_per_step': {cfg.prompts_per_step} does not split over {num_processes} processes")
     check_depths("config key 'eval_depths'", cfg.eval_depths or [], max_depth)
+    if cfg.max_staleness and cfg.engine != "torch":  # rl/async_rollout.py's producer runs the torch engine
+        raise ConfigError(f"config key 'max_staleness': asynchronous rollouts run with the torch engine, not "
+                          f"engine {cfg.engine!r} (not supported yet); use max_staleness 0")
     if cfg.eval_every and not cfg.eval_data:
         raise ConfigError("config key 'eval_data': required when eval_every > 0")
     if not 0.0 < cfg.vllm_gpu_memory_utilization <= 1.0:

@@ -24,6 +24,7 @@ class Group:
     rewards: list[float]
     data: Any = None
     skipped: bool = False  # reward_on_error: skip_group dropped it (a reward function failed on a sample)
+    version: int = 0  # the policy version (updates done) that sampled it: asynchronous rollouts' staleness
 
 
 @dataclass

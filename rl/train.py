@@ -14,8 +14,8 @@ are checkpointed, so `--resume` reproduces the metrics of an uninterrupted run o
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import math
 import os
 import signal
 import sys
@@ -36,6 +36,7 @@ from rewards.guard import RewardFunctionError, RewardInterrupted
 from rl import exit_codes, resume
 from rl.accuracy import AccuracyError
 from rl.advantages import get_advantage
+from rl.async_rollout import AsyncRollouts, ProducerFailed, ProducerSpec, check_sendable, free_port
 from rl.batch import Sample
 from rl.checkpoint import latest_checkpoint, load_latest_checkpoint, save_checkpoint
 from rl.config import (
@@ -55,25 +56,23 @@ from rl.metrics import RunLogger, progress_bar, reward_metrics, sample_rows, sum
 from rl.model_io import load_model_config, load_tokenizer
 from rl.policy import Policy
 from rl.prompts import PromptIds, PromptSampler
+from rl.rounds import RoundRoles, sample_round
 from rl.run_dir import RunDirError, RunLock, RunWriteError, check_resume_step, one_line, prepare_output_dir
 from rl.scoring import Scorer
 from rl.self_distill import validate_self_distill
 from rl.sharding import take_fsdp_request
-from rollout import SamplingParams, get_engine, make_worker
+from rollout import get_engine, make_worker
 from rollout.engines import check_installed
 from rollout.exit_rules import depth_metrics
-from rollout.speculative import accumulate_stats, rollout_metrics, spec_config
+from rollout.speculative import rollout_metrics
 
 LOG_PREFIX = "looprl train:"
+# Tests only: False lets the rollout process run ahead of the staleness bound (the trainer must then drop)
+PRODUCER_THROTTLE = True
 
 
 def log(msg: str) -> None:
     print(f"{LOG_PREFIX} {msg}", file=sys.stderr, flush=True)
-
-
-def step_seed(seed: int, step: int, round_: int, rank: int) -> int:
-    """The rollout seed of one (step, dynamic-sampling round, process)."""
-    return (seed * 1_000_003 + step * 10_007 + round_ * 101 + rank) % (2**31 - 1)
 
 
 class StopTraining(RuntimeError):
@@ -123,7 +122,8 @@ class Trainer:
         return lock
 
     def close(self) -> None:
-        """Release the output_dir (idempotent; `train()` does it when it ends)."""
+        """Stop the rollout process and release the output_dir (idempotent; `train()` does it when it ends)."""
+        self._stop_rollouts()
         if getattr(self, "run_lock", None) is not None:
             self.run_lock.release()
             self.run_lock = None
@@ -164,8 +164,16 @@ class Trainer:
         eos = self.tokenizer.eos_token_id
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
         engine = get_engine(cfg.engine)
-        # an explicit mode is on whatever the engine; auto = token where the engine's logprobs are not exact
-        use_tis = cfg.tis_mode not in ("auto", "off") or (cfg.tis_mode == "auto" and not engine.exact_logprobs)
+        # the importance weight pi_proximal / pi_behaviour: engines whose logprobs differ from ours, and
+        # asynchronous rollouts, whose samples come from older weights (docs/OBJECTIVE.md)
+        use_tis = cfg.tis_mode not in ("auto", "off") or (cfg.tis_mode == "auto" and (not engine.exact_logprobs
+                                                                            or cfg.max_staleness > 0))
+        if cfg.max_staleness:  # one process or DDP; the reward functions must reach the producer process
+            backend = "FSDP2" if self.sharded else acc.distributed_type.name
+            if backend not in ("NO", "MULTI_CPU", "MULTI_GPU"):
+                raise ConfigError(f"config key 'max_staleness': asynchronous rollouts run on one process or under "
+                                  f"DDP, not {backend} (not supported yet); use max_staleness 0")
+            check_sendable(cfg)
         self.policy = Policy(cfg, acc, self.model_path, use_tis=use_tis, self_distill=self_distill,
                              pad_id=int(pad if pad is not None else 0), exit_policy=exit_policy,
                              sharded=self.sharded)
@@ -196,6 +204,11 @@ class Trainer:
         self.no_update_streak = 0  # steps in a row where every sampled group had equal rewards
         self.last_samples: list[Sample] = []  # the step's samples shown in samples.jsonl
         self.warned_all_masked = False
+        # asynchronous rollouts (max_staleness >= 1): the producer process, started by train() (rl/async_rollout.py)
+        self.rollouts: AsyncRollouts | None = None
+        self._producer_args = dict(model_path=self.model_path, depth=self.depth, tokenizer=self.tokenizer,
+                                   dataset=self.dataset, prompt_limit_why=prompt_limit_why, eos_token_id=eos,
+                                   pad_token_id=int(pad if pad is not None else 0), device=str(acc.device))
 
     # ------------------------------------------------------------------ one step
 
@@ -203,15 +216,18 @@ class Trainer:
         """One RL step: sample -> score -> filter groups -> advantages -> update -> sync. Returns its metrics."""
         cfg = self.cfg
         t_step = time.perf_counter()
-        timers = {"rollout": 0.0, "reward": 0.0}
-
-        # 1-3. sample and score rounds of prompts until enough groups have reward variance (dynamic sampling)
-        result = collect_groups(lambda round_, want: self._sample_and_score(round_, want, timers),
-                                cfg.prompts_per_step, enabled=cfg.dynamic_sampling, max_rounds=cfg.max_rounds)
+        if self.rollouts is None:
+            timers = {"rollout": 0.0, "reward": 0.0}
+            # 1-3. sample and score rounds of prompts until enough groups have reward variance (dynamic sampling)
+            result = collect_groups(lambda round_, want: self._sample_and_score(round_, want, timers),
+                                    cfg.prompts_per_step, enabled=cfg.dynamic_sampling, max_rounds=cfg.max_rounds)
+            counters, async_metrics = {}, {}
+        else:  # 1-3 ran in the producer process, overlapped with earlier updates
+            result, timers, counters, async_metrics = self._take_rollouts()
         sampled = [s for g in result.all_groups for s in g.data]
         kept = [s for g in result.kept for s in g.data]
-        metrics = {**reward_metrics(sampled, self.scorer.names), **self._reward_counters(),
-                   **_sampling_metrics(result)}
+        metrics = {**reward_metrics(sampled, self.scorer.names), **self._reward_counters(counters),
+                   **_sampling_metrics(result), **async_metrics}
         if cfg.mask_truncated:
             metrics.update(self._masked_metrics(kept))
 
@@ -228,10 +244,16 @@ class Trainer:
             # 5. update the policy at the rollout depth
             metrics.update(self.policy.update(kept, self.global_step))
             # 6. the next rollout samples from the updated weights
-            self.worker.sync_weights(self.policy.full_weights())
+            if self.rollouts is None:
+                self.worker.sync_weights(self.policy.full_weights())
         else:
-            warnings.warn(f"step {self.global_step + 1}: {_no_update_cause(result)}; no update", RuntimeWarning,
-                          stacklevel=2)
+            dropped = int(metrics.get("async/dropped_stale", 0))
+            cause = (f"every kept group ({dropped}) was more than max_staleness {cfg.max_staleness} versions "
+                     "behind the weights" if dropped else _no_update_cause(result))
+            warnings.warn(f"step {self.global_step + 1}: {cause}; no update", RuntimeWarning, stacklevel=2)
+        if self.rollouts is not None:  # version global_step + 1, for the producer's next rounds
+            metrics["time/weight_sync"] = self.rollouts.publish(self.policy.full_weights(), self.global_step + 1,
+                                                                changed=bool(kept))
 
         metrics["time/rollout"] = timers["rollout"]
         metrics["time/reward"] = timers["reward"]
@@ -248,32 +270,65 @@ class Trainer:
 
     def _sample_and_score(self, round_: int, want: int, timers: dict[str, float]) -> list[Group]:
         """Sample `want` prompts (rounded up to split over processes), roll out and score; gathered globally."""
-        cfg, n = self.cfg, self.cfg.num_generations
-        want = math.ceil(want / self.world) * self.world
-        indices = self.sampler.take(want)  # identical on every process (same seed and position)
-        local = indices[self.rank::self.world]
-        params = SamplingParams(n=n, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                top_p=cfg.top_p, top_k=cfg.top_k, ignore_eos=cfg.ignore_eos,
-                                seed=step_seed(cfg.seed, self.global_step, round_, self.rank),
-                                speculative=spec_config(cfg.rollout_draft_depth, cfg.rollout_num_draft, self.depth),
-                                exit_rule=cfg.exit_rule())
-        t0 = time.perf_counter()
-        rollout = self.worker.generate([self.prompt_ids(i) for i in local], params)
-        t1 = time.perf_counter()
-        accumulate_stats(timers, rollout.stats)  # speculative rollouts: drafted / accepted counts
-        texts = [self.tokenizer.decode(c, skip_special_tokens=True) for c in rollout.completion_ids]
+        return sample_round(self.round_roles, self.global_step, round_, want, timers)
+
+    @functools.cached_property
+    def round_roles(self) -> RoundRoles:
+        acc = self.accelerator
+        return RoundRoles(self.cfg, self.depth, self.worker, self.scorer, self.tokenizer, self.dataset,
+                          self.prompt_ids, self.sampler, self.rank, self.world,
+                          any_true=lambda flag: reduce_max(acc, 1.0 if flag else 0.0) > 0, gather=gather_object)
+
+    def _take_rollouts(self) -> tuple[SamplingResult, dict[str, float], dict[str, float], dict[str, float]]:
+        """This step's groups from the producer, those more than max_staleness versions behind the weights
+        being updated dropped; the producer's timers and reward counters; the async/* metrics."""
         try:
-            samples, error = self.scorer.score(local, [self.dataset[i] for i in local], rollout, texts), None
-        except RewardFunctionError as e:  # every process stops with it (and checkpoints together, in _train)
-            samples, error = [], e
-        if reduce_max(self.accelerator, 1.0 if error else 0.0) > 0:
-            raise error or RewardFunctionError("a reward function failed on another process (its line names it)")
-        timers["rollout"] += t1 - t0
-        timers["reward"] += time.perf_counter() - t1
-        groups = [Group(rewards=[s.reward for s in samples[g * n:(g + 1) * n]], data=samples[g * n:(g + 1) * n],
-                        skipped=any(s.skip for s in samples[g * n:(g + 1) * n]))  # reward_on_error: skip_group
-                  for g in range(len(local))]
-        return gather_object(groups) if self.world > 1 else groups
+            batch, waited = self.rollouts.take(self.global_step)
+        except ProducerFailed as e:  # one line, exit 1; the newest checkpoint is the last finished step's
+            raise StopTraining(f"step {self.global_step + 1}: {e}") from None
+        kept, lags, dropped = self.rollouts.fresh(batch, self.global_step)
+        self.sampler.load_state_dict(batch.sampler_after)  # what a checkpoint of this step saves
+        metrics = {"async/staleness_mean": sum(lags) / len(lags) if lags else 0.0,
+                   "async/staleness_max": float(max(lags, default=0)), "async/dropped_stale": float(dropped),
+                   "async/queue_size": float(self.rollouts.queue_size()), "time/wait_rollout": waited,
+                   "time/weight_load": batch.load_s}
+        return dataclasses.replace(batch.result, kept=kept), batch.timers, batch.counters, metrics
+
+    def _start_rollouts(self) -> None:
+        """max_staleness >= 1: the producer process, from this step, data position and weights."""
+        if not self.cfg.max_staleness:
+            return
+        threads = self._split_threads()
+        address = None
+        if self.world > 1:  # the producers' own gloo group, on a port the main process picks
+            port = free_port() if self.accelerator.is_main_process else None
+            address = f"tcp://{os.environ.get('MASTER_ADDR', '127.0.0.1')}:{broadcast_from_main(self.accelerator, port)}"
+        spec = ProducerSpec(cfg=self.cfg, start_step=self.global_step, sampler_state=self.sampler.state_dict(),
+                            threads=threads, rank=self.rank, world=self.world, group_address=address,
+                            throttle=PRODUCER_THROTTLE, **self._producer_args)
+        self.rollouts = AsyncRollouts(spec, self.policy.full_weights(), self.global_step)
+        if self.accelerator.is_main_process:
+            tis = (f"TIS on (tis_mode {self.cfg.tis_mode}, cap {self.cfg.tis_cap:g})" if self.policy.use_tis
+                   else "TIS off (tis_mode off): stale samples are not reweighted")
+            log(f"asynchronous rollouts: max_staleness {self.cfg.max_staleness}, rollout process pid "
+                f"{self.rollouts.process.pid} ({threads} torch thread(s), trainer {torch.get_num_threads()}); {tis}")
+
+    def _split_threads(self) -> int:
+        """The producer's torch threads: torch_threads when set (the trainer has as many); else half of the
+        trainer's, and on CPU the trainer keeps the other half (1 + 1 on 2 cores), so the two do not
+        oversubscribe the cores they share."""
+        if self.cfg.torch_threads:
+            return self.cfg.torch_threads
+        total = torch.get_num_threads()
+        producer = max(1, total // 2)
+        if self.accelerator.device.type == "cpu":
+            torch.set_num_threads(max(1, total - producer))
+        return producer
+
+    def _stop_rollouts(self) -> None:
+        if getattr(self, "rollouts", None) is not None:
+            self.rollouts.close()
+            self.rollouts = None
 
     def _masked_metrics(self, kept: list[Sample]) -> dict[str, float]:
         """completion/masked_frac: the share of the update batch that mask_truncated leaves out. When it is
@@ -288,10 +343,12 @@ class Trainer:
                     "completion/masked_frac per step)")
         return {"completion/masked_frac": frac}
 
-    def _reward_counters(self) -> dict[str, float]:
+    def _reward_counters(self, producer: dict[str, float]) -> dict[str, float]:
         """Verifier counts (timeouts, errors, ...) and reward-function failures (rewards/fn_errors, ...)
-        since the last step, summed over processes."""
+        since the last step (`producer`: the rollout process's, max_staleness >= 1), summed over processes."""
         counts = {**rewards.pop_counters(), **self.scorer.guard.pop_counters()}
+        for key, value in producer.items():
+            counts[key] = counts.get(key, 0) + value
         return reduce_sum(self.accelerator, {k: float(v) for k, v in counts.items()})
 
     # ------------------------------------------------------------------ the run
@@ -323,6 +380,7 @@ class Trainer:
                 f"{cfg.prompts_per_step} prompts x {cfg.num_generations} per step, "
                 f"steps {self.global_step}->{cfg.max_steps}, output {out}")
             log(f"policy: {self.policy.trainable}")  # LoRA: adapter (+ gate) only
+        self._start_rollouts()  # max_staleness >= 1: from the resumed step, data position and weights
         bar = progress_bar(cfg.max_steps, self.global_step, enabled=cfg.progress and acc.is_main_process)
         code = exit_codes.FINISHED
         try:
@@ -352,7 +410,8 @@ class Trainer:
                     t0 = time.perf_counter()
                     metrics.update(self.evaluate() if acc.is_main_process else {})
                     metrics["time/eval"] = time.perf_counter() - t0
-                self._warn_mismatch(metrics.get("mismatch/logp_abs_max", 0.0))
+                if not metrics.get("async/staleness_max"):  # stale samples differ by the updates since
+                    self._warn_mismatch(metrics.get("mismatch/logp_abs_max", 0.0))
                 logger.log(self.global_step, metrics)
                 logger.log_samples(self.global_step, sample_rows(self.last_samples, self.dataset, cfg.log_samples))
                 bar.update(1)
@@ -371,6 +430,7 @@ class Trainer:
                     return self._interrupted()
                 if cfg.save_every and self.global_step % cfg.save_every == 0 and self.global_step < cfg.max_steps:
                     self.save()
+            self._stop_rollouts()  # nothing more to sample
             self._save_final()
             bar.close()
             if acc.is_main_process:
@@ -379,6 +439,7 @@ class Trainer:
             log(f"error: {one_line(e) if isinstance(e, OSError) else e}")
             code = exit_codes.FAILED
         finally:
+            self._stop_rollouts()
             bar.close()
             logger.close()
             for sig, handler in previous.items():

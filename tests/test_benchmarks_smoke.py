@@ -160,3 +160,18 @@ def test_exit_policy_experiment_adaptive_arms(tmp_path, capsys):
     facts = json.loads((out / "report.json").read_text())["facts"]
     assert facts["fixed_T/0"]["rollout_depth_mean"] == 4.0 and facts["adaptive/0"]["rollout_depth_mean"] < 4.0
     assert facts["adaptive/0"]["mismatch_max_mean"] < 1e-3
+
+
+def test_async_rollouts_benchmark(tmp_path, capsys):
+    """Sync and max_staleness 1 side by side: a summary row each, the baseline's speedup 1, the curves' PNG."""
+    out = tmp_path / "bench"
+    code = load("async_rollouts").main(["--steps", "2", "--seeds", "0", "--staleness", "0,1", "--out", str(out),
+                                        "--train_args", "--prompts_per_step 2 --num_generations 2 "
+                                        "--max_new_tokens 4 --eval_every 0 --progress false"])
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary["by_staleness"]) == ["0", "1"]
+    assert summary["by_staleness"]["0"]["speedup_step"] == 1.0
+    assert summary["runs"]["k1_s0"]["steps"] == 2 and summary["runs"]["k1_s0"]["s_per_step"] > 0
+    assert (out / "reward_vs_wallclock.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| 1 | 1 |" in capsys.readouterr().out
