@@ -136,6 +136,19 @@ def test_the_producer_overlaps_the_update_within_the_bound(tiny, tmp_path, monke
     assert (out / "final" / "config.json").is_file()
 
 
+def test_adaptive_depth_rollouts_in_the_producer_keep_their_per_token_depths(tiny, tmp_path):  # noqa: F811
+    """Issue 22 x 23: the producer samples under the confidence rule and the update scores each token at its own
+    depth; a step sampled by the current weights (step 1) matches the rollout to fp32 rounding, and a stale one
+    shows the policy's change (not a depth error: scored at T it would be far larger on every step)."""
+    out = tmp_path / "run"
+    assert _train(_async_args(tiny, out, "--max_steps", "2", "--rollout_exit_rule", "confidence",
+                              "--rollout_exit_threshold", "0.8")) == 0
+    rows = _rows(out)
+    assert all(1.0 <= r["rollout/mean_depth"] < 4.0 for r in rows)  # the rule ran in the producer
+    first = rows[0]
+    assert first["async/staleness_max"] == 0 and first["mismatch/logp_abs_max"] <= 1e-5
+
+
 def test_samples_older_than_the_bound_never_reach_the_update(tiny, tmp_path, monkeypatch):  # noqa: F811
     """The producer unthrottled (a test hook) runs ahead as far as its queue allows; the trainer drops what is
     more than max_staleness versions behind and counts it."""
