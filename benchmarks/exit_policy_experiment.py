@@ -183,33 +183,45 @@ def t_quantile(p: float, df: int) -> float:
     return (lo + hi) / 2
 
 
-def paired_cell(diffs: list[float]) -> str:
+def paired_cell(diffs: list[float], digits: int = 1) -> str:
     """Mean ± sd of paired differences and their 95 % t interval: `+1.2 ± 2.0 [-0.2, +2.6]`."""
     mean = statistics.mean(diffs)
     if len(diffs) < 2:
-        return f"{mean:+.1f}"
+        return f"{mean:+.{digits}f}"
     sd = statistics.stdev(diffs)
     half = t_quantile(0.975, len(diffs) - 1) * sd / math.sqrt(len(diffs))
-    return f"{mean:+.1f} ± {sd:.1f} [{mean - half:+.1f}, {mean + half:+.1f}]"
+    return f"{mean:+.{digits}f} ± {sd:.{digits}f} [{mean - half:+.{digits}f}, {mean + half:+.{digits}f}]"
 
 
-def paired_table(by_seed: dict[str, dict[str, dict]], reference: str, depth: int, thresholds) -> str:
-    """Each arm minus the reference arm on the same seed, in points: mean ± sd of the per-seed differences and
-    the 95 % interval of their mean (Student t, n - 1 degrees of freedom). The seed-to-seed spread of the arms
-    themselves is larger than that of their difference; a claim holds when its interval excludes 0 on seeds
-    that were not used to choose the arm."""
-    head = ["arm - " + reference, "seeds", f"Δ acc d{depth} [95 % CI]"] + [f"Δ EE τ={t}" for t in thresholds]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+def _paired_rows(by_seed: dict[str, dict[str, dict]], reference: str, columns, digits: int = 1) -> list[str]:
+    """One row per arm: `columns` are (header, value(run)) pairs; each cell is the arm's value minus the
+    reference arm's on the same seed (paired_cell)."""
+    lines = ["| " + " | ".join(["arm - " + reference, "seeds", *(h for h, _ in columns)]) + " |",
+             "|" + "---|" * (len(columns) + 2)]
     ref = by_seed[reference]
     for arm, runs in by_seed.items():
         seeds = sorted((s for s in runs if s in ref), key=int)
         if arm == reference or not seeds:
             continue
-        diffs = [[100 * (runs[s]["fixed"][depth] - ref[s]["fixed"][depth]) for s in seeds]]
-        diffs += [[100 * (runs[s]["early_exit"][t]["accuracy"] - ref[s]["early_exit"][t]["accuracy"]) for s in seeds]
-                  for t in thresholds]
-        lines.append(f"| {arm} | {','.join(seeds)} | " + " | ".join(paired_cell(d) for d in diffs) + " |")
-    return "\n".join(lines)
+        cells = [paired_cell([value(runs[s]) - value(ref[s]) for s in seeds], digits) for _, value in columns]
+        lines.append(f"| {arm} | {','.join(seeds)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def paired_table(by_seed: dict[str, dict[str, dict]], reference: str, depth: int, thresholds) -> str:
+    """Each arm minus the reference arm on the same seed: mean ± sd of the per-seed differences and the 95 %
+    interval of their mean (Student t, n - 1 degrees of freedom). The seed-to-seed spread of the arms
+    themselves is larger than that of their difference; a claim holds when its interval excludes 0 on seeds
+    that were not used to choose the arm. Three tables: accuracy (points) at depth T and under max-prob early
+    exit at each τ; the mean depth that early exit used (loops per token); the exits' KL to the last exit."""
+    acc = [(f"Δ acc d{depth} (points) [95 % CI]", lambda r: 100 * r["fixed"][depth])]
+    acc += [(f"Δ EE τ={t}", lambda r, t=t: 100 * r["early_exit"][t]["accuracy"]) for t in thresholds]
+    depths = [(f"Δ EE depth τ={t} (loops)", lambda r, t=t: r["early_exit"][t]["depth_mean"]) for t in thresholds]
+    kl = [(f"Δ KL(p{depth}‖p{t}) (nats)", lambda r, t=t: r["alignment"][f"exit/kl_t{t}"]) for t in range(1, depth)]
+    tables = [_paired_rows(by_seed, reference, acc), _paired_rows(by_seed, reference, depths, 2)]
+    if all("alignment" in r for runs in by_seed.values() for r in runs.values()):
+        tables.append(_paired_rows(by_seed, reference, kl, 3))
+    return "\n\n".join("\n".join(t) for t in tables)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -175,3 +175,17 @@ def test_async_rollouts_benchmark(tmp_path, capsys):
     assert summary["runs"]["k1_s0"]["steps"] == 2 and summary["runs"]["k1_s0"]["s_per_step"] > 0
     assert (out / "reward_vs_wallclock.png").read_bytes()[:4] == b"\x89PNG"
     assert "| 1 | 1 |" in capsys.readouterr().out
+
+
+def test_exit_policy_experiment_paired_interval():
+    """Issue 27's confirmation rule: paired differences with a Student-t 95 % interval (table values for n = 2,
+    5, 10 seeds) and the interval of a hand-made set of differences."""
+    exp = load("exit_policy_experiment")
+    for df, t in ((1, 12.706), (4, 2.776), (9, 2.262)):
+        assert abs(exp.t_quantile(0.975, df) - t) < 1e-3
+    # diffs 1, 2, 3, -1, 0.5: mean 1.1, sd 1.517, half-width 2.776 * 1.517 / sqrt(5) = 1.884
+    assert exp.paired_cell([1, 2, 3, -1, 0.5]) == "+1.1 ± 1.5 [-0.8, +3.0]"
+    runs = {"a": {"0": {"fixed": {4: 0.5}, "early_exit": {}}, "1": {"fixed": {4: 0.6}, "early_exit": {}}},
+            "b": {"0": {"fixed": {4: 0.52}, "early_exit": {}}, "1": {"fixed": {4: 0.64}, "early_exit": {}}}}
+    row = [line for line in exp.paired_table(runs, "a", 4, []).splitlines() if line.startswith("| b |")][0]
+    assert row.startswith("| b | 0,1 | +3.0 ± 1.4 [-9.7, +15.7]")  # diffs +2, +4 points
