@@ -68,6 +68,9 @@ ARMS: dict[str, list[str]] = {
                           "--allow_depth_mismatch", "true"],
     "adaptive_sd": ["--rollout_exit_rule", "confidence", "--rollout_exit_threshold", "{tau}",
                     "--self_distill_coef", "0.3", "--self_distill_warmup_steps", "100"],
+    # LoRA on every linear of the shared block vs full fine-tuning (issue 24); lr 1e-3 chosen on seeds 0-2
+    "lora_r8": ["--lora_rank", "8", "--lr", "1e-3"],
+    "lora_r32": ["--lora_rank", "32", "--lr", "1e-3"],
 }
 ADAPTIVE_ARMS = "fixed_T,adaptive,adaptive_mismatch,adaptive_sd"
 DEFAULT_ARMS = "dapo,dapo_sd,dapo_exits_gate,dapo_exits_prog,dapo_exits_sd"
@@ -83,14 +86,20 @@ def _sd_module():
     return module
 
 
-def train(run_dir: Path, seed: int, steps: int, arm_args: list[str], extra: list[str], threads: int) -> float:
+def train(run_dir: Path, seed: int, steps: int, arm_args: list[str], extra: list[str],
+          threads: int) -> tuple[float, float]:
+    """Run `looprl train`; returns (wall seconds, peak RSS in MiB of the training process and its children)."""
     cmd = [sys.executable, "-m", "rl", "train", "--output_dir", str(run_dir), "--seed", str(seed),
            "--max_steps", str(steps), *extra, *arm_args]
     print("+", " ".join(cmd), flush=True)
     start = time.perf_counter()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads)}
-    subprocess.run(cmd, check=True, env=env)
-    return time.perf_counter() - start
+    proc = subprocess.Popen(cmd, env=env)
+    _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage (RUSAGE_CHILDREN accumulates over runs)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise subprocess.CalledProcessError(proc.returncode, cmd)
+    return time.perf_counter() - start, usage.ru_maxrss / 1024  # Linux: ru_maxrss in KiB
 
 
 def run_facts(run_dir: Path) -> dict:
@@ -281,9 +290,9 @@ def main(argv: list[str] | None = None) -> int:
             if key in report["runs"] or args.table_only:
                 continue
             arm_args = [a.format(coef=args.coef, tau=args.tau) for a in ARMS[arm]]
-            report.setdefault("train_s", {})[key] = train(run_dir, seed, args.steps, arm_args,
-                                                          args.train_args.split(), args.threads)
-            report["facts"][key] = run_facts(run_dir)
+            wall, peak_rss_mib = train(run_dir, seed, args.steps, arm_args, args.train_args.split(), args.threads)
+            report.setdefault("train_s", {})[key] = wall
+            report["facts"][key] = {**run_facts(run_dir), "peak_rss_mib": peak_rss_mib}
             report["runs"][key] = sd.evaluate(str(run_dir / "final"), args.limit, thresholds, gate_thresholds=gate_qs)
             report_path.write_text(json.dumps(report, indent=2, default=str) + "\n")
             print(key, json.dumps(report["runs"][key]["fixed"]), flush=True)
@@ -304,12 +313,16 @@ def main(argv: list[str] | None = None) -> int:
         by_seed.setdefault(arm, {})[seed] = r
     depth = max(report["base"]["fixed"])
     md = sd.table(grouped, report["base"], depth, thresholds)
-    times = ["| arm | median time/step (s) | gate p(t) first step | gate p(t) last step |", "|---|---|---|---|"]
+    times = ["| arm | median time/step (s) | peak RSS (MiB) | gate p(t) first step | gate p(t) last step |",
+             "|---|---|---|---|---|"]
     for arm in grouped:
         facts = [f for k, f in report["facts"].items() if k.split("/")[0] == arm]
         med = statistics.mean(f["time_step_median"] for f in facts)
+        rss = [f["peak_rss_mib"] for f in facts if "peak_rss_mib" in f]  # runs recorded before it have none
+        rss_cell = f"{min(rss):.0f}-{max(rss):.0f}" if rss else "-"
         fmt = lambda ps: " / ".join(f"{x:.2f}" for x in ps)  # noqa: E731
-        times.append(f"| {arm} | {med:.2f} | {fmt(facts[0]['gate_p']['first'])} | {fmt(facts[0]['gate_p']['last'])} |")
+        times.append(f"| {arm} | {med:.2f} | {rss_cell} | {fmt(facts[0]['gate_p']['first'])} | "
+                     f"{fmt(facts[0]['gate_p']['last'])} |")
     md = md + "\n\n" + "\n".join(times)
     if any(a in grouped for a in ADAPTIVE_ARMS.split(",")):
         md = md + "\n\n" + adaptive_table(grouped, report["facts"], depth, args.tau)

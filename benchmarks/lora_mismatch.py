@@ -9,6 +9,7 @@ random (a fresh adapter is zero), so its delta takes part in every loop.
     python benchmarks/lora_mismatch.py                                   # the embedded model
     python benchmarks/lora_mismatch.py --ouro-1.4b --n 2 --new 8 --dtypes float32   # Ouro-1.4B's config, random
                                                                       # weights; one dtype per process
+    python benchmarks/lora_mismatch.py --ouro-1.4b --n 2 --new 8 --dtypes float32 --depths 4   # one cell
 
 Results: docs/EXPERIMENTS.md ("LoRA vs full fine-tuning").
 """
@@ -33,8 +34,8 @@ def build(args):
     import looped  # noqa: F401
     from looped import OuroConfig, OuroForCausalLM
 
+    torch.manual_seed(0)  # the random weights and the adapter's A factors (peft draws them): same every run
     if args.ouro_1_4b:  # OuroConfig()'s defaults are Ouro-1.4B's architecture
-        torch.manual_seed(0)
         config = OuroConfig(pad_token_id=0, bos_token_id=1, eos_token_id=2)
         if args.num_layers:
             config.num_hidden_layers = args.num_layers
@@ -52,6 +53,8 @@ def main(argv=None) -> int:
     parser.add_argument("--n", type=int, default=8, help="completions sampled per (dtype, depth)")
     parser.add_argument("--new", type=int, default=16, help="max new tokens")
     parser.add_argument("--prompt-len", type=int, default=12)
+    parser.add_argument("--depths", default="", help="comma list of depths to measure (default 1..T); each "
+                                                     "depth's cell is the same whichever others run")
     args = parser.parse_args(argv)
 
     from rl.config import TrainConfig
@@ -70,6 +73,9 @@ def main(argv=None) -> int:
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * args.b_std)
     depth_max = model.config.total_ut_steps
+    depths = [int(d) for d in args.depths.split(",")] if args.depths else list(range(1, depth_max + 1))
+    if not all(1 <= d <= depth_max for d in depths):
+        parser.error(f"--depths {args.depths}: each must be in 1..{depth_max}")
     vocab = model.config.vocab_size
     prompt = [int(t) for t in torch.randint(3, min(vocab, 100), (args.prompt_len,), generator=gen)]
     print(f"model built + adapter in {time.perf_counter() - t0:.1f} s; T = {depth_max}, rank {args.rank}, "
@@ -81,7 +87,7 @@ def main(argv=None) -> int:
         # one dtype per process (--dtypes bfloat16) converts in place: no second copy of a large model
         m = model if dtype == torch.float32 else (model.to(dtype) if len(args.dtypes.split(",")) == 1
                                                   else copy.deepcopy(model).to(dtype))
-        for depth in range(1, depth_max + 1):
+        for depth in depths:
             t1 = time.perf_counter()
             worker = TorchRolloutWorker(m, depth=depth, eos_token_id=[], pad_token_id=0)
             ro = worker.generate([prompt], SamplingParams(n=args.n, max_new_tokens=args.new, temperature=1.0, seed=depth))

@@ -116,7 +116,9 @@ def test_exit_policy_experiment_benchmark(tmp_path, capsys):
     assert "dapo_exits_gatefit" in table and "median time/step" in table and "| dapo_sd_c0.3_w100 | 1 |" in table
     assert "gate q=0.5: acc / depth" in table  # the gate-rule early-exit table
     assert re.search(r"\| dapo_exits_gatefit \| 0 \| [+-]\d+\.\d \|", table)  # paired with dapo, seed 0
-    assert set(json.loads((out / "report.json").read_text())["runs"]) == {"dapo/0", "dapo_exits_gatefit/0"}
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["runs"]) == {"dapo/0", "dapo_exits_gatefit/0"}
+    assert 50 < report["facts"]["dapo/0"]["peak_rss_mib"] < 8192  # the training process's own peak, MiB
 
 
 def test_long_completions_benchmark(tmp_path, capsys):
@@ -136,8 +138,14 @@ def test_long_completions_benchmark(tmp_path, capsys):
 
 def test_lora_mismatch_benchmark(capsys):
     pytest.importorskip("peft")
-    assert load("lora_mismatch").main(["--dtypes", "float32", "--n", "2", "--new", "3"]) == 0
-    assert capsys.readouterr().out.count("| float32 |") == 4  # one row per depth of the embedded model
+    bench = load("lora_mismatch")
+    assert bench.main(["--dtypes", "float32", "--n", "2", "--new", "3"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| float32 |")]
+    assert len(rows) == 4  # one row per depth of the embedded model
+    assert bench.main(["--dtypes", "float32", "--n", "2", "--new", "3", "--depths", "4"]) == 0
+    alone = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| float32 |")]
+    cells = lambda row: row.split("|")[1:5]  # noqa: E731  dtype, depth, max, mean (not the seconds)
+    assert [cells(r) for r in alone] == [cells(rows[3])]  # one depth alone measures the same cell
 
 
 def test_adaptive_depth_benchmark(capsys):
@@ -189,3 +197,15 @@ def test_exit_policy_experiment_paired_interval():
             "b": {"0": {"fixed": {4: 0.52}, "early_exit": {}}, "1": {"fixed": {4: 0.64}, "early_exit": {}}}}
     row = [line for line in exp.paired_table(runs, "a", 4, []).splitlines() if line.startswith("| b |")][0]
     assert row.startswith("| b | 0,1 | +3.0 ± 1.4 [-9.7, +15.7]")  # diffs +2, +4 points
+
+
+
+@pytest.mark.vllm
+def test_lora_vllm_sync_benchmark(capsys):
+    pytest.importorskip("vllm", reason="the vLLM lane (tools/vllm_cpu_env.sh) with peft on PYTHONPATH")
+    pytest.importorskip("peft")
+    assert load("lora_vllm_sync").main(["--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    report = json.loads(out[out.index('{\n "adapter"'):])  # vLLM may log to stdout before it
+    assert report["greedy_equal_torch_worker"] and report["sampled_logp_abs_max"] < 1e-4  # the merged policy
+    assert len(report["sync_s"]) == len(report["sync_plain_s"]) == 1
