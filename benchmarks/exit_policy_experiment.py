@@ -297,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
             report_path.write_text(json.dumps(report, indent=2, default=str) + "\n")
             print(key, json.dumps(report["runs"][key]["fixed"]), flush=True)
     for other in filter(None, args.merge.split(",")):
+        if not (Path(other) / "report.json").is_file():
+            p.error(f"--merge {other}: no report.json there (no finished run yet?)")
         extra = json.loads((Path(other) / "report.json").read_text())
         for part in ("runs", "facts", "train_s"):
             report.setdefault(part, {}).update(extra.get(part, {}))
