@@ -8,7 +8,7 @@ For each model and batch size the torch rollout worker (fused Ouro decode step) 
 once at fixed depth T and once under the exit rule; arms alternate over `--repeats` runs and the best
 wall time of each is kept. Reported: tokens/s of both, speedup, the adaptive run's mean depth, and
 `speedup / (T / mean_depth)`: the fraction of the ideal saving (all compute scaling with loops run)
-that the decode step actually realises (prefill, the rule's own readout and the K/V copies are the rest).
+that the decode step actually realises (prefill, the rule's own readout and the K/V rule's projections are the rest).
 Models: `tiny` = the shipped embedded model on arith prompts (rule `--rule`/`--threshold`, default
 confidence 0.6); `large` = a random-init Ouro config (hidden 384, 4 layers, GQA 8/2, T = 4) on random
 prompts under the `gate` rule at q = `--gate_q` (a random model is never confident; its gate is ~0.5 per
