@@ -344,7 +344,7 @@ class AsyncRollouts:
             except queue_module.Empty:
                 if not self.process.is_alive():
                     raise ProducerFailed(f"the rollout process exited (code {self.process.exitcode}) before step "
-                                       f"{step + 1}'s samples") from None
+                                       f"{step + 1}'s samples{_spawn_hint()}") from None
         waited = time.perf_counter() - t0
         if batch.error:
             raise RewardFunctionError(batch.error)
@@ -389,3 +389,14 @@ class AsyncRollouts:
         self.queue.cancel_join_thread()
         self.queue.close()
         self.process = None
+
+
+def _spawn_hint() -> str:
+    """The rollout process is started with spawn, which re-imports the launching script: a script that builds
+    and trains a Trainer at top level then starts a second run in the child (refused: its output_dir is locked)."""
+    import __main__
+    script = getattr(__main__, "__file__", None)
+    if not script or getattr(__main__, "__spec__", None) is not None:  # `python -m rl`, a REPL, a notebook
+        return ""
+    return (f" (if {script} starts training at top level, put it under `if __name__ == \"__main__\":` -- "
+            "the rollout process re-imports the script)")

@@ -426,8 +426,9 @@ RESUMABLE_KEYS = {
     "mismatch_warn": "warning threshold", "max_nan_steps": "abort threshold",
     "max_no_update_steps": "abort threshold",
     "reward_timeout": "time limit of a reward call", "reward_on_error": "what a failing reward call does",
-    "torch_threads": "CPU threads", "max_staleness": "rollout/update overlap from the resume step on (nothing "
-    "in flight is checkpointed: the producer regenerates from the checkpoint's weights)",
+    "torch_threads": "CPU threads", "max_staleness": "asynchronous rollouts on (k >= 1) or off (0) from the resume "
+    "step on (nothing in flight is checkpointed: the producer regenerates from the checkpoint's weights; 0 -> k "
+    "also turns TIS on under tis_mode auto)",
     "micro_batch_size": "memory only: the same gradient per mini-batch",
     "micro_batch_tokens": "memory only: the same gradient per mini-batch",
     "gradient_checkpointing": "memory only: the same math", "vllm_gpu_memory_utilization": "memory only",
@@ -688,6 +689,10 @@ def validate(cfg: TrainConfig, max_depth: int | None = None, num_processes: int 
         raise ConfigError(
             f"config key 'update_depth': {cfg.update_depth} differs from depth {cfg.depth}; the update must "
             "score at the rollout depth (set allow_depth_mismatch: true only for experiments)")
+    if cfg.allow_depth_mismatch and cfg.update_depth is None and cfg.rollout_exit_rule == "fixed":
+        raise ConfigError("config key 'allow_depth_mismatch': true does nothing here: it only allows an update_depth "
+                          "other than depth, or an update at T of adaptive rollouts (rollout_exit_rule confidence | "
+                          "gate); set one of those or leave it false")
     try:  # adaptive-depth rollouts: the rollout module owns the keys' rules
         from rollout.base import exit_rule_from_keys
 

@@ -484,7 +484,7 @@ class Trainer:
                 if k.startswith(("eval/accuracy_d", "eval/unscored_frac_d"))}
 
     def _warn_mismatch(self, mismatch: float) -> None:
-        if mismatch > self.cfg.mismatch_warn:
+        if mismatch > self.cfg.mismatch_warn and not self.cfg.allow_depth_mismatch:  # there: the experiment
             log(f"WARNING step {self.global_step}: rollout/update logprob mismatch {mismatch:.3g} > "
                 f"{self.cfg.mismatch_warn:g} at depth {self.depth}; the update is not scoring the "
                 "policy that sampled (engine precision, sampling truncation, or a bug)")

@@ -275,6 +275,7 @@ def run_cli(tmp_path, *args):
       "--rollout_num_draft", "2"], "rollout_exit_rule", "speculative"),
     (["--rollout_exit_rule", "gate", "--rollout_exit_threshold", "0.5", "--rollout_min_depth", "9"],
      "rollout_min_depth", "exceeds the rollout depth 4"),
+    (["--allow_depth_mismatch", "true"], "allow_depth_mismatch", "does nothing here"),  # a key that would be ignored
 ])
 def test_train_refuses_bad_exit_rule_keys_in_one_line(tmp_path, args, key, words):
     code, err = run_cli(tmp_path, "train", "--output_dir", str(tmp_path / "run"), "--max_steps", "1",
