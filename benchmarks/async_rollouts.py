@@ -4,18 +4,22 @@ For each seed and each max_staleness: `looprl train` of the default job (plus --
 steps, one run after another (never two at once: they would share the cores). Reported per run: the job's
 wall time (process start to exit), the trainer's seconds per step (mean time/step, startup excluded), the
 speedup over max_staleness 0 of the same seed (both measures), the final training accuracy (mean of the
-last tenth of steps), and async/staleness_mean and dropped groups; then means over seeds. Writes
+last tenth of steps), and async/staleness_mean and dropped groups; then means over seeds. With
+--eval_limit N each final model is also evaluated greedily at the model's depth on the first N `arith` test
+prompts (`looprl eval`), and each max_staleness is compared with the baseline on the same seed: the paired
+difference in points, mean ± sd and its 95 % t interval (the protocol of docs/EXPERIMENTS.md). Writes
 summary.json, summary.md and reward_vs_wallclock.png (training reward and accuracy against the trainer's
 cumulative wall time, one line per run) under --out.
 
 Usage (CPU, the full comparison; ~3 runs x 3 seeds of the default job):
     HF_HUB_OFFLINE=1 python benchmarks/async_rollouts.py --steps 300 --seeds 0,1,2 --staleness 0,1,2 \\
-        --out runs/async_bench
+        --out runs/async_bench [--eval_limit 500]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shlex
@@ -41,6 +45,25 @@ def train(run_dir: Path, seed: int, steps: int, staleness: int, extra: list[str]
     start = time.perf_counter()
     subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
     return time.perf_counter() - start
+
+
+def evaluate(run_dir: Path, limit: int, threads: int) -> float:
+    """Greedy accuracy of run_dir/final at the model's own depth on the first `limit` arith test prompts."""
+    out = run_dir / "eval.json"
+    cmd = [sys.executable, "-m", "rl", "eval", "--model", str(run_dir / "final"), "--data", "arith", "--limit",
+           str(limit), "--out", str(out), "--no_progress"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads)}
+    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+    depths = json.loads(out.read_text())["depths"]
+    return depths[max(depths, key=int)]["accuracy"]
+
+
+def paired_cell(diffs: list[float]) -> str:
+    """exit_policy_experiment.paired_cell (mean ± sd [95 % t interval]); benchmarks/ is not a package."""
+    spec = importlib.util.spec_from_file_location("exit_policy_experiment", HERE / "exit_policy_experiment.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.paired_cell(diffs)
 
 
 def run_facts(run_dir: Path, wall: float) -> dict:
@@ -96,6 +119,20 @@ def plot(runs: dict[str, dict], path: Path) -> None:
     plt.close(fig)
 
 
+def eval_table(runs: dict[str, dict], staleness: list[int], seeds: list[int]) -> str:
+    """Held-out accuracy per max_staleness and its paired difference from the baseline (same seed)."""
+    lines = ["| max_staleness | seeds | test accuracy (mean ± sd) | minus max_staleness "
+             f"{staleness[0]}, points [95 % CI] | per seed |", "|---|---|---|---|---|"]
+    for k in staleness:
+        accs = [runs[f"k{k}_s{s}"]["test_accuracy"] for s in seeds]
+        diffs = [100 * (a - runs[f"k{staleness[0]}_s{s}"]["test_accuracy"]) for a, s in zip(accs, seeds)]
+        sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        lines.append(f"| {k} | {len(seeds)} | {statistics.fmean(accs):.3f} ± {sd:.3f} | "
+                     f"{paired_cell(diffs) if k != staleness[0] else '-'} | "
+                     f"{', '.join(f'{a:.3f}' for a in accs)} |")
+    return "\n".join(lines)
+
+
 def table(summary: dict) -> str:
     lines = ["| max_staleness | seeds | job wall s | s/step | speedup (wall) | speedup (s/step) | final accuracy "
              "| staleness mean | dropped groups | wait s/step | weight sync s/step |",
@@ -138,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train_args", default=DEFAULT_TRAIN_ARGS, help="more `looprl train` arguments, for every run")
     ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each run")
     ap.add_argument("--out", default="runs/async_bench")
+    ap.add_argument("--eval_limit", type=int, default=0,
+                    help="> 0: evaluate each final model on that many arith test prompts (500: all) and pair them")
     args = ap.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     staleness = [int(k) for k in args.staleness.split(",")]
@@ -150,8 +189,14 @@ def main(argv: list[str] | None = None) -> int:
             wall = train(run_dir, seed, args.steps, k, shlex.split(args.train_args), args.threads)
             runs[run_dir.name] = {"max_staleness": k, "seed": seed, **run_facts(run_dir, wall)}
     summary = summarize(runs, staleness, seeds)
-    (out / "summary.json").write_text(json.dumps({"args": vars(args), **summary, "runs": runs}, indent=1) + "\n")
     text = table(summary)
+    if args.eval_limit:  # after every run: evaluation never shares the cores with a timed run
+        for name, facts in runs.items():
+            facts["test_accuracy"] = evaluate(out / name, args.eval_limit, args.threads)
+        summary["eval_table"] = eval_table(runs, staleness, seeds)
+        text += f"\n\ngreedy test accuracy at the model's depth ({args.eval_limit} arith test prompts):\n\n"
+        text += summary["eval_table"]
+    (out / "summary.json").write_text(json.dumps({"args": vars(args), **summary, "runs": runs}, indent=1) + "\n")
     (out / "summary.md").write_text(text + "\n")
     plot(runs, out / "reward_vs_wallclock.png")
     print(text)

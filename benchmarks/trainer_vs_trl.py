@@ -11,7 +11,12 @@ Per-step wall time: looprl's own `time/step` metric; TRL's time between successi
 callbacks. The first step of each run is warm-up and dropped; runs alternate (looprl, TRL, TRL,
 looprl, ...) and the table reports the median over all timed steps.
 
+With --max-staleness k >= 1 looprl runs with asynchronous rollouts (a second process samples the next
+steps while the trainer updates; TRL's GRPOTrainer stays synchronous): its s/step is then the trainer's
+step, about max(update, rollout + reward) once the two overlap.
+
     python benchmarks/trainer_vs_trl.py [--steps 6] [--repeats 2] [--prompts 8] [--group 8] [--max-new-tokens 32]
+        [--max-staleness 0]
 """
 
 from __future__ import annotations
@@ -78,7 +83,7 @@ def run_looprl(model_dir: Path, args, out_dir: Path) -> dict:
     cfg = build_config({
         "model": str(model_dir), "depth": 1, "engine": "torch", "dtype": "float32",
         "data": "arith", "data_limit": args.prompts * args.steps,
-        "rewards": [REWARD_NAME], "accuracy_reward": "",
+        "rewards": [REWARD_NAME], "accuracy_reward": "", "max_staleness": args.max_staleness,
         "num_generations": args.group, "max_new_tokens": args.max_new_tokens, "temperature": 1.0,
         "loss_type": "dapo", "eps_low": 0.2, "eps_high": 0.28, "beta": 0.0, "num_iterations": 1,
         "scale_rewards": "group", "dynamic_sampling": False, "mask_truncated": False,
@@ -86,6 +91,8 @@ def run_looprl(model_dir: Path, args, out_dir: Path) -> dict:
         "micro_batch_size": args.prompts * args.group, "seed": args.seed, "output_dir": str(out_dir),
         "save_every": 0, "log_samples": 0, "progress": False, "mismatch_warn": 1.0, "eval_every": 0,
     }, where="benchmark")
+    if args.max_staleness:  # scored in a spawned process: it imports the function (this script is re-imported
+        cfg.rewards = [digit_fraction]  # there) but does not see this process's registrations
     validate(cfg)
     trainer = Trainer(cfg)
     trainer.train()
@@ -160,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=2, help="runs per trainer, alternating which goes first")
+    p.add_argument("--max-staleness", type=int, default=0,
+                   help="looprl's max_staleness (>= 1: asynchronous rollouts; TRL stays synchronous)")
     args = p.parse_args(argv)
     if args.steps < 2:
         p.error("--steps must be >= 2 (the first step is dropped as warm-up)")
@@ -193,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
           f"each ({args.repeats} alternating runs x {args.steps - 1})")
     print(f"{'trainer':<26}{'s/step':>9}{'mean completion len':>22}{'vs TRL':>9}")
     print(f"{'TRL 1.x GRPOTrainer':<26}{trl_s:>9.2f}{statistics.mean(theirs['len_mean']):>22.1f}{1.0:>9.2f}")
-    print(f"{'looprl (torch engine)':<26}{ours_s:>9.2f}{statistics.mean(ours['len_mean']):>22.1f}{ours_s / trl_s:>9.2f}")
+    name = f"looprl (async k={args.max_staleness})" if args.max_staleness else "looprl (torch engine)"
+    print(f"{name:<26}{ours_s:>9.2f}{statistics.mean(ours['len_mean']):>22.1f}{ours_s / trl_s:>9.2f}")
     parts = {k: statistics.median(ours[f"{k}_s"]) for k in ("rollout", "reward", "update")}
     print("looprl step parts (median s): " + ", ".join(f"{k} {v:.2f}" for k, v in parts.items()))
     if theirs.get("rollout_s"):

@@ -27,6 +27,7 @@ Design (docs/ARCHITECTURE.md has the picture, docs/OBJECTIVE.md the off-policy o
   it: nothing of the producer needs saving); a signal that lands inside a reward function there (the
   reward guard turns it into RewardInterrupted) only makes it sample that round again. It dies with
   its parent (kill -9): Linux's parent-death signal, elsewhere the pid checks of its waits.
+- The process itself (spawned early, not a daemon, the `__main__` guard): rl/rollout_process.py.
 - Several training processes (DDP): one producer per process, each rolling out its share of every
   round's prompts; the producers agree on failures and gather the groups over their own gloo group, as
   the trainer's processes do synchronously, so every process gets the same StepBatch.
@@ -50,6 +51,7 @@ from looped.adapters import merged_named_parameters
 from rewards.guard import RewardFunctionError, RewardInterrupted
 from rl.config import ConfigError, TrainConfig
 from rl.dynamic_sampling import SamplingResult, collect_groups
+from rl.rollout_process import RolloutProcess
 from rl.rounds import RoundRoles, sample_round
 from rollout.base import checkpoint_name
 
@@ -60,20 +62,17 @@ class ProducerStopped(Exception):
     """The producer was asked to stop (or lost its parent) while waiting."""
 
 
-class ProducerFailed(RuntimeError):
-    """The producer process failed or died (the trainer stops with this one line)."""
-
-
 def check_sendable(cfg: TrainConfig) -> None:
     """max_staleness >= 1 scores in the producer process: every reward function (and accuracy_reward)
     must reach it by pickling (a registry name, 'pkg.module:function', or a module-level function).
     ConfigError naming the function otherwise (a lambda or a local function from the Python API)."""
     for key, specs in (("rewards", cfg.reward_specs()), ("accuracy_reward", [cfg.accuracy_reward])):
-        for spec in specs:
+        names = rewards.reward_ids(specs)  # the run's names for them (a lambda: lambda_<position>)
+        for spec, name in zip(specs, names):
             try:
                 pickle.dumps(spec)
             except Exception as e:  # PicklingError, AttributeError (local objects), TypeError
-                raise ConfigError(f"config key 'max_staleness': reward function {rewards.reward_name(spec)!r} "
+                raise ConfigError(f"config key 'max_staleness': reward function {name!r} "
                                   f"(config key {key!r}) cannot be sent to the rollout process ({type(e).__name__}); "
                                   "give it as 'pkg.module:function' or a module-level function, or use "
                                   "max_staleness 0") from None
@@ -85,12 +84,22 @@ class SharedWeights:
     Names and values are the rollout model's own (LoRA: merged W + delta under the base names,
     looped.adapters.merged_named_parameters), so the producer's plain model takes them as they are."""
 
-    def __init__(self, module, ctx):
+    def __init__(self, lock, version):  # made with the process (RolloutProcess); the buffers come later
+        self.lock = lock
+        self._version = version
+        self.names: list[str] = []
+        self.tensors: list[torch.Tensor] = []
+
+    def allocate(self, module) -> tuple[list[str], list[torch.Tensor]]:
+        """The shared buffers, holding `module`'s weights now; returns them (names, tensors) for the producer."""
         named = [(checkpoint_name(n), t.detach().to("cpu", copy=True)) for n, t in merged_named_parameters(module)]
         self.names = [n for n, _ in named]
         self.tensors = [t.share_memory_() for _, t in named]
-        self.lock = ctx.Lock()
-        self._version = ctx.Value("q", -1, lock=False)
+        return self.names, self.tensors
+
+    def adopt(self, names: list[str], tensors: list[torch.Tensor]) -> None:
+        """The producer's side of `allocate`: the same shared buffers."""
+        self.names, self.tensors = names, tensors
 
     @property
     def version(self) -> int:
@@ -125,7 +134,7 @@ class SharedWeights:
 
 @dataclass
 class ProducerSpec:
-    """Everything the producer process needs (pickled to it at spawn)."""
+    """Everything the producer process needs about the run (sent to it when `AsyncRollouts` is made)."""
 
     cfg: TrainConfig
     model_path: str
@@ -163,13 +172,18 @@ def _log(msg: str) -> None:
     print(f"looprl train: rollout process: {msg}", file=sys.stderr, flush=True)
 
 
-def producer_main(spec: ProducerSpec, weights: SharedWeights, queue, stop, parent_pid: int) -> None:
-    """The producer process: steps' groups onto `queue` until `stop` is set or the parent is gone."""
+def producer_main(inbox, lock, version, queue, stop, parent_pid: int) -> None:
+    """The producer process: started while the trainer sets up (its imports run meanwhile), it receives the
+    run (from `AsyncRollouts`), then puts steps' groups onto `queue` until `stop` is set or the parent is gone."""
     for sig in (signal.SIGINT, signal.SIGTERM):  # the trainer decides when to stop (module doc)
         signal.signal(sig, signal.SIG_IGN)
     _die_with_parent(parent_pid)
     report = None
     try:
+        _import_roles()
+        spec, names, tensors = _receive(inbox, stop, parent_pid)
+        weights = SharedWeights(lock, version)
+        weights.adopt(names, tensors)
         _produce(spec, weights, queue, stop, parent_pid)
     except ProducerStopped:
         pass
@@ -178,11 +192,34 @@ def producer_main(spec: ProducerSpec, weights: SharedWeights, queue, stop, paren
     except BaseException as e:  # noqa: BLE001 (reported to the trainer, which stops with it)
         report = StepBatch(-1, failure=f"{type(e).__name__}: {' '.join(str(e).split())[:500]}")
     finally:
+        # the verifier pool's workers ignore SIGTERM and its atexit close runs only after multiprocessing's
+        # exit hook of this process, which would terminate() and then join() them for ever: closed here
+        rewards.shutdown()
         if torch.distributed.is_initialized():  # a gloo group left open can abort the process at exit
             torch.distributed.destroy_process_group()
     if report is not None:
         with contextlib.suppress(ProducerStopped):
             _put(queue, report, stop, parent_pid)
+
+
+def _import_roles() -> None:
+    """What the producer's roles import (transformers, the worker, the Scorer): done before the run arrives,
+    while the trainer loads its model and data, so the first rollout does not wait for it."""
+    import rl.data  # noqa: F401
+    import rl.model_io  # noqa: F401
+    import rl.policy  # noqa: F401
+    import rl.prompts  # noqa: F401
+    import rl.scoring  # noqa: F401
+    import rollout  # noqa: F401
+
+
+def _receive(inbox, stop, parent_pid: int):
+    while not inbox.poll(0.05):
+        _check_alive(stop, parent_pid)
+    try:
+        return inbox.recv()
+    except EOFError:  # the trainer closed before sending the run (its setup failed)
+        raise ProducerStopped from None
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -318,41 +355,22 @@ def _put(queue, item: StepBatch, stop, parent_pid: int) -> None:
 
 
 class AsyncRollouts:
-    """The trainer's side: starts the producer, hands out its step batches, sends it the weights, stops it."""
+    """The trainer's side of a run with asynchronous rollouts: the spawned process (rl/rollout_process.py),
+    the shared weight buffers it reads, and the staleness filter."""
 
-    def __init__(self, spec: ProducerSpec, module, version: int):
-        self.ctx = torch.multiprocessing.get_context("spawn")
-        self.max_staleness = spec.cfg.max_staleness
-        self.weights = SharedWeights(module, self.ctx)
-        self.weights.publish(module, version, changed=False)  # the buffer holds them already
-        self.queue = self.ctx.Queue(maxsize=self.max_staleness + 1)
-        self.stop = self.ctx.Event()
-        self.process = self.ctx.Process(target=producer_main, name="looprl-rollout", daemon=True,
-                                        args=(spec, self.weights, self.queue, self.stop, os.getpid()))
-        self.process.start()
+    def __init__(self, process: RolloutProcess, spec: ProducerSpec, module, version: int):
+        """Send the run to `process` (spawned earlier): the spec and the shared buffers, which hold `module`'s
+        weights as version `version`. ProducerFailed when the process is gone."""
+        self.handle = process
+        self.process = process.process
+        self.max_staleness = process.max_staleness
+        self.weights = SharedWeights(process.lock, process.version)
+        names, tensors = self.weights.allocate(module)
+        self.weights.publish(module, version, changed=False)  # the buffers hold them already
+        process.send((spec, names, tensors))
 
     def take(self, step: int) -> tuple[StepBatch, float]:
-        """The producer's batch for `step` and the seconds waited for it. RewardFunctionError as the
-        producer met it; ProducerFailed when it failed or died."""
-        import queue as queue_module
-
-        t0 = time.perf_counter()
-        while True:
-            try:
-                batch = self.queue.get(timeout=0.1)
-                break
-            except queue_module.Empty:
-                if not self.process.is_alive():
-                    raise ProducerFailed(f"the rollout process exited (code {self.process.exitcode}) before step "
-                                       f"{step + 1}'s samples{_spawn_hint()}") from None
-        waited = time.perf_counter() - t0
-        if batch.error:
-            raise RewardFunctionError(batch.error)
-        if batch.failure:
-            raise ProducerFailed(f"the rollout process failed: {batch.failure}")
-        if batch.step != step:  # one batch per step, in order: anything else is a bug
-            raise ProducerFailed(f"the rollout process sent step {batch.step + 1}'s samples for step {step + 1}")
-        return batch, waited
+        return self.handle.take(step)
 
     def fresh(self, batch: StepBatch, step: int) -> tuple[list, list[int], int]:
         """The kept groups at most max_staleness versions behind `step` (the weights being updated), their
@@ -364,39 +382,7 @@ class AsyncRollouts:
         return self.weights.publish(module, version, changed=changed)
 
     def queue_size(self) -> int:
-        try:
-            return self.queue.qsize()
-        except NotImplementedError:  # macOS
-            return -1
+        return self.handle.queue_size()
 
     def close(self) -> None:
-        """Stop the producer and wait for it (idempotent): no process outlives the trainer."""
-        if self.process is None:
-            return
-        import queue as queue_module
-
-        self.stop.set()
-        deadline = time.time() + 5  # then killed: it holds nothing to save (a peer may wait in a collective)
-        while self.process.is_alive() and time.time() < deadline:
-            try:  # a producer blocked on a full queue gets room to notice the stop
-                self.queue.get(timeout=0.1)
-            except queue_module.Empty:
-                pass
-            self.process.join(timeout=0.05)
-        if self.process.is_alive():
-            self.process.kill()
-            self.process.join(timeout=10)
-        self.queue.cancel_join_thread()
-        self.queue.close()
-        self.process = None
-
-
-def _spawn_hint() -> str:
-    """The rollout process is started with spawn, which re-imports the launching script: a script that builds
-    and trains a Trainer at top level then starts a second run in the child (refused: its output_dir is locked)."""
-    import __main__
-    script = getattr(__main__, "__file__", None)
-    if not script or getattr(__main__, "__spec__", None) is not None:  # `python -m rl`, a REPL, a notebook
-        return ""
-    return (f" (if {script} starts training at top level, put it under `if __name__ == \"__main__\":` -- "
-            "the rollout process re-imports the script)")
+        self.handle.close()

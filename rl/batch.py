@@ -5,9 +5,9 @@ Nothing here holds state or touches a model, so each piece is testable on its ow
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 # A micro-batch's fixed cost (kernel launches, Python, optimizer-free fwd/bwd overhead) in padded tokens:
@@ -110,25 +110,37 @@ def length_buckets(lengths: list[int], max_size: int, overhead: int | None = Non
     n = len(lengths)
     if n == 0:
         return []
-    prompts = prompt_lengths or [0] * n
-    best = [0.0] + [math.inf] * n  # best[j]: cost of the first j rows
-    peak = [0] * (n + 1)  # peak[j]: padded tokens of the biggest bucket of that plan
+    # numpy over each bucket end j's candidate starts i (the update calls this every step: the plain
+    # double loop over 256 rows took ~35 ms of a ~250 ms CPU update)
+    length = np.asarray(lengths, dtype=np.int64)
+    prompt = np.asarray(prompt_lengths if prompt_lengths else [0] * n, dtype=np.int64)
+    completion = length - prompt
+    best = np.full(n + 1, np.inf)  # best[j]: cost of the first j rows
+    best[0] = 0.0
+    peak = np.zeros(n + 1, dtype=np.int64)  # peak[j]: padded tokens of the biggest bucket of that plan
     cut_from = [0] * (n + 1)
     for j in range(1, n + 1):
-        longest = lengths[j - 1]  # ascending: the last row of a bucket is its longest
-        widest_prompt = widest_completion = 0
-        for i in range(j - 1, max(0, j - max_size) - 1, -1):  # bucket rows i..j-1, growing downwards
-            widest_prompt = max(widest_prompt, prompts[i])
-            widest_completion = max(widest_completion, lengths[i] - prompts[i])
-            width = widest_prompt + max(widest_completion, 1) if prompt_lengths else longest
-            if max_tokens and i < j - 1 and (j - i) * width > max_tokens:
-                break  # a bigger bucket only gets wider
-            cost = best[i] + (j - i) * longest + overhead
-            biggest = max(peak[i], (j - i) * width)
-            # ties: the longest bucket (as an ascending scan with `<` picks); under a budget the one
-            # whose biggest micro-batch is smallest first (e.g. 4 + 4 rows rather than 7 + 1: less memory)
-            if cost < best[j] or (cost == best[j] and (not max_tokens or biggest <= peak[j])):
-                best[j], peak[j], cut_from[j] = cost, biggest, i
+        lo = max(0, j - max_size)
+        rows = j - np.arange(lo, j)  # bucket rows i..j-1 for i = lo..j-1
+        longest = int(length[j - 1])  # ascending: the last row of a bucket is its longest
+        if prompt_lengths:  # collate's width: longest prompt + longest completion of the bucket
+            widest_prompt = np.maximum.accumulate(prompt[lo:j][::-1])[::-1]
+            widest_completion = np.maximum.accumulate(completion[lo:j][::-1])[::-1]
+            width = widest_prompt + np.maximum(widest_completion, 1)
+        else:
+            width = np.full(j - lo, longest, dtype=np.int64)
+        tokens = rows * width
+        cost = best[lo:j] + rows * longest + overhead
+        biggest = np.maximum(peak[lo:j], tokens)
+        if max_tokens:  # a bucket over the cap is out, unless it is one row (a wider one only gets wider)
+            cost = np.where((tokens <= max_tokens) | (rows == 1), cost, np.inf)
+        # the cheapest; ties: the longest bucket (smallest i), and under a budget first the one whose biggest
+        # micro-batch is smallest (e.g. 4 + 4 rows rather than 7 + 1: less memory)
+        cheapest = cost == cost.min()
+        if max_tokens:
+            cheapest &= biggest == biggest[cheapest].min()
+        i = lo + int(np.flatnonzero(cheapest)[0])
+        best[j], peak[j], cut_from[j] = cost[i - lo], biggest[i - lo], i
     cuts, j = [], n
     while j > 0:
         cuts.append(j)

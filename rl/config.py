@@ -27,6 +27,7 @@ SCHEDULERS = ("constant", "linear", "cosine")
 # rollout correction (rl/rollout_correction.py, docs/OBJECTIVE.md): auto/off, truncations, and the masks
 TIS_MASK_MODES = ("token_mask", "sequence_mask", "geometric_mask")
 TIS_MODES = ("auto", "token", "sequence", *TIS_MASK_MODES, "off")
+OFF_POLICY_RATIOS = ("behaviour", "proximal")  # max_staleness >= 1: the PPO ratio's reference (docs/OBJECTIVE.md)
 DTYPES = ("float32", "bfloat16", "float16")
 REPORT_TO = ("none", "tensorboard", "wandb")
 REWARD_ON_ERROR = ("raise", "zero", "skip_group")
@@ -136,7 +137,8 @@ class TrainConfig:
     overlong_buffer_len: int = option(0, ">0 adds DAPO's soft overlong penalty over the last N tokens")
     overlong_penalty: float = option(1.0, "size of the soft overlong penalty at max_new_tokens")
     tis_mode: str = option("auto", "rollout correction on rollout-vs-update logprobs (docs/OBJECTIVE.md): auto "
-                                "(token on engines without exact logprobs, i.e. vllm; else off) | token | sequence "
+                                "(token on engines without exact logprobs, i.e. vllm, and for stale samples under "
+                                "off_policy_ratio proximal; else off) | token | sequence "
                                 "(truncated at tis_cap) | token_mask | sequence_mask | geometric_mask (no loss "
                                 "outside [tis_floor, tis_cap]) | off")
     tis_cap: float = option(2.0, "upper truncation of the TIS weight; upper edge of the band of the mask modes")
@@ -145,8 +147,15 @@ class TrainConfig:
     max_staleness: int = option(0, "asynchronous rollouts: 0 = rollout, then update (synchronous); k >= 1 = a "
                                    "producer process samples and scores the next steps' groups while the update "
                                    "runs, with weights at most k updates old (older groups are dropped, counted "
-                                   "in async/dropped_stale); turns TIS on under tis_mode auto (torch engine, "
-                                   "one process or DDP; docs/OBJECTIVE.md)")
+                                   "in async/dropped_stale); the objective for those samples: off_policy_ratio "
+                                   "(torch engine, one process or DDP; docs/OBJECTIVE.md)")
+    off_policy_ratio: str = option("behaviour", "max_staleness >= 1: the PPO ratio of stale samples. behaviour = "
+                                   "pi_theta / pi_behaviour (the policy that sampled), clipped to [1 - eps_low, "
+                                   "1 + eps_high]: PPO's trust region around the data's policy, no TIS weight "
+                                   "(it is the ratio); proximal = decoupled PPO: the ratio to the current weights "
+                                   "times the truncated TIS weight pi_proximal / pi_behaviour (tis_mode; tis_mode "
+                                   "auto turns it on). behaviour learned as fast per step as synchronous training "
+                                   "on the default job, proximal slower (docs/EXPERIMENTS.md)")
 
     # --- self-distillation of shallow exits (rl/self_distill.py owns the defaults and the rules) ---
     self_distill_coef: float = option(SELF_DISTILL_DEFAULTS["self_distill_coef"],
@@ -593,8 +602,50 @@ def fit_to_positions(cfg: TrainConfig, max_positions: int | None) -> str | None:
     return why
 
 
-def _check_tis_band(cfg: TrainConfig) -> None:
-    """tis_floor: 0 <= tis_floor < tis_cap, and only where a mask mode reads it (else it would be ignored)."""
+def tis_on(cfg: TrainConfig, exact_logprobs: bool) -> bool:
+    """Whether the update reweights by pi_old / pi_rollout: a mode given, or `auto` where the rollout's
+    logprobs are not the update's (an engine without exact logprobs, or stale samples under
+    off_policy_ratio proximal; under behaviour the PPO ratio itself is that weight)."""
+    if cfg.tis_mode == "auto":
+        return not exact_logprobs or (cfg.max_staleness > 0 and cfg.off_policy_ratio == "proximal")
+    return cfg.tis_mode != "off"
+
+
+def behaviour_ratio(cfg: TrainConfig) -> bool:
+    """The PPO ratio is taken to the rollout's (behaviour) log-probs: stale samples under off_policy_ratio
+    behaviour. Otherwise it is taken to the weights before the step's first update (the proximal policy)."""
+    return cfg.max_staleness > 0 and cfg.off_policy_ratio == "behaviour"
+
+
+def _check_off_policy_ratio(cfg: TrainConfig) -> None:
+    """off_policy_ratio is read only with max_staleness >= 1; behaviour carries its own importance weight
+    (a TIS mode on top would apply it twice) and has no per-exit behaviour log-probs."""
+    if cfg.off_policy_ratio != FIELDS["off_policy_ratio"].default and not cfg.max_staleness:
+        raise ConfigError(f"config key 'off_policy_ratio': {cfg.off_policy_ratio!r} is read only with max_staleness "
+                          ">= 1 (asynchronous rollouts); drop it or set max_staleness")
+    if not behaviour_ratio(cfg):
+        return
+    if cfg.tis_mode not in ("auto", "off"):
+        raise ConfigError(f"config key 'tis_mode': {cfg.tis_mode!r} reweights stale samples by pi_proximal / "
+                          "pi_behaviour, which off_policy_ratio behaviour (the default with max_staleness >= 1) "
+                          "already is: its PPO ratio is taken to the behaviour policy; use off_policy_ratio "
+                          "proximal for a TIS mode, or drop tis_mode")
+    if cfg.policy_exits != "last":
+        raise ConfigError("config key 'off_policy_ratio': behaviour needs the behaviour log-probs of every exit "
+                          "that policy_exits trains, and the rollout has only the sampled depth's; use "
+                          "off_policy_ratio proximal with policy_exits")
+
+
+def _check_tis_band(cfg: TrainConfig, exact_logprobs: bool) -> None:
+    """tis_floor: 0 <= tis_floor < tis_cap, and only where a mask mode reads it (else it would be ignored);
+    tis_cap only where TIS is on (else it too would be ignored)."""
+    if cfg.tis_cap != FIELDS["tis_cap"].default and not tis_on(cfg, exact_logprobs):
+        why = "tis_mode is off" if cfg.tis_mode == "off" else (
+            "tis_mode auto turns TIS on only for an engine without exact logprobs or max_staleness >= 1 with "
+            f"off_policy_ratio proximal (engine {cfg.engine!r}, max_staleness {cfg.max_staleness}, off_policy_ratio "
+            f"{cfg.off_policy_ratio})")
+        raise ConfigError(f"config key 'tis_cap': {cfg.tis_cap:g} would be ignored: {why}; drop it or set tis_mode "
+                          f"(token | {' | '.join(m for m in TIS_MODES if m not in ('auto', 'off', 'token'))})")
     if not 0.0 <= cfg.tis_floor < cfg.tis_cap:
         raise ConfigError(f"config key 'tis_floor': must satisfy 0 <= tis_floor < tis_cap ({cfg.tis_cap:g}), "
                           f"got {cfg.tis_floor:g}")
@@ -613,7 +664,7 @@ def validate(cfg: TrainConfig, max_depth: int | None = None, num_processes: int 
 
     choices = {"vllm_dtype": DTYPES, "engine": tuple(ENGINES), "dtype": DTYPES, "scale_rewards": SCALE_REWARDS,
                "lr_scheduler": SCHEDULERS, "tis_mode": TIS_MODES, "report_to": REPORT_TO,
-               "reward_on_error": REWARD_ON_ERROR}
+               "reward_on_error": REWARD_ON_ERROR, "off_policy_ratio": OFF_POLICY_RATIOS}
     if registries:  # these modules need torch: imported here, so `looprl train --help` (this module) starts fast
         from rl.advantages import ADVANTAGES
         from rl.exit_policy import validate_exit_policy
@@ -671,7 +722,8 @@ def validate(cfg: TrainConfig, max_depth: int | None = None, num_processes: int 
         if key not in SPECIAL_TOKEN_KEYS or not isinstance(token, str) or not token:
             raise ConfigError(f"config key 'special_tokens': {key}: {token!r} is not a bos_token/eos_token/"
                               "pad_token set to a token string")
-    _check_tis_band(cfg)
+    _check_off_policy_ratio(cfg)
+    _check_tis_band(cfg, ENGINES[cfg.engine].exact_logprobs)
     if cfg.eps_low >= 1.0:
         raise ConfigError(f"config key 'eps_low': must be < 1, got {cfg.eps_low}")
     if cfg.overlong_buffer_len >= cfg.max_new_tokens:

@@ -149,8 +149,15 @@ def count_nonfinite(tensors) -> int:
     import torch
 
     with torch.no_grad():
-        counts = [(~torch.isfinite(t)).sum() for t in tensors if t.is_floating_point()]
-    return int(torch.stack(counts).sum()) if counts else 0
+        floats = [t for t in tensors if t.is_floating_point()]
+        if not floats:
+            return 0
+        # a sum is finite only if every value is (inf + x = inf, inf - inf = nan): one pass, no mask; the
+        # exact count runs only when a sum is not (a real inf/NaN, or a sum that overflowed)
+        sums = torch.stack([t.sum(dtype=torch.float32) for t in floats])
+        if bool(torch.isfinite(sums).all()):
+            return 0
+        return int(torch.stack([(~torch.isfinite(t)).sum() for t in floats]).sum())
 
 
 # --------------------------------------------------------------------------- checkpoints as models

@@ -27,7 +27,7 @@ from looped.facts import is_looped
 from looped.hf_compat import enable_activation_checkpointing
 from rl.batch import Sample, collate, exit_mask, own_filler, padded_width, shard_plan, trained_tokens
 from rl.checkpoint import TrainState
-from rl.config import TIS_MASK_MODES, ConfigError, TrainConfig
+from rl.config import TIS_MASK_MODES, ConfigError, TrainConfig, behaviour_ratio
 from rl.dist import reduce_max, reduce_sum
 from rl.exit_policy import (
     ExitPolicyConfig,
@@ -138,6 +138,7 @@ class Policy:
         # the rollout correction in force (rl/rollout_correction.py): auto resolves to token where it is on
         self.tis_mode = ("token" if cfg.tis_mode in ("auto", "off") else cfg.tis_mode) if use_tis else "off"
         self.tis_masks = self.tis_mode in TIS_MASK_MODES
+        self.behaviour_ratio = behaviour_ratio(cfg)  # stale samples: the PPO ratio to the policy that sampled
         self.exit_policy = exit_policy or ExitPolicyConfig()
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
         dtype = getattr(torch, cfg.dtype)
@@ -432,7 +433,10 @@ class Policy:
             stats.raw.add(old_lp, batch["rollout_logprobs"], cmask, correction.keep if self.tis_masks else None)
         exit_terms = self._exit_terms(out, batch, logp, micro.rows, old is None) \
             if self.policy_exits is not None else {}
-        token_terms = policy_loss(cfg.loss_type, logp, old_lp, batch["advantages"], loss_mask, norm,
+        # the PPO ratio's reference: the weights before this step's first update (proximal), or, for stale
+        # samples under off_policy_ratio behaviour, the policy that sampled them (docs/OBJECTIVE.md)
+        ratio_ref = batch["rollout_logprobs"] if self.behaviour_ratio else old_lp
+        token_terms = policy_loss(cfg.loss_type, logp, ratio_ref, batch["advantages"], loss_mask, norm,
                                   eps_low=cfg.eps_low, eps_high=cfg.eps_high, cispo_cap=cfg.cispo_cap,
                                   ref_logp=ref_lp, beta=cfg.beta, is_weights=is_w, **exit_terms)
         exits = out.exit_hidden_states if want_exits else None

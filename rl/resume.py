@@ -106,6 +106,9 @@ def adopt_trained_config(cfg: TrainConfig) -> list[str]:
         except ConfigError as e:
             raise RunDirError(f"--resume: {cfg.output_dir}'s recorded config: {e}; set it explicitly") from None
         adopted.append(key)
+    if old.get("max_staleness") and "off_policy_ratio" not in old and "off_policy_ratio" not in given:
+        cfg.off_policy_ratio = "proximal"  # async runs recorded before the key trained with the decoupled ratio
+        adopted.append("off_policy_ratio")
     return adopted
 
 

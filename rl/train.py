@@ -36,15 +36,17 @@ from rewards.guard import RewardFunctionError, RewardInterrupted
 from rl import exit_codes, resume
 from rl.accuracy import AccuracyError
 from rl.advantages import get_advantage
-from rl.async_rollout import AsyncRollouts, ProducerFailed, ProducerSpec, check_sendable, free_port
+from rl.async_rollout import AsyncRollouts, ProducerSpec, check_sendable, free_port
 from rl.batch import Sample
 from rl.checkpoint import latest_checkpoint, load_latest_checkpoint, save_checkpoint
 from rl.config import (
+    TIS_MASK_MODES,
     ConfigError,
     TrainConfig,
     fit_to_positions,
     portable_dict,
     save_config,
+    tis_on,
     validate,
 )
 from rl.data import EMBEDDED_MODEL, load_prompts, reward_columns
@@ -56,6 +58,9 @@ from rl.metrics import RunLogger, progress_bar, reward_metrics, sample_rows, sum
 from rl.model_io import load_model_config, load_tokenizer
 from rl.policy import Policy
 from rl.prompts import PromptIds, PromptSampler
+from rl.rollout_process import ProducerFailed, RolloutProcess, refuse_training_here
+from rl.rollout_process import claim as claim_rollout_process
+from rl.rollout_process import discard_early as discard_early_rollout_process
 from rl.rounds import RoundRoles, sample_round
 from rl.run_dir import RunDirError, RunLock, RunWriteError, check_resume_step, one_line, prepare_output_dir
 from rl.scoring import Scorer
@@ -88,6 +93,7 @@ class Trainer:
     construction to the end of `train()` (or `close()`)."""
 
     def __init__(self, cfg: TrainConfig):
+        refuse_training_here()  # in a rollout process: a script without the __main__ guard, re-imported
         self.cfg = cfg
         # FSDP2 asked for by the launcher (configs/accelerate/fsdp2*.yaml) is applied by us (rl/sharding.py)
         self.sharded = take_fsdp_request(os.environ)
@@ -102,7 +108,11 @@ class Trainer:
         self.interrupted: str | None = None
         self.stop_signal: int | None = None
         self.run_lock = self._lock_output_dir()
+        self.rollouts: AsyncRollouts | None = None  # set once the run reached the producer (train())
+        self._spawned: RolloutProcess | None = None
         try:
+            if cfg.max_staleness:  # spawned by now (`looprl train`: before torch loaded); the run reaches it in train()
+                self._spawned = claim_rollout_process(cfg.max_staleness)
             self._setup(cfg)
         except BaseException:
             self.close()
@@ -166,8 +176,7 @@ class Trainer:
         engine = get_engine(cfg.engine)
         # the importance weight pi_proximal / pi_behaviour: engines whose logprobs differ from ours, and
         # asynchronous rollouts, whose samples come from older weights (docs/OBJECTIVE.md)
-        use_tis = cfg.tis_mode not in ("auto", "off") or (cfg.tis_mode == "auto" and (not engine.exact_logprobs
-                                                                            or cfg.max_staleness > 0))
+        use_tis = tis_on(cfg, engine.exact_logprobs)
         if cfg.max_staleness:  # one process or DDP; the reward functions must reach the producer process
             backend = "FSDP2" if self.sharded else acc.distributed_type.name
             if backend not in ("NO", "MULTI_CPU", "MULTI_GPU"):
@@ -204,8 +213,8 @@ class Trainer:
         self.no_update_streak = 0  # steps in a row where every sampled group had equal rewards
         self.last_samples: list[Sample] = []  # the step's samples shown in samples.jsonl
         self.warned_all_masked = False
-        # asynchronous rollouts (max_staleness >= 1): the producer process, started by train() (rl/async_rollout.py)
-        self.rollouts: AsyncRollouts | None = None
+        self.warned_short_batch = False  # dynamic sampling kept fewer groups than prompts_per_step (once)
+        # asynchronous rollouts (max_staleness >= 1): the producer process (started above) gets the run in train()
         self._producer_args = dict(model_path=self.model_path, depth=self.depth, tokenizer=self.tokenizer,
                                    dataset=self.dataset, prompt_limit_why=prompt_limit_why, eos_token_id=eos,
                                    pad_token_id=int(pad if pad is not None else 0), device=str(acc.device))
@@ -226,6 +235,7 @@ class Trainer:
             result, timers, counters, async_metrics = self._take_rollouts()
         sampled = [s for g in result.all_groups for s in g.data]
         kept = [s for g in result.kept for s in g.data]
+        self._warn_short_batch(result)
         metrics = {**reward_metrics(sampled, self.scorer.names), **self._reward_counters(counters),
                    **_sampling_metrics(result), **async_metrics}
         if cfg.mask_truncated:
@@ -306,10 +316,20 @@ class Trainer:
         spec = ProducerSpec(cfg=self.cfg, start_step=self.global_step, sampler_state=self.sampler.state_dict(),
                             threads=threads, rank=self.rank, world=self.world, group_address=address,
                             throttle=PRODUCER_THROTTLE, **self._producer_args)
-        self.rollouts = AsyncRollouts(spec, self.policy.full_weights(), self.global_step)
+        try:
+            self.rollouts = AsyncRollouts(self._spawned, spec, self.policy.full_weights(), self.global_step)
+        except ProducerFailed as e:
+            raise StopTraining(str(e)) from None
         if self.accelerator.is_main_process:
-            tis = (f"TIS on (tis_mode {self.cfg.tis_mode}, cap {self.cfg.tis_cap:g})" if self.policy.use_tis
-                   else "TIS off (tis_mode off): stale samples are not reweighted")
+            band = f"band [{self.cfg.tis_floor:g}, {self.cfg.tis_cap:g}]" if self.cfg.tis_mode in TIS_MASK_MODES \
+                else f"cap {self.cfg.tis_cap:g}"
+            if self.policy.behaviour_ratio:
+                tis = (f"off_policy_ratio behaviour: PPO ratio to the sampling policy, clipped to "
+                       f"[{1 - self.cfg.eps_low:g}, {1 + self.cfg.eps_high:g}]")
+            elif self.policy.use_tis:
+                tis = f"off_policy_ratio proximal: TIS on (tis_mode {self.cfg.tis_mode}, {band})"
+            else:
+                tis = "off_policy_ratio proximal, TIS off (tis_mode off): stale samples are not reweighted"
             log(f"asynchronous rollouts: max_staleness {self.cfg.max_staleness}, rollout process pid "
                 f"{self.rollouts.process.pid} ({threads} torch thread(s), trainer {torch.get_num_threads()}); {tis}")
 
@@ -326,9 +346,23 @@ class Trainer:
         return producer
 
     def _stop_rollouts(self) -> None:
-        if getattr(self, "rollouts", None) is not None:
-            self.rollouts.close()
-            self.rollouts = None
+        if getattr(self, "_spawned", None) is not None:
+            self._spawned.close()
+        self.rollouts = self._spawned = None
+
+    def _warn_short_batch(self, result: SamplingResult) -> None:
+        """Dynamic sampling that ran out of rounds with half of prompts_per_step or fewer groups (tiny or too
+        easy data) trains on a much smaller batch than asked: said once per run (sampling/groups_kept every
+        step; the default job keeps 31 of 32 now and then, which is not worth a warning)."""
+        cfg = self.cfg
+        if self.warned_short_batch or not 0 < 2 * len(result.kept) <= cfg.prompts_per_step:
+            return
+        self.warned_short_batch = True
+        if self.accelerator.is_main_process:
+            log(f"WARNING step {self.global_step + 1}: dynamic sampling kept {len(result.kept)} of prompts_per_step "
+                f"{cfg.prompts_per_step} groups after {result.rounds} round(s) (max_rounds {cfg.max_rounds}): the "
+                "others had equal rewards or were dropped, so this update trains on fewer groups (warned once; "
+                "sampling/groups_kept every step); more rounds: raise max_rounds")
 
     def _masked_metrics(self, kept: list[Sample]) -> dict[str, float]:
         """completion/masked_frac: the share of the update batch that mask_truncated leaves out. When it is
@@ -380,10 +414,10 @@ class Trainer:
                 f"{cfg.prompts_per_step} prompts x {cfg.num_generations} per step, "
                 f"steps {self.global_step}->{cfg.max_steps}, output {out}")
             log(f"policy: {self.policy.trainable}")  # LoRA: adapter (+ gate) only
-        self._start_rollouts()  # max_staleness >= 1: from the resumed step, data position and weights
         bar = progress_bar(cfg.max_steps, self.global_step, enabled=cfg.progress and acc.is_main_process)
         code = exit_codes.FINISHED
         try:
+            self._start_rollouts()  # max_staleness >= 1: from the resumed step, data position and weights
             if cfg.eval_every and self.global_step == 0 and acc.is_main_process:
                 # the baseline row (step 0) that the eval-per-depth curves start from
                 t0 = time.perf_counter()
@@ -634,6 +668,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return exit_codes.SIGNAL_BASE + signal.Signals[name].value
     finally:
+        discard_early_rollout_process()  # spawned by train_precheck for a run refused before it was claimed
         if trainer is not None:
             trainer.close()
             trainer.worker.close()  # a vLLM engine's process groups go before the default one

@@ -34,6 +34,38 @@ def test_max_staleness_is_refused_where_it_cannot_run():
     validate(TrainConfig(max_staleness=1), max_depth=4, num_processes=2)  # the torch engine, DDP included
 
 
+def test_off_policy_ratio_is_refused_where_it_would_do_nothing_or_double_count():
+    """off_policy_ratio is read only with max_staleness >= 1; behaviour (its default) is refused beside a TIS
+    mode (the same weight twice) and beside policy_exits (no per-exit behaviour log-probs); proximal takes both."""
+    cases = ((TrainConfig(off_policy_ratio="proximal"), "config key 'off_policy_ratio': 'proximal' is read only"),
+             (TrainConfig(off_policy_ratio="behavior"), "config key 'off_policy_ratio'"),
+             (TrainConfig(max_staleness=1, tis_mode="token"), "config key 'tis_mode': 'token' reweights"),
+             (TrainConfig(max_staleness=1, policy_exits="all"), "use off_policy_ratio proximal with policy_exits"))
+    for cfg, needle in cases:
+        with pytest.raises(ConfigError) as e:
+            validate(cfg, max_depth=4)
+        assert needle in str(e.value) and "\n" not in str(e.value)
+    for cfg in (TrainConfig(max_staleness=1, off_policy_ratio="proximal", tis_mode="sequence"),
+                TrainConfig(max_staleness=1, tis_mode="off"), TrainConfig(max_staleness=2)):
+        validate(cfg, max_depth=4)
+
+
+def test_an_async_run_recorded_before_off_policy_ratio_resumes_with_the_ratio_it_trained_with(tmp_path):
+    """Checkpoints of asynchronous runs written before the key existed trained with the decoupled (proximal)
+    ratio: --resume keeps it rather than switching to the new default; a synchronous one adopts nothing."""
+    from rl.checkpoint import STATE_FILE
+    from rl.config import portable_dict
+    from rl.resume import load_run_config
+
+    for staleness, want in ((1, "proximal"), (0, "behaviour")):
+        out = tmp_path / f"k{staleness}"
+        recorded = portable_dict(TrainConfig(max_staleness=staleness, output_dir=str(out)))
+        del recorded["off_policy_ratio"]
+        (out / "checkpoints" / "step-3").mkdir(parents=True)
+        (out / "checkpoints" / "step-3" / STATE_FILE).write_text(json.dumps({"config": recorded}))
+        assert load_run_config(["--output_dir", str(out), "--resume"]).off_policy_ratio == want
+
+
 def test_a_reward_that_cannot_reach_the_rollout_process_is_refused_in_one_line(tiny, tmp_path):  # noqa: F811
     from rl.train import Trainer
 
@@ -47,20 +79,88 @@ def test_a_reward_that_cannot_reach_the_rollout_process_is_refused_in_one_line(t
         Trainer(cfg)
     assert str(e.value).startswith("config key 'max_staleness': reward function 'local_reward'")
     assert "cannot be sent to the rollout process" in str(e.value) and "\n" not in str(e.value)
+    cfg.rewards = ["tinyreward:digit_sum", lambda prompts, completions, **kw: [0.0] * len(completions)]
+    with pytest.raises(ConfigError) as e:  # a lambda by the name the run's metrics give it
+        Trainer(cfg)
+    assert str(e.value).startswith("config key 'max_staleness': reward function 'lambda_2'")
 
 
 # ----------------------------------------------------------------------------- the objective
 
 
+def _stale_rows(policy, gen, scale: float):
+    """Four samples whose rollout log-probs come from OLDER weights (the update's weights perturbed)."""
+    rows = [Sample(prompt_index=i, prompt_ids=torch.randint(5, 60, (4 + i,), generator=gen).tolist(),
+                   completion_ids=torch.randint(5, 60, (3 + 2 * i,), generator=gen).tolist(),
+                   rollout_logprobs=[0.0] * (3 + 2 * i),
+                   truncated=False, reward=0.0, fn_rewards={}, correct=None, text="",
+                   advantage=[1.0, -0.5, 0.8, -1.2][i]) for i in range(4)]
+    older = copy.deepcopy(policy.module)
+    with torch.no_grad():
+        for p in older.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen))
+        behaviour, _, _ = policy.logprobs(collate(rows, 0, mask_truncated=False), model=older)
+    for i, s in enumerate(rows):
+        s.rollout_logprobs = behaviour[i, :len(s.completion_ids)].tolist()
+    return rows
+
+
+def _update_gradients(policy, rows) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """The gradients the update applies (captured at its optimizer step) and its metrics."""
+    got, step = {}, policy._optimizer_step
+
+    def capture(finite, at):
+        got.update({n: p.grad.clone() for n, p in policy.module.named_parameters() if p.grad is not None})
+        return step(finite, at)
+
+    policy._optimizer_step = capture
+    return got, policy.update(rows, 0)
+
+
+def test_a_stale_samples_ratio_is_to_the_behaviour_policy_clipped_by_default():
+    """Brute force, off_policy_ratio behaviour (the default with max_staleness >= 1): the update's gradient on
+    samples drawn by OLDER weights is that of DAPO's -sum min(r A, clip(r, 1 - eps_low, 1 + eps_high) A) / tokens
+    with r = pi_theta / pi_behaviour: tokens outside the band on the advantage's side give no gradient, and no
+    TIS weight is applied on top (tis_mode auto leaves it off)."""
+    from rl.config import tis_on
+    from rl.policy import Policy
+    from rl.self_distill import SelfDistillConfig
+
+    cfg = TrainConfig(max_new_tokens=8, torch_threads=1, max_staleness=1, prompts_per_step=2, num_generations=2,
+                      loss_type="dapo")
+    assert cfg.off_policy_ratio == "behaviour" and not tis_on(cfg, exact_logprobs=True)
+    policy = Policy(cfg, Accelerator(cpu=True), EMBEDDED_MODEL, use_tis=False, self_distill=SelfDistillConfig(),
+                    pad_id=0)
+    rows = _stale_rows(policy, torch.Generator().manual_seed(0), scale=0.05)
+    batch = collate(rows, 0, mask_truncated=False)
+    logp, _, _ = policy.logprobs(batch)
+    mask = batch["completion_mask"]
+    ratio = torch.exp(logp - batch["rollout_logprobs"])
+    adv = batch["advantages"][:, None]
+    clipped = ((adv > 0) & (ratio > 1 + cfg.eps_high)) | ((adv < 0) & (ratio < 1 - cfg.eps_low))
+    assert (clipped & (mask > 0)).any() and (~clipped & (mask > 0)).any()  # both kinds of token are here
+    surrogate = torch.minimum(ratio * adv, torch.clamp(ratio, 1 - cfg.eps_low, 1 + cfg.eps_high) * adv)
+    (-(surrogate * mask).sum() / mask.sum()).backward()
+    want = {n: p.grad.clone() for n, p in policy.module.named_parameters() if p.grad is not None}
+    policy.optimizer.zero_grad(set_to_none=True)
+    got, metrics = _update_gradients(policy, rows)
+    assert "tis/weight_mean" not in metrics and metrics["clip/frac"] > 0
+    assert metrics["is/raw_max"] == pytest.approx(float(ratio.detach()[mask > 0].max()), rel=1e-4)  # the raw ratio, logged
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6)
+
+
 def test_a_stale_samples_weight_is_the_truncated_proximal_over_behaviour_ratio():
-    """Brute force: the update's gradient on samples drawn by OLDER weights is that of
-    -sum A * min(exp(proximal - behaviour), cap) * logp / tokens, proximal = the weights being updated."""
+    """Brute force, off_policy_ratio proximal (decoupled PPO): the update's gradient on samples drawn by OLDER
+    weights is that of -sum A * min(exp(proximal - behaviour), cap) * logp / tokens, proximal = the weights
+    being updated."""
     from rl.policy import Policy
     from rl.self_distill import SelfDistillConfig
 
     cap = 1.3
     cfg = TrainConfig(max_new_tokens=8, torch_threads=1, tis_cap=cap, max_staleness=1, prompts_per_step=2,
-                      num_generations=2, loss_type="dapo")
+                      num_generations=2, loss_type="dapo", off_policy_ratio="proximal")
     policy = Policy(cfg, Accelerator(cpu=True), EMBEDDED_MODEL, use_tis=True, self_distill=SelfDistillConfig(),
                     pad_id=0)
     gen = torch.Generator().manual_seed(0)
@@ -290,6 +390,92 @@ def test_a_reward_failing_in_the_rollout_process_stops_the_run_in_one_line(tiny,
     assert steps == [1, 2] and (out / "checkpoints" / "step-2" / "trainer_state.json").is_file()
 
 
+POOL_REWARD = '''
+import multiprocessing
+
+from rewards.math import get_pool
+
+
+def pooled_length(prompts, completions, **kw):
+    """Scores in a process pool of its own, as rewards.math's verifier pool does."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return [float(n % 3) for n in pool.map(len, [str(c) for c in completions])]
+
+
+def verifier_pool_length(prompts, completions, **kw):
+    """Scores in the math verifier's own worker pool (workers that ignore SIGTERM)."""
+    results = get_pool().map(len, [(str(c),) for c in completions], timeout=30)
+    return [float(r.value % 3) for r in results]
+'''
+
+
+def test_a_reward_that_starts_processes_runs_in_the_rollout_process(tiny, tmp_path, monkeypatch):  # noqa: F811
+    """The producer is not a daemon: a reward function there may start processes (a daemon may not: the
+    default job's math verifier pool stopped a max_staleness run at its first symbolic check). And it stops
+    by itself at the end, the verifier pool's workers included (it used to be killed after 5 s: its exit
+    waited for workers that ignore SIGTERM)."""
+    from rl import rollout_process
+
+    (tmp_path / "pooled.py").write_text(POOL_REWARD)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    closed = []
+    close = rollout_process.RolloutProcess.close
+
+    def recording_close(self):
+        if self.process is not None:
+            close(self)
+            closed.append(self.killed)
+
+    monkeypatch.setattr(rollout_process.RolloutProcess, "close", recording_close)
+    out = tmp_path / "run"
+    assert _train(_async_args(tiny, out, "--max_steps", "2", "--rewards",
+                              "pooled:pooled_length,pooled:verifier_pool_length", "--dynamic_sampling", "false")) == 0
+    assert [r["step"] for r in _rows(out)] == [1, 2]
+    assert closed == [False]
+
+
+NO_GUARD_SCRIPT = '''
+from rl.config import TrainConfig
+from rl.train import Trainer
+
+raise SystemExit(Trainer(TrainConfig(model={model!r}, depth=3, data="arith", data_limit=16, rewards=["tinyreward:digit_sum"],
+                    accuracy_reward="tinyreward:is_zero", prompts_per_step=2, num_generations=4, max_new_tokens=5,
+                    micro_batch_size=4, max_steps=2, max_staleness=1, eval_every=0, progress=False,
+                    output_dir={out!r})).train())
+'''
+
+
+def test_a_script_that_trains_at_top_level_is_told_about_the_main_guard(tiny, tmp_path):  # noqa: F811
+    """Spawn re-imports the launching script in the rollout process; without `if __name__ == "__main__":` that
+    starts a second run there. It used to hang; now the rollout process ends at once with one line naming the
+    guard, the trainer stops with exit 1 naming it too, and no process is left."""
+    import subprocess
+    import sys
+
+    from test_run_lifecycle import _env
+
+    out = tmp_path / "run"
+    script = tmp_path / "train_no_guard.py"
+    script.write_text(NO_GUARD_SCRIPT.format(model=str(tiny / "model"), out=str(out)))
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, env=_env(tiny), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("a script without the __main__ guard hung under max_staleness 1")
+    _producer_gone(proc.pid)
+    assert proc.returncode == 1, err[-3000:]
+    child = _one_line(err, "rollout process: ")
+    assert str(script) in child and "if __name__ ==" in child
+    trainer = _one_line(err, "error:")
+    assert "rollout process exited" in trainer and "if __name__ ==" in trainer and str(script) in trainer
+    import fcntl
+
+    with open(out / ".looprl.lock") as lock:  # released: the next run may use the directory
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
 @pytest.mark.parametrize("lora_rank", [0, 4])
 def test_the_shared_weights_give_the_rollout_copy_the_trainers_function(lora_rank):
     """What the producer loads computes what the trainer's model computes, LoRA included (merged W + delta),
@@ -304,7 +490,9 @@ def test_the_shared_weights_give_the_rollout_copy_the_trainers_function(lora_ran
     cfg = TrainConfig(torch_threads=1, lora_rank=lora_rank, max_staleness=1)
     policy = Policy(cfg, Accelerator(cpu=True), EMBEDDED_MODEL, use_tis=True, self_distill=SelfDistillConfig(),
                     pad_id=0)
-    weights = SharedWeights(policy.module, torch.multiprocessing.get_context("spawn"))
+    ctx = torch.multiprocessing.get_context("spawn")
+    weights = SharedWeights(ctx.Lock(), ctx.Value("q", -1, lock=False))
+    weights.allocate(policy.module)
     copy_ = load_model(EMBEDDED_MODEL, "test").eval()
     ids = torch.randint(5, 60, (2, 7), generator=torch.Generator().manual_seed(1))
     for version in (1, 2):

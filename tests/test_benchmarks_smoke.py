@@ -7,6 +7,7 @@ produces its report.
 
 import importlib.util
 import json
+import os
 import re
 import subprocess
 import sys
@@ -60,6 +61,19 @@ def test_trainer_vs_trl_benchmark(capsys, monkeypatch):
     assert code == 0
     out = capsys.readouterr().out
     assert "looprl (torch engine)" in out and "TRL 1.x GRPOTrainer" in out
+
+
+@pytest.mark.slow
+def test_trainer_vs_trl_benchmark_with_async_rollouts(tmp_path):
+    """--max-staleness 1: the reward function reaches the rollout process through the re-imported script
+    (run as a script, as the docs' command does)."""
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "trainer_vs_trl.py"), "--steps", "3", "--repeats", "1",
+                           "--prompts", "2", "--group", "2", "--max-new-tokens", "4", "--hidden", "64", "--layers",
+                           "1", "--max-staleness", "1"], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "looprl (async k=1)" in proc.stdout and "TRL 1.x GRPOTrainer" in proc.stdout
+    assert "asynchronous rollouts: max_staleness 1" in proc.stderr
 
 
 @pytest.mark.slow
@@ -174,8 +188,8 @@ def test_async_rollouts_benchmark(tmp_path, capsys):
     """Sync and max_staleness 1 side by side: a summary row each, the baseline's speedup 1, the curves' PNG."""
     out = tmp_path / "bench"
     code = load("async_rollouts").main(["--steps", "2", "--seeds", "0", "--staleness", "0,1", "--out", str(out),
-                                        "--train_args", "--prompts_per_step 2 --num_generations 2 "
-                                        "--max_new_tokens 4 --eval_every 0 --progress false"])
+                                        "--eval_limit", "4", "--train_args", "--prompts_per_step 2 "
+                                        "--num_generations 2 --max_new_tokens 4 --eval_every 0 --progress false"])
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())
     assert list(summary["by_staleness"]) == ["0", "1"]
@@ -183,6 +197,10 @@ def test_async_rollouts_benchmark(tmp_path, capsys):
     assert summary["runs"]["k1_s0"]["steps"] == 2 and summary["runs"]["k1_s0"]["s_per_step"] > 0
     assert (out / "reward_vs_wallclock.png").read_bytes()[:4] == b"\x89PNG"
     assert "| 1 | 1 |" in capsys.readouterr().out
+    for run in ("k0_s0", "k1_s0"):  # --eval_limit: each final model's held-out accuracy, paired with the baseline
+        assert 0.0 <= summary["runs"][run]["test_accuracy"] <= 1.0
+        assert json.loads((out / run / "eval.json").read_text())["num_prompts"] == 4
+    assert "minus max_staleness 0" in summary["eval_table"]
 
 
 def test_exit_policy_experiment_paired_interval():

@@ -146,7 +146,8 @@ def test_malformed_nonfinite_twice_given_or_useless_values_are_refused_naming_th
 
 
 def test_infinite_caps_mean_no_cap_and_warmup_may_span_the_run():
-    cfg = load_config(["--tis_cap", "inf", "--max_grad_norm", "inf", "--warmup_steps", "3", "--max_steps", "3"])
+    cfg = load_config(["--tis_mode", "token", "--tis_cap", "inf", "--max_grad_norm", "inf", "--warmup_steps", "3",
+                       "--max_steps", "3"])
     assert cfg.tis_cap == cfg.max_grad_norm == float("inf")
 
 

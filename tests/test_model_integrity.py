@@ -132,6 +132,27 @@ def test_a_collapsed_run_stops_after_max_no_update_steps(tiny, tmp_path):  # noq
         load_config(["--max_no_update_steps", "-1"])
 
 
+ONE_INFORMATIVE_PROMPT = '''
+def first_prompt_varies(prompts, completions, **kw):
+    """Only the call's first prompt gets rewards that vary (0, 1, 0, 1 over its completions): every other
+    group of the round has equal rewards."""
+    return [float(i % 2) if p == prompts[0] else 0.0 for i, p in enumerate(prompts)]
+'''
+
+
+def test_a_batch_cut_to_half_or_less_by_dynamic_sampling_is_warned_once(tiny, tmp_path):  # noqa: F811
+    """Dynamic sampling out of rounds with <= half of prompts_per_step groups trains on a much smaller batch
+    than asked: one warning per run naming the counts and max_rounds (sampling/groups_kept every step)."""
+    (tiny / "oneprompt.py").write_text(ONE_INFORMATIVE_PROMPT)
+    out = tmp_path / "run"
+    res = _cli(["train", *_args(tiny, out, "--max_steps", "2", "--rewards", "oneprompt:first_prompt_varies",
+                                "--max_rounds", "1", "--prompts_per_step", "4", "--max_no_update_steps", "0")], tiny)
+    assert res.returncode == 0, res.stderr[-2000:]
+    line = _line(res, "dynamic sampling kept")
+    assert "of prompts_per_step 4 groups" in line and "max_rounds 1" in line and "warned once" in line
+    assert [r["sampling/groups_kept"] for r in _rows(out)] == [1, 1]
+
+
 # ----------------------------------------------------------------------------- class 9: default depth
 
 
@@ -342,3 +363,15 @@ def test_checkpoint_model_has_the_checkpoints_weights_and_eval_uses_the_thread_r
     assert all(torch.equal(state[k], v) for k, v in saved.items())
     base = load_model(str(tiny / "model"), "test").state_dict()
     assert not all(torch.equal(base[k], v) for k, v in saved.items())
+
+
+def test_count_nonfinite_counts_inf_and_nan_and_not_an_overflowing_sum():
+    """The per-step weight check sums each tensor first (finite sum: no inf/NaN in it) and counts exactly only
+    when a sum is not finite: a real inf/NaN, or finite values whose sum overflows (counted 0)."""
+    from rl.model_io import count_nonfinite
+
+    tensors = [torch.randn(50, 30) for _ in range(4)] + [torch.randn(5), torch.tensor([1, 2])]
+    assert count_nonfinite(tensors) == 0
+    tensors[1][5, 7], tensors[4][1], tensors[0][0, 0] = math.inf, math.nan, -math.inf
+    assert count_nonfinite(tensors) == 3
+    assert count_nonfinite([torch.full((10,), 3e38)]) == 0 and count_nonfinite([]) == 0

@@ -186,12 +186,30 @@ def test_bad_rollout_correction_keys_exit_2_with_one_line(tmp_path, args, key):
     assert not out.exists()
 
 
+def test_a_tis_cap_that_nothing_reads_is_refused_in_one_line():
+    """tis_cap is read only where TIS is on: a cap given with TIS off (tis_mode off, or auto on the exact torch
+    engine without max_staleness) would silently do nothing, as tis_floor outside the mask modes would."""
+    from rl.config import ConfigError, load_config
+
+    for argv, why in ((["--tis_cap", "5"], "tis_mode auto turns TIS on only"),
+                      (["--tis_cap", "5", "--tis_mode", "off"], "tis_mode is off"),
+                      (["--tis_cap", "5", "--max_staleness", "1"], "off_policy_ratio behaviour")):
+        with pytest.raises(ConfigError) as e:
+            load_config(argv)
+        assert str(e.value).startswith("config key 'tis_cap': 5 would be ignored") and why in str(e.value)
+        assert "\n" not in str(e.value)
+    for argv in (["--tis_cap", "5", "--tis_mode", "token"],
+                 ["--tis_cap", "5", "--max_staleness", "1", "--off_policy_ratio", "proximal"],
+                 ["--tis_cap", "2"]):  # on, on through auto, or the default value
+        assert load_config(argv).tis_cap == float(argv[1])
+
+
 def test_trl_names_of_the_correction_keys():
     """TRL's upper bound is tis_cap under its own name; its mode and lower bound have no 1:1 mapping and
     are refused with what to set instead."""
     from rl.config import ConfigError, load_config
 
-    assert load_config(["--vllm_importance_sampling_clip_max", "3.0"]).tis_cap == 3.0
+    assert load_config(["--vllm_importance_sampling_clip_max", "3.0", "--tis_mode", "token"]).tis_cap == 3.0
     for key, value in (("vllm_importance_sampling_mode", "token_truncate"),
                        ("vllm_importance_sampling_clip_min", "0.5")):
         with pytest.raises(ConfigError, match=f"{key}.*tis_(mode|floor)"):

@@ -1,8 +1,10 @@
 """Length bucketing of the update's micro-batches: padding only shrinks, sizes stay capped, and every
 process plans the same number of micro-batches (DDP makes the same number of backward calls)."""
 
+import math
 import random
 
+from rl import batch
 from rl.batch import Sample, length_buckets, own_filler, padded_width, shard_plan
 
 
@@ -83,3 +85,50 @@ def test_token_budget_balances_equal_rows():
     """8 equal rows, room for 7: two micro-batches either way, the 4 + 4 split peaks lower than 7 + 1."""
     rows = [_sample(64, 1024) for _ in range(8)]
     assert [len(c) for c in shard_plan(rows, 0, 1, 256, micro_batch_tokens=8192)] == [4, 4]
+
+
+def _loop_length_buckets(lengths: list[int], max_size: int, overhead: int | None = None, *, max_tokens: int = 0,
+                   prompt_lengths: list[int] | None = None) -> list[int]:
+    """The plain double loop the numpy version replaced (the reference it must equal)."""
+    overhead = batch.BUCKET_OVERHEAD_TOKENS if overhead is None else overhead
+    n = len(lengths)
+    if n == 0:
+        return []
+    prompts = prompt_lengths or [0] * n
+    best = [0.0] + [math.inf] * n  # best[j]: cost of the first j rows
+    peak = [0] * (n + 1)  # peak[j]: padded tokens of the biggest bucket of that plan
+    cut_from = [0] * (n + 1)
+    for j in range(1, n + 1):
+        longest = lengths[j - 1]  # ascending: the last row of a bucket is its longest
+        widest_prompt = widest_completion = 0
+        for i in range(j - 1, max(0, j - max_size) - 1, -1):  # bucket rows i..j-1, growing downwards
+            widest_prompt = max(widest_prompt, prompts[i])
+            widest_completion = max(widest_completion, lengths[i] - prompts[i])
+            width = widest_prompt + max(widest_completion, 1) if prompt_lengths else longest
+            if max_tokens and i < j - 1 and (j - i) * width > max_tokens:
+                break  # a bigger bucket only gets wider
+            cost = best[i] + (j - i) * longest + overhead
+            biggest = max(peak[i], (j - i) * width)
+            # ties: the longest bucket (as an ascending scan with `<` picks); under a budget the one
+            # whose biggest micro-batch is smallest first (e.g. 4 + 4 rows rather than 7 + 1: less memory)
+            if cost < best[j] or (cost == best[j] and (not max_tokens or biggest <= peak[j])):
+                best[j], peak[j], cut_from[j] = cost, biggest, i
+    cuts, j = [], n
+    while j > 0:
+        cuts.append(j)
+        j = cut_from[j]
+    return cuts[::-1]
+
+
+def test_length_buckets_equal_the_plain_double_loop_ties_and_caps_included():
+    """Random small cases (ties are frequent with small integer lengths): same cuts as the plain loop."""
+    import random
+
+    rng = random.Random(0)
+    for _ in range(1500):
+        pairs = sorted(((rng.randint(1, 12), rng.randint(0, 15)) for _ in range(rng.randint(0, 30))),
+                       key=lambda t: t[0] + t[1])
+        lengths, prompts = [p + c for p, c in pairs], [p for p, _ in pairs]
+        args = (lengths, rng.choice([1, 2, 3, 5, 8, 64]), rng.choice([0, 1, 5, 20, 256]))
+        kw = dict(max_tokens=rng.choice([0, 0, 10, 30, 60, 200]), prompt_lengths=prompts if rng.random() < 0.6 else None)
+        assert length_buckets(*args, **kw) == _loop_length_buckets(*args, **kw), (args, kw)
