@@ -163,22 +163,7 @@ def test_a_stale_samples_weight_is_the_truncated_proximal_over_behaviour_ratio()
                       num_generations=2, loss_type="dapo", off_policy_ratio="proximal")
     policy = Policy(cfg, Accelerator(cpu=True), EMBEDDED_MODEL, use_tis=True, self_distill=SelfDistillConfig(),
                     pad_id=0)
-    gen = torch.Generator().manual_seed(0)
-    rows = [Sample(prompt_index=i, prompt_ids=torch.randint(5, 60, (4 + i,), generator=gen).tolist(),
-                   completion_ids=torch.randint(5, 60, (3 + 2 * i,), generator=gen).tolist(),
-                   rollout_logprobs=[0.0] * (3 + 2 * i),
-                   truncated=False, reward=0.0, fn_rewards={}, correct=None, text="",
-                   advantage=[1.0, -0.5, 0.8, -1.2][i]) for i in range(4)]
-    # the behaviour policy: an older version of the weights (the update's weights perturbed)
-    older = copy.deepcopy(policy.module)
-    with torch.no_grad():
-        for p in older.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen))
-    batch = collate(rows, 0, mask_truncated=False)
-    with torch.no_grad():
-        behaviour, _, _ = policy.logprobs(batch, model=older)
-    for i, s in enumerate(rows):
-        s.rollout_logprobs = behaviour[i, :len(s.completion_ids)].tolist()
+    rows = _stale_rows(policy, torch.Generator().manual_seed(0), scale=0.05)
     batch = collate(rows, 0, mask_truncated=False)
     # brute force, on the weights before the update
     logp, _, _ = policy.logprobs(batch)
@@ -189,15 +174,7 @@ def test_a_stale_samples_weight_is_the_truncated_proximal_over_behaviour_ratio()
     loss.backward()
     want = {n: p.grad.clone() for n, p in policy.module.named_parameters() if p.grad is not None}
     policy.optimizer.zero_grad(set_to_none=True)
-
-    got, step = {}, policy._optimizer_step
-
-    def capture(finite, at):
-        got.update({n: p.grad.clone() for n, p in policy.module.named_parameters() if p.grad is not None})
-        return step(finite, at)
-
-    policy._optimizer_step = capture
-    metrics = policy.update(rows, 0)
+    got, metrics = _update_gradients(policy, rows)
     assert metrics["tis/weight_mean"] == pytest.approx(float((weight * mask).sum() / mask.sum()), rel=1e-5)
     assert got.keys() == want.keys()
     for name in want:
