@@ -436,8 +436,10 @@ RESUMABLE_KEYS = {
     "max_no_update_steps": "abort threshold",
     "reward_timeout": "time limit of a reward call", "reward_on_error": "what a failing reward call does",
     "torch_threads": "CPU threads", "max_staleness": "asynchronous rollouts on (k >= 1) or off (0) from the resume "
-    "step on (nothing in flight is checkpointed: the producer regenerates from the checkpoint's weights; 0 -> k "
-    "also turns TIS on under tis_mode auto)",
+    "step on (nothing in flight is checkpointed: the producer regenerates from the checkpoint's weights; the "
+    "stale samples then train under off_policy_ratio)",
+    "off_policy_ratio": "the objective of stale samples from the resume step on (max_staleness >= 1; it follows "
+    "max_staleness back to its default when that goes to 0)",
     "micro_batch_size": "memory only: the same gradient per mini-batch",
     "micro_batch_tokens": "memory only: the same gradient per mini-batch",
     "gradient_checkpointing": "memory only: the same math", "vllm_gpu_memory_utilization": "memory only",

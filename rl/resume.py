@@ -106,9 +106,12 @@ def adopt_trained_config(cfg: TrainConfig) -> list[str]:
         except ConfigError as e:
             raise RunDirError(f"--resume: {cfg.output_dir}'s recorded config: {e}; set it explicitly") from None
         adopted.append(key)
-    if old.get("max_staleness") and "off_policy_ratio" not in old and "off_policy_ratio" not in given:
-        cfg.off_policy_ratio = "proximal"  # async runs recorded before the key trained with the decoupled ratio
-        adopted.append("off_policy_ratio")
+    if "off_policy_ratio" not in given:
+        if not cfg.max_staleness:  # read only with max_staleness >= 1: a resume that turns that off drops it
+            cfg.off_policy_ratio = FIELDS["off_policy_ratio"].default
+        elif old.get("max_staleness") and "off_policy_ratio" not in old:
+            cfg.off_policy_ratio = "proximal"  # async runs recorded before the key trained with the decoupled ratio
+            adopted.append("off_policy_ratio")
     return adopted
 
 

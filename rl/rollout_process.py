@@ -177,6 +177,18 @@ def refuse_training_here() -> None:
     os._exit(1)
 
 
+def unspawnable_main() -> str | None:
+    """Why spawn cannot start the rollout process from this interpreter (None: it can). Spawn re-imports the
+    launching script by its path; a script read from stdin (`python - <<EOF`) has none."""
+    import __main__
+
+    script = getattr(__main__, "__file__", None)
+    if script and getattr(__main__, "__spec__", None) is None and not os.path.isfile(script):
+        return (f"the rollout process is spawned and re-imports the launching script, which it cannot do for "
+                f"{script!r} (read from stdin?): save the script to a file and run that, or use max_staleness 0")
+    return None
+
+
 def _spawn_hint() -> str:
     """The rollout process is started with spawn, which re-imports the launching script: a script that builds
     and trains a Trainer at top level then starts a second run in the child (refused: refuse_training_here)."""

@@ -58,7 +58,7 @@ from rl.metrics import RunLogger, progress_bar, reward_metrics, sample_rows, sum
 from rl.model_io import load_model_config, load_tokenizer
 from rl.policy import Policy
 from rl.prompts import PromptIds, PromptSampler
-from rl.rollout_process import ProducerFailed, RolloutProcess, refuse_training_here
+from rl.rollout_process import ProducerFailed, RolloutProcess, refuse_training_here, unspawnable_main
 from rl.rollout_process import claim as claim_rollout_process
 from rl.rollout_process import discard_early as discard_early_rollout_process
 from rl.rounds import RoundRoles, sample_round
@@ -111,8 +111,6 @@ class Trainer:
         self.rollouts: AsyncRollouts | None = None  # set once the run reached the producer (train())
         self._spawned: RolloutProcess | None = None
         try:
-            if cfg.max_staleness:  # spawned by now (`looprl train`: before torch loaded); the run reaches it in train()
-                self._spawned = claim_rollout_process(cfg.max_staleness)
             self._setup(cfg)
         except BaseException:
             self.close()
@@ -151,6 +149,10 @@ class Trainer:
         if cfg.depth is None:
             cfg.depth = max_depth(model_config)
         validate(cfg, max_depth=max_depth(model_config), num_processes=self.world)
+        if cfg.max_staleness:  # spawned by now under `looprl train` (before torch loaded); the run reaches it in
+            if why := unspawnable_main():  # train(); the Python API spawns it here
+                raise ConfigError(f"config key 'max_staleness': {why}")
+            self._spawned = claim_rollout_process(cfg.max_staleness)
         # prompt + completion within the model's positions: refused, or max_prompt_length lowered (said
         # by the truncation warning when a prompt is cut); checked before vLLM sees max_model_len
         self.max_positions = getattr(model_config, "max_position_embeddings", None)  # eval prompts fit it too
@@ -294,8 +296,10 @@ class Trainer:
         being updated dropped; the producer's timers and reward counters; the async/* metrics."""
         try:
             batch, waited = self.rollouts.take(self.global_step)
-        except ProducerFailed as e:  # one line, exit 1; the newest checkpoint is the last finished step's
-            raise StopTraining(f"step {self.global_step + 1}: {e}") from None
+        except ProducerFailed as e:  # one line, exit 1; the finished steps are checkpointed (nothing is lost)
+            path = self.save() if self.global_step else None
+            where = f"; checkpoint written at step {self.global_step} ({path}): --resume continues" if path else ""
+            raise StopTraining(f"step {self.global_step + 1}: {e}{where}") from None
         kept, lags, dropped = self.rollouts.fresh(batch, self.global_step)
         self.sampler.load_state_dict(batch.sampler_after)  # what a checkpoint of this step saves
         metrics = {"async/staleness_mean": sum(lags) / len(lags) if lags else 0.0,
@@ -324,8 +328,8 @@ class Trainer:
             band = f"band [{self.cfg.tis_floor:g}, {self.cfg.tis_cap:g}]" if self.cfg.tis_mode in TIS_MASK_MODES \
                 else f"cap {self.cfg.tis_cap:g}"
             if self.policy.behaviour_ratio:
-                tis = (f"off_policy_ratio behaviour: PPO ratio to the sampling policy, clipped to "
-                       f"[{1 - self.cfg.eps_low:g}, {1 + self.cfg.eps_high:g}]")
+                tis = (f"off_policy_ratio behaviour: the {self.cfg.loss_type} loss's ratio is taken to the sampling "
+                       "policy (its own clip or cap applies to it), no TIS weight")
             elif self.policy.use_tis:
                 tis = f"off_policy_ratio proximal: TIS on (tis_mode {self.cfg.tis_mode}, {band})"
             else:

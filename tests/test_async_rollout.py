@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -55,8 +56,16 @@ def test_an_async_run_recorded_before_off_policy_ratio_resumes_with_the_ratio_it
     ratio: --resume keeps it rather than switching to the new default; a synchronous one adopts nothing."""
     from rl.checkpoint import STATE_FILE
     from rl.config import portable_dict
-    from rl.resume import load_run_config
+    from rl.resume import config_changes, load_run_config
 
+    # an async proximal run resumed synchronously: off_policy_ratio follows max_staleness back to its default
+    out = tmp_path / "proximal"
+    recorded = portable_dict(TrainConfig(max_staleness=1, off_policy_ratio="proximal", output_dir=str(out)))
+    (out / "checkpoints" / "step-3").mkdir(parents=True)
+    (out / "checkpoints" / "step-3" / STATE_FILE).write_text(json.dumps({"config": recorded}))
+    cfg = load_run_config(["--output_dir", str(out), "--resume", "--max_staleness", "0"])
+    assert (cfg.max_staleness, cfg.off_policy_ratio) == (0, "behaviour")
+    assert set(config_changes(recorded, cfg, out)) == {"max_staleness", "off_policy_ratio"}  # applied, recorded
     for staleness, want in ((1, "proximal"), (0, "behaviour")):
         out = tmp_path / f"k{staleness}"
         recorded = portable_dict(TrainConfig(max_staleness=staleness, output_dir=str(out)))
@@ -319,6 +328,31 @@ def test_interrupt_kill_and_resume_under_max_staleness_1(tiny, tmp_path):  # noq
 
 
 @pytest.mark.slow
+def test_a_rollout_process_that_dies_leaves_the_finished_steps_checkpointed(tiny, tmp_path):  # noqa: F811
+    """The rollout process killed mid-run (an OOM kill): the trainer stops with exit 1 and one line naming the
+    death, after checkpointing its last finished step (save_every 0: nothing else would keep them); --resume
+    continues from there, every step once."""
+    out = tmp_path / "run"
+    args = _async_args(tiny, out, "--max_steps", "100000", "--dynamic_sampling", "false")
+    run = _start(tiny, *args)
+    _wait_for_step(run, out, 2)
+    children = Path(f"/proc/{run.pid}/task/{run.pid}/children").read_text().split()
+    rollout = [c for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+    assert len(rollout) == 1, children  # the rollout process (beside multiprocessing's resource tracker)
+    os.kill(int(rollout[0]), signal.SIGKILL)
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 1, err[-3000:]
+    line = _one_line(err, "error:")
+    assert "the rollout process exited (code -9)" in line and "--resume continues" in line
+    done = _assert_steps_once(out)
+    assert (out / "checkpoints" / f"step-{done[-1]}" / "trainer_state.json").is_file()
+    res = _cli(tiny, *_async_args(tiny, out, "--max_steps", str(done[-1] + 2), "--dynamic_sampling", "false",
+                                  "--resume"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert _assert_steps_once(out)[-1] == done[-1] + 2
+
+
+@pytest.mark.slow
 def test_two_training_processes_each_with_a_producer(tiny, tmp_path):  # noqa: F811
     """The 2-process CPU launch (DDP over gloo): one producer per process, their own gloo group, the same
     step batch on both processes (else DDP's collectives would hang or the shard plans disagree)."""
@@ -420,6 +454,22 @@ raise SystemExit(Trainer(TrainConfig(model={model!r}, depth=3, data="arith", dat
                     micro_batch_size=4, max_steps=2, max_staleness=1, eval_every=0, progress=False,
                     output_dir={out!r})).train())
 '''
+
+
+def test_a_script_read_from_stdin_is_refused_in_one_line_under_max_staleness(tiny, tmp_path):  # noqa: F811
+    """`python - <<EOF`: spawn cannot re-import a script without a file; refused before anything starts
+    (it used to print spawn's traceback and then advise the __main__ guard the script already had)."""
+    import subprocess
+    import sys
+
+    from test_run_lifecycle import _env
+
+    script = "if __name__ == '__main__':\n" + "\n".join("    " + line for line in NO_GUARD_SCRIPT.format(
+        model=str(tiny / "model"), out=str(tmp_path / "run")).strip().splitlines())
+    res = subprocess.run([sys.executable, "-"], input=script, cwd=tmp_path, env=_env(tiny), capture_output=True,
+                         text=True, timeout=240)
+    assert res.returncode == 1 and "ConfigError" in res.stderr, res.stderr[-2000:]
+    assert "config key 'max_staleness': the rollout process is spawned" in res.stderr and "'<stdin>'" in res.stderr
 
 
 def test_a_script_that_trains_at_top_level_is_told_about_the_main_guard(tiny, tmp_path):  # noqa: F811
