@@ -362,7 +362,6 @@ class AsyncRollouts:
         """Send the run to `process` (spawned earlier): the spec and the shared buffers, which hold `module`'s
         weights as version `version`. ProducerFailed when the process is gone."""
         self.handle = process
-        self.process = process.process
         self.max_staleness = process.max_staleness
         self.weights = SharedWeights(process.lock, process.version)
         names, tensors = self.weights.allocate(module)

@@ -49,10 +49,9 @@ def train_precheck(argv: list[str]) -> int | None:
 
         print(yaml.safe_dump(portable_dict(cfg), sort_keys=False), end="")
         return 0
-    if cfg.max_staleness >= 1 and cfg.engine == "torch":  # its start-up then overlaps ours (torch, the model)
-        from rl.rollout_process import spawn_early
+    from rl.rollout_process import spawn_early
 
-        spawn_early(cfg.max_staleness)
+    spawn_early(cfg.max_staleness)  # max_staleness >= 1 (validated: torch engine): overlaps our start-up
     return None
 
 

@@ -40,7 +40,6 @@ from rl.async_rollout import AsyncRollouts, ProducerSpec, check_sendable, free_p
 from rl.batch import Sample
 from rl.checkpoint import latest_checkpoint, load_latest_checkpoint, save_checkpoint
 from rl.config import (
-    TIS_MASK_MODES,
     ConfigError,
     TrainConfig,
     fit_to_positions,
@@ -325,17 +324,18 @@ class Trainer:
         except ProducerFailed as e:
             raise StopTraining(str(e)) from None
         if self.accelerator.is_main_process:
-            band = f"band [{self.cfg.tis_floor:g}, {self.cfg.tis_cap:g}]" if self.cfg.tis_mode in TIS_MASK_MODES \
-                else f"cap {self.cfg.tis_cap:g}"
-            if self.policy.behaviour_ratio:
+            policy = self.policy  # the objective as the policy resolved it
+            if policy.behaviour_ratio:
                 tis = (f"off_policy_ratio behaviour: the {self.cfg.loss_type} loss's ratio is taken to the sampling "
                        "policy (its own clip or cap applies to it), no TIS weight")
-            elif self.policy.use_tis:
+            elif policy.use_tis:
+                band = f"band [{self.cfg.tis_floor:g}, {self.cfg.tis_cap:g}]" if policy.tis_masks \
+                    else f"cap {self.cfg.tis_cap:g}"
                 tis = f"off_policy_ratio proximal: TIS on (tis_mode {self.cfg.tis_mode}, {band})"
             else:
                 tis = "off_policy_ratio proximal, TIS off (tis_mode off): stale samples are not reweighted"
             log(f"asynchronous rollouts: max_staleness {self.cfg.max_staleness}, rollout process pid "
-                f"{self.rollouts.process.pid} ({threads} torch thread(s), trainer {torch.get_num_threads()}); {tis}")
+                f"{self._spawned.process.pid} ({threads} torch thread(s), trainer {torch.get_num_threads()}); {tis}")
 
     def _split_threads(self) -> int:
         """The producer's torch threads: torch_threads when set (the trainer has as many); else half of the
