@@ -227,3 +227,13 @@ def test_lora_vllm_sync_benchmark(capsys):
     report = json.loads(out[out.index('{\n "adapter"'):])  # vLLM may log to stdout before it
     assert report["greedy_equal_torch_worker"] and report["sampled_logp_abs_max"] < 1e-4  # the merged policy
     assert len(report["sync_s"]) == len(report["sync_plain_s"]) == 1
+
+
+def test_shared_prompt_benchmark(capsys):
+    """A row per model and case, the two forms agreeing on the trained tokens' logprobs."""
+    assert load("shared_prompt").main(["--cases", "3:4", "--prompts", "2", "--group", "2", "--repeats", "1"]) == 0
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ") and "model" not in line]
+    assert [r[0].split()[0] for r in rows] == ["tiny-ouro", "qwen2"]
+    for r in rows:
+        assert float(r[3]) > 0 and float(r[4]) > 0 and float(r[6]) < 1e-4

@@ -32,12 +32,16 @@ def samples() -> list[Sample]:
     other's hold one ~400-token completion (worth a bucket of its own: 3 buckets); the roles swap in
     the second mini-batch, so each process pads once with a filler."""
     rng = random.Random(0)
+    group_rng = random.Random(1)  # each group of 4 rows shares a prompt (2 rows on each process): the update
+    prompts = [[group_rng.randrange(3, 100) for _ in range(group_rng.randint(3, 8))]  # runs it once per micro-batch
+               for _ in range(2 * MINI // 4)]
     rows = []
     for i in range(2 * MINI):
         rank, mini = i % 2, i // MINI
         long = rank == mini and i % MINI == MINI - 2 + rank  # the last row of one process per mini-batch
         c_len = rng.randint(400, 450) if long else rng.randint(3, 20)
-        prompt = [rng.randrange(3, 100) for _ in range(rng.randint(3, 8))]
+        prompt = prompts[i // 4]
+        [rng.randrange(3, 100) for _ in range(rng.randint(3, 8))]  # the old per-row prompt's draws: same lengths
         rows.append(Sample(prompt_index=i // 4, prompt_ids=prompt,
                            completion_ids=[rng.randrange(3, 100) for _ in range(c_len)],
                            rollout_logprobs=[-rng.random() for _ in range(c_len)], truncated=False, reward=0.0,
