@@ -127,7 +127,7 @@ def test_shared_forward_has_the_plain_gradients(kind):
 # ----------------------------------------------------------------------------- in the update
 
 
-def _policy():
+def _policy(**keys):
     from accelerate import Accelerator
 
     from rl.config import TrainConfig
@@ -135,21 +135,23 @@ def _policy():
     from rl.policy import Policy
     from rl.self_distill import SelfDistillConfig
 
-    cfg = TrainConfig(max_new_tokens=12, torch_threads=1, prompts_per_step=3, num_generations=2, loss_type="dapo")
+    cfg = TrainConfig(max_new_tokens=12, torch_threads=1, prompts_per_step=3, num_generations=2, loss_type="dapo",
+                      **keys)
     return Policy(cfg, Accelerator(cpu=True), EMBEDDED_MODEL, use_tis=False, self_distill=SelfDistillConfig(),
                   pad_id=0)
 
 
 def _update(policy, rows, monkeypatch) -> tuple[dict[str, torch.Tensor], dict[str, float], int]:
-    """The gradients the update applies (captured at its optimizer step), its metrics, and how many
+    """The gradients of the update's first optimizer step, its metrics, and how many
     forwards went the shared-prompt way."""
     import rl.policy
 
     got, step, calls = {}, policy._optimizer_step, []
     forward = rl.policy.shared_prompt_forward
 
-    def capture(finite, at):
-        got.update({n: p.grad.clone() for n, p in policy.module.named_parameters() if p.grad is not None})
+    def capture(finite, at):  # the first optimizer update's (Adam turns float-order noise in near-zero
+        if not got:  # gradients into lr-sized steps, so later updates are compared by their metrics)
+            got.update({n: p.grad.clone() for n, p in policy.module.named_parameters() if p.grad is not None})
         return step(finite, at)
 
     def counted(*a, **kw):
@@ -169,10 +171,13 @@ def _group_rows() -> list[Sample]:
     return rows
 
 
-def test_the_update_with_shared_prompts_is_the_plain_update(monkeypatch):
+@pytest.mark.parametrize("keys", [{}, {"lora_rank": 4}, {"beta": 0.04, "num_iterations": 2}],
+                         ids=["default", "lora", "kl_reference_two_updates"])
+def test_the_update_with_shared_prompts_is_the_plain_update(monkeypatch, keys):
+    """The whole update (policy term, KL to the reference model, the scoring pass of several updates, LoRA)."""
     import copy
 
-    shared_policy = _policy()
+    shared_policy = _policy(**keys)
     plain_policy = copy.deepcopy(shared_policy)
     plain_policy.share_prompts = False
     got, metrics, calls = _update(shared_policy, _group_rows(), monkeypatch)
@@ -182,7 +187,7 @@ def test_the_update_with_shared_prompts_is_the_plain_update(monkeypatch):
     assert got.keys() == want.keys() and got
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6)
-    for key in ("loss/policy", "mismatch/logp_abs_max", "entropy"):
+    for key in ("loss/policy", "mismatch/logp_abs_max", "entropy") + (("kl_ref",) if "beta" in keys else ()):
         assert metrics[key] == pytest.approx(want_metrics[key], rel=1e-4, abs=1e-6), key
 
 

@@ -99,6 +99,8 @@ def test_two_processes_match_the_single_process_brute_force(tmp_path):
         assert out["adam_steps"] == [UPDATES] and out["schedule_steps"] == UPDATES  # one step per update
         assert_matches(out["grads"], out["weights"], reference)
     assert ranks[0]["metrics"]["clip/frac"] > 0  # the later updates are off-policy and clip
+    # each group's prompt ran once (its check passed on both), and both processes ran as many such forwards
+    assert all(out["shared_prompts"] for out in ranks) and ranks[0]["shared_calls"] == ranks[1]["shared_calls"] > 0
     assert_raw_ratio_metrics([out["metrics"] for out in ranks])
 
 

@@ -53,9 +53,13 @@ def main(out_dir: str) -> None:
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
+    import rl.policy
     from rl.policy import Policy
     from rl.self_distill import SelfDistillConfig
 
+    shared_calls = []  # forwards that ran each group's prompt once: as many on every process (DDP syncs buffers)
+    shared_forward = rl.policy.shared_prompt_forward
+    rl.policy.shared_prompt_forward = lambda *a, **kw: shared_calls.append(1) or shared_forward(*a, **kw)
     acc = Accelerator(cpu=True, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     policy = Policy(config(), acc, EMBEDDED_MODEL, use_tis=False, self_distill=SelfDistillConfig(), pad_id=0)
     grads, step = [], policy._optimizer_step
@@ -71,7 +75,8 @@ def main(out_dir: str) -> None:
     torch.save({"grads": torch.stack(grads),
                 "weights": torch.cat([p.detach().reshape(-1) for p in policy.module.parameters()]),
                 "adam_steps": sorted({int(s["step"]) for s in adam.values()}),
-                "schedule_steps": policy.scheduler.last_epoch, "metrics": metrics},
+                "schedule_steps": policy.scheduler.last_epoch, "metrics": metrics,
+                "shared_prompts": policy.share_prompts, "shared_calls": len(shared_calls)},
                f"{out_dir}/rank{acc.process_index}.pt")
     acc.wait_for_everyone()
     if acc.num_processes > 1:
