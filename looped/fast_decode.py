@@ -87,8 +87,10 @@ class OuroDecodeStep:
         if all(t is None for t in terms):
             return out
         sizes = [p.get_base_layer().out_features if is_adapter_layer(p) else p.out_features for p in projections]
-        return out + torch.cat([t if t is not None else out.new_zeros(*out.shape[:-1], n)
-                                for t, n in zip(terms, sizes)], dim=-1)
+        # peft sums in the adapter's dtype (fp32 adapters on a bf16 base) and casts back to the base output's
+        added = out + torch.cat([t if t is not None else out.new_zeros(*out.shape[:-1], n)
+                                 for t, n in zip(terms, sizes)], dim=-1)
+        return added.to(out.dtype)
 
     def bind(self, cache) -> None:
         """Use the K/V tensors of `cache` (one slot per loop and layer, [B, kv_heads, max_len, D])."""

@@ -54,7 +54,7 @@ def export(checkpoint: str | Path, out: str | Path, *, overwrite: bool = False) 
     if bad:
         raise ConfigError(f"{where} {checkpoint}: {bad} weights are inf/NaN; not exported (an older checkpoint "
                           "of the run may be sound)")
-    tokenizer = load_tokenizer(source.model_path, where)
+    tokenizer = load_tokenizer(source.model_path, where, chat_template=False)  # copied, not used
     try:
         with atomic_dir(out) as tmp:
             save_portable(model, tokenizer, tmp, special_tokens=source.special_tokens)

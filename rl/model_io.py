@@ -83,9 +83,14 @@ def check_sizes(raw: dict[str, Any], source: str, where: str) -> None:
             raise ModelLoadError(f"{where}: {source}: {key!r} must be a positive integer, got {value!r}")
 
 
-def load_tokenizer(path: str, where: str, special_tokens: Mapping[str, str] | None = None):
+def load_tokenizer(path: str, where: str, special_tokens: Mapping[str, str] | None = None, *,
+                   chat_template: bool = True):
     """AutoTokenizer of `path`, with the job's bos/eos/pad overrides applied (rl/special_tokens.py; e.g.
-    Ouro-Thinking's files name <|endoftext|> as eos while its turns end with <|im_end|>)."""
+    Ouro-Thinking's files name <|endoftext|> as eos while its turns end with <|im_end|>).
+
+    chat_template: the caller encodes prompts (rl/prompts.py encode_prompts: every prompt, a plain string as
+    one user message, through the template), so a tokenizer without one is refused here, in one line,
+    instead of at the first prompt of a run."""
     from transformers import AutoTokenizer
 
     try:
@@ -94,6 +99,10 @@ def load_tokenizer(path: str, where: str, special_tokens: Mapping[str, str] | No
         if not Path(path).exists():
             raise _missing(path, where) from None
         raise ModelLoadError(f"{where}: cannot load the tokenizer of {path} ({_short(e)})") from None
+    if chat_template and not getattr(tokenizer, "chat_template", None):
+        raise ModelLoadError(f"{where}: the tokenizer of {path} has no chat template, and looprl encodes every prompt "
+                             "with it (a plain-string prompt as one user message): add one to the model's files "
+                             "(`chat_template` in tokenizer_config.json, or chat_template.jinja)")
     if special_tokens:
         try:
             apply_special_tokens(tokenizer, None, special_tokens)

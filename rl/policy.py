@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -315,10 +316,11 @@ class Policy:
         worst = reduce_max(self.accelerator, gap if math.isfinite(gap) else 1e30)
         if worst > tolerance:
             self.share_prompts = False
-            if self.accelerator.is_main_process:
-                warnings.warn(f"the update runs each row's whole prompt (slower): computing a group's shared prompt "
-                              f"once through {type(self.module).__name__}'s KV cache failed its check: "
-                              f"{cause if gap > tolerance else 'on another process'}", RuntimeWarning, stacklevel=3)
+            if self.accelerator.is_main_process:  # the trainer's own log format: one line, no source line
+                print(f"looprl train: WARNING: {type(self.module).__name__} is updated with every row's whole prompt "
+                      "(the same training, slower): running a group's shared prompt once through its KV cache did "
+                      f"not reproduce the plain forward ({cause if gap > tolerance else 'on another process'}); "
+                      "its cache is not a per-layer key/value store", file=sys.stderr, flush=True)
 
     def _collate(self, rows: list[Sample], old: list[list[float]] | None = None) -> dict:
         return collate(rows, self.pad_id, mask_truncated=self.cfg.mask_truncated, device=self.accelerator.device,
@@ -503,7 +505,10 @@ class Policy:
         finite = bool(torch.isfinite(loss))
         # accelerate (DeepSpeed: its engine) divides the loss by gradient_accumulation_steps; ours already
         # carries the mini-batch's global normaliser, so that division is undone (x 1 by default)
-        self.accelerator.backward(loss * self.accelerator.gradient_accumulation_steps)
+        # the adapter's dropout again: activation checkpointing re-runs each layer's forward in backward, with
+        # the forward's RNG state, so it draws the forward's masks only if the dropout is on there too
+        with dropout_active(self.module, self._lora_dropout):
+            self.accelerator.backward(loss * self.accelerator.gradient_accumulation_steps)
         if measure:
             sums = stats.sums
             sums["sd"] += total.terms.get("self_distill", 0.0)

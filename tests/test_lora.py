@@ -28,6 +28,7 @@ def _lora_model(path, rank=4, seed=1, targets=None):
 
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     cfg = TrainConfig(lora_rank=rank, lora_target_modules=targets)
+    torch.manual_seed(seed)  # peft draws A from the global generator: unseeded, the tests' tolerances were luck
     adapted = apply_lora(model, cfg)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -89,6 +90,27 @@ def test_fused_decode_samples_the_adapted_model():
     with adapted.disable_adapter():  # the adapter matters here: the base gives other logprobs by far
         base = TorchRolloutWorker(model, depth=4, fast_decode=False).generate(prompts, params)
     assert max(abs(x - y) for a, b in zip(runs[0].logprobs, base.logprobs) for x, y in zip(a, b)) > 1e-2
+
+
+def test_fused_decode_samples_an_adapted_bfloat16_model():
+    """dtype bfloat16 + LoRA: peft keeps the adapter in fp32 and casts its sum back to the base's bf16; the
+    fused step does the same (it used to hand fp32 queries to a bf16 cache: a RuntimeError at the first
+    rollout). Its logprobs are the model's own forward's up to bf16 rounding."""
+    from rollout import SamplingParams
+    from rollout.torch_worker import TorchRolloutWorker
+
+    model, adapted = _lora_model(EMBEDDED)
+    model.to(torch.bfloat16)
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            p.data = p.data.float()  # as peft leaves them on a bf16 base (autocast_adapter_dtype)
+    prompts = [[1, 5, 7, 9], [3, 4]]
+    params = SamplingParams(n=2, max_new_tokens=6, temperature=1.0, seed=7)
+    fast = TorchRolloutWorker(model, depth=4)
+    runs = [w.generate(prompts, params) for w in (fast, TorchRolloutWorker(model, depth=4, fast_decode=False))]
+    assert fast.uses_fast_decode
+    first = [(a[0], b[0]) for a, b in zip(runs[0].logprobs, runs[1].logprobs)]  # the same context: the prompt
+    assert max(abs(x - y) for x, y in first) < 0.1
 
 
 def test_vllm_sync_gets_the_merged_weights_under_the_base_names():
@@ -234,3 +256,39 @@ def test_lora_under_two_ddp_processes_saves_and_resumes(tiny, tmp_path):  # noqa
     if state is not None:  # the pickle format (another branch moves checkpoints to safetensors)
         assert state and all(".lora_" in k for k in state)
     assert (out / "final" / "adapter" / "adapter_config.json").is_file()
+
+
+def test_lora_dropout_under_activation_checkpointing_has_the_plain_gradients():
+    """Checkpointing re-runs each layer's forward in backward: the adapter's dropout must be on there too,
+    drawing the forward's masks (it used to be off: a CheckpointError, or with matching tensor counts a
+    silently different gradient)."""
+    from accelerate import Accelerator
+    from test_shared_prompt import _group_rows
+
+    from rl.config import TrainConfig
+    from rl.data import EMBEDDED_MODEL
+    from rl.policy import Policy
+    from rl.self_distill import SelfDistillConfig
+
+    grads = []
+    for checkpointing in (False, True):
+        cfg = TrainConfig(max_new_tokens=12, torch_threads=1, prompts_per_step=3, num_generations=2, lora_rank=4,
+                          lora_dropout=0.3, gradient_checkpointing=checkpointing)
+        torch.manual_seed(1)  # the same adapter init
+        policy = Policy(cfg, Accelerator(cpu=True), EMBEDDED_MODEL, use_tis=False, self_distill=SelfDistillConfig(),
+                        pad_id=0)
+        got, step = {}, policy._optimizer_step
+
+        def capture(finite, at, policy=policy, got=got, step=step):
+            got.update({n: p.grad.clone() for n, p in policy.module.named_parameters() if p.grad is not None})
+            return step(finite, at)
+
+        policy._optimizer_step = capture
+        policy.share_prompts = False  # (checkpointing runs without it: the same forward, so the same masks)
+        torch.manual_seed(0)  # the same dropout masks
+        policy.update(_group_rows(), 0)
+        grads.append(got)
+    plain, checkpointed = grads
+    assert plain.keys() == checkpointed.keys() and plain
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-7)

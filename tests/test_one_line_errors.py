@@ -39,6 +39,9 @@ def _broken_models(root: Path) -> dict[str, tuple[Path, str]]:
     weights.write_bytes(weights.read_bytes()[:1000])
     cases["truncated"] = (root / "truncated", "cannot load the weights")
     cases["missing"] = (root / "nowhere", "no such model directory or hub id")
+    shutil.copytree(EMBEDDED_MODEL, root / "no_chat_template")  # a base model's tokenizer: prompts cannot be encoded
+    (root / "no_chat_template" / "chat_template.jinja").unlink()
+    cases["no_chat_template"] = (root / "no_chat_template", "has no chat template, and looprl encodes every prompt")
     return cases
 
 
@@ -47,7 +50,7 @@ def broken(tmp_path_factory):
     return _broken_models(tmp_path_factory.mktemp("broken"))
 
 
-@pytest.mark.parametrize("case", ["bad_json", "big", "truncated", "missing"])
+@pytest.mark.parametrize("case", ["bad_json", "big", "truncated", "missing", "no_chat_template"])
 def test_bad_model_is_one_line_in_train_and_eval(broken, case, tmp_path, capsys):
     from rl.evaluate import main as eval_main
     from rl.train import main as train_main
