@@ -497,7 +497,7 @@ class Policy:
         mask = exit_mask(batch) if want_exits else None
         gate = self._gate_term(out, batch, sd_norm) if cfg.gate_loss_coef > 0 else None
         total = objective(token_terms, exits=exits, self_distill=self._sd_now if want_exits else None,
-                          exit_mask=mask, lm_head=self.module.lm_head, sd_normaliser=sd_norm, gate=gate)
+                          exit_mask=mask, lm_head=self.module.get_output_embeddings(), sd_normaliser=sd_norm, gate=gate)
         if micro.exit_metrics and measure and want_exits:
             stats.exits = exit_metrics([h.detach() for h in exits], self.module.lm_head, mask,
                                        getattr(out, "exit_probs", None))
