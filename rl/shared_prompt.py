@@ -7,6 +7,9 @@ cache, the cache is indexed out to every row (a differentiable gather: each prom
 sum over its rows), and the completions run on top of it. The math is the plain forward's; the float
 sums run in another order (the logprobs agree to ~1e-6, tests/test_shared_prompt.py).
 
+With lora_dropout > 0 the adapter's dropout draws one mask per distinct prompt, where the plain forward
+drew one per row: the same expected gradient, with another variance.
+
 The result has the fields the update reads, laid out as the plain forward's with `logits_to_keep =
 c_len + 1`: logits [B, c_len + 1, V] (the last prompt position, then every completion position),
 and with output_exits the per-loop exit states and exit probabilities over all P + C positions.
