@@ -76,7 +76,10 @@ PRODUCER_THROTTLE = True
 
 
 def log(msg: str) -> None:
-    print(f"{LOG_PREFIX} {msg}", file=sys.stderr, flush=True)
+    """One stderr line, in one write: the processes of a multi-process run share the stream, and print()'s
+    two writes (text, then newline) let another process's line land between them."""
+    sys.stderr.write(f"{LOG_PREFIX} {msg}\n")
+    sys.stderr.flush()
 
 
 class StopTraining(RuntimeError):
@@ -664,12 +667,11 @@ def main(argv: list[str] | None = None) -> int:
         trainer = Trainer(cfg)
         return trainer.train()
     except ConfigError as e:  # includes run-directory, model-loading and checkpoint problems
-        print(f"{LOG_PREFIX} {e}", file=sys.stderr)
+        log(str(e))
         return exit_codes.BAD_INPUT
     except KeyboardInterrupt:  # a second signal: the first one's checkpoint was not waited for
         name = (trainer.interrupted if trainer is not None else None) or "SIGINT"
-        print(f"{LOG_PREFIX} stopped at once by {name}; --resume continues from the newest checkpoint",
-              file=sys.stderr)
+        log(f"stopped at once by {name}; --resume continues from the newest checkpoint")
         return exit_codes.SIGNAL_BASE + signal.Signals[name].value
     finally:
         discard_early_rollout_process()  # spawned by train_precheck for a run refused before it was claimed
