@@ -57,19 +57,13 @@ def batch(prompts: int, group: int, prompt_len: int, completion_len: int, vocab:
 def step(model, b: dict, kwargs: dict, shared: bool) -> tuple[float, torch.Tensor]:
     """One forward + backward of the summed trained-token logprobs; (seconds, logprobs)."""
     from rl.losses import token_logprobs
-    from rl.shared_prompt import distinct_prompts, shared_prompt_forward
+    from rl.shared_prompt import distinct_prompts, update_forward
 
     ids, attn, p_len = b["input_ids"], b["attention_mask"], b["prompt_len"]
-    c_len = ids.shape[1] - p_len
-    position_ids = (attn.cumsum(-1) - 1).clamp(min=0)
     model.zero_grad(set_to_none=True)
     t0 = time.perf_counter()
-    if shared:
-        out = shared_prompt_forward(model, ids, attn, position_ids, p_len, distinct_prompts(ids, attn, p_len),
-                                    **kwargs)
-    else:
-        out = model(input_ids=ids, attention_mask=attn, position_ids=position_ids, use_cache=False,
-                    logits_to_keep=c_len + 1, **kwargs)
+    rows = distinct_prompts(ids, attn, p_len) if shared else None
+    out = update_forward(model, ids, attn, p_len, rows, **kwargs)
     logp, _ = token_logprobs(out.logits[:, :-1], ids[:, p_len:], 1.0)
     (logp * b["completion_mask"]).sum().backward()
     return time.perf_counter() - t0, logp.detach()
@@ -78,7 +72,8 @@ def step(model, b: dict, kwargs: dict, shared: bool) -> tuple[float, torch.Tenso
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cases", default="7:4,7:32,128:32",
-                   help="prompt_len:max_completion_len pairs (7:4 is the default job's shape: its completions average ~3.6 tokens)")
+                   help="prompt_len:max_completion_len pairs (7:4 is the default job's shape: its completions "
+                        "average ~3.6 tokens)")
     p.add_argument("--prompts", type=int, default=8, help="distinct prompts in the micro-batch")
     p.add_argument("--group", type=int, default=8, help="completions per prompt")
     p.add_argument("--repeats", type=int, default=5)

@@ -45,7 +45,7 @@ from rl.objective import GateTerm, objective, policy_loss
 from rl.rollout_correction import Correction, RawRatios, raw_ratio_metrics, rollout_correction
 from rl.self_distill import SelfDistillConfig, exit_metrics
 from rl.sharding import full_tensor, gather_into, shard_model
-from rl.shared_prompt import distinct_prompts, shared_prompt_forward, shared_prompt_gap
+from rl.shared_prompt import distinct_prompts, shared_prompt_gap, update_forward
 
 # The shared-prompt forward's largest relative logit gap to the plain forward that still passes its check
 # (rl/shared_prompt.py): float32 agrees to ~1e-6 (often exactly), bfloat16 to a few of its 2^-8 steps.
@@ -250,6 +250,11 @@ class Policy:
         return self.looped and (self.sd.enabled or self.policy_exits is not None or self.cfg.gate_loss_coef > 0)
 
     @property
+    def lm_head(self):
+        """The model's output layer (its own name for it varies: get_output_embeddings)."""
+        return self.module.get_output_embeddings()
+
+    @property
     def lr(self) -> float:
         """The rate the next optimizer update uses."""
         return self.scheduler.get_last_lr()[0]
@@ -269,7 +274,6 @@ class Policy:
         model = self.model if model is None else model
         ids, attn, p_len = batch["input_ids"], batch["attention_mask"], batch["prompt_len"]
         c_len = ids.shape[1] - p_len
-        position_ids = (attn.cumsum(-1) - 1).clamp(min=0)
         kwargs: dict[str, Any] = {}
         if self.looped:  # the reference model is loaded from the same path: same class
             kwargs["depth"] = self.depth
@@ -277,14 +281,8 @@ class Policy:
                 kwargs["output_exits"] = True
             if self.cfg.matched_depths and "token_depths" in batch:  # adaptive rollouts: each token's own depth
                 kwargs["exit_depth"] = position_depths(batch["token_depths"], ids.shape[1], p_len, self.depth)
-        # The last column predicts nothing we train on, but it is still fed: dropping it changed the
-        # logprobs by up to 1.4e-4 vs the rollout's (vs <= 4e-5 with it) on the embedded model.
-        rows = self._prompt_rows(ids, attn, p_len, kwargs)
-        if rows is not None:  # each distinct prompt runs once (rl/shared_prompt.py)
-            out = shared_prompt_forward(model, ids, attn, position_ids, p_len, rows, **kwargs)
-        else:
-            out = model(input_ids=ids, attention_mask=attn, position_ids=position_ids, use_cache=False,
-                        logits_to_keep=c_len + 1, **kwargs)
+        # each distinct prompt once where that applies (rl/shared_prompt.py), else every row whole
+        out = update_forward(model, ids, attn, p_len, self._prompt_rows(ids, attn, p_len, kwargs), **kwargs)
         logits = out.logits[:, -(c_len + 1):-1]
         logp, entropy = token_logprobs(logits, ids[:, p_len:], self.cfg.temperature, with_entropy=with_entropy)
         return logp, entropy, out
@@ -303,7 +301,8 @@ class Policy:
         logits on this process's first micro-batch, on every process (else all use the plain one, said in
         one line). A model whose cache is not a per-layer K/V store (recurrent, hybrid) would differ."""
         self._shared_checked = True
-        chunk = next((c for c in self._shards(samples) if c), None) or own_filler(self._shards(samples))
+        plan = self._shards(samples)
+        chunk = next((c for c in plan if c), None) or own_filler(plan)
         batch = self._collate(chunk)
         kwargs: dict[str, Any] = {"depth": self.depth} if self.looped else {}
         tolerance = SHARED_PROMPT_TOLERANCE[self.cfg.dtype]
@@ -317,10 +316,12 @@ class Policy:
         if worst > tolerance:
             self.share_prompts = False
             if self.accelerator.is_main_process:  # the trainer's own log format: one line, no source line
-                print(f"looprl train: WARNING: {type(self.module).__name__} is updated with every row's whole prompt "
-                      "(the same training, slower): running a group's shared prompt once through its KV cache did "
-                      f"not reproduce the plain forward ({cause if gap > tolerance else 'on another process'}); "
-                      "its cache is not a per-layer key/value store", file=sys.stderr, flush=True)
+                sys.stderr.write(f"looprl train: WARNING: {type(self.module).__name__} is updated with every row's "
+                                 "whole prompt (the same training, slower): running a group's shared prompt once "
+                                 "through its KV cache did not reproduce the plain forward "
+                                 f"({cause if gap > tolerance else 'on another process'}); its cache is not a "
+                                 "per-layer key/value store\n")
+                sys.stderr.flush()
 
     def _collate(self, rows: list[Sample], old: list[list[float]] | None = None) -> dict:
         return collate(rows, self.pad_id, mask_truncated=self.cfg.mask_truncated, device=self.accelerator.device,
@@ -343,7 +344,7 @@ class Policy:
     def _exit_logprobs(self, out, batch: dict, logp: torch.Tensor) -> torch.Tensor:
         """[B, |S|, C] log-probs of the completion tokens at the policy exits S, from this forward's exits."""
         tokens = batch["input_ids"][:, batch["prompt_len"]:]
-        return exit_token_logprobs(out.exit_hidden_states, self.module.lm_head, tokens, self.policy_exits,
+        return exit_token_logprobs(out.exit_hidden_states, self.lm_head, tokens, self.policy_exits,
                                    self.cfg.temperature, deep_logp=logp)
 
     @torch.no_grad()
@@ -497,9 +498,9 @@ class Policy:
         mask = exit_mask(batch) if want_exits else None
         gate = self._gate_term(out, batch, sd_norm) if cfg.gate_loss_coef > 0 else None
         total = objective(token_terms, exits=exits, self_distill=self._sd_now if want_exits else None,
-                          exit_mask=mask, lm_head=self.module.get_output_embeddings(), sd_normaliser=sd_norm, gate=gate)
+                          exit_mask=mask, lm_head=self.lm_head, sd_normaliser=sd_norm, gate=gate)
         if micro.exit_metrics and measure and want_exits:
-            stats.exits = exit_metrics([h.detach() for h in exits], self.module.lm_head, mask,
+            stats.exits = exit_metrics([h.detach() for h in exits], self.lm_head, mask,
                                        getattr(out, "exit_probs", None))
         loss = total.loss * 0.0 if micro.dummy else total.loss
         finite = bool(torch.isfinite(loss))
@@ -559,7 +560,7 @@ class Policy:
         """The Stage-II gate loss's inputs: every exit's sampled-token log-probs (no grad), the gate."""
         tokens = batch["input_ids"][:, batch["prompt_len"]:]
         with torch.no_grad():
-            all_lp = exit_token_logprobs(out.exit_hidden_states, self.module.lm_head, tokens,
+            all_lp = exit_token_logprobs(out.exit_hidden_states, self.lm_head, tokens,
                                          list(range(1, len(out.exit_hidden_states) + 1)), self.cfg.temperature)
         return GateTerm(self.cfg.gate_loss_coef, out.exit_hidden_states, self.module.model.exit_gate_logits,
                         all_lp, batch["completion_mask"], normaliser)

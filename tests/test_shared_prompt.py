@@ -142,24 +142,25 @@ def _policy(**keys):
 
 
 def _update(policy, rows, monkeypatch) -> tuple[dict[str, torch.Tensor], dict[str, float], int]:
-    """The gradients of the update's first optimizer step, its metrics, and how many
-    forwards went the shared-prompt way."""
+    """The gradients of the update's first optimizer step, its metrics, and how many of the update's
+    forwards (not its check's) went the shared-prompt way."""
     import rl.policy
 
     got, step, calls = {}, policy._optimizer_step, []
-    forward = rl.policy.shared_prompt_forward
+    forward = rl.policy.update_forward
 
     def capture(finite, at):  # the first optimizer update's (Adam turns float-order noise in near-zero
         if not got:  # gradients into lr-sized steps, so later updates are compared by their metrics)
             got.update({n: p.grad.clone() for n, p in policy.module.named_parameters() if p.grad is not None})
         return step(finite, at)
 
-    def counted(*a, **kw):
-        calls.append(1)
-        return forward(*a, **kw)
+    def counted(model, ids, attn, p_len, rows=None, **kw):
+        if rows is not None:
+            calls.append(1)
+        return forward(model, ids, attn, p_len, rows, **kw)
 
     policy._optimizer_step = capture
-    monkeypatch.setattr(rl.policy, "shared_prompt_forward", counted)
+    monkeypatch.setattr(rl.policy, "update_forward", counted)
     return got, policy.update(rows, 0), len(calls)
 
 

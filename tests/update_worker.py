@@ -58,8 +58,14 @@ def main(out_dir: str) -> None:
     from rl.self_distill import SelfDistillConfig
 
     shared_calls = []  # forwards that ran each group's prompt once: as many on every process (DDP syncs buffers)
-    shared_forward = rl.policy.shared_prompt_forward
-    rl.policy.shared_prompt_forward = lambda *a, **kw: shared_calls.append(1) or shared_forward(*a, **kw)
+    forward = rl.policy.update_forward
+
+    def counted(model, ids, attn, p_len, rows=None, **kw):
+        if rows is not None:
+            shared_calls.append(1)
+        return forward(model, ids, attn, p_len, rows, **kw)
+
+    rl.policy.update_forward = counted
     acc = Accelerator(cpu=True, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     policy = Policy(config(), acc, EMBEDDED_MODEL, use_tis=False, self_distill=SelfDistillConfig(), pad_id=0)
     grads, step = [], policy._optimizer_step
